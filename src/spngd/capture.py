@@ -1,0 +1,81 @@
+"""Hooks that hand each preconditioned module's input and output gradient to its block.
+
+A forward hook keeps a detached reference to the layer input (autograd saves it anyway,
+so this costs no memory) and registers a hook on the layer's *output tensor*. When that
+tensor's gradient arrives, the block computes its statistics. Tensor hooks rather than
+``register_full_backward_hook`` because they survive in-place operations on the output
+(``ReLU(inplace=True)``, ``out += shortcut``): a hook registered before an in-place op
+receives the gradient of the value the layer produced.
+
+Nothing is recorded for evaluation passes (``torch.no_grad()`` or ``module.eval()``);
+a forward that is never followed by backward leaves nothing behind once its graph is
+freed; a module called several times contributes one pair per call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from spngd.curvature import CurvatureBlock
+
+
+class StatisticsCapture:
+    """Installs and owns the hooks of a set of curvature blocks.
+
+    With ``sampled_only`` (MC Fisher) statistics are taken only inside
+    :meth:`sampling_pass`, i.e. from the backward of the sampled-label loss; the
+    ordinary backward then produces the gradient alone.
+    """
+
+    def __init__(self, blocks: Iterable[CurvatureBlock], sampled_only: bool) -> None:
+        self.sampled_only = sampled_only
+        self._sampling = False
+        self._handles: list[RemovableHandle] = [
+            block.module.register_forward_hook(self._forward_hook(block)) for block in blocks
+        ]
+
+    def _forward_hook(self, block: CurvatureBlock) -> Callable[..., None]:
+        def hook(module: nn.Module, inputs: tuple[object, ...], output: object) -> None:
+            if not (module.training and torch.is_grad_enabled()):
+                return
+            if not (inputs and isinstance(inputs[0], torch.Tensor)):
+                return
+            if not (isinstance(output, torch.Tensor) and output.requires_grad):
+                return
+            saved_input = inputs[0].detach()
+            recorded = False
+
+            def on_output_grad(grad: torch.Tensor) -> None:
+                nonlocal recorded
+                if recorded or (self.sampled_only and not self._sampling):
+                    return
+                recorded = True
+                block.accumulate(saved_input, grad.detach())
+
+            output.register_hook(on_output_grad)
+
+        return hook
+
+    def sampling_pass(self) -> _SamplingPass:
+        """Context in which backward passes record statistics in MC mode."""
+        return _SamplingPass(self)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+class _SamplingPass:
+    def __init__(self, capture: StatisticsCapture) -> None:
+        self._capture = capture
+
+    def __enter__(self) -> None:
+        self._capture._sampling = True
+
+    def __exit__(self, *exc: object) -> None:
+        self._capture._sampling = False

@@ -1,0 +1,187 @@
+"""Per-layer curvature state shared by every layer kind.
+
+A block owns the statistics of one module: it accumulates them from the hooks
+(:meth:`CurvatureBlock.accumulate`), folds them into the running factors at a step,
+keeps the damped inverse in use, and preconditions the module's gradient. Subclasses
+supply only the layer math: how statistics are computed, inverted and applied.
+"""
+
+from __future__ import annotations
+
+import warnings
+from abc import ABC, abstractmethod
+
+import torch
+from torch import nn
+
+from spngd.linalg import FactorizationError
+
+
+class CurvatureBlock(ABC):
+    """Statistics, inverse and preconditioning of one module's parameters.
+
+    ``factors`` is a tuple of tensors (the running statistics in use), ``inverse`` a
+    tuple of tensors derived from them for a given damping. Both are ``None`` until
+    the first statistics arrive; a block without an inverse passes gradients through.
+    """
+
+    kind: str = "curvature"
+
+    def __init__(self, name: str, module: nn.Module) -> None:
+        self.name = name
+        self.module = module
+        self.params: list[nn.Parameter] = [p for p in module.parameters(recurse=False)]
+        self.factors: tuple[torch.Tensor, ...] | None = None
+        self.inverse: tuple[torch.Tensor, ...] | None = None
+        self.inverse_damping: float | None = None
+        self._pending: list[torch.Tensor] | None = None
+        self._pending_count = 0
+        self._warned: set[str] = set()
+
+    # -- layer math supplied by subclasses ------------------------------------------------
+    @abstractmethod
+    def compute_statistics(
+        self, inputs: torch.Tensor, grad_output: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        """Statistics of one forward/backward pair, at per-example Fisher scale."""
+
+    @abstractmethod
+    def compute_inverse(self, damping: float) -> tuple[torch.Tensor, ...]:
+        """Damped inverse of ``self.factors``; raises FactorizationError on failure."""
+
+    @abstractmethod
+    def apply_inverse(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Precondition the gradients of ``self.params`` with ``self.inverse``."""
+
+    @abstractmethod
+    def describe(self) -> str:
+        """One line saying how this module is preconditioned."""
+
+    @staticmethod
+    def batch_size(inputs: torch.Tensor) -> int:
+        """Number of examples ``n`` in a layer input; dimension 0 is the batch."""
+        return inputs.shape[0] if inputs.dim() > 1 else 1
+
+    # -- statistics -----------------------------------------------------------------------
+    def accumulate(self, inputs: torch.Tensor, grad_output: torch.Tensor) -> None:
+        """Add the statistics of one forward/backward pair (called from the hooks)."""
+        with torch.no_grad():
+            stats = self.compute_statistics(inputs, grad_output)
+        if self._pending is None:
+            self._pending = list(stats)
+        else:
+            for total, new in zip(self._pending, stats, strict=True):
+                total.add_(new)
+        self._pending_count += 1
+
+    def clear_pending(self) -> None:
+        """Forget statistics accumulated since the last step."""
+        self._pending = None
+        self._pending_count = 0
+
+    @property
+    def has_pending(self) -> bool:
+        return self._pending is not None
+
+    def take_pending(self) -> tuple[torch.Tensor, ...] | None:
+        """Mean of the statistics accumulated since the last step, and reset the buffer.
+
+        Several pairs (gradient accumulation over micro-batches, or a module called more
+        than once) are averaged, as if each were a separate micro-batch.
+        """
+        if self._pending is None:
+            return None
+        mean = tuple(total / self._pending_count for total in self._pending)
+        self.clear_pending()
+        return mean
+
+    def update_factors(self, new: tuple[torch.Tensor, ...], stat_decay: float) -> bool:
+        """Fold fresh statistics into the running factors; False if they were rejected.
+
+        ``factors <- stat_decay * factors + (1 - stat_decay) * new``; the first statistics
+        are taken as they are (no identity initialisation, so no bias). Non-finite
+        statistics are dropped and the previous factors and inverse stay in use.
+        """
+        if not all(bool(torch.isfinite(t).all()) for t in new):
+            self.warn_once(
+                "nonfinite-stats",
+                f"statistics of {self.name!r} contain NaN or inf; they are dropped and the "
+                "previous inverse stays in use (plain gradient if there is none)",
+            )
+            return False
+        if self.factors is None or stat_decay == 0.0:
+            self.factors = new
+        else:
+            self.factors = tuple(
+                old.mul(stat_decay).add_(fresh, alpha=1.0 - stat_decay)
+                for old, fresh in zip(self.factors, new, strict=True)
+            )
+        return True
+
+    # -- inverse and preconditioning ------------------------------------------------------
+    def update_inverse(self, damping: float) -> None:
+        """Recompute the inverse from the current factors; keep the old one on failure."""
+        if self.factors is None:
+            return
+        try:
+            inverse = self.compute_inverse(damping)
+        except FactorizationError as error:
+            self.warn_once(
+                "inverse",
+                f"could not invert the curvature of {self.name!r} ({error}); keeping the "
+                "previous inverse (plain gradient if there is none)",
+            )
+            return
+        self.inverse = inverse
+        self.inverse_damping = damping
+
+    def precondition(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Preconditioned gradients, or ``grads`` unchanged when that is not possible.
+
+        Falls back to the plain gradient (with one warning) when there is no inverse yet
+        or the preconditioned result is not finite although the gradient is.
+        """
+        if self.inverse is None:
+            return grads
+        updates = self.apply_inverse(grads)
+        if all(bool(torch.isfinite(u).all()) for u in updates):
+            return updates
+        if all(bool(torch.isfinite(g).all()) for g in grads):
+            self.warn_once(
+                "nonfinite-update",
+                f"preconditioned gradient of {self.name!r} is not finite; using the plain "
+                "gradient for it",
+            )
+            return grads
+        return updates
+
+    def warn_once(self, key: str, message: str) -> None:
+        """Emit ``message`` as a RuntimeWarning the first time ``key`` occurs for this block."""
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(f"SPNGD: {message}", RuntimeWarning, stacklevel=4)
+
+    # -- checkpointing --------------------------------------------------------------------
+    def state_dict(self) -> dict[str, object]:
+        return {
+            "factors": self.factors,
+            "inverse": self.inverse,
+            "inverse_damping": self.inverse_damping,
+        }
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        device = self.params[0].device
+        self.factors = _to_device(state["factors"], device)  # type: ignore[arg-type]
+        self.inverse = _to_device(state["inverse"], device)  # type: ignore[arg-type]
+        self.inverse_damping = state["inverse_damping"]  # type: ignore[assignment]
+
+
+def _to_device(
+    tensors: tuple[torch.Tensor, ...] | None, device: torch.device
+) -> tuple[torch.Tensor, ...] | None:
+    return None if tensors is None else tuple(t.to(device) for t in tensors)
+
+
+def statistics_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """Statistics are accumulated in at least float32, even for half-precision activations."""
+    return torch.promote_types(tensor.dtype, torch.float32)

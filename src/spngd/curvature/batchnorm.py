@@ -1,0 +1,63 @@
+"""Unit-wise natural gradient for BatchNorm (spec section 4).
+
+Each channel ``c`` gets a 2x2 Fisher over ``(gamma_c, beta_c)`` built from per-example
+gradients ``u_{i,c} = sum_t delta x_hat`` and ``v_{i,c} = sum_t delta`` with
+``delta = n * grad_output``; cross-channel terms are dropped. ``x_hat`` is recomputed
+from the layer *input* with the batch's own statistics (spec [R]), so modifying the BN
+output in place afterwards (``out += shortcut``) cannot corrupt it, and ``gamma = 0``
+is harmless. The damping is ``bn_damping_scale * lam`` (spec kappa, default 16).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from spngd.curvature.base import CurvatureBlock, statistics_dtype
+from spngd.linalg import unit_wise_inverse
+
+
+class BatchNormBlock(CurvatureBlock):
+    kind = "unit-wise BatchNorm"
+
+    def __init__(
+        self, name: str, module: nn.modules.batchnorm._BatchNorm, damping_scale: float
+    ) -> None:
+        super().__init__(name, module)
+        self.eps = module.eps
+        self.damping_scale = damping_scale
+
+    @property
+    def F(self) -> torch.Tensor | None:
+        """``(C, 3)`` running Fisher entries ``(f_gg, f_gb, f_bb)`` per channel."""
+        return None if self.factors is None else self.factors[0]
+
+    def compute_statistics(
+        self, inputs: torch.Tensor, grad_output: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        dtype = statistics_dtype(inputs)
+        x = inputs.to(dtype)
+        n = x.shape[0]
+        reduce_dims = [0, *range(2, x.dim())]
+        var, mean = torch.var_mean(x, dim=reduce_dims, unbiased=False, keepdim=True)
+        x_hat = (x - mean) * torch.rsqrt(var + self.eps)
+        delta = grad_output.to(dtype) * n
+        spatial = list(range(2, x.dim()))
+        u = (delta * x_hat).sum(spatial) if spatial else delta * x_hat
+        v = delta.sum(spatial) if spatial else delta
+        fisher = torch.stack(((u * u).mean(0), (u * v).mean(0), (v * v).mean(0)), dim=1)
+        return (fisher,)
+
+    def compute_inverse(self, damping: float) -> tuple[torch.Tensor, ...]:
+        return (unit_wise_inverse(self.factors[0], self.damping_scale * damping),)  # type: ignore[index]
+
+    def apply_inverse(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        (inverse,) = self.inverse  # type: ignore[misc]
+        g_gamma, g_beta = (g.to(inverse.dtype) for g in grads)
+        d_gamma = inverse[:, 0] * g_gamma + inverse[:, 1] * g_beta
+        d_beta = inverse[:, 1] * g_gamma + inverse[:, 2] * g_beta
+        return [d_gamma.to(grads[0].dtype), d_beta.to(grads[1].dtype)]
+
+    def describe(self) -> str:
+        channels = self.params[0].numel()
+        return f"{self.kind}: {channels} channels x 2x2 Fisher (damping x{self.damping_scale:g})"

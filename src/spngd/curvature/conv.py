@@ -1,0 +1,298 @@
+"""K-FAC for ``nn.Conv2d`` (KFC, Grosse & Martens 2016; spec section 3).
+
+``A = (1/n) sum_{i,t} a_{i,t} a_{i,t}^T`` over im2col patches (summed over output
+locations ``t``), ``G = (1/(n|T|)) sum_{i,t} g_{i,t} g_{i,t}^T`` with ``g = n * grad_output``
+(averaged over locations). Patch rows are ordered ``(c_in, kh, kw)`` like
+``weight.view(c_out, -1)``, bias last. ``groups > 1`` (depthwise included) gives one
+independent block per group (spec [R]).
+
+Computing ``A`` dominates the cost of K-FAC for convolutions. For stride-1 convolutions
+it is computed without im2col: every block ``(δ, δ')`` of ``A`` is a spatial
+cross-correlation of the input with itself at shift ``δ' - δ``, summed over the
+rectangle of image positions that kernel offset ``δ`` visits. All shifts at once are one
+convolution weight-gradient (``(2k-1)^2`` shifts of ``C x C`` instead of ``k^4``), and the
+few border rows/columns that a given ``δ`` does not visit are subtracted exactly.
+Other convolutions use channels-last patches and one matrix product per group.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.grad import conv2d_weight
+
+from spngd.curvature.base import statistics_dtype
+from spngd.curvature.kronecker import KroneckerBlock, append_bias_moments
+
+Pair = tuple[int, int]
+
+
+class Conv2dBlock(KroneckerBlock):
+    kind = "K-FAC Conv2d"
+
+    def __init__(self, name: str, module: nn.Conv2d) -> None:
+        super().__init__(name, module)
+        self.groups = module.groups
+        self.kernel_size: Pair = module.kernel_size  # type: ignore[assignment]
+        self.stride: Pair = module.stride  # type: ignore[assignment]
+        self.dilation: Pair = module.dilation  # type: ignore[assignment]
+        self.in_per_group = module.in_channels // module.groups
+        self.out_per_group = module.out_channels // module.groups
+        # Zero padding given as a symmetric pair goes to the patch code directly; any other
+        # padding ('same' with an odd total, reflect, circular, ...) is applied explicitly.
+        symmetric = isinstance(module.padding, tuple) and module.padding_mode == "zeros"
+        self.padding: Pair = module.padding if symmetric else (0, 0)  # type: ignore[assignment]
+        self.explicit_pad = None if symmetric else module._reversed_padding_repeated_twice
+        self.pad_mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+
+    def _prepare(self, inputs: torch.Tensor) -> torch.Tensor:
+        x = inputs.to(statistics_dtype(inputs))
+        if self.explicit_pad is not None:
+            x = F.pad(x, self.explicit_pad, mode=self.pad_mode)
+        return x
+
+    def a_factor(self, inputs: torch.Tensor) -> torch.Tensor:
+        n = self.batch_size(inputs)
+        x = self._prepare(inputs)
+        geometry = (self.kernel_size, self.stride, self.padding, self.dilation, self.groups)
+        second = patch_second_moment(x, *geometry)
+        if self.has_bias:
+            first, locations = patch_first_moment(x, *geometry)
+            second = append_bias_moments(second, first, n * locations)
+        return second / n
+
+    def g_factor(self, grad_output: torch.Tensor, batch_size: int) -> torch.Tensor:
+        go = grad_output.to(statistics_dtype(grad_output))
+        n, _, height, width = go.shape
+        locations = height * width
+        per_group = go.reshape(n * self.groups, self.out_per_group, locations)
+        second = torch.bmm(per_group, per_group.transpose(1, 2))
+        second = second.view(n, self.groups, self.out_per_group, self.out_per_group).sum(0)
+        # (1/(n|T|)) sum (n go)(n go)^T = (n/|T|) sum go go^T
+        return second * (batch_size / locations)
+
+    def gradient_matrix(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        weight = grads[0].reshape(self.groups, self.out_per_group, -1)
+        if not self.has_bias:
+            return weight
+        bias = grads[1].reshape(self.groups, self.out_per_group, 1)
+        return torch.cat((weight, bias), dim=2)
+
+    def split_matrix(self, matrix: torch.Tensor) -> list[torch.Tensor]:
+        weight_shape = self.params[0].shape
+        if not self.has_bias:
+            return [matrix.reshape(weight_shape)]
+        return [matrix[:, :, :-1].reshape(weight_shape), matrix[:, :, -1].reshape(-1)]
+
+    def describe(self) -> str:
+        kh, kw = self.kernel_size
+        d_a = self.in_per_group * kh * kw + int(self.has_bias)
+        d_g = self.out_per_group
+        per_group = f" per group x {self.groups} groups" if self.groups > 1 else ""
+        return f"{self.kind}: A {d_a}x{d_a}, G {d_g}x{d_g}{per_group}"
+
+
+# -- patch statistics -------------------------------------------------------------------------
+
+
+def output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def patch_first_moment(
+    x: torch.Tensor, kernel: Pair, stride: Pair, padding: Pair, dilation: Pair, groups: int
+) -> tuple[torch.Tensor, int]:
+    """``sum_{i,t}`` of the patches, shape ``(groups, C/groups * kh * kw)``, and ``|T|``.
+
+    Each kernel offset visits a regular grid of rows and columns, so the sum is the
+    batch-summed image weighted by two 0/1 visit matrices.
+    """
+    channels = x.shape[1]
+    image = x.sum(0)
+    visits_h = _visit_matrix(x.shape[2], kernel[0], stride[0], padding[0], dilation[0], x)
+    visits_w = _visit_matrix(x.shape[3], kernel[1], stride[1], padding[1], dilation[1], x)
+    sums = torch.einsum("ah,chw,bw->cab", visits_h, image, visits_w)
+    out_h = output_size(x.shape[2], kernel[0], stride[0], padding[0], dilation[0])
+    out_w = output_size(x.shape[3], kernel[1], stride[1], padding[1], dilation[1])
+    locations = out_h * out_w
+    return sums.reshape(groups, (channels // groups) * kernel[0] * kernel[1]), locations
+
+
+def _visit_matrix(
+    size: int, kernel: int, stride: int, padding: int, dilation: int, like: torch.Tensor
+) -> torch.Tensor:
+    """0/1 matrix ``(kernel, size)``: row ``δ`` marks the image positions offset ``δ`` visits."""
+    out = output_size(size, kernel, stride, padding, dilation)
+    positions = (
+        torch.arange(out, device=like.device)[None, :] * stride
+        + torch.arange(kernel, device=like.device)[:, None] * dilation
+        - padding
+    )
+    visits = torch.zeros(kernel, size, dtype=like.dtype, device=like.device)
+    valid = (positions >= 0) & (positions < size)
+    rows = torch.arange(kernel, device=like.device)[:, None].expand_as(positions)
+    visits[rows[valid], positions[valid]] = 1.0
+    return visits
+
+
+def patch_second_moment(
+    x: torch.Tensor, kernel: Pair, stride: Pair, padding: Pair, dilation: Pair, groups: int
+) -> torch.Tensor:
+    """``sum_{i,t} a_{i,t} a_{i,t}^T`` per group, shape ``(groups, d, d)``, ``d = C/g*kh*kw``."""
+    if stride == (1, 1) and _shift_path_pays_off(x.shape[2:], kernel, padding, dilation):
+        return _second_moment_by_shifts(x, kernel, padding, dilation, groups)
+    return _second_moment_by_patches(x, kernel, stride, padding, dilation, groups)
+
+
+def _border_rows(size: int, kernel: int, padding: int, dilation: int) -> list[list[int]]:
+    """For each kernel offset, the image rows that a stride-1 convolution never visits."""
+    excluded = []
+    for offset in range(kernel):
+        first = dilation * offset - padding
+        last = size - 1 + padding - dilation * (kernel - 1 - offset)
+        excluded.append([r for r in range(size) if r < first or r > last])
+    return excluded
+
+
+def _shift_path_pays_off(size: torch.Size, kernel: Pair, padding: Pair, dilation: Pair) -> bool:
+    """The shift method costs ``(2k-1)^2`` shifts plus border strips; im2col costs ``k^4``."""
+    for axis in range(2):
+        border = {
+            r
+            for rows in _border_rows(size[axis], kernel[axis], padding[axis], dilation[axis])
+            for r in rows
+        }
+        if 2 * len(border) > size[axis]:
+            return False
+    return kernel[0] * kernel[1] > 1
+
+
+def _second_moment_by_patches(
+    x: torch.Tensor, kernel: Pair, stride: Pair, padding: Pair, dilation: Pair, groups: int
+) -> torch.Tensor:
+    """im2col in channels-last order and one matrix product per group."""
+    n, channels, height, width = x.shape
+    kh, kw = kernel
+    out_h = output_size(height, kh, stride[0], padding[0], dilation[0])
+    out_w = output_size(width, kw, stride[1], padding[1], dilation[1])
+    padded = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
+    padded = padded.permute(0, 2, 3, 1).contiguous()  # n, H, W, C
+    s_n, s_h, s_w, s_c = padded.stride()
+    patches = padded.as_strided(
+        (n, out_h, out_w, kh, kw, channels),
+        (s_n, s_h * stride[0], s_w * stride[1], s_h * dilation[0], s_w * dilation[1], s_c),
+    )
+    per_group = channels // groups
+    rows = patches.reshape(n * out_h * out_w, kh * kw, groups, per_group)
+    rows = rows.permute(2, 0, 1, 3).reshape(groups, n * out_h * out_w, kh * kw * per_group)
+    second = torch.bmm(rows.transpose(1, 2), rows)  # (g, (kh kw c), (kh kw c))
+    second = second.view(groups, kh, kw, per_group, kh, kw, per_group)
+    second = second.permute(0, 3, 1, 2, 6, 4, 5)
+    dim = per_group * kh * kw
+    return second.reshape(groups, dim, dim)
+
+
+def _second_moment_by_shifts(
+    x: torch.Tensor, kernel: Pair, padding: Pair, dilation: Pair, groups: int
+) -> torch.Tensor:
+    """Stride-1 patch second moment from shifted self-correlations (see module docstring).
+
+    ``block(δ, δ')[c, c'] = full[c, c', δ'-δ] - (sum over the image positions that offset
+    δ does not visit)``, the latter split by inclusion-exclusion into border rows, border
+    columns and their corners.
+    """
+    channels, height, width = x.shape[1:]
+    kh, kw = kernel
+    per_group = channels // groups
+    # full[g, c, c', Δh, Δw] = sum_{i,s} x[i,c,s] x[i,c',s + D Δ], Δ in [-(k-1), k-1]^2
+    full = conv2d_weight(
+        x,
+        (channels, per_group, 2 * kh - 1, 2 * kw - 1),
+        x,
+        padding=(dilation[0] * (kh - 1), dilation[1] * (kw - 1)),
+        dilation=dilation,
+        groups=groups,
+    ).view(groups, per_group, per_group, 2 * kh - 1, 2 * kw - 1)
+
+    excluded_h = _border_rows(height, kh, padding[0], dilation[0])
+    excluded_w = _border_rows(width, kw, padding[1], dilation[1])
+    border_h = sorted({r for rows in excluded_h for r in rows})
+    border_w = sorted({c for cols in excluded_w for c in cols})
+    # Per kernel offset, 0/1 weights over the border rows (columns) it does not visit.
+    mask_h = x.new_tensor([[float(r in rows) for r in border_h] for rows in excluded_h])
+    mask_w = x.new_tensor([[float(c in cols) for c in border_w] for cols in excluded_w])
+
+    # corrected[a, b] = full - rows excluded by offset a - columns excluded by offset b
+    #                   + their corners (counted twice)
+    corrected = full.expand(kh, kw, *full.shape).clone()
+    if border_h:
+        strips = _strip_correlations(x, border_h, kernel, dilation, groups)
+        corrected -= torch.einsum("ar,r...->a...", mask_h, strips)[:, None]
+    if border_w:
+        strips = _strip_correlations(
+            x.transpose(2, 3), border_w, kernel[::-1], dilation[::-1], groups
+        ).transpose(-1, -2)
+        corrected -= torch.einsum("bw,w...->b...", mask_w, strips)[None]
+    if border_h and border_w:
+        corners = _corner_correlations(x, border_h, border_w, kernel, dilation, groups)
+        corrected += torch.einsum("ar,bw,rw...->ab...", mask_h, mask_w, corners)
+
+    # A[g, (c, a, b), (c', a', b')] = corrected[a, b, g, c, c', a' - a + kh - 1, b' - b + kw - 1]
+    corrected = corrected.permute(2, 3, 4, 0, 1, 5, 6)  # g, c, c', a, b, Δh, Δw
+    a = torch.arange(kh, device=x.device).view(kh, 1, 1, 1)
+    b = torch.arange(kw, device=x.device).view(1, kw, 1, 1)
+    a2 = torch.arange(kh, device=x.device).view(1, 1, kh, 1)
+    b2 = torch.arange(kw, device=x.device).view(1, 1, 1, kw)
+    blocks = corrected[:, :, :, a, b, a2 - a + kh - 1, b2 - b + kw - 1]
+    dim = per_group * kh * kw
+    return blocks.permute(0, 1, 3, 4, 2, 5, 6).reshape(groups, dim, dim)
+
+
+def _strip_correlations(
+    x: torch.Tensor, rows: list[int], kernel: Pair, dilation: Pair, groups: int
+) -> torch.Tensor:
+    """Per image row ``r``: ``sum_{i,w} x[i,c,r,w] x[i,c',r + D Δh, w + D Δw]`` for all Δ.
+
+    Returns ``(len(rows), g, c, c', 2kh-1, 2kw-1)``. All rows go through one grouped
+    weight-gradient call: row ``r`` is its own group of channels.
+    """
+    channels = x.shape[1]
+    kh, kw = kernel
+    reach = dilation[0] * (kh - 1)
+    padded = F.pad(x, (0, 0, reach, reach))
+    left = torch.cat([x[:, :, r : r + 1] for r in rows], dim=1)
+    right = torch.cat([padded[:, :, r : r + 2 * reach + 1] for r in rows], dim=1)
+    per_group = channels // groups
+    strips = conv2d_weight(
+        right,
+        (len(rows) * channels, per_group, 2 * kh - 1, 2 * kw - 1),
+        left,
+        padding=(0, dilation[1] * (kw - 1)),
+        dilation=dilation,
+        groups=len(rows) * groups,
+    )
+    return strips.view(len(rows), groups, per_group, per_group, 2 * kh - 1, 2 * kw - 1)
+
+
+def _corner_correlations(
+    x: torch.Tensor, rows: list[int], cols: list[int], kernel: Pair, dilation: Pair, groups: int
+) -> torch.Tensor:
+    """Per border pixel ``(r, w)``: ``sum_i x[i,c,r,w] x[i,c',(r,w) + D Δ]``.
+
+    Returns ``(len(rows), len(cols), g, c, c', 2kh-1, 2kw-1)``.
+    """
+    n, channels, _, _ = x.shape
+    kh, kw = kernel
+    reach_h, reach_w = dilation[0] * (kh - 1), dilation[1] * (kw - 1)
+    padded = F.pad(x, (reach_w, reach_w, reach_h, reach_h))
+    per_group = channels // groups
+    out = []
+    for r in rows:
+        for w in cols:
+            centre = x[:, :, r, w].reshape(n, groups, per_group)
+            window = padded[
+                :, :, r : r + 2 * reach_h + 1 : dilation[0], w : w + 2 * reach_w + 1 : dilation[1]
+            ].reshape(n, groups, per_group, 2 * kh - 1, 2 * kw - 1)
+            out.append(torch.einsum("ngc,ngdhw->gcdhw", centre, window))
+    return torch.stack(out).view(len(rows), len(cols), *out[0].shape)

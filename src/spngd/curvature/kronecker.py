@@ -1,0 +1,83 @@
+"""Kronecker-factored (K-FAC) blocks: the part shared by Linear and Conv2d.
+
+The Fisher of a weight ``W`` (``d_G x d_A``, bias as the last column) is approximated by
+``G ⊗ A`` per group (spec sections 2-3). With pi-corrected factored Tikhonov damping the
+preconditioned gradient is ``(G + sqrt(lam)/pi I)^-1 grad (A + pi sqrt(lam) I)^-1``.
+Subclasses say how ``A`` and ``G`` come from a layer's input and output gradient, and how
+the parameters' gradients map to and from the ``(groups, d_G, d_A)`` matrix.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+
+import torch
+
+from spngd.curvature.base import CurvatureBlock
+from spngd.linalg import damped_kronecker_inverses
+
+
+class KroneckerBlock(CurvatureBlock):
+    """Block with factors ``(A, G)`` of shapes ``(groups, d_A, d_A)`` and ``(groups, d_G, d_G)``."""
+
+    groups: int = 1
+
+    @abstractmethod
+    def a_factor(self, inputs: torch.Tensor) -> torch.Tensor:
+        """``A = (1/n) sum over examples (and locations) of a a^T``, bias-augmented."""
+
+    @abstractmethod
+    def g_factor(self, grad_output: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """``G`` from ``g = n * grad_output`` (averaged over locations)."""
+
+    @abstractmethod
+    def gradient_matrix(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        """Parameter gradients as a ``(groups, d_G, d_A)`` matrix (bias column last)."""
+
+    @abstractmethod
+    def split_matrix(self, matrix: torch.Tensor) -> list[torch.Tensor]:
+        """Inverse of :meth:`gradient_matrix`: one tensor per parameter."""
+
+    @property
+    def A(self) -> torch.Tensor | None:
+        return None if self.factors is None else self.factors[0]
+
+    @property
+    def G(self) -> torch.Tensor | None:
+        return None if self.factors is None else self.factors[1]
+
+    def compute_statistics(
+        self, inputs: torch.Tensor, grad_output: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        return self.a_factor(inputs), self.g_factor(grad_output, self.batch_size(inputs))
+
+    def compute_inverse(self, damping: float) -> tuple[torch.Tensor, ...]:
+        A, G = self.factors  # type: ignore[misc]
+        return damped_kronecker_inverses(A, G, damping)
+
+    def apply_inverse(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        a_inv, g_inv = self.inverse  # type: ignore[misc]
+        matrix = self.gradient_matrix(grads).to(a_inv.dtype)
+        update = torch.matmul(torch.matmul(g_inv, matrix), a_inv)
+        return [u.to(g.dtype) for u, g in zip(self.split_matrix(update), grads, strict=True)]
+
+    @property
+    def has_bias(self) -> bool:
+        return getattr(self.module, "bias", None) is not None
+
+
+def append_bias_moments(
+    second_moment: torch.Tensor, first_moment: torch.Tensor, count: float
+) -> torch.Tensor:
+    """Augment ``sum a a^T`` with the row/column of ``sum a`` and the corner ``count``.
+
+    That is the second moment of ``[a; 1]``: the bias acts as a weight on a constant 1.
+    Shapes: ``(g, d, d)``, ``(g, d)`` -> ``(g, d + 1, d + 1)``.
+    """
+    groups, dim, _ = second_moment.shape
+    out = second_moment.new_empty(groups, dim + 1, dim + 1)
+    out[:, :dim, :dim] = second_moment
+    out[:, :dim, dim] = first_moment
+    out[:, dim, :dim] = first_moment
+    out[:, dim, dim] = count
+    return out

@@ -1,0 +1,110 @@
+"""Damped inverses of symmetric positive semi-definite factors, with numerical fallbacks.
+
+Everything works on batches ``(..., d, d)`` so that same-shaped factors (the groups of a
+grouped convolution, or several layers) are inverted in one call.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+MIN_DAMPING = 1e-7
+"""Floor for each factor's damping term (ASDL does the same; spec section 2 [R])."""
+
+JITTER_STEPS = (1e-6, 1e-4, 1e-2)
+"""Relative jitter (times the mean diagonal) tried when a Cholesky factorisation fails."""
+
+
+class FactorizationError(RuntimeError):
+    """Raised when a factor cannot be inverted even in float64 with jitter."""
+
+
+def pi_correction(A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """Trace-norm pi = sqrt((tr A / d_A) / (tr G / d_G)) per batch entry (spec section 2).
+
+    Entries where pi is 0, inf or NaN (an all-zero factor) fall back to pi = 1, so the
+    damping is still split evenly between the two factors.
+    """
+    mean_diag_a = torch.diagonal(A, dim1=-2, dim2=-1).mean(-1)
+    mean_diag_g = torch.diagonal(G, dim1=-2, dim2=-1).mean(-1)
+    pi = torch.sqrt(mean_diag_a / mean_diag_g)
+    bad = ~torch.isfinite(pi) | (pi <= 0)
+    return torch.where(bad, torch.ones_like(pi), pi)
+
+
+def add_to_diagonal(matrix: torch.Tensor, value: torch.Tensor | float) -> torch.Tensor:
+    """Return ``matrix + value * I`` (``value`` broadcast over the batch dimensions)."""
+    eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
+    if isinstance(value, torch.Tensor):
+        value = value[..., None, None]
+    return matrix + value * eye
+
+
+def damped_kronecker_inverses(
+    A: torch.Tensor, G: torch.Tensor, damping: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverses of the pi-damped factors ``A + pi sqrt(lam) I`` and ``G + sqrt(lam)/pi I``.
+
+    The stored factors are not modified (spec section 2: damping must never be written
+    into the running statistics).
+    """
+    pi = pi_correction(A, G)
+    root = math.sqrt(damping)
+    damping_a = torch.clamp(pi * root, min=MIN_DAMPING)
+    damping_g = torch.clamp(root / pi, min=MIN_DAMPING)
+    return (
+        spd_inverse(add_to_diagonal(A, damping_a)),
+        spd_inverse(add_to_diagonal(G, damping_g)),
+    )
+
+
+def spd_inverse(matrix: torch.Tensor) -> torch.Tensor:
+    """Inverse of symmetric positive definite matrices via Cholesky.
+
+    Cholesky is several times cheaper than an eigendecomposition and is what the
+    authors' code uses. A failed factorisation is retried in float64, then with growing
+    jitter on the diagonal; :class:`FactorizationError` is raised only if all fail or the
+    input is not finite.
+    """
+    if not torch.isfinite(matrix).all():
+        raise FactorizationError("factor contains NaN or inf")
+    inverse = _cholesky_inverse_or_none(matrix)
+    if inverse is not None:
+        return inverse
+    wide = matrix.double()
+    scale = torch.diagonal(wide, dim1=-2, dim2=-1).abs().mean(-1).clamp(min=1.0)
+    for jitter in (0.0, *JITTER_STEPS):
+        inverse = _cholesky_inverse_or_none(add_to_diagonal(wide, jitter * scale))
+        if inverse is not None:
+            return inverse.to(matrix.dtype)
+    raise FactorizationError("Cholesky failed in float64 even with jitter")
+
+
+def _cholesky_inverse_or_none(matrix: torch.Tensor) -> torch.Tensor | None:
+    """Cholesky inverse, or None when the factorisation fails or the result is not finite."""
+    lower, info = torch.linalg.cholesky_ex(matrix)
+    if bool((info != 0).any()):
+        return None
+    inverse = torch.cholesky_inverse(lower)
+    if not torch.isfinite(inverse).all():
+        return None
+    return inverse
+
+
+def unit_wise_inverse(F: torch.Tensor, damping: float) -> torch.Tensor:
+    """Closed-form inverses of the damped 2x2 blocks ``[[f_gg, f_gb], [f_gb, f_bb]] + lam I``.
+
+    ``F`` has shape ``(C, 3)`` holding ``(f_gg, f_gb, f_bb)`` per channel; the result has
+    the same layout holding the entries of each inverse (spec section 4). Raises
+    :class:`FactorizationError` when a block is not invertible or not finite.
+    """
+    f_gg = F[:, 0] + damping
+    f_gb = F[:, 1]
+    f_bb = F[:, 2] + damping
+    det = f_gg * f_bb - f_gb * f_gb
+    inverse = torch.stack((f_bb, -f_gb, f_gg), dim=1) / det[:, None]
+    if not bool((det > 0).all()) or not torch.isfinite(inverse).all():
+        raise FactorizationError("2x2 BatchNorm block is singular or not finite")
+    return inverse

@@ -1,0 +1,297 @@
+"""``SPNGD``: the natural-gradient optimizer (K-FAC + unit-wise BatchNorm Fisher).
+
+Each step: fold the statistics recorded by the hooks during backward into the running
+factors, refresh the damped inverses, add weight decay to the gradients, precondition
+every supported layer's gradient with its block, then apply momentum SGD (PyTorch
+convention, which equals the authors' Chainer update, spec section 9).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.optim import Optimizer
+
+from spngd.capture import StatisticsCapture
+from spngd.curvature import CurvatureBlock, make_block
+
+FISHER_TYPES = ("empirical", "mc")
+
+
+class SPNGD(Optimizer):
+    """Scalable and Practical Natural Gradient Descent (Osawa et al., TPAMI 2020).
+
+    Linear and Conv2d layers are preconditioned with Kronecker-factored curvature
+    (K-FAC; grouped and depthwise convolutions per group), BatchNorm layers with the
+    unit-wise 2x2 Fisher per channel; every other parameter gets momentum SGD on its
+    raw gradient. ``describe()`` lists what each module gets.
+
+    Args:
+        model: the module whose layers are preconditioned. Hooks are installed on it;
+            call :meth:`remove_hooks` to take them off.
+        lr: learning rate.
+        momentum: heavy-ball momentum, PyTorch convention (``buf = mu buf + u``).
+        damping: Tikhonov damping ``lam`` > 0. Kronecker factors get pi-corrected
+            factored damping with ``lam_eff = max(damping, weight_decay)`` (spec
+            section 2); BatchNorm blocks get ``bn_damping_scale * lam_eff``.
+        weight_decay: L2 coefficient, added to the gradient before preconditioning
+            (the paper's recipe uses none; it also floors the damping, as in the
+            authors' code).
+        stat_decay: weight of the *old* statistics in the running average
+            ``X = stat_decay X_old + (1 - stat_decay) X_new``. The default 0 uses the
+            current batch's statistics only, as the paper's ImageNet configs do.
+        fisher: ``"empirical"`` (statistics from the ordinary backward with the
+            training labels; no extra pass) or ``"mc"`` (one label sampled per example
+            from the model's softmax; call :meth:`sample_fisher` with the logits before
+            ``loss.backward()``).
+        bn_damping_scale: the BatchNorm damping multiplier kappa (spec section 4: 16, what
+            the authors' released script uses).
+        params: parameters or param groups to optimize (default: every parameter of
+            ``model`` that requires grad). Groups may set ``lr``, ``momentum``,
+            ``damping`` and ``weight_decay``; the parameters of one layer must share
+            ``damping`` and ``weight_decay``.
+
+    Statistics assume the loss is a mean over dimension 0 of each layer's input (the
+    batch): the per-example output gradient is ``n * grad_output``. Calls between two
+    steps (gradient accumulation, or a layer used more than once) are averaged.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float,
+        momentum: float = 0.9,
+        damping: float = 1e-3,
+        weight_decay: float = 0.0,
+        stat_decay: float = 0.0,
+        fisher: str = "empirical",
+        bn_damping_scale: float = 16.0,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]] | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"SPNGD needs the model (an nn.Module) first, got {type(model)}")
+        if not 0.0 <= stat_decay < 1.0:
+            raise ValueError(f"stat_decay must be in [0, 1), got {stat_decay}")
+        if fisher not in FISHER_TYPES:
+            raise ValueError(f"fisher must be one of {FISHER_TYPES}, got {fisher!r}")
+        if not bn_damping_scale > 0.0:
+            raise ValueError(f"bn_damping_scale must be > 0, got {bn_damping_scale}")
+        if params is None:
+            params = [p for p in model.parameters() if p.requires_grad]
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "damping": damping,
+            "weight_decay": weight_decay,
+        }
+        super().__init__(params, defaults)
+        self.stat_decay = stat_decay
+        self.fisher = fisher
+        self.bn_damping_scale = bn_damping_scale
+        self.curvature: dict[str, CurvatureBlock] = {}
+        self._block_group: dict[str, int] = {}
+        self._plain: dict[str, str] = {}
+        self._build_blocks(model)
+        self._capture = StatisticsCapture(self.curvature.values(), sampled_only=fisher == "mc")
+        self._warned_no_statistics = False
+
+    # -- construction ---------------------------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        checks = {
+            "lr": group["lr"] >= 0.0,
+            "momentum": 0.0 <= group["momentum"] < 1.0,
+            "damping": group["damping"] > 0.0,
+            "weight_decay": group["weight_decay"] >= 0.0,
+        }
+        rules = {"lr": ">= 0", "momentum": "in [0, 1)", "damping": "> 0", "weight_decay": ">= 0"}
+        for key, ok in checks.items():
+            if not ok:
+                self.param_groups.pop()
+                raise ValueError(f"{key} must be {rules[key]}, got {group[key]}")
+
+    def _build_blocks(self, model: nn.Module) -> None:
+        group_of = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
+        owners = Counter(
+            id(p) for _, module in model.named_modules() for p in module.parameters(recurse=False)
+        )
+        for name, module in model.named_modules():
+            params = [p for p in module.parameters(recurse=False) if id(p) in group_of]
+            if not params:
+                continue
+            label = name or "<model>"
+            block = make_block(label, module, self.bn_damping_scale)
+            kind = type(module).__name__
+            if block is None:
+                self._plain[label] = f"momentum SGD ({kind} is not supported)"
+            elif len(params) != len(block.params) or not all(p.requires_grad for p in params):
+                self._plain[label] = f"momentum SGD ({kind} is only partly trainable)"
+            elif any(owners[id(p)] > 1 for p in params):
+                self._plain[label] = f"momentum SGD ({kind} shares a parameter with another module)"
+            else:
+                groups = {group_of[id(p)] for p in params}
+                settings = {
+                    (self.param_groups[i]["damping"], self.param_groups[i]["weight_decay"])
+                    for i in groups
+                }
+                if len(settings) > 1:
+                    raise ValueError(
+                        f"the parameters of {label!r} are in param groups with different "
+                        "damping or weight_decay; one layer is preconditioned as one block"
+                    )
+                self.curvature[label] = block
+                self._block_group[label] = min(groups)
+        if not self.curvature:
+            warnings.warn(
+                "SPNGD: the model has no trainable Linear, Conv2d or BatchNorm layer; every "
+                "parameter gets plain momentum SGD",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    def describe(self) -> dict[str, str]:
+        """How each module with optimized parameters is preconditioned, by module name."""
+        lines = {name: block.describe() for name, block in self.curvature.items()}
+        lines.update(self._plain)
+        return lines
+
+    def remove_hooks(self) -> None:
+        """Take the statistics hooks off the model (the optimizer then acts as momentum SGD)."""
+        self._capture.remove()
+
+    # -- statistics -----------------------------------------------------------------------
+    def sample_fisher(self, logits: torch.Tensor) -> torch.Tensor:
+        """MC Fisher: record statistics from labels sampled from ``softmax(logits)``.
+
+        Call after the forward pass and before ``loss.backward()``. Draws one label per
+        row of ``logits`` (shape ``(n, classes)``) with torch's global RNG, backpropagates
+        the mean cross-entropy against them (keeping the graph for the real backward)
+        to record the curvature statistics, and returns the sampled labels. Parameter
+        ``.grad`` is not touched.
+        """
+        if self.fisher != "mc":
+            raise RuntimeError(
+                f"sample_fisher() is for fisher='mc'; this optimizer uses fisher={self.fisher!r}"
+            )
+        if logits.dim() != 2:
+            raise ValueError(
+                f"sample_fisher expects logits of shape (n, classes), got {tuple(logits.shape)}"
+            )
+        if not logits.requires_grad:
+            raise ValueError(
+                "sample_fisher needs logits that require grad (not computed under torch.no_grad())"
+            )
+        with torch.no_grad():
+            probs = torch.softmax(logits.detach().float(), dim=1)
+            labels = torch.multinomial(probs, 1).squeeze(1)
+        sampled_loss = F.cross_entropy(logits, labels)
+        params = [p for block in self.curvature.values() for p in block.params]
+        with self._capture.sampling_pass():
+            torch.autograd.grad(sampled_loss, params, retain_graph=True, allow_unused=True)
+        return labels
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear gradients and the statistics recorded since the last step, together."""
+        super().zero_grad(set_to_none=set_to_none)
+        for block in self.curvature.values():
+            block.clear_pending()
+
+    # -- the step -------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._refresh_curvature()
+        directions = self._weight_decayed_gradients()
+        for _name, block in self.curvature.items():
+            if all(p in directions for p in block.params):
+                grads = [directions[p] for p in block.params]
+                for p, update in zip(block.params, block.precondition(grads), strict=True):
+                    directions[p] = update
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p in directions:
+                    self._apply_momentum(p, directions[p], group)
+        return loss
+
+    def _refresh_curvature(self) -> None:
+        """Fold pending statistics into the factors and refresh the inverses that changed."""
+        received = False
+        for name, block in self.curvature.items():
+            fresh = block.take_pending()
+            changed = fresh is not None and block.update_factors(fresh, self.stat_decay)
+            received |= fresh is not None
+            damping = self._block_damping(name)
+            if block.factors is not None and (changed or block.inverse_damping != damping):
+                block.update_inverse(damping)
+        if self.curvature and not received and not self._warned_no_statistics:
+            self._warned_no_statistics = True
+            hint = (
+                " call opt.sample_fisher(logits) before loss.backward()"
+                if self.fisher == "mc"
+                else " is the model in train mode, and did backward run on its output?"
+            )
+            warnings.warn(
+                "SPNGD: no curvature statistics were recorded before step();"
+                f"{hint} Layers without statistics use the plain gradient.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    def _block_damping(self, name: str) -> float:
+        group = self.param_groups[self._block_group[name]]
+        return max(group["damping"], group["weight_decay"])
+
+    def _weight_decayed_gradients(self) -> dict[torch.Tensor, torch.Tensor]:
+        directions = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("SPNGD does not support sparse gradients")
+                d_p = p.grad
+                if group["weight_decay"] != 0.0:
+                    d_p = d_p.add(p, alpha=group["weight_decay"])
+                directions[p] = d_p
+        return directions
+
+    def _apply_momentum(self, p: torch.Tensor, d_p: torch.Tensor, group: dict[str, Any]) -> None:
+        if group["momentum"] != 0.0:
+            state = self.state[p]
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                buf = state["momentum_buffer"] = d_p.detach().clone()
+            else:
+                buf.mul_(group["momentum"]).add_(d_p)
+            d_p = buf
+        p.add_(d_p, alpha=-group["lr"])
+
+    # -- checkpointing --------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Torch's optimizer state plus each block's factors and inverse."""
+        state = super().state_dict()
+        state["curvature"] = {name: block.state_dict() for name, block in self.curvature.items()}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        curvature = state_dict.pop("curvature", {})
+        unknown = set(curvature) - set(self.curvature)
+        if unknown:
+            raise ValueError(
+                f"state_dict has curvature for modules this optimizer does not "
+                f"precondition: {sorted(unknown)}"
+            )
+        super().load_state_dict(state_dict)
+        for name, block_state in curvature.items():
+            self.curvature[name].load_state_dict(block_state)

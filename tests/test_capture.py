@@ -1,0 +1,127 @@
+"""The hooks survive real models: in-place ops, reuse, evaluation passes, lone forwards."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spngd import SPNGD
+
+
+def _data(n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(n, 3, 6, 6, generator=gen), torch.randint(0, 4, (n,), generator=gen)
+
+
+class Residual(nn.Module):
+    """conv -> BN -> ``out += shortcut`` -> in-place ReLU, as in ResNets."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+        self.relu = nn.ReLU(inplace=True)
+        self.head = nn.Linear(3 * 36, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn(self.conv(x))
+        out += x
+        return self.head(self.relu(out).flatten(1))
+
+
+def test_inplace_ops_do_not_change_statistics() -> None:
+    """Same factors with in-place residual/ReLU as with their out-of-place versions."""
+    x, y = _data()
+    torch.manual_seed(0)
+    model = Residual()
+    reference = Residual()
+    reference.load_state_dict(model.state_dict())
+    reference.relu = nn.ReLU(inplace=False)
+
+    def out_of_place(self: Residual, inp: torch.Tensor) -> torch.Tensor:
+        out = self.bn(self.conv(inp)) + inp
+        return self.head(self.relu(out).flatten(1))
+
+    results = []
+    for net, forward in ((model, None), (reference, out_of_place)):
+        opt = SPNGD(net, lr=0.1)
+        logits = net(x) if forward is None else forward(net, x)
+        F.cross_entropy(logits, y).backward()
+        opt.step()
+        results.append(opt)
+    for name in ("conv", "bn", "head"):
+        for mine, ref in zip(
+            results[0].curvature[name].factors, results[1].curvature[name].factors, strict=True
+        ):
+            torch.testing.assert_close(mine, ref)
+
+
+def test_eval_and_no_grad_passes_record_nothing() -> None:
+    x, y = _data()
+    model = Residual()
+    opt = SPNGD(model, lr=0.1)
+    with torch.no_grad():
+        model(x)
+    model.eval()
+    F.cross_entropy(model(x), y).backward()
+    assert not any(block.has_pending for block in opt.curvature.values())
+    model.train()
+    F.cross_entropy(model(x), y).backward()
+    assert all(block.has_pending for block in opt.curvature.values())
+
+
+def test_forward_without_backward_leaves_nothing() -> None:
+    x, y = _data()
+    model = Residual()
+    opt = SPNGD(model, lr=0.1)
+    model(x)  # graph dropped, no backward
+    assert not any(block.has_pending for block in opt.curvature.values())
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert all(block.factors is not None for block in opt.curvature.values())
+
+
+def test_module_called_twice_averages_both_calls() -> None:
+    """A layer used twice in one forward contributes both (input, grad) pairs, averaged."""
+    torch.manual_seed(0)
+    layer = nn.Linear(5, 5)
+    model = nn.Sequential(layer)
+    x = torch.randn(8, 5)
+    opt = SPNGD(model, lr=0.0, momentum=0.0)  # lr 0: the reference below reuses the layer
+    hidden = layer(x)
+    out = layer(torch.tanh(hidden))
+    out.square().mean().backward()
+    opt.step()
+
+    # brute force: each call's factors, then their mean
+    hidden_ref = hidden.detach().requires_grad_()
+    out_ref = layer(torch.tanh(hidden_ref))
+    (g_out,) = torch.autograd.grad(out_ref.square().mean(), out_ref, retain_graph=True)
+    (g_hidden,) = torch.autograd.grad(out_ref.square().mean(), hidden_ref)
+    n = x.shape[0]
+
+    def a_of(inp: torch.Tensor) -> torch.Tensor:
+        aug = torch.cat((inp, torch.ones(n, 1)), 1)
+        return aug.T @ aug / n
+
+    expected_a = (a_of(x) + a_of(torch.tanh(hidden.detach()))) / 2
+    expected_g = ((n * g_hidden).T @ (n * g_hidden) + (n * g_out).T @ (n * g_out)) / (2 * n)
+    block = opt.curvature["0"]
+    torch.testing.assert_close(block.A[0], expected_a)
+    torch.testing.assert_close(block.G[0], expected_g)
+
+
+def test_gradient_accumulation_averages_micro_batches() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3))
+    opt = SPNGD(model, lr=0.1)
+    x = torch.randn(10, 4)
+    y = torch.randint(0, 3, (10,))
+    for part in (slice(0, 5), slice(5, 10)):
+        (F.cross_entropy(model(x[part]), y[part]) / 2).backward()
+    opt.step()
+    accumulated = opt.curvature["0"].A.clone()
+    aug = torch.cat((x, torch.ones(10, 1)), 1)
+    torch.testing.assert_close(accumulated[0], aug.T @ aug / 10)

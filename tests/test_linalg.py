@@ -1,0 +1,74 @@
+"""Damped inverses and their fallbacks (spec section 2; issue item 6)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from spngd.linalg import (
+    FactorizationError,
+    damped_kronecker_inverses,
+    pi_correction,
+    spd_inverse,
+    unit_wise_inverse,
+)
+
+
+def _spd(d: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    m = torch.randn(d, 2 * d, generator=gen, dtype=torch.float64)
+    return (m @ m.T / (2 * d)).unsqueeze(0)
+
+
+def test_pi_and_damping_terms_match_the_spec() -> None:
+    A, G = _spd(5, 0), _spd(3, 1)
+    lam = 1e-2
+    pi = math.sqrt((A.diagonal(dim1=1, dim2=2).mean() / G.diagonal(dim1=1, dim2=2).mean()).item())
+    assert pi_correction(A, G).item() == pytest.approx(pi, rel=1e-12)
+    a_before, g_before = A.clone(), G.clone()
+    a_inv, g_inv = damped_kronecker_inverses(A, G, lam)
+    eye5, eye3 = torch.eye(5, dtype=A.dtype), torch.eye(3, dtype=A.dtype)
+    torch.testing.assert_close(a_inv[0], torch.linalg.inv(A[0] + pi * math.sqrt(lam) * eye5))
+    torch.testing.assert_close(g_inv[0], torch.linalg.inv(G[0] + math.sqrt(lam) / pi * eye3))
+    torch.testing.assert_close(A, a_before)  # damping never written into the factors
+    torch.testing.assert_close(G, g_before)
+
+
+def test_zero_factor_falls_back_to_pi_one() -> None:
+    A, G = torch.zeros(1, 4, 4), _spd(3, 2).float()
+    assert pi_correction(A, G).item() == 1.0
+    a_inv, _ = damped_kronecker_inverses(A, G, 1e-4)
+    torch.testing.assert_close(a_inv[0], torch.eye(4) / 1e-2)
+
+
+def test_cholesky_failure_is_retried_in_float64_then_with_jitter() -> None:
+    singular = torch.zeros(2, 3, 3)  # not positive definite at all: needs jitter
+    inverse = spd_inverse(singular)
+    assert torch.isfinite(inverse).all() and inverse.dtype == torch.float32
+    # indefinite in float32 round-off, fine in float64
+    v = torch.randn(6, 1, dtype=torch.float64)
+    nearly = (v @ v.T + 1e-9 * torch.eye(6, dtype=torch.float64)).float()
+    assert torch.isfinite(spd_inverse(nearly.unsqueeze(0))).all()
+
+
+def test_nonfinite_factor_raises_a_clear_error() -> None:
+    bad = _spd(3, 3).clone()
+    bad[0, 0, 0] = float("nan")
+    with pytest.raises(FactorizationError, match="NaN or inf"):
+        spd_inverse(bad)
+
+
+def test_unit_wise_inverse_matches_linalg_inv() -> None:
+    gen = torch.Generator().manual_seed(4)
+    u, v = torch.randn(7, 5, generator=gen, dtype=torch.float64).unbind(0)[:2]
+    F = torch.stack((u * u, u * v, v * v), dim=1)
+    inverse = unit_wise_inverse(F, 0.1)
+    for c in range(5):
+        block = torch.tensor([[F[c, 0], F[c, 1]], [F[c, 1], F[c, 2]]], dtype=torch.float64)
+        expected = torch.linalg.inv(block + 0.1 * torch.eye(2, dtype=torch.float64))
+        got = torch.tensor(
+            [[inverse[c, 0], inverse[c, 1]], [inverse[c, 1], inverse[c, 2]]], dtype=torch.float64
+        )
+        torch.testing.assert_close(got, expected)

@@ -1,0 +1,217 @@
+"""SPNGD as a torch optimizer: validation, describe(), groups, state, numerical safety."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spngd import SPNGD
+from spngd.linalg import FactorizationError
+
+
+class Mixed(nn.Module):
+    """One of each: supported layers and an unsupported one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 6)
+        self.conv = nn.Conv2d(1, 4, 3, padding=1, groups=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.depthwise = nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False)
+        self.fc = nn.Linear(4 * 6 * 6 + 6, 3)
+
+    def forward(self, image: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+        features = self.depthwise(torch.relu(self.bn(self.conv(image)))).flatten(1)
+        return self.fc(torch.cat((features, self.embed(token)), 1))
+
+
+def _batch(n: int = 12, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(n, 1, 6, 6, generator=gen),
+        torch.randint(0, 10, (n,), generator=gen),
+        torch.randint(0, 3, (n,), generator=gen),
+    )
+
+
+def _train(model: Mixed, opt: torch.optim.Optimizer, steps: int, seed: int = 0) -> None:
+    for k in range(steps):
+        image, token, y = _batch(seed=seed + k)
+        opt.zero_grad()
+        F.cross_entropy(model(image, token), y).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"lr": -0.1}, "lr must be >= 0"),
+        ({"damping": 0.0}, "damping must be > 0"),
+        ({"damping": -1e-3}, "damping must be > 0"),
+        ({"stat_decay": 1.0}, r"stat_decay must be in \[0, 1\)"),
+        ({"stat_decay": -0.5}, r"stat_decay must be in \[0, 1\)"),
+        ({"fisher": "exact"}, "fisher must be one of"),
+        ({"momentum": 1.5}, r"momentum must be in \[0, 1\)"),
+        ({"weight_decay": -1.0}, "weight_decay must be >= 0"),
+        ({"bn_damping_scale": 0.0}, "bn_damping_scale must be > 0"),
+    ],
+)
+def test_bad_hyperparameters_name_the_problem(kwargs: dict[str, object], message: str) -> None:
+    settings = {"lr": 0.1, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        SPNGD(Mixed(), **settings)  # type: ignore[arg-type]
+
+
+def test_parameters_instead_of_model_is_a_clear_error() -> None:
+    with pytest.raises(TypeError, match="needs the model"):
+        SPNGD(Mixed().parameters(), lr=0.1)  # type: ignore[arg-type]
+
+
+def test_model_without_supported_layers_warns_and_acts_as_sgd() -> None:
+    model = nn.Sequential(nn.Embedding(5, 3))
+    with pytest.warns(UserWarning, match="no trainable Linear, Conv2d or BatchNorm"):
+        opt = SPNGD(model, lr=0.1)
+    assert opt.describe() == {"0": "momentum SGD (Embedding is not supported)"}
+
+
+def test_describe_says_how_each_module_is_preconditioned() -> None:
+    model = Mixed()
+    lines = SPNGD(model, lr=0.1).describe()
+    assert lines == {
+        "embed": "momentum SGD (Embedding is not supported)",
+        "conv": "K-FAC Conv2d: A 10x10, G 4x4",
+        "bn": "unit-wise BatchNorm: 4 channels x 2x2 Fisher (damping x16)",
+        "depthwise": "K-FAC Conv2d: A 9x9, G 1x1 per group x 4 groups",
+        "fc": "K-FAC Linear: A 151x151, G 3x3",
+    }
+    model.conv.bias.requires_grad_(False)
+    model.bn.requires_grad_(False)
+    lines = SPNGD(model, lr=0.1).describe()
+    assert lines["conv"] == "momentum SGD (Conv2d is only partly trainable)"
+    assert "bn" not in lines
+
+
+def test_unsupported_parameters_follow_torch_sgd_exactly() -> None:
+    torch.manual_seed(0)
+    model = Mixed()
+    shadow = model.embed.weight.detach().clone().requires_grad_()
+    opt = SPNGD(model, lr=0.05, momentum=0.9, weight_decay=1e-2)
+    sgd = torch.optim.SGD([shadow], lr=0.05, momentum=0.9, weight_decay=1e-2)
+    for k in range(4):
+        image, token, y = _batch(seed=k)
+        opt.zero_grad()
+        F.cross_entropy(model(image, token), y).backward()
+        shadow.grad = model.embed.weight.grad.clone()
+        opt.step()
+        sgd.step()
+    torch.testing.assert_close(model.embed.weight, shadow)
+
+
+def test_one_layer_in_groups_with_different_damping_is_rejected() -> None:
+    model = nn.Sequential(nn.Linear(3, 2))
+    groups = [
+        {"params": [model[0].weight], "damping": 1e-3},
+        {"params": [model[0].bias], "damping": 1e-1},
+    ]
+    with pytest.raises(ValueError, match="different damping or weight_decay"):
+        SPNGD(model, lr=0.1, params=groups)
+
+
+def test_param_groups_carry_their_own_learning_rate() -> None:
+    torch.manual_seed(0)
+    model = Mixed()
+    others = [p for n, p in model.named_parameters() if not n.startswith("fc.")]
+    opt = SPNGD(
+        model, lr=0.1, params=[{"params": others}, {"params": model.fc.parameters(), "lr": 0.0}]
+    )
+    before = model.fc.weight.clone()
+    _train(model, opt, 2)
+    torch.testing.assert_close(model.fc.weight, before)
+    assert opt.param_groups[1]["lr"] == 0.0
+
+
+def test_state_dict_round_trip_continues_identically() -> None:
+    torch.manual_seed(0)
+    model = Mixed()
+    opt = SPNGD(model, lr=0.05, stat_decay=0.9)
+    _train(model, opt, 3)
+    resumed_model = copy.deepcopy(model)
+    resumed = SPNGD(resumed_model, lr=0.05, stat_decay=0.9)
+    resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
+    _train(model, opt, 2, seed=100)
+    _train(resumed_model, resumed, 2, seed=100)
+    for a, b in zip(model.parameters(), resumed_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_zero_grad_also_drops_pending_statistics() -> None:
+    model = Mixed()
+    opt = SPNGD(model, lr=0.1)
+    image, token, y = _batch()
+    F.cross_entropy(model(image, token), y).backward()
+    assert opt.curvature["fc"].has_pending
+    opt.zero_grad()
+    assert not any(block.has_pending for block in opt.curvature.values())
+
+
+def test_nonfinite_statistics_keep_the_previous_inverse_with_one_warning() -> None:
+    torch.manual_seed(0)
+    model = Mixed()
+    opt = SPNGD(model, lr=0.05)
+    _train(model, opt, 1)
+    block = opt.curvature["conv"]
+    kept_factors, kept_inverse = block.factors, block.inverse
+    block.compute_statistics = lambda x, g: (
+        torch.full((1, 10, 10), float("nan")),  # type: ignore[method-assign]
+        torch.full((1, 4, 4), float("inf")),
+    )
+    with pytest.warns(RuntimeWarning, match="'conv' contain NaN or inf") as caught:
+        _train(model, opt, 3, seed=10)
+    assert sum("'conv'" in str(w.message) for w in caught) == 1
+    assert block.factors is kept_factors and block.inverse is kept_inverse
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_failed_inversion_keeps_the_previous_inverse_or_uses_the_gradient() -> None:
+    torch.manual_seed(0)
+    model = Mixed()
+    opt = SPNGD(model, lr=0.05, momentum=0.0)
+    block = opt.curvature["fc"]
+
+    def fail(damping: float) -> tuple[torch.Tensor, ...]:
+        raise FactorizationError("injected")
+
+    original = block.compute_inverse
+    block.compute_inverse = fail  # type: ignore[method-assign]
+    image, token, y = _batch()
+    before = model.fc.weight.detach().clone()
+    F.cross_entropy(model(image, token), y).backward()
+    grad = model.fc.weight.grad.clone()
+    with pytest.warns(RuntimeWarning, match="could not invert the curvature of 'fc'"):
+        opt.step()
+    # no inverse yet: the plain gradient is used
+    torch.testing.assert_close(model.fc.weight, before - 0.05 * grad)
+    block.compute_inverse = original  # type: ignore[method-assign]
+    _train(model, opt, 1, seed=5)
+    good = block.inverse
+    block.compute_inverse = fail  # type: ignore[method-assign]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _train(model, opt, 2, seed=6)
+    assert block.inverse is good
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_mc_without_sampling_warns_and_sampling_needs_mc() -> None:
+    model = Mixed()
+    opt = SPNGD(model, lr=0.1, fisher="mc")
+    with pytest.warns(RuntimeWarning, match=r"call opt.sample_fisher\(logits\)"):
+        _train(model, opt, 1)
+    emp = SPNGD(Mixed(), lr=0.1)
+    with pytest.raises(RuntimeError, match="sample_fisher\\(\\) is for fisher='mc'"):
+        emp.sample_fisher(torch.zeros(2, 3, requires_grad=True))
