@@ -66,9 +66,7 @@ def measure(batch: int, rounds: int, steps: int) -> dict[str, float]:
             images,
             labels,
         ),
-        "SPNGD": make_step(
-            ngd_model, SPNGD(ngd_model, lr=0.01, momentum=0.9), images, labels
-        ),
+        "SPNGD": make_step(ngd_model, SPNGD(ngd_model, lr=0.01, momentum=0.9), images, labels),
     }
     for step in contenders.values():  # warm-up: allocator, kernels, first statistics
         time_steps(step, 2)
@@ -88,14 +86,15 @@ def main() -> None:
     args = parser.parse_args()
     pin_malloc()
     torch.set_num_threads(args.threads)
-    print(f"ResNet-20 (CIFAR), {args.threads} threads, refresh every step, "
-          f"{args.rounds} interleaved rounds x {args.steps} steps")
+    print(
+        f"ResNet-20 (CIFAR), {args.threads} threads, refresh every step, "
+        f"{args.rounds} interleaved rounds x {args.steps} steps"
+    )
     print(f"{'batch':>6} {'SGD ms/step':>12} {'SPNGD ms/step':>14} {'ratio':>6}")
     for batch in args.batches:
         times = measure(batch, args.rounds, args.steps)
         ratio = times["SPNGD"] / times["SGD"]
-        print(f"{batch:>6} {1e3 * times['SGD']:>12.1f} {1e3 * times['SPNGD']:>14.1f} "
-              f"{ratio:>6.2f}")
+        print(f"{batch:>6} {1e3 * times['SGD']:>12.1f} {1e3 * times['SPNGD']:>14.1f} {ratio:>6.2f}")
 
 
 if __name__ == "__main__":

@@ -215,3 +215,44 @@ def test_mc_without_sampling_warns_and_sampling_needs_mc() -> None:
     emp = SPNGD(Mixed(), lr=0.1)
     with pytest.raises(RuntimeError, match="sample_fisher\\(\\) is for fisher='mc'"):
         emp.sample_fisher(torch.zeros(2, 3, requires_grad=True))
+
+
+def _linear_step(opt: SPNGD, model: nn.Linear, x: torch.Tensor, y: torch.Tensor) -> None:
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+
+
+def test_stat_decay_weights_the_old_statistics() -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3).double()
+    opt = SPNGD(model, lr=0.0, stat_decay=0.75)
+    x1, x2 = torch.randn(8, 4, dtype=torch.float64), torch.randn(8, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (8,))
+    _linear_step(opt, model, x1, y)
+    first = opt.curvature["<model>"].A.clone()
+    fresh = SPNGD(copy.deepcopy(model), lr=0.0)
+    _linear_step(fresh, fresh.curvature["<model>"].module, x2, y)  # type: ignore[arg-type]
+    _linear_step(opt, model, x2, y)
+    expected = 0.75 * first + 0.25 * fresh.curvature["<model>"].A
+    torch.testing.assert_close(opt.curvature["<model>"].A, expected)
+
+
+def test_weight_decay_is_added_before_preconditioning_and_floors_the_damping() -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3).double()
+    before = model.weight.detach().clone(), model.bias.detach().clone()
+    opt = SPNGD(model, lr=1.0, momentum=0.0, damping=1e-4, weight_decay=1e-2)
+    x, y = torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,))
+    _linear_step(opt, model, x, y)
+    block = opt.curvature["<model>"]
+    grad = torch.cat((model.weight.grad, model.bias.grad[:, None]), 1)
+    grad = grad + 1e-2 * torch.cat((before[0], before[1][:, None]), 1)
+    A, G = block.A[0], block.G[0]
+    pi = ((A.trace() / 5) / (G.trace() / 3)).sqrt()
+    lam = 1e-2  # max(damping, weight_decay)
+    a_d = A + pi * lam**0.5 * torch.eye(5, dtype=torch.float64)
+    g_d = G + lam**0.5 / pi * torch.eye(3, dtype=torch.float64)
+    expected = torch.linalg.solve(g_d, grad) @ torch.linalg.inv(a_d)
+    torch.testing.assert_close(before[0] - model.weight, expected[:, :4])
+    torch.testing.assert_close(before[1] - model.bias, expected[:, 4])
