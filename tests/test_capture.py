@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -125,3 +127,26 @@ def test_gradient_accumulation_averages_micro_batches() -> None:
     accumulated = opt.curvature["0"].A.clone()
     aug = torch.cat((x, torch.ones(10, 1)), 1)
     torch.testing.assert_close(accumulated[0], aug.T @ aug / 10)
+
+
+def test_accumulated_micro_batches_equal_one_large_batch() -> None:
+    """K=2 micro-batches of 32 (loss / K each) step exactly like one batch of 64."""
+    torch.manual_seed(0)
+    base = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 4)
+    ).double()
+    x = torch.randn(64, 3, 6, 6, dtype=torch.float64)
+    y = torch.randint(0, 4, (64,))
+    whole, micro = base, copy.deepcopy(base)
+    opt_whole = SPNGD(whole, lr=0.5, damping=1e-3)
+    opt_micro = SPNGD(micro, lr=0.5, damping=1e-3, accumulation_steps=2)
+    for _ in range(2):
+        opt_whole.zero_grad()
+        F.cross_entropy(whole(x), y).backward()
+        opt_whole.step()
+        opt_micro.zero_grad()
+        for part in (slice(0, 32), slice(32, 64)):
+            (F.cross_entropy(micro(x[part]), y[part]) / 2).backward()
+        opt_micro.step()
+    for a, b in zip(whole.parameters(), micro.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)

@@ -28,11 +28,16 @@ class StatisticsCapture:
 
     With ``sampled_only`` (MC Fisher) statistics are taken only inside
     :meth:`sampling_pass`, i.e. from the backward of the sampled-label loss; the
-    ordinary backward then produces the gradient alone.
+    ordinary backward then produces the gradient alone. Output gradients are multiplied
+    by ``grad_scale`` before the statistics are taken (it undoes a known scaling of the
+    loss, e.g. ``1 / accumulation_steps``).
     """
 
-    def __init__(self, blocks: Iterable[CurvatureBlock], sampled_only: bool) -> None:
+    def __init__(
+        self, blocks: Iterable[CurvatureBlock], sampled_only: bool, grad_scale: float = 1.0
+    ) -> None:
         self.sampled_only = sampled_only
+        self.grad_scale = grad_scale
         self._sampling = False
         self._handles: list[RemovableHandle] = [
             block.module.register_forward_hook(self._forward_hook(block)) for block in blocks
@@ -54,7 +59,10 @@ class StatisticsCapture:
                 if recorded or (self.sampled_only and not self._sampling):
                     return
                 recorded = True
-                block.accumulate(saved_input, grad.detach())
+                grad = grad.detach()
+                block.accumulate(
+                    saved_input, grad * self.grad_scale if self.grad_scale != 1 else grad
+                )
 
             output.register_hook(on_output_grad)
 

@@ -52,6 +52,10 @@ class SPNGD(Optimizer):
             ``loss.backward()``).
         bn_damping_scale: the BatchNorm damping multiplier kappa (spec section 4: 16, what
             the authors' released script uses).
+        accumulation_steps: backward passes per step (gradient accumulation). Each
+            micro-batch's loss is taken to be divided by it, so that the accumulated
+            gradient is the mean over the whole batch; statistics are rescaled to match
+            and averaged over the micro-batches, so K steps of batch B equal one of B*K.
         params: parameters or param groups to optimize (default: every parameter of
             ``model`` that requires grad). Groups may set ``lr``, ``momentum``,
             ``damping`` and ``weight_decay``; the parameters of one layer must share
@@ -72,6 +76,7 @@ class SPNGD(Optimizer):
         stat_decay: float = 0.0,
         fisher: str = "empirical",
         bn_damping_scale: float = 16.0,
+        accumulation_steps: int = 1,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -82,6 +87,8 @@ class SPNGD(Optimizer):
             raise ValueError(f"fisher must be one of {FISHER_TYPES}, got {fisher!r}")
         if not bn_damping_scale > 0.0:
             raise ValueError(f"bn_damping_scale must be > 0, got {bn_damping_scale}")
+        if not (isinstance(accumulation_steps, int) and accumulation_steps >= 1):
+            raise ValueError(f"accumulation_steps must be an int >= 1, got {accumulation_steps}")
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
         defaults = {
@@ -98,7 +105,10 @@ class SPNGD(Optimizer):
         self._block_group: dict[str, int] = {}
         self._plain: dict[str, str] = {}
         self._build_blocks(model)
-        self._capture = StatisticsCapture(self.curvature.values(), sampled_only=fisher == "mc")
+        self.accumulation_steps = accumulation_steps
+        self._capture = StatisticsCapture(
+            self.curvature.values(), sampled_only=fisher == "mc", grad_scale=accumulation_steps
+        )
         self._warned_no_statistics = False
 
     # -- construction ---------------------------------------------------------------------
