@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from spngd.optimizer import SPNGD
+from spngd.refresh import AdaptiveRefresh
 
-__all__ = ["SPNGD"]
+__all__ = ["SPNGD", "AdaptiveRefresh"]
 __version__ = "0.1.0"

@@ -7,7 +7,9 @@ tensor's gradient arrives, the block computes its statistics. Tensor hooks rathe
 (``ReLU(inplace=True)``, ``out += shortcut``): a hook registered before an in-place op
 receives the gradient of the value the layer produced.
 
-Nothing is recorded for evaluation passes (``torch.no_grad()`` or ``module.eval()``);
+Nothing is recorded for evaluation passes (``torch.no_grad()`` or ``module.eval()``) or
+on steps where the refresh policy wants none of a block's statistics (no hook, no
+reference kept);
 a forward that is never followed by backward leaves nothing behind once its graph is
 freed; a module called several times contributes one pair per call.
 """
@@ -45,7 +47,7 @@ class StatisticsCapture:
 
     def _forward_hook(self, block: CurvatureBlock) -> Callable[..., None]:
         def hook(module: nn.Module, inputs: tuple[object, ...], output: object) -> None:
-            if not (module.training and torch.is_grad_enabled()):
+            if not (module.training and torch.is_grad_enabled() and any(block.wanted)):
                 return
             if not (inputs and isinstance(inputs[0], torch.Tensor)):
                 return

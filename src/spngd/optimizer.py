@@ -20,6 +20,7 @@ from torch.optim import Optimizer
 
 from spngd.capture import StatisticsCapture
 from spngd.curvature import CurvatureBlock, make_block
+from spngd.refresh import AdaptiveRefresh, RefreshPolicy
 
 FISHER_TYPES = ("empirical", "mc")
 
@@ -52,6 +53,12 @@ class SPNGD(Optimizer):
             ``loss.backward()``).
         bn_damping_scale: the BatchNorm damping multiplier kappa (spec section 4: 16, what
             the authors' released script uses).
+        stat_interval: ``None`` (default) refreshes each statistic by SP-NGD's adaptive
+            rule (see :mod:`spngd.refresh`); an int ``k`` computes all statistics every
+            ``k`` steps (1: every step).
+        inverse_interval: with a fixed ``stat_interval``, recompute inverses every this
+            many steps (default: whenever statistics were computed).
+        refresh: knobs of the adaptive rule (threshold, growth, cap, warm-up).
         accumulation_steps: backward passes per step (gradient accumulation). Each
             micro-batch's loss is taken to be divided by it, so that the accumulated
             gradient is the mean over the whole batch; statistics are rescaled to match
@@ -76,6 +83,9 @@ class SPNGD(Optimizer):
         stat_decay: float = 0.0,
         fisher: str = "empirical",
         bn_damping_scale: float = 16.0,
+        stat_interval: int | None = None,
+        inverse_interval: int | None = None,
+        refresh: AdaptiveRefresh | None = None,
         accumulation_steps: int = 1,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]] | None = None,
     ) -> None:
@@ -105,10 +115,15 @@ class SPNGD(Optimizer):
         self._block_group: dict[str, int] = {}
         self._plain: dict[str, str] = {}
         self._build_blocks(model)
+        if refresh is not None and not isinstance(refresh, AdaptiveRefresh):
+            raise TypeError(f"refresh must be an AdaptiveRefresh, got {type(refresh).__name__}")
+        self.refresh = RefreshPolicy(stat_interval, inverse_interval, refresh or AdaptiveRefresh())
         self.accumulation_steps = accumulation_steps
+        self._step = 0
         self._capture = StatisticsCapture(
             self.curvature.values(), sampled_only=fisher == "mc", grad_scale=accumulation_steps
         )
+        self._plan_statistics()
         self._warned_no_statistics = False
 
     # -- construction ---------------------------------------------------------------------
@@ -231,19 +246,35 @@ class SPNGD(Optimizer):
             for p in group["params"]:
                 if p in directions:
                     self._apply_momentum(p, directions[p], group)
+        self._step += 1
+        self._plan_statistics()
         return loss
 
     def _refresh_curvature(self) -> None:
-        """Fold pending statistics into the factors and refresh the inverses that changed."""
-        received = False
+        """Fold fresh statistics into the factors, adapt the refresh intervals, and
+        recompute the inverses that are due; then plan the next step's statistics."""
+        step, wanted, received = self._step, False, False
         for name, block in self.curvature.items():
+            wanted |= any(block.wanted)
             fresh = block.take_pending()
-            changed = fresh is not None and block.update_factors(fresh, self.stat_decay)
             received |= fresh is not None
+            for i, _ in enumerate(block.statistic_names):
+                computed = fresh is not None and fresh[i] is not None
+                if computed:
+                    self.refresh.observe((name, i), step, block.factors[i], fresh[i])  # type: ignore[index, arg-type]
+                self.refresh.count(name, "stats", computed)
+            if fresh is not None:
+                block.update_factors(fresh, self.stat_decay)
             damping = self._block_damping(name)
-            if block.factors is not None and (changed or block.inverse_damping != damping):
+            due = (
+                block.inverse is None
+                or block.inverse_damping != damping
+                or self.refresh.inverse_due(step, refreshed=fresh is not None)
+            )
+            if block.ready and due:
                 block.update_inverse(damping)
-        if self.curvature and not received and not self._warned_no_statistics:
+            self.refresh.count(name, "inverses", block.ready and due)
+        if wanted and not received and not self._warned_no_statistics:
             self._warned_no_statistics = True
             hint = (
                 " call opt.sample_fisher(logits) before loss.backward()"
@@ -256,6 +287,17 @@ class SPNGD(Optimizer):
                 RuntimeWarning,
                 stacklevel=3,
             )
+
+    def _plan_statistics(self) -> None:
+        """Tell every block which statistics its hooks compute at the coming step."""
+        for name, block in self.curvature.items():
+            block.wanted = [
+                self.refresh.needs((name, i), self._step) for i in range(len(block.statistic_names))
+            ]
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        """Statistics and inverse computations done and skipped, per layer and in total."""
+        return self.refresh.stats()
 
     def _block_damping(self, name: str) -> float:
         group = self.param_groups[self._block_group[name]]
@@ -288,14 +330,19 @@ class SPNGD(Optimizer):
 
     # -- checkpointing --------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Torch's optimizer state plus each block's factors and inverse."""
+        """Torch's optimizer state plus each block's factors and inverse, the refresh
+        policy's state and the step counter."""
         state = super().state_dict()
         state["curvature"] = {name: block.state_dict() for name, block in self.curvature.items()}
+        state["refresh"] = self.refresh.state_dict()
+        state["step"] = self._step
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
         curvature = state_dict.pop("curvature", {})
+        refresh = state_dict.pop("refresh", None)
+        step = state_dict.pop("step", 0)
         unknown = set(curvature) - set(self.curvature)
         if unknown:
             raise ValueError(
@@ -305,3 +352,7 @@ class SPNGD(Optimizer):
         super().load_state_dict(state_dict)
         for name, block_state in curvature.items():
             self.curvature[name].load_state_dict(block_state)
+        if refresh is not None:
+            self.refresh.load_state_dict(refresh)
+        self._step = step
+        self._plan_statistics()

@@ -20,21 +20,25 @@ from spngd.linalg import FactorizationError
 class CurvatureBlock(ABC):
     """Statistics, inverse and preconditioning of one module's parameters.
 
-    ``factors`` is a tuple of tensors (the running statistics in use), ``inverse`` a
-    tuple of tensors derived from them for a given damping. Both are ``None`` until
-    the first statistics arrive; a block without an inverse passes gradients through.
+    A block has one or more statistics (``statistic_names``, e.g. ``A`` and ``G``).
+    ``factors`` holds the running value of each (``None`` until first computed) and
+    ``inverse`` a tuple of tensors derived from them for a given damping. ``wanted``
+    says which statistics the hooks compute at the current step (set by the refresh
+    policy); a block without an inverse passes gradients through.
     """
 
     kind: str = "curvature"
+    statistic_names: tuple[str, ...] = ()
 
     def __init__(self, name: str, module: nn.Module) -> None:
         self.name = name
         self.module = module
         self.params: list[nn.Parameter] = [p for p in module.parameters(recurse=False)]
-        self.factors: tuple[torch.Tensor, ...] | None = None
+        self.factors: list[torch.Tensor | None] = [None] * len(self.statistic_names)
+        self.wanted: list[bool] = [True] * len(self.statistic_names)
         self.inverse: tuple[torch.Tensor, ...] | None = None
         self.inverse_damping: float | None = None
-        self._pending: list[torch.Tensor] | None = None
+        self._pending: list[torch.Tensor | None] | None = None
         self._pending_count = 0
         self._warned: set[str] = set()
 
@@ -42,8 +46,9 @@ class CurvatureBlock(ABC):
     @abstractmethod
     def compute_statistics(
         self, inputs: torch.Tensor, grad_output: torch.Tensor
-    ) -> tuple[torch.Tensor, ...]:
-        """Statistics of one forward/backward pair, at per-example Fisher scale."""
+    ) -> tuple[torch.Tensor | None, ...]:
+        """The ``wanted`` statistics of one forward/backward pair (``None`` for the others),
+        at per-example Fisher scale."""
 
     @abstractmethod
     def compute_inverse(self, damping: float) -> tuple[torch.Tensor, ...]:
@@ -71,7 +76,8 @@ class CurvatureBlock(ABC):
             self._pending = list(stats)
         else:
             for total, new in zip(self._pending, stats, strict=True):
-                total.add_(new)
+                if total is not None and new is not None:
+                    total.add_(new)
         self._pending_count += 1
 
     def clear_pending(self) -> None:
@@ -83,45 +89,51 @@ class CurvatureBlock(ABC):
     def has_pending(self) -> bool:
         return self._pending is not None
 
-    def take_pending(self) -> tuple[torch.Tensor, ...] | None:
+    @property
+    def ready(self) -> bool:
+        """Every statistic has a value, so an inverse can be computed."""
+        return all(f is not None for f in self.factors)
+
+    def take_pending(self) -> tuple[torch.Tensor | None, ...] | None:
         """Mean of the statistics accumulated since the last step, and reset the buffer.
 
         Several pairs (gradient accumulation over micro-batches, or a module called more
-        than once) are averaged, as if each were a separate micro-batch.
+        than once) are averaged, as if each were a separate micro-batch. Non-finite
+        statistics are dropped (``None`` returned) with one warning: the previous factors
+        and inverse stay in use.
         """
         if self._pending is None:
             return None
-        mean = tuple(total / self._pending_count for total in self._pending)
+        mean = tuple(None if t is None else t / self._pending_count for t in self._pending)
         self.clear_pending()
-        return mean
-
-    def update_factors(self, new: tuple[torch.Tensor, ...], stat_decay: float) -> bool:
-        """Fold fresh statistics into the running factors; False if they were rejected.
-
-        ``factors <- stat_decay * factors + (1 - stat_decay) * new``; the first statistics
-        are taken as they are (no identity initialisation, so no bias). Non-finite
-        statistics are dropped and the previous factors and inverse stay in use.
-        """
-        if not all(bool(torch.isfinite(t).all()) for t in new):
+        if not all(t is None or bool(torch.isfinite(t).all()) for t in mean):
             self.warn_once(
                 "nonfinite-stats",
                 f"statistics of {self.name!r} contain NaN or inf; they are dropped and the "
                 "previous inverse stays in use (plain gradient if there is none)",
             )
-            return False
-        if self.factors is None or stat_decay == 0.0:
-            self.factors = new
-        else:
-            self.factors = tuple(
-                old.mul(stat_decay).add_(fresh, alpha=1.0 - stat_decay)
-                for old, fresh in zip(self.factors, new, strict=True)
-            )
-        return True
+            return None
+        return mean
+
+    def update_factors(self, fresh: tuple[torch.Tensor | None, ...], stat_decay: float) -> None:
+        """Fold fresh statistics into the running factors (``None`` entries are kept).
+
+        ``factor <- stat_decay * factor + (1 - stat_decay) * fresh``; a first value is
+        taken as it is (no identity initialisation, so no bias).
+        """
+        for i, new in enumerate(fresh):
+            if new is None:
+                continue
+            old = self.factors[i]
+            if old is None or stat_decay == 0.0:
+                self.factors[i] = new
+            else:
+                self.factors[i] = old.mul(stat_decay).add_(new, alpha=1.0 - stat_decay)
 
     # -- inverse and preconditioning ------------------------------------------------------
     def update_inverse(self, damping: float) -> None:
         """Recompute the inverse from the current factors; keep the old one on failure."""
-        if self.factors is None:
+        if not self.ready:
             return
         try:
             inverse = self.compute_inverse(damping)
@@ -171,15 +183,18 @@ class CurvatureBlock(ABC):
 
     def load_state_dict(self, state: dict[str, object]) -> None:
         device = self.params[0].device
-        self.factors = _to_device(state["factors"], device)  # type: ignore[arg-type]
+        self.factors = list(_to_device(state["factors"], device))  # type: ignore[call-overload]
         self.inverse = _to_device(state["inverse"], device)  # type: ignore[arg-type]
         self.inverse_damping = state["inverse_damping"]  # type: ignore[assignment]
 
 
-def _to_device(
-    tensors: tuple[torch.Tensor, ...] | None, device: torch.device
-) -> tuple[torch.Tensor, ...] | None:
-    return None if tensors is None else tuple(t.to(device) for t in tensors)
+def _to_device(tensors: object, device: torch.device) -> object:
+    """Move a tensor, or a list/tuple of optional tensors, to ``device``."""
+    if tensors is None:
+        return None
+    if isinstance(tensors, torch.Tensor):
+        return tensors.to(device)
+    return type(tensors)(_to_device(t, device) for t in tensors)  # type: ignore[call-arg]
 
 
 def statistics_dtype(tensor: torch.Tensor) -> torch.dtype:

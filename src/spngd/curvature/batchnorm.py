@@ -19,6 +19,7 @@ from spngd.linalg import unit_wise_inverse
 
 class BatchNormBlock(CurvatureBlock):
     kind = "unit-wise BatchNorm"
+    statistic_names = ("F",)
 
     def __init__(
         self, name: str, module: nn.modules.batchnorm._BatchNorm, damping_scale: float
@@ -30,7 +31,7 @@ class BatchNormBlock(CurvatureBlock):
     @property
     def F(self) -> torch.Tensor | None:
         """``(C, 3)`` running Fisher entries ``(f_gg, f_gb, f_bb)`` per channel."""
-        return None if self.factors is None else self.factors[0]
+        return self.factors[0]
 
     def compute_statistics(
         self, inputs: torch.Tensor, grad_output: torch.Tensor

@@ -21,6 +21,7 @@ class KroneckerBlock(CurvatureBlock):
     """Block with factors ``(A, G)`` of shapes ``(groups, d_A, d_A)`` and ``(groups, d_G, d_G)``."""
 
     groups: int = 1
+    statistic_names = ("A", "G")
 
     @abstractmethod
     def a_factor(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -40,16 +41,20 @@ class KroneckerBlock(CurvatureBlock):
 
     @property
     def A(self) -> torch.Tensor | None:
-        return None if self.factors is None else self.factors[0]
+        return self.factors[0]
 
     @property
     def G(self) -> torch.Tensor | None:
-        return None if self.factors is None else self.factors[1]
+        return self.factors[1]
 
     def compute_statistics(
         self, inputs: torch.Tensor, grad_output: torch.Tensor
-    ) -> tuple[torch.Tensor, ...]:
-        return self.a_factor(inputs), self.g_factor(grad_output, self.batch_size(inputs))
+    ) -> tuple[torch.Tensor | None, ...]:
+        want_a, want_g = self.wanted
+        return (
+            self.a_factor(inputs) if want_a else None,
+            self.g_factor(grad_output, self.batch_size(inputs)) if want_g else None,
+        )
 
     def compute_inverse(self, damping: float) -> tuple[torch.Tensor, ...]:
         A, G = self.factors  # type: ignore[misc]

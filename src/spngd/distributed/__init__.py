@@ -1,0 +1,27 @@
+"""Process-free building blocks of distributed SP-NGD (spec sections 7-8): placement of
+curvature blocks on ranks and flat, triangle-packed communication buffers."""
+
+from __future__ import annotations
+
+from spngd.distributed.assignment import STRATEGIES, BlockShape, assign_blocks, rank_loads
+from spngd.distributed.packing import (
+    COMM_DTYPES,
+    FlatPacker,
+    TensorSpec,
+    packed_numel,
+    triu_pack,
+    triu_unpack,
+)
+
+__all__ = [
+    "COMM_DTYPES",
+    "STRATEGIES",
+    "BlockShape",
+    "FlatPacker",
+    "TensorSpec",
+    "assign_blocks",
+    "packed_numel",
+    "rank_loads",
+    "triu_pack",
+    "triu_unpack",
+]

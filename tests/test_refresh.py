@@ -1,0 +1,170 @@
+"""Adaptive refresh of statistics (spec section 6.2; issue 6 items 1-2)."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spngd import SPNGD, AdaptiveRefresh
+from spngd.refresh import RefreshPolicy
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 25, 3),
+    )
+
+
+def _batch(seed: int, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return scale * torch.randn(64, 2, 5, 5, generator=gen), torch.randint(
+        0, 3, (64,), generator=gen
+    )
+
+
+def _step(model: nn.Module, opt: SPNGD, x: torch.Tensor, y: torch.Tensor) -> None:
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+
+
+def _refresh_steps(
+    opt: SPNGD, model: nn.Module, steps: int, batch_seed: int | None, scale: float = 1.0
+) -> dict[tuple[str, int], list[int]]:
+    """Run ``steps`` steps; return, per statistic key, the steps at which it was computed."""
+    seen: dict[tuple[str, int], list[int]] = {}
+    for _ in range(steps):
+        step = opt._step
+        for name, block in opt.curvature.items():
+            for i, wanted in enumerate(block.wanted):
+                if wanted:
+                    seen.setdefault((name, i), []).append(step)
+        x, y = _batch(step if batch_seed is None else batch_seed, scale)
+        _step(model, opt, x, y)
+    return seen
+
+
+def test_infinite_alpha_doubles_the_gaps_up_to_the_cap() -> None:
+    model = _model()
+    opt = SPNGD(
+        model, lr=0.01, refresh=AdaptiveRefresh(alpha=math.inf, max_interval=8, warmup_steps=3)
+    )
+    seen = _refresh_steps(opt, model, 40, batch_seed=None)
+    for steps in seen.values():
+        gaps = [b - a for a, b in itertools.pairwise(steps)]
+        assert gaps[:6] == [1, 1, 1, 2, 4, 8]  # warm-up (steps 0-3), then 2, 4, 8, 8, ...
+        assert set(gaps[5:]) == {8}
+
+
+def test_stationary_problem_grows_intervals_and_skips_work() -> None:
+    model = _model()
+    opt = SPNGD(model, lr=0.0, refresh=AdaptiveRefresh(max_interval=16))
+    _refresh_steps(opt, model, 60, batch_seed=1)  # the same batch every step, weights frozen
+    assert all(interval == 16 for interval in opt.refresh.interval.values())
+    totals = opt.stats()["total"]
+    assert totals["stats_skipped"] > totals["stats_computed"]
+    assert totals["inverses_skipped"] > totals["inverses_computed"]
+    assert opt.stats()["1"]["stats_computed"] + opt.stats()["1"]["stats_skipped"] == 60
+
+
+def test_a_shift_of_the_input_distribution_is_caught_within_the_cap() -> None:
+    model = _model()
+    cap = 8
+    opt = SPNGD(model, lr=0.0, refresh=AdaptiveRefresh(max_interval=cap, warmup_steps=2))
+    _refresh_steps(opt, model, 40, batch_seed=1)
+    assert all(interval == cap for interval in opt.refresh.interval.values())
+    shift = opt._step
+    seen = _refresh_steps(opt, model, cap + 2, batch_seed=2, scale=10.0)
+    for key, steps in seen.items():
+        assert steps[0] < shift + cap, key  # refreshed again within the cap
+    # The conv's A sees the scaled input (BatchNorm hides the scale from later layers)
+    conv_a = [step for step in seen[("0", 0)] if step >= shift]
+    assert conv_a[1] - conv_a[0] == 1  # the interval collapsed: refreshed the next step
+
+
+def test_refresh_every_step_equals_the_plain_optimizer() -> None:
+    models = [_model() for _ in range(3)]
+    opts = [
+        SPNGD(models[0], lr=0.05, stat_interval=1),
+        SPNGD(models[1], lr=0.05, refresh=AdaptiveRefresh(alpha=-1.0)),
+        SPNGD(models[2], lr=0.05, refresh=AdaptiveRefresh(alpha=-1.0, warmup_steps=0)),
+    ]
+    for step in range(12):
+        for model, opt in zip(models, opts, strict=True):
+            _step(model, opt, *_batch(step))
+    for model in models[1:]:
+        for a, b in zip(models[0].parameters(), model.parameters(), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for opt in opts:
+        assert opt.stats()["total"]["stats_skipped"] == 0
+        assert opt.stats()["total"]["inverses_skipped"] == 0
+
+
+def test_fixed_intervals_compute_statistics_and_inverses_on_schedule() -> None:
+    model = _model()
+    opt = SPNGD(model, lr=0.01, stat_interval=3, inverse_interval=6)
+    seen = _refresh_steps(opt, model, 13, batch_seed=None)
+    assert all(steps == [0, 3, 6, 9, 12] for steps in seen.values())
+    assert opt.stats()["0"] == {
+        "stats_computed": 10,
+        "stats_skipped": 16,
+        "inverses_computed": 3,
+        "inverses_skipped": 10,
+    }
+
+
+def test_skipped_steps_install_no_hooks() -> None:
+    model = _model()
+    opt = SPNGD(model, lr=0.01, stat_interval=2)
+    _step(model, opt, *_batch(0))
+    F.cross_entropy(model(_batch(1)[0]), _batch(1)[1]).backward()  # step 1: no statistics
+    assert not any(block.has_pending for block in opt.curvature.values())
+
+
+def test_adaptive_state_survives_a_checkpoint() -> None:
+    model = _model()
+    opt = SPNGD(model, lr=0.02, refresh=AdaptiveRefresh(alpha=0.5, warmup_steps=2))
+    for step in range(15):
+        _step(model, opt, *_batch(step))
+    resumed_model = copy.deepcopy(model)
+    resumed = SPNGD(resumed_model, lr=0.02, refresh=AdaptiveRefresh(alpha=0.5, warmup_steps=2))
+    resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for step in range(15, 30):
+        _step(model, opt, *_batch(step))
+        _step(resumed_model, resumed, *_batch(step))
+    for a, b in zip(model.parameters(), resumed_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert resumed.stats() == opt.stats()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"stat_interval": 0}, "stat_interval must be an int >= 1"),
+        ({"inverse_interval": 5}, "inverse_interval needs a fixed stat_interval"),
+        ({"refresh": "fast"}, "refresh must be an AdaptiveRefresh"),
+    ],
+)
+def test_bad_refresh_settings_name_the_problem(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises((ValueError, TypeError), match=message):
+        SPNGD(_model(), lr=0.1, **kwargs)  # type: ignore[arg-type]
+
+
+def test_adaptive_knobs_are_validated() -> None:
+    with pytest.raises(ValueError, match="grow must be"):
+        AdaptiveRefresh(grow="triple")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="max_interval must be >= 1"):
+        AdaptiveRefresh(max_interval=0)
+    policy = RefreshPolicy(None, None, AdaptiveRefresh(shrink="halve", grow="plus1"))
+    assert policy.adaptive.grown(3) == 4 and policy.adaptive.shrunk(5) == 2
