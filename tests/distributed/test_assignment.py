@@ -10,6 +10,7 @@ from torch import nn
 
 from spngd.distributed import STRATEGIES, BlockShape, assign_blocks, rank_loads
 from spngd.train.models import build_model
+from tests.distributed.shapes import block_shape
 
 
 def _unit(cost: int, name: str = "bn") -> BlockShape:
@@ -33,7 +34,7 @@ def _random_shapes(seed: int, count: int) -> list[BlockShape]:
 @pytest.fixture(scope="module")
 def resnet50_shapes() -> list[BlockShape]:
     model = build_model("resnet50", 1000)
-    shapes = [BlockShape.from_module(n, m) for n, m in model.named_modules()]
+    shapes = [block_shape(n, m) for n, m in model.named_modules()]
     return [s for s in shapes if s is not None]
 
 
@@ -56,15 +57,15 @@ def test_block_shape_validation(kwargs: dict) -> None:
         BlockShape("x", **kwargs)
 
 
-def test_from_module() -> None:
-    assert BlockShape.from_module("fc", nn.Linear(5, 3)) == BlockShape("fc", "kronecker", 6, 3)
+def test_shapes_of_real_blocks() -> None:
+    assert block_shape("fc", nn.Linear(5, 3)) == BlockShape("fc", "kronecker", 6, 3)
     conv = nn.Conv2d(8, 6, (3, 2), groups=2)
-    assert BlockShape.from_module("c", conv) == BlockShape("c", "kronecker", 4 * 6 + 1, 3, 2)
+    assert block_shape("c", conv) == BlockShape("c", "kronecker", 4 * 6 + 1, 3, 2)
     conv = nn.Conv2d(8, 6, 3, bias=False)
-    assert BlockShape.from_module("c", conv) == BlockShape("c", "kronecker", 72, 6)
-    assert BlockShape.from_module("b", nn.BatchNorm2d(7)) == BlockShape("b", "unit_wise", 7, 2)
-    assert BlockShape.from_module("b", nn.BatchNorm2d(7, affine=False)) is None
-    assert BlockShape.from_module("r", nn.ReLU()) is None
+    assert block_shape("c", conv) == BlockShape("c", "kronecker", 72, 6)
+    assert block_shape("b", nn.BatchNorm2d(7)) == BlockShape("b", "unit_wise", 7, 2)
+    assert block_shape("b", nn.BatchNorm2d(7, affine=False)) is None
+    assert block_shape("r", nn.ReLU()) is None
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

@@ -16,6 +16,7 @@ from spngd.distributed import (
 )
 from spngd.distributed.packing import _triu_indices
 from spngd.train.models import build_model
+from tests.distributed.shapes import block_shape
 
 
 def _symmetric(*shape: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -190,7 +191,7 @@ def test_resnet50_volumes() -> None:
     factors, bn_stored, bn_2x2, bn_full = [], [], [], []
     unpacked = 0
     for name, module in model.named_modules():
-        shape = BlockShape.from_module(name, module)
+        shape = block_shape(name, module)
         if shape is None:
             continue
         if shape.kind == "kronecker":
@@ -203,7 +204,7 @@ def test_resnet50_volumes() -> None:
             bn_2x2.append(TensorSpec((c, 2, 2), symmetric=True))
             bn_full.append(TensorSpec((2 * c, 2 * c), symmetric=True))  # CVPR'19 variant
     fc = next(m for m in model.modules() if isinstance(m, nn.Linear))
-    assert BlockShape.from_module("fc", fc) == BlockShape("fc", "kronecker", 2049, 1000)
+    assert block_shape("fc", fc) == BlockShape("fc", "kronecker", 2049, 1000)
     assert len(factors) == 2 * 54 and len(bn_stored) == 53
     assert FlatPacker(factors).numel == 76_967_027
     assert round(unpacked / 1e5) == 1539  # 153.9 M unpacked

@@ -26,6 +26,7 @@ class BatchNormBlock(CurvatureBlock):
     ) -> None:
         super().__init__(name, module)
         self.eps = module.eps
+        self.channels = module.num_features
         self.damping_scale = damping_scale
 
     @property
@@ -62,5 +63,6 @@ class BatchNormBlock(CurvatureBlock):
         return [d_gamma.to(grads[0].dtype), d_beta.to(grads[1].dtype)]
 
     def describe(self) -> str:
-        channels = self.params[0].numel()
-        return f"{self.kind}: {channels} channels x 2x2 Fisher (damping x{self.damping_scale:g})"
+        return (
+            f"{self.kind}: {self.channels} channels x 2x2 Fisher (damping x{self.damping_scale:g})"
+        )

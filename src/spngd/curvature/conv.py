@@ -39,6 +39,9 @@ class Conv2dBlock(KroneckerBlock):
         self.dilation: Pair = module.dilation  # type: ignore[assignment]
         self.in_per_group = module.in_channels // module.groups
         self.out_per_group = module.out_channels // module.groups
+        kh, kw = self.kernel_size
+        self.a_dim = self.in_per_group * kh * kw + int(self.has_bias)
+        self.g_dim = self.out_per_group
         # Zero padding given as a symmetric pair goes to the patch code directly; any other
         # padding ('same' with an odd total, reflect, circular, ...) is applied explicitly.
         symmetric = isinstance(module.padding, tuple) and module.padding_mode == "zeros"
@@ -86,11 +89,8 @@ class Conv2dBlock(KroneckerBlock):
         return [matrix[:, :, :-1].reshape(weight_shape), matrix[:, :, -1].reshape(-1)]
 
     def describe(self) -> str:
-        kh, kw = self.kernel_size
-        d_a = self.in_per_group * kh * kw + int(self.has_bias)
-        d_g = self.out_per_group
         per_group = f" per group x {self.groups} groups" if self.groups > 1 else ""
-        return f"{self.kind}: A {d_a}x{d_a}, G {d_g}x{d_g}{per_group}"
+        return f"{self.kind}: A {self.a_dim}x{self.a_dim}, G {self.g_dim}x{self.g_dim}{per_group}"
 
 
 # -- patch statistics -------------------------------------------------------------------------

@@ -22,6 +22,10 @@ class KroneckerBlock(CurvatureBlock):
 
     groups: int = 1
     statistic_names = ("A", "G")
+    a_dim: int
+    """Size of ``A`` per group (input features x kernel, +1 with a bias)."""
+    g_dim: int
+    """Size of ``G`` per group (output features)."""
 
     @abstractmethod
     def a_factor(self, inputs: torch.Tensor) -> torch.Tensor:

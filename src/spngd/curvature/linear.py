@@ -23,6 +23,8 @@ class LinearBlock(KroneckerBlock):
         super().__init__(name, module)
         self.in_features = module.in_features
         self.out_features = module.out_features
+        self.a_dim = module.in_features + int(self.has_bias)
+        self.g_dim = module.out_features
 
     def a_factor(self, inputs: torch.Tensor) -> torch.Tensor:
         n = self.batch_size(inputs)
@@ -49,5 +51,4 @@ class LinearBlock(KroneckerBlock):
         return [matrix[:, : self.in_features], matrix[:, self.in_features]]
 
     def describe(self) -> str:
-        d_a = self.in_features + int(self.has_bias)
-        return f"{self.kind}: A {d_a}x{d_a}, G {self.out_features}x{self.out_features}"
+        return f"{self.kind}: A {self.a_dim}x{self.a_dim}, G {self.g_dim}x{self.g_dim}"

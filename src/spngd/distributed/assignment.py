@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from torch import nn
+from spngd.curvature import BatchNormBlock, CurvatureBlock, KroneckerBlock
 
 __all__ = ["STRATEGIES", "BlockShape", "assign_blocks", "rank_loads"]
 
@@ -66,19 +66,13 @@ class BlockShape:
         return self.groups * (a**3 + g**3 + g * a * (a + g))
 
     @classmethod
-    def from_module(cls, name: str, module: nn.Module) -> BlockShape | None:
-        """Shape of the block SPNGD builds for ``module`` (same dispatch), else None."""
-        if isinstance(module, nn.Linear):
-            bias = int(module.bias is not None)
-            return cls(name, "kronecker", module.in_features + bias, module.out_features)
-        if isinstance(module, nn.Conv2d):
-            kh, kw = module.kernel_size
-            groups = module.groups
-            a_dim = module.in_channels // groups * kh * kw + int(module.bias is not None)
-            return cls(name, "kronecker", a_dim, module.out_channels // groups, groups)
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine:
-            return cls(name, "unit_wise", module.num_features, 2)
-        return None
+    def from_block(cls, block: CurvatureBlock) -> BlockShape:
+        """Shape of an SPNGD curvature block."""
+        if isinstance(block, KroneckerBlock):
+            return cls(block.name, "kronecker", block.a_dim, block.g_dim, block.groups)
+        if isinstance(block, BatchNormBlock):
+            return cls(block.name, "unit_wise", block.channels, 2)
+        raise TypeError(f"no cost model for {type(block).__name__}")
 
 
 def assign_blocks(
