@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from spngd.distributed import DistributedConfig
 from spngd.optimizer import SPNGD
 from spngd.refresh import AdaptiveRefresh
 
-__all__ = ["SPNGD", "AdaptiveRefresh"]
+__all__ = ["SPNGD", "AdaptiveRefresh", "DistributedConfig"]
 __version__ = "0.1.0"

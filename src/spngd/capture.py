@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from spngd.curvature import CurvatureBlock
+from spngd.distributed.exchange import StageTimes
 
 
 class StatisticsCapture:
@@ -36,10 +37,15 @@ class StatisticsCapture:
     """
 
     def __init__(
-        self, blocks: Iterable[CurvatureBlock], sampled_only: bool, grad_scale: float = 1.0
+        self,
+        blocks: Iterable[CurvatureBlock],
+        sampled_only: bool,
+        grad_scale: float,
+        times: StageTimes,
     ) -> None:
         self.sampled_only = sampled_only
         self.grad_scale = grad_scale
+        self.times = times
         self._sampling = False
         self._handles: list[RemovableHandle] = [
             block.module.register_forward_hook(self._forward_hook(block)) for block in blocks

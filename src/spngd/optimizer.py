@@ -14,12 +14,21 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.optim import Optimizer
 
 from spngd.capture import StatisticsCapture
 from spngd.curvature import CurvatureBlock, make_block
+from spngd.distributed.exchange import (
+    DistributedConfig,
+    DistributedExchange,
+    LocalExchange,
+    StageTimes,
+    Statistics,
+    collective_failure,
+)
 from spngd.refresh import AdaptiveRefresh, RefreshPolicy
 
 FISHER_TYPES = ("empirical", "mc")
@@ -59,6 +68,12 @@ class SPNGD(Optimizer):
         inverse_interval: with a fixed ``stat_interval``, recompute inverses every this
             many steps (default: whenever statistics were computed).
         refresh: knobs of the adaptive rule (threshold, growth, cap, warm-up).
+        distributed: communication settings when ``torch.distributed`` is initialised
+            with more than one rank (default ``DistributedConfig()``). Each layer's
+            statistics are reduced to one owner rank, which inverts and preconditions it;
+            results are all-gathered. Works with a ``DistributedDataParallel``-wrapped model
+            (gradients already averaged) or an unwrapped one (then SPNGD averages them, and
+            broadcasts rank 0's parameters at construction).
         accumulation_steps: backward passes per step (gradient accumulation). Each
             micro-batch's loss is taken to be divided by it, so that the accumulated
             gradient is the mean over the whole batch; statistics are rescaled to match
@@ -87,6 +102,7 @@ class SPNGD(Optimizer):
         inverse_interval: int | None = None,
         refresh: AdaptiveRefresh | None = None,
         accumulation_steps: int = 1,
+        distributed: DistributedConfig | None = None,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -99,6 +115,9 @@ class SPNGD(Optimizer):
             raise ValueError(f"bn_damping_scale must be > 0, got {bn_damping_scale}")
         if not (isinstance(accumulation_steps, int) and accumulation_steps >= 1):
             raise ValueError(f"accumulation_steps must be an int >= 1, got {accumulation_steps}")
+        wrapped = isinstance(model, nn.parallel.DistributedDataParallel)
+        if wrapped:
+            model = model.module
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
         defaults = {
@@ -120,11 +139,16 @@ class SPNGD(Optimizer):
         self.refresh = RefreshPolicy(stat_interval, inverse_interval, refresh or AdaptiveRefresh())
         self.accumulation_steps = accumulation_steps
         self._step = 0
+        self.times = StageTimes()
+        self._exchange = self._make_exchange(distributed, average_gradients=not wrapped)
         self._capture = StatisticsCapture(
-            self.curvature.values(), sampled_only=fisher == "mc", grad_scale=accumulation_steps
+            self.curvature.values(),
+            sampled_only=fisher == "mc",
+            grad_scale=accumulation_steps,
+            times=self.times,
         )
-        self._plan_statistics()
         self._warned_no_statistics = False
+        self._plan_all()
 
     # -- construction ---------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -181,6 +205,27 @@ class SPNGD(Optimizer):
                 stacklevel=3,
             )
 
+    def _make_exchange(
+        self, config: DistributedConfig | None, average_gradients: bool
+    ) -> LocalExchange | DistributedExchange:
+        group = config.process_group if config is not None else None
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1):
+            return LocalExchange(self.curvature)
+        in_blocks = {id(p) for block in self.curvature.values() for p in block.params}
+        all_params = [p for g in self.param_groups for p in g["params"]]
+        if average_gradients:
+            with torch.no_grad():
+                flat = torch.cat([p.detach().reshape(-1) for p in all_params])
+                try:
+                    dist.broadcast(flat, src=0, group=group)
+                except RuntimeError as error:
+                    raise collective_failure("broadcasting initial parameters", error) from error
+                torch.nn.utils.vector_to_parameters(flat, all_params)
+        plain = [p for p in all_params if id(p) not in in_blocks]
+        return DistributedExchange(
+            self.curvature, plain, config or DistributedConfig(), average_gradients
+        )
+
     def describe(self) -> dict[str, str]:
         """How each module with optimized parameters is preconditioned, by module name."""
         lines = {name: block.describe() for name, block in self.curvature.items()}
@@ -231,50 +276,73 @@ class SPNGD(Optimizer):
     # -- the step -------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        """One update: reduce to owners, refresh and precondition owned layers, gather,
+        apply momentum SGD (single process: the same stages with nothing to move)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._refresh_curvature()
-        directions = self._weight_decayed_gradients()
-        for _name, block in self.curvature.items():
+        exchange = self._exchange
+        fresh = {name: block.take_pending() for name, block in self.curvature.items()}
+        self._warn_if_no_statistics(fresh)
+        grads = {
+            p: p.grad for group in self.param_groups for p in group["params"] if p.grad is not None
+        }
+        if any(g.is_sparse for g in grads.values()):
+            raise RuntimeError("SPNGD does not support sparse gradients")
+        with self.times.measure("statistics and gradient communication"):
+            fresh, grads = exchange.reduce(fresh, grads)
+        directions = self._weight_decayed(grads)
+        plans = {}
+        for name, block in self.curvature.items():
+            if not exchange.owns(name):
+                continue
+            self._refresh_block(name, block, fresh.get(name))
             if all(p in directions for p in block.params):
-                grads = [directions[p] for p in block.params]
-                for p, update in zip(block.params, block.precondition(grads), strict=True):
-                    directions[p] = update
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p in directions:
-                    self._apply_momentum(p, directions[p], group)
+                with self.times.measure("preconditioning"):
+                    updates = block.precondition([directions[p] for p in block.params])
+                directions.update(zip(block.params, updates, strict=True))
+            else:
+                for p in block.params:
+                    directions.pop(p, None)
+            plans[name] = self._plan(name, block, self._step + 1)
+        with self.times.measure("result communication"):
+            directions, plans = exchange.gather(directions, plans)
+        with self.times.measure("update"):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p in directions:
+                        self._apply_momentum(p, directions[p], group)
         self._step += 1
-        self._plan_statistics()
+        for name, block in self.curvature.items():
+            block.wanted = plans[name]
         return loss
 
-    def _refresh_curvature(self) -> None:
-        """Fold fresh statistics into the factors, adapt the refresh intervals, and
-        recompute the inverses that are due; then plan the next step's statistics."""
-        step, wanted, received = self._step, False, False
-        for name, block in self.curvature.items():
-            wanted |= any(block.wanted)
-            fresh = block.take_pending()
-            received |= fresh is not None
-            for i, _ in enumerate(block.statistic_names):
-                computed = fresh is not None and fresh[i] is not None
-                if computed:
-                    self.refresh.observe((name, i), step, block.factors[i], fresh[i])  # type: ignore[index, arg-type]
-                self.refresh.count(name, "stats", computed)
-            if fresh is not None:
-                block.update_factors(fresh, self.stat_decay)
-            damping = self._block_damping(name)
-            due = (
-                block.inverse is None
-                or block.inverse_damping != damping
-                or self.refresh.inverse_due(step, refreshed=fresh is not None)
-            )
-            if block.ready and due:
+    def _refresh_block(self, name: str, block: CurvatureBlock, fresh: Statistics) -> None:
+        """Fold fresh statistics into an owned block, adapt its refresh intervals, and
+        recompute its inverse when due."""
+        step = self._step
+        for i, _ in enumerate(block.statistic_names):
+            computed = fresh is not None and fresh[i] is not None
+            if computed:
+                self.refresh.observe((name, i), step, block.factors[i], fresh[i])  # type: ignore[index, arg-type]
+            self.refresh.count(name, "stats", computed)
+        if fresh is not None:
+            block.update_factors(fresh, self.stat_decay)
+        damping = self._block_damping(name)
+        due = (
+            block.inverse is None
+            or block.inverse_damping != damping
+            or self.refresh.inverse_due(step, refreshed=fresh is not None)
+        )
+        if block.ready and due:
+            with self.times.measure("inversion"):
                 block.update_inverse(damping)
-            self.refresh.count(name, "inverses", block.ready and due)
-        if wanted and not received and not self._warned_no_statistics:
+        self.refresh.count(name, "inverses", block.ready and due)
+
+    def _warn_if_no_statistics(self, fresh: dict[str, Statistics]) -> None:
+        wanted = any(any(block.wanted) for block in self.curvature.values())
+        if wanted and all(f is None for f in fresh.values()) and not self._warned_no_statistics:
             self._warned_no_statistics = True
             hint = (
                 " call opt.sample_fisher(logits) before loss.backward()"
@@ -288,33 +356,42 @@ class SPNGD(Optimizer):
                 stacklevel=3,
             )
 
-    def _plan_statistics(self) -> None:
-        """Tell every block which statistics its hooks compute at the coming step."""
+    def _plan_all(self) -> None:
+        """Set every block's statistics for the coming step from the refresh policy."""
         for name, block in self.curvature.items():
-            block.wanted = [
-                self.refresh.needs((name, i), self._step) for i in range(len(block.statistic_names))
-            ]
+            block.wanted = self._plan(name, block, self._step)
+
+    def _plan(self, name: str, block: CurvatureBlock, step: int) -> list[bool]:
+        """Which of ``block``'s statistics the hooks compute at ``step``."""
+        return [self.refresh.needs((name, i), step) for i in range(len(block.statistic_names))]
 
     def stats(self) -> dict[str, dict[str, int]]:
-        """Statistics and inverse computations done and skipped, per layer and in total."""
-        return self.refresh.stats()
+        """Statistics and inverse computations done and skipped, per layer and in total.
+
+        Under ``torch.distributed`` each layer is counted by its owner and the counts are
+        collected from every rank: all ranks must call this together.
+        """
+        counts: dict[str, dict[str, int]] = {}
+        for rank_counts in self._exchange.collect(self.refresh.counts):
+            counts.update(rank_counts)
+        return RefreshPolicy.summarize(counts)
 
     def _block_damping(self, name: str) -> float:
         group = self.param_groups[self._block_group[name]]
         return max(group["damping"], group["weight_decay"])
 
-    def _weight_decayed_gradients(self) -> dict[torch.Tensor, torch.Tensor]:
+    def _weight_decayed(
+        self, grads: dict[torch.Tensor, torch.Tensor]
+    ) -> dict[torch.Tensor, torch.Tensor]:
+        """``grad + weight_decay * p`` for every parameter with a gradient."""
         directions = {}
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("SPNGD does not support sparse gradients")
-                d_p = p.grad
-                if group["weight_decay"] != 0.0:
-                    d_p = d_p.add(p, alpha=group["weight_decay"])
-                directions[p] = d_p
+                if p in grads:
+                    d_p = grads[p]
+                    if group["weight_decay"] != 0.0:
+                        d_p = d_p.add(p, alpha=group["weight_decay"])
+                    directions[p] = d_p
         return directions
 
     def _apply_momentum(self, p: torch.Tensor, d_p: torch.Tensor, group: dict[str, Any]) -> None:
@@ -331,10 +408,29 @@ class SPNGD(Optimizer):
     # -- checkpointing --------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Torch's optimizer state plus each block's factors and inverse, the refresh
-        policy's state and the step counter."""
+        policy's state and the step counter.
+
+        Under ``torch.distributed`` the curvature of every layer is collected from its
+        owner, so any rank's state dict resumes on any number of ranks; all ranks must
+        call this together.
+        """
         state = super().state_dict()
-        state["curvature"] = {name: block.state_dict() for name, block in self.curvature.items()}
-        state["refresh"] = self.refresh.state_dict()
+        local = {
+            "curvature": {
+                name: block.state_dict()
+                for name, block in self.curvature.items()
+                if self._exchange.owns(name)
+            },
+            "refresh": self.refresh.state_dict(),
+        }
+        curvature: dict[str, Any] = {}
+        refresh: dict[str, Any] = {"interval": {}, "next_step": {}, "counts": {}}
+        for rank_state in self._exchange.collect(local):
+            curvature.update(rank_state["curvature"])
+            for key in refresh:
+                refresh[key].update(rank_state["refresh"][key])
+        state["curvature"] = curvature
+        state["refresh"] = refresh
         state["step"] = self._step
         return state
 
@@ -346,7 +442,7 @@ class SPNGD(Optimizer):
         unknown = set(curvature) - set(self.curvature)
         if unknown:
             raise ValueError(
-                f"state_dict has curvature for modules this optimizer does not "
+                "state_dict has curvature for modules this optimizer does not "
                 f"precondition: {sorted(unknown)}"
             )
         super().load_state_dict(state_dict)
@@ -355,4 +451,4 @@ class SPNGD(Optimizer):
         if refresh is not None:
             self.refresh.load_state_dict(refresh)
         self._step = step
-        self._plan_statistics()
+        self._plan_all()

@@ -18,7 +18,7 @@ all statistics every ``k`` steps and inverses every ``inverse_interval`` steps.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -126,10 +126,11 @@ class RefreshPolicy:
         counts = self.counts.setdefault(layer, dict.fromkeys(COUNTERS, 0))
         counts[f"{what}_{'computed' if done else 'skipped'}"] += 1
 
-    def stats(self) -> dict[str, dict[str, int]]:
+    @staticmethod
+    def summarize(counts: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
         """Per layer and ``"total"``: statistics and inverses computed and skipped."""
-        report = {layer: dict(counts) for layer, counts in self.counts.items()}
-        report["total"] = {name: sum(c[name] for c in self.counts.values()) for name in COUNTERS}
+        report = {layer: dict(c) for layer, c in counts.items()}
+        report["total"] = {name: sum(c[name] for c in counts.values()) for name in COUNTERS}
         return report
 
     def state_dict(self) -> dict[str, object]:
@@ -137,11 +138,6 @@ class RefreshPolicy:
             "interval": dict(self.interval),
             "next_step": dict(self.next_step),
             "counts": {layer: dict(c) for layer, c in self.counts.items()},
-            "config": {
-                "stat_interval": self.stat_interval,
-                "inverse_interval": self.inverse_interval,
-                "adaptive": asdict(self.adaptive),
-            },
         }
 
     def load_state_dict(self, state: dict[str, object]) -> None:

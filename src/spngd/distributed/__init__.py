@@ -1,9 +1,10 @@
-"""Process-free building blocks of distributed SP-NGD (spec sections 7-8): placement of
-curvature blocks on ranks and flat, triangle-packed communication buffers."""
+"""Distributed SP-NGD (spec sections 7-8): placement of curvature blocks on ranks,
+flat triangle-packed communication buffers, and the communication stages."""
 
 from __future__ import annotations
 
 from spngd.distributed.assignment import STRATEGIES, BlockShape, assign_blocks, rank_loads
+from spngd.distributed.exchange import DistributedConfig
 from spngd.distributed.packing import (
     COMM_DTYPES,
     FlatPacker,
@@ -17,6 +18,7 @@ __all__ = [
     "COMM_DTYPES",
     "STRATEGIES",
     "BlockShape",
+    "DistributedConfig",
     "FlatPacker",
     "TensorSpec",
     "assign_blocks",

@@ -1,0 +1,48 @@
+"""Run a function on several gloo processes (torch.multiprocessing spawn, CPU)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _entry(
+    rank: int,
+    world_size: int,
+    port: int,
+    timeout_s: float,
+    fn: Callable[..., None],
+    args: tuple[Any, ...],
+) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s)
+    )
+    try:
+        fn(rank, world_size, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_workers(
+    fn: Callable[..., None], world_size: int, *args: Any, timeout_s: float = 60.0
+) -> None:
+    """Call ``fn(rank, world_size, *args)`` on ``world_size`` gloo processes; re-raise failures."""
+    mp.spawn(
+        _entry, args=(world_size, free_port(), timeout_s, fn, args), nprocs=world_size, join=True
+    )

@@ -1,0 +1,111 @@
+"""Distributed SPNGD equals single-process SPNGD on the concatenated batch (issue 5 item 5).
+
+Each rank normalises its own share in BatchNorm (no SyncBN), so the single-process
+reference runs the same shares as micro-batches with ``accumulation_steps = world size``:
+the same BatchNorm statistics, the same averaged gradients and curvature statistics.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from spngd import SPNGD
+from spngd.distributed import DistributedConfig
+from tests.distributed.harness import run_workers
+
+STEPS = 4
+LOCAL_BATCH = 8
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1),
+        nn.BatchNorm2d(6),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(6, 4, 3, stride=2, groups=2),
+        nn.Flatten(),
+        nn.Linear(4 * 16, 5),
+        nn.Tanh(),
+        nn.Linear(5, 3),
+    )
+
+
+def _global_batch(step: int, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(100 + step)
+    n = LOCAL_BATCH * world_size
+    return torch.randn(n, 3, 9, 9, generator=gen), torch.randint(0, 3, (n,), generator=gen)
+
+
+def _optimizer(model: nn.Module, **kwargs: object) -> SPNGD:
+    return SPNGD(model, lr=0.1, momentum=0.9, damping=1e-2, weight_decay=1e-4, **kwargs)  # type: ignore[arg-type]
+
+
+def _worker(rank: int, world_size: int, out: str, wrap: bool, settings: dict) -> None:
+    model = _model()
+    net = DistributedDataParallel(model) if wrap else model
+    opt = _optimizer(
+        net,
+        distributed=DistributedConfig(assignment=settings["assignment"]),
+        stat_interval=settings["stat_interval"],
+    )
+    for step in range(STEPS):
+        x, y = _global_batch(step, world_size)
+        part = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+        opt.zero_grad()
+        F.cross_entropy(net(x[part]), y[part]).backward()
+        opt.step()
+    state = opt.state_dict()  # collective: every rank takes part
+    torch.save(
+        {
+            "params": [p.detach() for p in model.parameters()],
+            "stats": opt.stats(),
+            "curvature": state["curvature"],
+        },
+        Path(out) / f"rank{rank}.pt",
+    )
+
+
+def _reference(world_size: int, stat_interval: int | None) -> tuple[list[torch.Tensor], SPNGD]:
+    model = _model()
+    opt = _optimizer(model, accumulation_steps=world_size, stat_interval=stat_interval)
+    for step in range(STEPS):
+        x, y = _global_batch(step, world_size)
+        opt.zero_grad()
+        for rank in range(world_size):
+            part = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+            (F.cross_entropy(model(x[part]), y[part]) / world_size).backward()
+        opt.step()
+    return [p.detach() for p in model.parameters()], opt
+
+
+@pytest.mark.parametrize(
+    ("world_size", "wrap", "settings"),
+    [
+        (2, False, {"assignment": "lpt", "stat_interval": 1}),
+        (3, True, {"assignment": "lpt", "stat_interval": None}),
+        (3, False, {"assignment": "equal_count", "stat_interval": None}),
+    ],
+    ids=["2-ranks-unwrapped", "3-ranks-ddp-adaptive", "3-ranks-equal-count-adaptive"],
+)
+def test_distributed_steps_equal_single_process(
+    tmp_path: Path, world_size: int, wrap: bool, settings: dict
+) -> None:
+    run_workers(_worker, world_size, str(tmp_path), wrap, settings)
+    expected, reference = _reference(world_size, settings["stat_interval"])
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world_size)]
+    for result in results:
+        for got, want in zip(result["params"], expected, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        assert result["stats"] == reference.stats()
+    curvature = results[0]["curvature"]
+    assert set(curvature) == set(reference.curvature)
+    for name, block in reference.curvature.items():
+        for got, want in zip(curvature[name]["factors"], block.factors, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
