@@ -46,3 +46,16 @@ def run_workers(
     mp.spawn(
         _entry, args=(world_size, free_port(), timeout_s, fn, args), nprocs=world_size, join=True
     )
+
+
+def start_workers(
+    fn: Callable[..., None], world_size: int, *args: Any, timeout_s: float = 60.0
+) -> mp.ProcessContext:
+    """Like :func:`run_workers` but returns at once; the caller joins the processes."""
+    return mp.start_processes(
+        _entry,
+        args=(world_size, free_port(), timeout_s, fn, args),
+        nprocs=world_size,
+        join=False,
+        start_method="spawn",
+    )

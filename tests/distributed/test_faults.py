@@ -1,0 +1,103 @@
+"""A dead rank stops the others with a clear error; checkpoints move across world sizes
+(issue 5 item 7)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from spngd import SPNGD
+from tests.distributed.harness import run_workers, start_workers
+from tests.distributed.test_parity import LOCAL_BATCH, _global_batch, _model, _optimizer
+
+
+def _dying_worker(rank: int, world_size: int, out: str) -> None:
+    model = _model()
+    opt = _optimizer(model, stat_interval=1)
+    for step in range(20):
+        if rank == 1 and step == 2:
+            os._exit(3)  # the rank dies without a word
+        x, y = _global_batch(step, world_size)
+        part = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+        opt.zero_grad()
+        F.cross_entropy(model(x[part]), y[part]).backward()
+        start = time.monotonic()
+        try:
+            opt.step()
+        except RuntimeError as error:
+            Path(out, "error.txt").write_text(f"{time.monotonic() - start:.1f}\n{error}")
+            os._exit(0)  # the process group cannot be torn down cleanly without its peer
+    os._exit(1)
+
+
+def test_a_dead_rank_stops_the_others_with_a_clear_error(tmp_path: Path) -> None:
+    context = start_workers(_dying_worker, 2, str(tmp_path), timeout_s=15.0)
+    deadline = time.monotonic() + 60
+    for process in context.processes:
+        process.join(timeout=max(1.0, deadline - time.monotonic()))
+    assert all(not p.is_alive() for p in context.processes), "a rank hung"
+    assert context.processes[0].exitcode == 0
+    seconds, message = (tmp_path / "error.txt").read_text().split("\n", 1)
+    assert "a rank has probably died or stalled" in message
+    assert float(seconds) < 30.0
+
+
+def _train(model: torch.nn.Module, opt: SPNGD, steps: range, rank: int, world_size: int) -> None:
+    for step in steps:
+        x, y = _global_batch(step, world_size)
+        part = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+        opt.zero_grad()
+        F.cross_entropy(model(x[part]), y[part]).backward()
+        opt.step()
+
+
+def _first_run(rank: int, world_size: int, out: str) -> None:
+    model = _model()
+    opt = _optimizer(model)
+    _train(model, opt, range(3), rank, world_size)
+    state = opt.state_dict()
+    if rank == 0:
+        torch.save({"model": model.state_dict(), "opt": state}, Path(out) / "ckpt.pt")
+
+
+def _resumed_run(rank: int, world_size: int, out: str) -> None:
+    checkpoint = torch.load(Path(out) / "ckpt.pt")
+    model = _model()
+    model.load_state_dict(checkpoint["model"])
+    opt = _optimizer(model)
+    opt.load_state_dict(checkpoint["opt"])
+    _train(model, opt, range(3, 6), rank, world_size)
+    if rank == 0:
+        torch.save([p.detach() for p in model.parameters()], Path(out) / "final.pt")
+
+
+def _reference() -> list[torch.Tensor]:
+    """Single process: 3 steps as 2 ghost batches, then resume as 3 ghost batches."""
+    model = _model()
+    state: dict | None = None
+    for world_size, steps in ((2, range(3)), (3, range(3, 6))):
+        opt = _optimizer(model, accumulation_steps=world_size)
+        if state is not None:
+            opt.load_state_dict(state)
+        for step in steps:
+            x, y = _global_batch(step, world_size)
+            opt.zero_grad()
+            for rank in range(world_size):
+                part = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+                (F.cross_entropy(model(x[part]), y[part]) / world_size).backward()
+            opt.step()
+        state = opt.state_dict()
+        opt.remove_hooks()
+    return [p.detach() for p in model.parameters()]
+
+
+def test_resume_on_a_different_number_of_ranks(tmp_path: Path) -> None:
+    run_workers(_first_run, 2, str(tmp_path))
+    run_workers(_resumed_run, 3, str(tmp_path))
+    final = torch.load(tmp_path / "final.pt")
+    for got, want in zip(final, _reference(), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
