@@ -33,7 +33,8 @@ class StatisticsCapture:
     :meth:`sampling_pass`, i.e. from the backward of the sampled-label loss; the
     ordinary backward then produces the gradient alone. Output gradients are multiplied
     by ``grad_scale`` before the statistics are taken (it undoes a known scaling of the
-    loss, e.g. ``1 / accumulation_steps``).
+    loss, e.g. ``1 / accumulation_steps``). ``on_recorded(name)`` is called after each
+    recorded pair, so that communication can start during backward.
     """
 
     def __init__(
@@ -42,10 +43,13 @@ class StatisticsCapture:
         sampled_only: bool,
         grad_scale: float,
         times: StageTimes,
+        on_recorded: Callable[[str], None],
     ) -> None:
         self.sampled_only = sampled_only
         self.grad_scale = grad_scale
         self.times = times
+        self.on_recorded = on_recorded
+        self.recorded_since_step = 0
         self._sampling = False
         self._handles: list[RemovableHandle] = [
             block.module.register_forward_hook(self._forward_hook(block)) for block in blocks
@@ -68,9 +72,12 @@ class StatisticsCapture:
                     return
                 recorded = True
                 grad = grad.detach()
-                block.accumulate(
-                    saved_input, grad * self.grad_scale if self.grad_scale != 1 else grad
-                )
+                if self.grad_scale != 1:
+                    grad = grad * self.grad_scale
+                with self.times.measure("statistics"):
+                    block.accumulate(saved_input, grad)
+                self.recorded_since_step += 1
+                self.on_recorded(block.name)
 
             output.register_hook(on_output_grad)
 

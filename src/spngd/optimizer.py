@@ -140,12 +140,15 @@ class SPNGD(Optimizer):
         self.accumulation_steps = accumulation_steps
         self._step = 0
         self.times = StageTimes()
-        self._exchange = self._make_exchange(distributed, average_gradients=not wrapped)
+        self._exchange = self._make_exchange(
+            distributed, average_gradients=not wrapped, micro_batches=accumulation_steps
+        )
         self._capture = StatisticsCapture(
             self.curvature.values(),
             sampled_only=fisher == "mc",
             grad_scale=accumulation_steps,
             times=self.times,
+            on_recorded=self._exchange.notify_statistics,
         )
         self._warned_no_statistics = False
         self._plan_all()
@@ -206,7 +209,7 @@ class SPNGD(Optimizer):
             )
 
     def _make_exchange(
-        self, config: DistributedConfig | None, average_gradients: bool
+        self, config: DistributedConfig | None, average_gradients: bool, micro_batches: int
     ) -> LocalExchange | DistributedExchange:
         group = config.process_group if config is not None else None
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1):
@@ -223,7 +226,7 @@ class SPNGD(Optimizer):
                 torch.nn.utils.vector_to_parameters(flat, all_params)
         plain = [p for p in all_params if id(p) not in in_blocks]
         return DistributedExchange(
-            self.curvature, plain, config or DistributedConfig(), average_gradients
+            self.curvature, plain, config or DistributedConfig(), average_gradients, micro_batches
         )
 
     def describe(self) -> dict[str, str]:
@@ -272,6 +275,8 @@ class SPNGD(Optimizer):
         super().zero_grad(set_to_none=set_to_none)
         for block in self.curvature.values():
             block.clear_pending()
+        self._exchange.reset()
+        self._capture.recorded_since_step = 0
 
     # -- the step -------------------------------------------------------------------------
     @torch.no_grad()
@@ -283,15 +288,14 @@ class SPNGD(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         exchange = self._exchange
-        fresh = {name: block.take_pending() for name, block in self.curvature.items()}
-        self._warn_if_no_statistics(fresh)
+        self._warn_if_no_statistics()
         grads = {
             p: p.grad for group in self.param_groups for p in group["params"] if p.grad is not None
         }
         if any(g.is_sparse for g in grads.values()):
             raise RuntimeError("SPNGD does not support sparse gradients")
         with self.times.measure("statistics and gradient communication"):
-            fresh, grads = exchange.reduce(fresh, grads)
+            fresh, grads = exchange.reduce(grads)
         directions = self._weight_decayed(grads)
         plans = {}
         for name, block in self.curvature.items():
@@ -340,9 +344,11 @@ class SPNGD(Optimizer):
                 block.update_inverse(damping)
         self.refresh.count(name, "inverses", block.ready and due)
 
-    def _warn_if_no_statistics(self, fresh: dict[str, Statistics]) -> None:
+    def _warn_if_no_statistics(self) -> None:
         wanted = any(any(block.wanted) for block in self.curvature.values())
-        if wanted and all(f is None for f in fresh.values()) and not self._warned_no_statistics:
+        recorded = self._capture.recorded_since_step
+        self._capture.recorded_since_step = 0
+        if wanted and not recorded and not self._warned_no_statistics:
             self._warned_no_statistics = True
             hint = (
                 " call opt.sample_fisher(logits) before loss.backward()"

@@ -52,7 +52,9 @@ def _worker(rank: int, world_size: int, out: str, wrap: bool, settings: dict) ->
     net = DistributedDataParallel(model) if wrap else model
     opt = _optimizer(
         net,
-        distributed=DistributedConfig(assignment=settings["assignment"]),
+        distributed=DistributedConfig(
+            assignment=settings["assignment"], overlap=settings["overlap"], bucket_elements=200
+        ),
         stat_interval=settings["stat_interval"],
     )
     for step in range(STEPS):
@@ -60,6 +62,9 @@ def _worker(rank: int, world_size: int, out: str, wrap: bool, settings: dict) ->
         part = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
         opt.zero_grad()
         F.cross_entropy(net(x[part]), y[part]).backward()
+        # with overlap every bucket was started during backward
+        launched = opt._exchange._next == len(opt._exchange.buckets)
+        assert launched == settings["overlap"], (launched, settings)
         opt.step()
     state = opt.state_dict()  # collective: every rank takes part
     torch.save(
@@ -88,11 +93,11 @@ def _reference(world_size: int, stat_interval: int | None) -> tuple[list[torch.T
 @pytest.mark.parametrize(
     ("world_size", "wrap", "settings"),
     [
-        (2, False, {"assignment": "lpt", "stat_interval": 1}),
-        (3, True, {"assignment": "lpt", "stat_interval": None}),
-        (3, False, {"assignment": "equal_count", "stat_interval": None}),
+        (2, False, {"assignment": "lpt", "stat_interval": 1, "overlap": True}),
+        (3, True, {"assignment": "lpt", "stat_interval": None, "overlap": True}),
+        (3, False, {"assignment": "equal_count", "stat_interval": None, "overlap": False}),
     ],
-    ids=["2-ranks-unwrapped", "3-ranks-ddp-adaptive", "3-ranks-equal-count-adaptive"],
+    ids=["2-ranks-unwrapped", "3-ranks-ddp-adaptive", "3-ranks-equal-count-no-overlap"],
 )
 def test_distributed_steps_equal_single_process(
     tmp_path: Path, world_size: int, wrap: bool, settings: dict

@@ -14,6 +14,7 @@ moves, so the optimizer runs one code path.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -39,17 +40,26 @@ class DistributedConfig:
     assignment: ``"lpt"`` (greedy by inversion + preconditioning cost) or
         ``"equal_count"`` (contiguous chunks, as the authors' code).
     process_group: the group to use (default: the world).
+    overlap: start each bucket's reduction during backward, as soon as its layers'
+        statistics (and gradients, for an unwrapped model) of the last micro-batch are
+        in, instead of at ``step()``. Needs every layer called once per micro-batch.
+    bucket_elements: layers are grouped, in backward order, into phases of about this
+        many communicated elements; each phase sends one buffer per owner rank.
     """
 
     comm_dtype: torch.dtype = torch.float32
     assignment: str = "lpt"
     process_group: Any = None
+    overlap: bool = True
+    bucket_elements: int = 1 << 22
 
     def __post_init__(self) -> None:
         if self.comm_dtype not in COMM_DTYPES:
             raise ValueError(f"comm_dtype must be one of {COMM_DTYPES}, got {self.comm_dtype}")
         if self.assignment not in STRATEGIES:
             raise ValueError(f"assignment must be one of {STRATEGIES}, got {self.assignment!r}")
+        if self.bucket_elements < 1:
+            raise ValueError(f"bucket_elements must be >= 1, got {self.bucket_elements}")
 
 
 @dataclass
@@ -79,13 +89,22 @@ class LocalExchange:
     def __init__(self, blocks: dict[str, CurvatureBlock]) -> None:
         self.owner = dict.fromkeys(blocks, 0)
 
+        self.blocks = blocks
+
     def owns(self, name: str) -> bool:
         return True
 
+    def notify_statistics(self, name: str) -> None:
+        """A block recorded statistics (nothing to start in one process)."""
+
+    def reset(self) -> None:
+        """Gradients and statistics were cleared (nothing in flight in one process)."""
+
     def reduce(
-        self, fresh: dict[str, Statistics], grads: dict[torch.Tensor, torch.Tensor]
+        self, grads: dict[torch.Tensor, torch.Tensor]
     ) -> tuple[dict[str, Statistics], dict[torch.Tensor, torch.Tensor]]:
-        return fresh, grads
+        """Every block's statistics recorded since the last step, and the gradients."""
+        return {name: block.take_pending() for name, block in self.blocks.items()}, grads
 
     def gather(
         self, directions: dict[torch.Tensor, torch.Tensor], plans: dict[str, list[bool]]
@@ -94,6 +113,20 @@ class LocalExchange:
 
     def collect(self, local: dict[str, Any]) -> list[dict[str, Any]]:
         return [local]
+
+
+@dataclass
+class _Bucket:
+    """One owner's share of one phase, and its reduction once launched."""
+
+    owner: int
+    names: list[str]
+    packer: FlatPacker | None = None
+    buffer: torch.Tensor | None = None
+    work: Any = None
+
+    def clear(self) -> None:
+        self.packer = self.buffer = self.work = None
 
 
 class DistributedExchange:
@@ -105,6 +138,7 @@ class DistributedExchange:
         plain_params: Sequence[torch.Tensor],
         config: DistributedConfig,
         average_gradients: bool,
+        micro_batches: int,
     ) -> None:
         self.blocks = blocks
         self.plain_params = list(plain_params)
@@ -123,11 +157,101 @@ class DistributedExchange:
         owners = assign_blocks(shapes, self.world_size, config.assignment)
         self.owner = dict(zip(blocks, owners, strict=True))
         self.owned_by = [[n for n in blocks if self.owner[n] == r] for r in range(self.world_size)]
+        self.micro_batches = micro_batches
+        self.buckets = self._make_buckets()
+        self._next = 0
+        self._pairs: Counter[str] = Counter()
+        self._grads_in: Counter[torch.Tensor] = Counter()
+        self._launched: dict[str, bool] = {}
+        if average_gradients and config.overlap:
+            for block in blocks.values():
+                for p in block.params:
+                    p.register_post_accumulate_grad_hook(self._notify_grad)
 
     def owns(self, name: str) -> bool:
         return self.owner[name] == self.rank
 
     # -- stage 1: statistics (and gradients) to the owners ----------------------------------
+    def _make_buckets(self) -> list[_Bucket]:
+        """Phases of layers in backward order (reverse registration), one bucket per owner
+        within a phase; buckets are launched in this order on every rank."""
+        buckets: list[_Bucket] = []
+        phase: list[str] = []
+        size = 0
+        for name in reversed(list(self.blocks)):
+            block = self.blocks[name]
+            phase.append(name)
+            size += sum(statistic_spec(block, i).numel for i in range(len(block.wanted)))
+            if size >= self.config.bucket_elements:
+                buckets.extend(self._phase_buckets(phase))
+                phase, size = [], 0
+        return buckets + self._phase_buckets(phase)
+
+    def _phase_buckets(self, phase: list[str]) -> list[_Bucket]:
+        return [
+            _Bucket(rank, [n for n in phase if self.owner[n] == rank])
+            for rank in range(self.world_size)
+            if any(self.owner[n] == rank for n in phase)
+        ]
+
+    def reset(self) -> None:
+        """Forget this step's progress (called by ``zero_grad``); waits out any bucket
+        already in flight, whose data is then stale."""
+        for bucket in self.buckets:
+            if bucket.work is not None:
+                wait_all([bucket.work], "reducing statistics and gradients")
+            bucket.clear()
+        self._next = 0
+        self._pairs.clear()
+        self._grads_in.clear()
+        self._launched.clear()
+
+    def notify_statistics(self, name: str) -> None:
+        """A block recorded one micro-batch's statistics (called from the hooks)."""
+        if self._launched.get(name):
+            raise RuntimeError(
+                f"SPNGD: {name!r} recorded statistics after they were sent to its owner; is "
+                "it called more than once per forward? Use DistributedConfig(overlap=False)."
+            )
+        self._pairs[name] += 1
+        self._launch_ready()
+
+    def _notify_grad(self, param: torch.Tensor) -> None:
+        self._grads_in[param] += 1
+        self._launch_ready()
+
+    def _block_ready(self, name: str) -> bool:
+        block = self.blocks[name]
+        stats_in = not any(block.wanted) or self._pairs[name] >= self.micro_batches
+        grads_in = not self.average_gradients or all(
+            self._grads_in[p] >= self.micro_batches for p in block.params
+        )
+        return stats_in and grads_in
+
+    def _launch_ready(self) -> None:
+        """Start, in the fixed order, every bucket whose layers are all complete."""
+        if not self.config.overlap:
+            return
+        while self._next < len(self.buckets) and all(
+            self._block_ready(n) for n in self.buckets[self._next].names
+        ):
+            self._launch(self.buckets[self._next])
+
+    def _launch(self, bucket: _Bucket) -> None:
+        dtype = self.config.comm_dtype
+        specs, tensors = [], []
+        for name in bucket.names:
+            block = self.blocks[name]
+            fresh = block.take_pending()
+            self._launched[name] = True
+            block_specs = self._reduce_specs(name)
+            specs.extend(block_specs)
+            tensors.extend(self._reduce_entries(name, fresh, block_specs))
+        bucket.packer = FlatPacker(specs)
+        bucket.buffer = bucket.packer.pack(tensors, dtype)
+        bucket.work = dist.reduce(bucket.buffer, dst=bucket.owner, group=self.group, async_op=True)
+        self._next += 1
+
     def _reduce_specs(self, name: str) -> list[TensorSpec]:
         """Bucket entries of one block: contributor count, wanted statistics, gradients."""
         block = self.blocks[name]
@@ -139,73 +263,8 @@ class DistributedExchange:
             specs.extend(TensorSpec(tuple(p.shape)) for p in block.params)
         return specs
 
-    def reduce(
-        self, fresh: dict[str, Statistics], grads: dict[torch.Tensor, torch.Tensor]
-    ) -> tuple[dict[str, Statistics], dict[torch.Tensor, torch.Tensor]]:
-        """Owners receive the mean over ranks of their blocks' statistics (and gradients);
-        gradients of parameters outside any block are all-reduced when averaging."""
-        dtype = self.config.comm_dtype
-        buckets, packers, works = [], [], []
-        for rank, names in enumerate(self.owned_by):
-            specs, tensors = [], []
-            for name in names:
-                block_specs = self._reduce_specs(name)
-                specs.extend(block_specs)
-                tensors.extend(self._reduce_entries(name, fresh.get(name), grads, block_specs))
-            packer = FlatPacker(specs)
-            bucket = (
-                packer.pack(tensors, dtype)
-                if specs
-                else torch.zeros(0, dtype=dtype, device=self.device)
-            )
-            packers.append(packer)
-            buckets.append(bucket)
-            if specs:
-                works.append(dist.reduce(bucket, dst=rank, group=self.group, async_op=True))
-        plain = [p for p in self.plain_params if p in grads] if self.average_gradients else []
-        plain_flat = None
-        if plain:
-            plain_flat = torch.cat([grads[p].reshape(-1).to(dtype) for p in plain])
-            works.append(dist.all_reduce(plain_flat, group=self.group, async_op=True))
-        wait_all(works, "reducing statistics and gradients")
-
-        averaged = dict(grads)
-        if plain_flat is not None:
-            offset = 0
-            for p in plain:
-                averaged[p] = (
-                    plain_flat[offset : offset + p.numel()].view_as(p) / self.world_size
-                ).to(p.dtype)
-                offset += p.numel()
-        owned: dict[str, Statistics] = {}
-        entries = []
-        if buckets[self.rank].numel():
-            entries = packers[self.rank].unpack(buckets[self.rank], self.factor_dtype)
-        position = 0
-        for name in self.owned_by[self.rank]:
-            block = self.blocks[name]
-            count = round(entries[position].item())
-            position += 1
-            stats: list[torch.Tensor | None] = []
-            for wanted in block.wanted:
-                if wanted:
-                    stats.append(entries[position] / count if count else None)
-                    position += 1
-                else:
-                    stats.append(None)
-            owned[name] = tuple(stats) if count else None
-            if self.average_gradients:
-                for p in block.params:
-                    averaged[p] = (entries[position] / self.world_size).to(p.dtype)
-                    position += 1
-        return owned, averaged
-
     def _reduce_entries(
-        self,
-        name: str,
-        fresh: Statistics,
-        grads: dict[torch.Tensor, torch.Tensor],
-        specs: list[TensorSpec],
+        self, name: str, fresh: Statistics, specs: list[TensorSpec]
     ) -> list[torch.Tensor]:
         block = self.blocks[name]
         device = block.params[0].device
@@ -219,8 +278,53 @@ class DistributedExchange:
                 entries.append(stat)
                 position += 1
         if self.average_gradients:
-            entries.extend(grads.get(p, torch.zeros_like(p)) for p in block.params)
+            entries.extend(
+                p.grad if p.grad is not None else torch.zeros_like(p) for p in block.params
+            )
         return entries
+
+    def reduce(
+        self, grads: dict[torch.Tensor, torch.Tensor]
+    ) -> tuple[dict[str, Statistics], dict[torch.Tensor, torch.Tensor]]:
+        """Owners receive the mean over ranks of their blocks' statistics (and gradients);
+        gradients of parameters outside any block are all-reduced when averaging."""
+        while self._next < len(self.buckets):  # whatever backward did not start
+            self._launch(self.buckets[self._next])
+        dtype = self.config.comm_dtype
+        works = [bucket.work for bucket in self.buckets]
+        plain = [p for p in self.plain_params if p in grads] if self.average_gradients else []
+        plain_flat = None
+        if plain:
+            plain_flat = torch.cat([grads[p].reshape(-1).to(dtype) for p in plain])
+            works.append(dist.all_reduce(plain_flat, group=self.group, async_op=True))
+        wait_all(works, "reducing statistics and gradients")
+
+        averaged = dict(grads)
+        if plain_flat is not None:
+            offset = 0
+            for p in plain:
+                chunk = plain_flat[offset : offset + p.numel()].view_as(p)
+                averaged[p] = (chunk / self.world_size).to(p.dtype)
+                offset += p.numel()
+        owned: dict[str, Statistics] = {}
+        for bucket in self.buckets:
+            if bucket.owner == self.rank:
+                entries = iter(bucket.packer.unpack(bucket.buffer, self.factor_dtype))
+                for name in bucket.names:
+                    owned[name] = self._unpack_block(name, entries, averaged)
+        self.reset()
+        return owned, averaged
+
+    def _unpack_block(
+        self, name: str, entries: Iterator[torch.Tensor], averaged: dict[torch.Tensor, torch.Tensor]
+    ) -> Statistics:
+        block = self.blocks[name]
+        count = round(next(entries).item())
+        stats = [next(entries) / max(count, 1) if wanted else None for wanted in block.wanted]
+        if self.average_gradients:
+            for p in block.params:
+                averaged[p] = (next(entries) / self.world_size).to(p.dtype)
+        return tuple(stats) if count else None
 
     # -- stage 3: preconditioned gradients and next-step plans to everyone ----------------
     def _gather_specs(self, rank: int) -> list[TensorSpec]:
