@@ -72,3 +72,24 @@ def test_unit_wise_inverse_matches_linalg_inv() -> None:
             [[inverse[c, 0], inverse[c, 1]], [inverse[c, 1], inverse[c, 2]]], dtype=torch.float64
         )
         torch.testing.assert_close(got, expected)
+
+
+def test_batched_inversion_equals_one_block_at_a_time() -> None:
+    """Same-sized factors of several layers share one Cholesky call, with equal results;
+    a block whose batched inversion fails retries alone."""
+    from torch import nn
+
+    from spngd.curvature import LinearBlock
+    from spngd.curvature.kronecker import update_inverses
+
+    torch.manual_seed(0)
+    blocks = [LinearBlock(f"fc{i}", nn.Linear(6, 4).double()) for i in range(3)]
+    for block in blocks:
+        block.factors = [_spd(7, 10 + int(block.name[-1])), _spd(4, 20 + int(block.name[-1]))]
+    blocks[2].factors[0] = torch.zeros(1, 7, 7, dtype=torch.float64)  # pi falls back to 1
+    update_inverses([(block, 1e-3) for block in blocks])
+    for block in blocks:
+        expected = block.compute_inverse(1e-3)
+        for got, want in zip(block.inverse, expected, strict=True):
+            torch.testing.assert_close(got, want)
+        assert block.inverse_damping == 1e-3

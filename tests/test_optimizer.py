@@ -177,17 +177,30 @@ def test_nonfinite_statistics_keep_the_previous_inverse_with_one_warning() -> No
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_failed_inversion_keeps_the_previous_inverse_or_uses_the_gradient() -> None:
-    torch.manual_seed(0)
-    model = Mixed()
-    opt = SPNGD(model, lr=0.05, momentum=0.0)
-    block = opt.curvature["fc"]
+def _break_inversion(block: object) -> None:
+    """Make every inversion path of a Kronecker block fail (batched and single)."""
 
     def fail(damping: float) -> tuple[torch.Tensor, ...]:
         raise FactorizationError("injected")
 
-    original = block.compute_inverse
-    block.compute_inverse = fail  # type: ignore[method-assign]
+    def nan_factors(damping: float) -> tuple[torch.Tensor, ...]:
+        return tuple(torch.full_like(f, float("nan")) for f in block.factors)  # type: ignore[attr-defined]
+
+    block.compute_inverse = fail  # type: ignore[attr-defined]
+    block.damped_factors = nan_factors  # type: ignore[attr-defined]
+
+
+def _heal_inversion(block: object) -> None:
+    del block.compute_inverse  # type: ignore[attr-defined]
+    del block.damped_factors  # type: ignore[attr-defined]
+
+
+def test_failed_inversion_keeps_the_previous_inverse_or_uses_the_gradient() -> None:
+    torch.manual_seed(0)
+    model = Mixed()
+    opt = SPNGD(model, lr=0.05, momentum=0.0, stat_interval=1)
+    block = opt.curvature["fc"]
+    _break_inversion(block)
     image, token, y = _batch()
     before = model.fc.weight.detach().clone()
     F.cross_entropy(model(image, token), y).backward()
@@ -196,10 +209,10 @@ def test_failed_inversion_keeps_the_previous_inverse_or_uses_the_gradient() -> N
         opt.step()
     # no inverse yet: the plain gradient is used
     torch.testing.assert_close(model.fc.weight, before - 0.05 * grad)
-    block.compute_inverse = original  # type: ignore[method-assign]
+    _heal_inversion(block)
     _train(model, opt, 1, seed=5)
     good = block.inverse
-    block.compute_inverse = fail  # type: ignore[method-assign]
+    _break_inversion(block)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         _train(model, opt, 2, seed=6)

@@ -42,22 +42,43 @@ def add_to_diagonal(matrix: torch.Tensor, value: torch.Tensor | float) -> torch.
     return matrix + value * eye
 
 
-def damped_kronecker_inverses(
+def damped_kronecker_factors(
     A: torch.Tensor, G: torch.Tensor, damping: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverses of the pi-damped factors ``A + pi sqrt(lam) I`` and ``G + sqrt(lam)/pi I``.
-
-    The stored factors are not modified (spec section 2: damping must never be written
-    into the running statistics).
-    """
+    """The pi-damped factors ``A + pi sqrt(lam) I`` and ``G + sqrt(lam)/pi I`` (new tensors:
+    damping is never written into the running statistics, spec section 2)."""
     pi = pi_correction(A, G)
     root = math.sqrt(damping)
     damping_a = torch.clamp(pi * root, min=MIN_DAMPING)
     damping_g = torch.clamp(root / pi, min=MIN_DAMPING)
-    return (
-        spd_inverse(add_to_diagonal(A, damping_a)),
-        spd_inverse(add_to_diagonal(G, damping_g)),
-    )
+    return add_to_diagonal(A, damping_a), add_to_diagonal(G, damping_g)
+
+
+def damped_kronecker_inverses(
+    A: torch.Tensor, G: torch.Tensor, damping: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverses of :func:`damped_kronecker_factors`, with the fallbacks of :func:`spd_inverse`."""
+    a_damped, g_damped = damped_kronecker_factors(A, G, damping)
+    return spd_inverse(a_damped), spd_inverse(g_damped)
+
+
+def batched_spd_inverse(matrices: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    """Inverses of many same-shaped ``(b_i, d, d)`` SPD batches in one Cholesky call.
+
+    No fallbacks here: an entry whose factorisation fails (or any non-finite input in its
+    batch) comes back as None, for the caller to retry alone with :func:`spd_inverse`.
+    """
+    stacked = torch.cat(matrices)
+    lower, info = torch.linalg.cholesky_ex(stacked)
+    inverse = torch.cholesky_inverse(lower)
+    good = (info == 0) & torch.isfinite(inverse).flatten(1).all(1)
+    out: list[torch.Tensor | None] = []
+    start = 0
+    for matrix in matrices:
+        stop = start + matrix.shape[0]
+        out.append(inverse[start:stop] if bool(good[start:stop].all()) else None)
+        start = stop
+    return out
 
 
 def spd_inverse(matrix: torch.Tensor) -> torch.Tensor:

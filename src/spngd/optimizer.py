@@ -21,6 +21,7 @@ from torch.optim import Optimizer
 
 from spngd.capture import StatisticsCapture
 from spngd.curvature import CurvatureBlock, make_block
+from spngd.curvature.kronecker import update_inverses
 from spngd.distributed.exchange import (
     DistributedConfig,
     DistributedExchange,
@@ -297,11 +298,16 @@ class SPNGD(Optimizer):
         with self.times.measure("statistics and gradient communication"):
             fresh, grads = exchange.reduce(grads)
         directions = self._weight_decayed(grads)
+        owned = {name: block for name, block in self.curvature.items() if exchange.owns(name)}
+        due = [
+            (block, self._block_damping(name))
+            for name, block in owned.items()
+            if self._refresh_block(name, block, fresh.get(name))
+        ]
+        with self.times.measure("inversion"):
+            update_inverses(due)
         plans = {}
-        for name, block in self.curvature.items():
-            if not exchange.owns(name):
-                continue
-            self._refresh_block(name, block, fresh.get(name))
+        for name, block in owned.items():
             if all(p in directions for p in block.params):
                 with self.times.measure("preconditioning"):
                     updates = block.precondition([directions[p] for p in block.params])
@@ -322,9 +328,9 @@ class SPNGD(Optimizer):
             block.wanted = plans[name]
         return loss
 
-    def _refresh_block(self, name: str, block: CurvatureBlock, fresh: Statistics) -> None:
-        """Fold fresh statistics into an owned block, adapt its refresh intervals, and
-        recompute its inverse when due."""
+    def _refresh_block(self, name: str, block: CurvatureBlock, fresh: Statistics) -> bool:
+        """Fold fresh statistics into an owned block and adapt its refresh intervals;
+        True when its inverse is due."""
         step = self._step
         for i, _ in enumerate(block.statistic_names):
             computed = fresh is not None and fresh[i] is not None
@@ -339,10 +345,8 @@ class SPNGD(Optimizer):
             or block.inverse_damping != damping
             or self.refresh.inverse_due(step, refreshed=fresh is not None)
         )
-        if block.ready and due:
-            with self.times.measure("inversion"):
-                block.update_inverse(damping)
         self.refresh.count(name, "inverses", block.ready and due)
+        return block.ready and due
 
     def _warn_if_no_statistics(self) -> None:
         wanted = any(any(block.wanted) for block in self.curvature.values())

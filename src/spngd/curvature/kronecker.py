@@ -14,7 +14,7 @@ from abc import abstractmethod
 import torch
 
 from spngd.curvature.base import CurvatureBlock
-from spngd.linalg import damped_kronecker_inverses
+from spngd.linalg import batched_spd_inverse, damped_kronecker_factors, damped_kronecker_inverses
 
 
 class KroneckerBlock(CurvatureBlock):
@@ -64,6 +64,10 @@ class KroneckerBlock(CurvatureBlock):
         A, G = self.factors  # type: ignore[misc]
         return damped_kronecker_inverses(A, G, damping)
 
+    def damped_factors(self, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
+        A, G = self.factors  # type: ignore[misc]
+        return damped_kronecker_factors(A, G, damping)
+
     def apply_inverse(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
         a_inv, g_inv = self.inverse  # type: ignore[misc]
         matrix = self.gradient_matrix(grads).to(a_inv.dtype)
@@ -90,3 +94,32 @@ def append_bias_moments(
     out[:, dim, :dim] = first_moment
     out[:, dim, dim] = count
     return out
+
+
+def update_inverses(due: list[tuple[CurvatureBlock, float]]) -> None:
+    """Refresh the inverses of several blocks at their dampings.
+
+    Kronecker factors of the same size (the repeated layers of a ResNet stage, the groups of
+    a grouped convolution) go through one batched Cholesky call; any block whose batched
+    inversion fails, and every other kind of block, takes its own path with fallbacks.
+    """
+    by_size: dict[tuple[int, torch.dtype, torch.device], list[tuple[int, int, torch.Tensor]]] = {}
+    damped: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for index, (block, damping) in enumerate(due):
+        if isinstance(block, KroneckerBlock) and block.ready:
+            damped[index] = block.damped_factors(damping)
+            for which, matrix in enumerate(damped[index]):
+                key = (matrix.shape[-1], matrix.dtype, matrix.device)
+                by_size.setdefault(key, []).append((index, which, matrix))
+    inverses: dict[int, list[torch.Tensor | None]] = {i: [None, None] for i in damped}
+    for entries in by_size.values():
+        results = batched_spd_inverse([matrix for _, _, matrix in entries])
+        for (index, which, _), inverse in zip(entries, results, strict=True):
+            inverses[index][which] = inverse
+    for index, (block, damping) in enumerate(due):
+        parts = inverses.get(index)
+        if parts is not None and all(p is not None for p in parts):
+            block.inverse = tuple(parts)  # type: ignore[arg-type]
+            block.inverse_damping = damping
+        else:
+            block.update_inverse(damping)
