@@ -269,3 +269,39 @@ def test_weight_decay_is_added_before_preconditioning_and_floors_the_damping() -
     expected = torch.linalg.solve(g_d, grad) @ torch.linalg.inv(a_d)
     torch.testing.assert_close(before[0] - model.weight, expected[:, :4])
     torch.testing.assert_close(before[1] - model.bias, expected[:, 4])
+
+
+def test_nonfinite_gradient_skips_the_step_and_too_many_stop_training() -> None:
+    from spngd import NonFiniteGradientError
+
+    torch.manual_seed(0)
+    model = Mixed()
+    opt = SPNGD(model, lr=0.05, max_bad_steps=3, stat_interval=1)
+    _train(model, opt, 2)
+    params = [p.detach().clone() for p in model.parameters()]
+    factors = [f.clone() for f in opt.curvature["conv"].factors]
+    momentum = opt.state[model.fc.weight]["momentum_buffer"].clone()
+    step = opt._step
+    for attempt in (1, 2):
+        image, token, y = _batch(seed=50 + attempt)
+        opt.zero_grad()
+        F.cross_entropy(model(image, token), y).backward()
+        model.fc.weight.grad[0, 0] = float("nan")
+        with pytest.warns(RuntimeWarning, match=f"step skipped \\({attempt} in a row"):
+            opt.step()
+    for before, after in zip(params, model.parameters(), strict=True):
+        torch.testing.assert_close(after, before, rtol=0, atol=0)
+    for before, after in zip(factors, opt.curvature["conv"].factors, strict=True):
+        torch.testing.assert_close(after, before, rtol=0, atol=0)
+    torch.testing.assert_close(opt.state[model.fc.weight]["momentum_buffer"], momentum)
+    assert opt._step == step and opt.skipped_steps == 2
+    _train(model, opt, 1, seed=60)  # a good step resets the run of bad ones
+    assert opt.bad_steps_in_a_row == 0 and opt.skipped_steps == 2
+    image, token, y = _batch(seed=70)
+    with pytest.raises(NonFiniteGradientError, match="3 steps in a row had NaN or inf"):
+        for _ in range(3):
+            opt.zero_grad()
+            F.cross_entropy(model(image * float("inf"), token), y).backward()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                opt.step()

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from spngd.distributed import DistributedConfig
-from spngd.optimizer import SPNGD
+from spngd.optimizer import SPNGD, NonFiniteGradientError
 from spngd.refresh import AdaptiveRefresh
 
-__all__ = ["SPNGD", "AdaptiveRefresh", "DistributedConfig"]
+__all__ = ["SPNGD", "AdaptiveRefresh", "DistributedConfig", "NonFiniteGradientError"]
 __version__ = "0.1.0"

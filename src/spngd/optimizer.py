@@ -35,6 +35,10 @@ from spngd.refresh import AdaptiveRefresh, RefreshPolicy
 FISHER_TYPES = ("empirical", "mc")
 
 
+class NonFiniteGradientError(RuntimeError):
+    """Too many consecutive steps had NaN or inf gradients."""
+
+
 class SPNGD(Optimizer):
     """Scalable and Practical Natural Gradient Descent (Osawa et al., TPAMI 2020).
 
@@ -69,6 +73,9 @@ class SPNGD(Optimizer):
         inverse_interval: with a fixed ``stat_interval``, recompute inverses every this
             many steps (default: whenever statistics were computed).
         refresh: knobs of the adaptive rule (threshold, growth, cap, warm-up).
+        max_bad_steps: a step whose gradients contain NaN or inf is skipped (parameters,
+            momentum and curvature untouched) with a warning; after this many such steps
+            in a row ``step()`` raises :class:`NonFiniteGradientError`.
         distributed: communication settings when ``torch.distributed`` is initialised
             with more than one rank (default ``DistributedConfig()``). Each layer's
             statistics are reduced to one owner rank, which inverts and preconditions it;
@@ -103,6 +110,7 @@ class SPNGD(Optimizer):
         inverse_interval: int | None = None,
         refresh: AdaptiveRefresh | None = None,
         accumulation_steps: int = 1,
+        max_bad_steps: int = 10,
         distributed: DistributedConfig | None = None,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]] | None = None,
     ) -> None:
@@ -116,6 +124,8 @@ class SPNGD(Optimizer):
             raise ValueError(f"bn_damping_scale must be > 0, got {bn_damping_scale}")
         if not (isinstance(accumulation_steps, int) and accumulation_steps >= 1):
             raise ValueError(f"accumulation_steps must be an int >= 1, got {accumulation_steps}")
+        if not (isinstance(max_bad_steps, int) and max_bad_steps >= 1):
+            raise ValueError(f"max_bad_steps must be an int >= 1, got {max_bad_steps}")
         wrapped = isinstance(model, nn.parallel.DistributedDataParallel)
         if wrapped:
             model = model.module
@@ -139,6 +149,9 @@ class SPNGD(Optimizer):
             raise TypeError(f"refresh must be an AdaptiveRefresh, got {type(refresh).__name__}")
         self.refresh = RefreshPolicy(stat_interval, inverse_interval, refresh or AdaptiveRefresh())
         self.accumulation_steps = accumulation_steps
+        self.max_bad_steps = max_bad_steps
+        self.skipped_steps = 0
+        self.bad_steps_in_a_row = 0
         self._step = 0
         self.times = StageTimes()
         self._exchange = self._make_exchange(
@@ -153,6 +166,13 @@ class SPNGD(Optimizer):
         )
         self._warned_no_statistics = False
         self._plan_all()
+        # MC labels come from the optimizer's own generator, so that a checkpoint holds the
+        # state needed to draw the same labels again; seeded from torch's global RNG.
+        self._mc_generator: torch.Generator | None = None
+        if fisher == "mc":
+            device = next(iter(self.param_groups[0]["params"])).device
+            self._mc_generator = torch.Generator(device=device)
+            self._mc_generator.manual_seed(int(torch.randint(2**62, (1,)).item()))
 
     # -- construction ---------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -245,7 +265,8 @@ class SPNGD(Optimizer):
         """MC Fisher: record statistics from labels sampled from ``softmax(logits)``.
 
         Call after the forward pass and before ``loss.backward()``. Draws one label per
-        row of ``logits`` (shape ``(n, classes)``) with torch's global RNG, backpropagates
+        row of ``logits`` (shape ``(n, classes)``) with the optimizer's own generator
+        (seeded from torch's global RNG at construction, saved in ``state_dict``), backpropagates
         the mean cross-entropy against them (keeping the graph for the real backward)
         to record the curvature statistics, and returns the sampled labels. Parameter
         ``.grad`` is not touched.
@@ -264,7 +285,7 @@ class SPNGD(Optimizer):
             )
         with torch.no_grad():
             probs = torch.softmax(logits.detach().float(), dim=1)
-            labels = torch.multinomial(probs, 1).squeeze(1)
+            labels = torch.multinomial(probs, 1, generator=self._mc_generator).squeeze(1)
         sampled_loss = F.cross_entropy(logits, labels)
         params = [p for block in self.curvature.values() for p in block.params]
         with self._capture.sampling_pass():
@@ -289,6 +310,8 @@ class SPNGD(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         exchange = self._exchange
+        if self._skip_if_not_finite():
+            return loss
         self._warn_if_no_statistics()
         grads = {
             p: p.grad for group in self.param_groups for p in group["params"] if p.grad is not None
@@ -327,6 +350,34 @@ class SPNGD(Optimizer):
         for name, block in self.curvature.items():
             block.wanted = plans[name]
         return loss
+
+    def _skip_if_not_finite(self) -> bool:
+        """Skip the step when any gradient (on any rank) is NaN or inf; True if skipped."""
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        bad = torch.tensor(float(any(not bool(torch.isfinite(g).all()) for g in grads)))
+        bad = self._exchange.any_rank(bad)
+        if not bad:
+            self.bad_steps_in_a_row = 0
+            return False
+        self.skipped_steps += 1
+        self.bad_steps_in_a_row += 1
+        for block in self.curvature.values():
+            block.clear_pending()
+        self._exchange.reset()
+        self._capture.recorded_since_step = 0
+        if self.bad_steps_in_a_row >= self.max_bad_steps:
+            raise NonFiniteGradientError(
+                f"SPNGD: {self.bad_steps_in_a_row} steps in a row had NaN or inf gradients "
+                f"(max_bad_steps={self.max_bad_steps}); stopping. Lower the learning rate or "
+                "raise the damping, and resume from the last good checkpoint."
+            )
+        warnings.warn(
+            f"SPNGD: NaN or inf gradient; step skipped ({self.bad_steps_in_a_row} in a row, "
+            f"{self.skipped_steps} in all)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return True
 
     def _refresh_block(self, name: str, block: CurvatureBlock, fresh: Statistics) -> bool:
         """Fold fresh statistics into an owned block and adapt its refresh intervals;
@@ -442,6 +493,10 @@ class SPNGD(Optimizer):
         state["curvature"] = curvature
         state["refresh"] = refresh
         state["step"] = self._step
+        state["skipped_steps"] = self.skipped_steps
+        state["bad_steps_in_a_row"] = self.bad_steps_in_a_row
+        if self._mc_generator is not None:
+            state["mc_generator"] = self._mc_generator.get_state()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -449,6 +504,11 @@ class SPNGD(Optimizer):
         curvature = state_dict.pop("curvature", {})
         refresh = state_dict.pop("refresh", None)
         step = state_dict.pop("step", 0)
+        self.skipped_steps = state_dict.pop("skipped_steps", 0)
+        self.bad_steps_in_a_row = state_dict.pop("bad_steps_in_a_row", 0)
+        mc_state = state_dict.pop("mc_generator", None)
+        if mc_state is not None and self._mc_generator is not None:
+            self._mc_generator.set_state(mc_state)
         unknown = set(curvature) - set(self.curvature)
         if unknown:
             raise ValueError(

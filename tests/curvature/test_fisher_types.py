@@ -180,7 +180,8 @@ def test_mc_fisher_matches_bruteforce(kind: str) -> None:
 
 
 def test_sample_fisher_draws_from_softmax() -> None:
-    """Label frequencies over copies of one example follow softmax(logits); seeding repeats."""
+    """Label frequencies over copies of one example follow softmax(logits); restoring the
+    optimizer's state repeats the draw."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, N_CLS)).double()
     with torch.no_grad():
@@ -189,11 +190,12 @@ def test_sample_fisher_draws_from_softmax() -> None:
     opt = make_opt(model, damping=LAM, fisher="mc")
     logits = model(x)
     probs = torch.softmax(logits[0].detach(), dim=0)
-    torch.manual_seed(7)
+    state = opt.state_dict()  # holds the sampling generator's state
     labels = opt.sample_fisher(logits)
-    torch.manual_seed(7)
+    opt.load_state_dict(state)
     labels2 = opt.sample_fisher(model(x))
     assert torch.equal(labels, labels2)
+    assert not torch.equal(labels2, opt.sample_fisher(model(x)))
     freq = torch.bincount(labels, minlength=N_CLS).double() / labels.numel()
     sigma = torch.sqrt(probs * (1 - probs) / labels.numel())
     assert torch.all((freq - probs).abs() <= 5 * sigma + 1e-12), (freq, probs)

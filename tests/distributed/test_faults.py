@@ -101,3 +101,33 @@ def test_resume_on_a_different_number_of_ranks(tmp_path: Path) -> None:
     final = torch.load(tmp_path / "final.pt")
     for got, want in zip(final, _reference(), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def _nan_on_one_rank(rank: int, world_size: int, out: str) -> None:
+    model = _model()
+    opt = _optimizer(model)
+    for step in range(3):
+        x, y = _global_batch(step, world_size)
+        part = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+        opt.zero_grad()
+        F.cross_entropy(model(x[part]), y[part]).backward()
+        if rank == 1 and step == 1:
+            next(model.parameters()).grad.view(-1)[0] = float("nan")
+        opt.step()
+    torch.save(
+        {
+            "params": [p.detach() for p in model.parameters()],
+            "skipped": opt.skipped_steps,
+            "step": opt._step,
+        },
+        Path(out) / f"rank{rank}.pt",
+    )
+
+
+def test_a_nonfinite_gradient_on_one_rank_skips_the_step_everywhere(tmp_path: Path) -> None:
+    run_workers(_nan_on_one_rank, 2, str(tmp_path))
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert [r["skipped"] for r in results] == [1, 1]
+    assert [r["step"] for r in results] == [2, 2]
+    for a, b in zip(results[0]["params"], results[1]["params"], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

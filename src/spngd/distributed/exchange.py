@@ -114,6 +114,10 @@ class LocalExchange:
     def collect(self, local: dict[str, Any]) -> list[dict[str, Any]]:
         return [local]
 
+    def any_rank(self, flag: torch.Tensor) -> bool:
+        """Whether ``flag`` (0 or 1) is set on any rank."""
+        return bool(flag.item())
+
 
 @dataclass
 class _Bucket:
@@ -374,6 +378,15 @@ class DistributedExchange:
                     if header[0].item():
                         gathered[p] = direction.to(p.dtype)
         return gathered, all_plans
+
+    def any_rank(self, flag: torch.Tensor) -> bool:
+        """Whether ``flag`` (0 or 1) is set on any rank (one tiny all-reduce)."""
+        flag = flag.to(self.device)
+        wait_all(
+            [dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True)],
+            "agreeing on skipping a non-finite step",
+        )
+        return bool(flag.item())
 
     def collect(self, local: dict[str, Any]) -> list[dict[str, Any]]:
         """Every rank's ``local`` object (for checkpoints and counters)."""
