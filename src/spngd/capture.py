@@ -33,8 +33,9 @@ class StatisticsCapture:
     :meth:`sampling_pass`, i.e. from the backward of the sampled-label loss; the
     ordinary backward then produces the gradient alone. Output gradients are multiplied
     by ``grad_scale`` before the statistics are taken (it undoes a known scaling of the
-    loss, e.g. ``1 / accumulation_steps``). ``on_recorded(name)`` is called after each
-    recorded pair, so that communication can start during backward.
+    loss, e.g. ``1 / accumulation_steps``, and the loss scale of ``grad_scaler``).
+    ``on_recorded(name)`` is called after each recorded pair, so that communication can
+    start during backward.
     """
 
     def __init__(
@@ -42,11 +43,13 @@ class StatisticsCapture:
         blocks: Iterable[CurvatureBlock],
         sampled_only: bool,
         grad_scale: float,
+        grad_scaler: torch.amp.GradScaler | None,
         times: StageTimes,
         on_recorded: Callable[[str], None],
     ) -> None:
         self.sampled_only = sampled_only
         self.grad_scale = grad_scale
+        self.grad_scaler = grad_scaler
         self.times = times
         self.on_recorded = on_recorded
         self.recorded_since_step = 0
@@ -72,8 +75,11 @@ class StatisticsCapture:
                     return
                 recorded = True
                 grad = grad.detach()
-                if self.grad_scale != 1:
-                    grad = grad * self.grad_scale
+                scale = self.grad_scale
+                if self.grad_scaler is not None and self.grad_scaler.is_enabled():
+                    scale = scale / self.grad_scaler.get_scale()
+                if scale != 1:
+                    grad = grad * scale
                 with self.times.measure("statistics"):
                     block.accumulate(saved_input, grad)
                 self.recorded_since_step += 1

@@ -73,6 +73,9 @@ class SPNGD(Optimizer):
         inverse_interval: with a fixed ``stat_interval``, recompute inverses every this
             many steps (default: whenever statistics were computed).
         refresh: knobs of the adaptive rule (threshold, growth, cap, warm-up).
+        grad_scaler: the ``torch.amp.GradScaler`` that scales the loss (mixed precision):
+            output gradients are divided by its current scale before statistics are
+            taken. Call ``scaler.step(opt)`` as usual; it unscales the gradients first.
         max_bad_steps: a step whose gradients contain NaN or inf is skipped (parameters,
             momentum and curvature untouched) with a warning; after this many such steps
             in a row ``step()`` raises :class:`NonFiniteGradientError`.
@@ -110,6 +113,7 @@ class SPNGD(Optimizer):
         inverse_interval: int | None = None,
         refresh: AdaptiveRefresh | None = None,
         accumulation_steps: int = 1,
+        grad_scaler: torch.amp.GradScaler | None = None,
         max_bad_steps: int = 10,
         distributed: DistributedConfig | None = None,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]] | None = None,
@@ -161,6 +165,7 @@ class SPNGD(Optimizer):
             self.curvature.values(),
             sampled_only=fisher == "mc",
             grad_scale=accumulation_steps,
+            grad_scaler=grad_scaler,
             times=self.times,
             on_recorded=self._exchange.notify_statistics,
         )
