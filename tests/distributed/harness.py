@@ -33,10 +33,10 @@ def _entry(
     dist.init_process_group(
         "gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s)
     )
-    try:
-        fn(rank, world_size, *args)
-    finally:
-        dist.destroy_process_group()
+    fn(rank, world_size, *args)
+    # every rank is done with its collectives before any tears the group down
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def run_workers(
