@@ -1,0 +1,150 @@
+"""``spngd``: the command line (``spngd train``, ``spngd compare``).
+
+Every option is a :class:`TrainConfig` field (``--batch-size`` for ``batch_size``); options
+left out take the defaults described in :mod:`spngd.train.config`. A user error prints one
+line ``spngd: error: ...`` to stderr and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import types
+import typing
+from collections.abc import Sequence
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, NoReturn
+
+from spngd.train.config import (
+    DEFAULTS,
+    OPTIMIZER_DEFAULTS,
+    OPTIMIZERS,
+    TrainConfig,
+    flag,
+    resolve_config,
+)
+from spngd.train.errors import UserError
+from spngd.train.runfolder import RunFolder
+from spngd.train.trainer import compare, train
+
+USER_ERROR = 2
+PER_OPTIMIZER = tuple(OPTIMIZER_DEFAULTS["spngd"])
+"""Options ``compare`` takes per run, as ``--sgd-lr``, ``--spngd-lr`` and so on."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, like every other user error."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(f"{self.prog}: {message}")
+
+
+def _base_type(annotation: Any) -> type:
+    """``int`` for ``int | None`` and so on."""
+    if isinstance(annotation, types.UnionType):
+        return next(arg for arg in typing.get_args(annotation) if arg is not type(None))
+    return annotation
+
+
+def _default_text(name: str) -> str:
+    """`` (default: ...)`` for options whose default is fixed or set per optimizer."""
+    if DEFAULTS.get(name) is not None:
+        return f" (default: {DEFAULTS[name]})"
+    if name in OPTIMIZER_DEFAULTS["spngd"]:
+        values = ", ".join(f"{opt} {OPTIMIZER_DEFAULTS[opt][name]:g}" for opt in OPTIMIZERS)
+        return f" (default: {values})"
+    return ""
+
+
+def _add_config_options(parser: argparse.ArgumentParser, skip: Sequence[str] = ()) -> None:
+    hints = typing.get_type_hints(TrainConfig)
+    for field in fields(TrainConfig):
+        if field.name in skip:
+            continue
+        kind = _base_type(hints[field.name])
+        help_text = field.metadata["help"] + _default_text(field.name)
+        options: dict[str, Any] = {"help": help_text, "default": argparse.SUPPRESS}
+        if kind is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        else:
+            options["type"] = kind
+            options["metavar"] = {int: "N", float: "X"}.get(kind, "NAME")
+        parser.add_argument(flag(field.name), **options)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="spngd", description="Train image classifiers with SP-NGD or SGD.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    train = commands.add_parser(
+        "train",
+        help="train one model (default: resnet20 with SP-NGD on the embedded digits)",
+        description="Train one model and write a run folder (config, metrics, checkpoint, plot).",
+    )
+    _add_config_options(train)
+    compare = commands.add_parser(
+        "compare",
+        help="train with SGD and with SP-NGD on the same setup and plot both",
+        description="Train with SGD and with SP-NGD into OUT/sgd and OUT/spngd; draw both "
+        "runs into OUT/compare.png.",
+    )
+    _add_config_options(compare, skip=("optimizer", *PER_OPTIMIZER))
+    for optimizer in OPTIMIZERS:
+        for name in PER_OPTIMIZER:
+            compare.add_argument(
+                f"--{optimizer}-{name.replace('_', '-')}",
+                dest=f"{optimizer}.{name}",
+                type=float,
+                default=argparse.SUPPRESS,
+                metavar="X",
+                help=f"{name.replace('_', ' ')} of the {optimizer} run "
+                f"(default: {OPTIMIZER_DEFAULTS[optimizer][name]:g})",
+            )
+    return parser
+
+
+def _run_train(options: dict[str, Any]) -> None:
+    config = resolve_config(options)
+    with RunFolder(config.out) as run:
+        result = train(config, run)
+    print(
+        f"{result.steps} steps in {result.train_time:.1f} s, validation accuracy "
+        f"{100 * result.val_accuracy:.2f}%; run folder {config.out}"
+    )
+
+
+def _run_compare(options: dict[str, Any]) -> None:
+    own = {key: options.pop(key) for key in list(options) if "." in key}
+    out = Path(resolve_config(options).out)
+    configs = {}
+    for optimizer in OPTIMIZERS:
+        mine = {key.split(".")[1]: v for key, v in own.items() if key.startswith(f"{optimizer}.")}
+        configs[optimizer] = resolve_config(
+            {**options, **mine, "optimizer": optimizer, "out": str(out / optimizer)}
+        )
+    results = compare(configs, out)
+    for name, result in results.items():
+        print(
+            f"{name}: {result.steps} steps in {result.train_time:.1f} s, "
+            f"validation accuracy {100 * result.val_accuracy:.2f}%"
+        )
+    print(f"plot: {out / 'compare.png'}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``spngd`` console script; returns the exit status."""
+    try:
+        options = vars(build_parser().parse_args(argv))
+        command = options.pop("command")
+        (_run_train if command == "train" else _run_compare)(options)
+    except UserError as error:
+        print(f"spngd: error: {error}", file=sys.stderr)
+        return USER_ERROR
+    except KeyboardInterrupt:
+        print("spngd: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""The training configuration: one validated record, resolved from defaults, data, optimizer,
+recipe and the user's options.
+
+Precedence, lowest first: :data:`DEFAULTS`, :data:`DATA_DEFAULTS` for the data's kind,
+:data:`OPTIMIZER_DEFAULTS` for the chosen optimizer, the ``--recipe`` preset, then every
+option the user gave. A recipe's optimizer-specific values (learning rate, momentum,
+warm-up, weight decay) are SP-NGD's, so an SGD run does not take them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime
+from typing import Any
+
+import torch
+
+from spngd.optimizer import FISHER_TYPES
+from spngd.train.data import data_kind
+from spngd.train.errors import UserError
+from spngd.train.models import MODEL_NAMES
+from spngd.train.recipes import RECIPES
+
+OPTIMIZERS = ("spngd", "sgd")
+CROPS = ("none", "pad", "resized")
+
+
+def _help(text: str) -> Any:
+    return field(metadata={"help": text})
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Everything one training run uses; ``config.json`` in the run folder is this record."""
+
+    data: str = _help("'digits' (embedded), 'synthetic', a CIFAR-10 or an ImageFolder folder")
+    model: str = _help(f"one of {', '.join(MODEL_NAMES)}")
+    zero_init_residual: bool = _help("start each residual block's last BatchNorm gamma at 0")
+    optimizer: str = _help("spngd or sgd")
+    recipe: str | None = _help(f"the paper's ImageNet preset: {', '.join(RECIPES)}")
+    epochs: float = _help("training length in epochs (may be fractional)")
+    batch_size: int = _help("examples per optimizer step (all micro-batches together)")
+    accumulate: int = _help("micro-batches per step (gradient and statistics accumulation)")
+    lr: float = _help("peak learning rate")
+    warmup_epochs: float = _help("linear learning-rate warm-up length (0: none)")
+    lr_decay_start: float = _help("epoch where the polynomial decay starts")
+    lr_decay_end: float = _help("epoch where the learning rate reaches 0 (default: --epochs)")
+    lr_decay_power: float = _help("power of the polynomial decay")
+    momentum: float = _help("momentum (PyTorch form)")
+    damping: float = _help("SP-NGD damping (the final value with --damping-start)")
+    damping_start: float | None = _help("initial damping, moving log-linearly to --damping")
+    damping_decay_epochs: float = _help("epochs over which damping moves from its start")
+    weight_decay: float = _help("L2 weight decay added to the gradient")
+    stat_decay: float = _help("SP-NGD running-average weight of old statistics")
+    stat_interval: int | None = _help("SP-NGD statistics every k steps (default: adaptive)")
+    fisher: str = _help(f"SP-NGD Fisher: {', '.join(FISHER_TYPES)}")
+    rescale_weights: bool = _help("shrink conv/Linear weights to norm sqrt(2 d_out) each step")
+    mixup_alpha: float = _help("running mixup Beta(alpha, alpha) (0: off)")
+    mixup_off_epoch: float | None = _help("epoch from which mixup is off (default: never)")
+    label_smoothing: float = _help("label smoothing mass")
+    crop: str = _help(f"training crop: {', '.join(CROPS)} (default: by data)")
+    flip: bool = _help("random horizontal flips (default: by data)")
+    image_size: int = _help("side of the square training image (default: by data)")
+    workers: int = _help("DataLoader worker processes (default: by data)")
+    eval_every_steps: int = _help("validate every k steps (0: after each pass over the data)")
+    seed: int = _help("random seed (model, shuffling, augmentation)")
+    threads: int | None = _help("torch CPU threads (default: torch's choice)")
+    device: str = _help("cpu, cuda, cuda:N (default: cuda when available)")
+    out: str = _help("run folder (default: runs/<timestamp>)")
+    progress: bool = _help("show the progress bar")
+
+    def __post_init__(self) -> None:
+        checks: list[tuple[str, bool, str]] = [
+            ("model", self.model in MODEL_NAMES, f"one of {', '.join(MODEL_NAMES)}"),
+            ("optimizer", self.optimizer in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
+            ("fisher", self.fisher in FISHER_TYPES, f"one of {', '.join(FISHER_TYPES)}"),
+            ("crop", self.crop in CROPS, f"one of {', '.join(CROPS)}"),
+            ("epochs", self.epochs > 0, "> 0"),
+            ("batch_size", self.batch_size >= 1, "a positive integer"),
+            ("accumulate", self.accumulate >= 1, "a positive integer"),
+            ("lr", self.lr >= 0, ">= 0"),
+            ("warmup_epochs", self.warmup_epochs >= 0, ">= 0"),
+            ("lr_decay_start", self.lr_decay_start >= 0, ">= 0"),
+            ("lr_decay_end", self.lr_decay_end > self.lr_decay_start, "> --lr-decay-start"),
+            ("lr_decay_power", self.lr_decay_power > 0, "> 0"),
+            ("momentum", 0 <= self.momentum < 1, "in [0, 1)"),
+            ("damping", self.damping > 0, "> 0"),
+            ("damping_start", self.damping_start is None or self.damping_start > 0, "> 0"),
+            ("damping_decay_epochs", self.damping_decay_epochs >= 0, ">= 0"),
+            ("weight_decay", self.weight_decay >= 0, ">= 0"),
+            ("stat_decay", 0 <= self.stat_decay < 1, "in [0, 1)"),
+            ("stat_interval", self.stat_interval is None or self.stat_interval >= 1, ">= 1"),
+            ("mixup_alpha", self.mixup_alpha >= 0, ">= 0"),
+            ("mixup_off_epoch", self.mixup_off_epoch is None or self.mixup_off_epoch >= 0, ">= 0"),
+            ("label_smoothing", 0 <= self.label_smoothing < 1, "in [0, 1)"),
+            ("image_size", self.image_size >= 1, "a positive integer"),
+            ("workers", self.workers >= 0, ">= 0"),
+            ("eval_every_steps", self.eval_every_steps >= 0, ">= 0"),
+            ("threads", self.threads is None or self.threads >= 1, "a positive integer"),
+        ]
+        for name, ok, rule in checks:
+            if not ok:
+                raise UserError(f"{flag(name)} must be {rule}, got {getattr(self, name)!r}")
+        recipe_settings(self.recipe)
+        _check_device(self.device)
+        if self.batch_size % self.accumulate:
+            raise UserError(
+                f"--batch-size {self.batch_size} is not divisible by --accumulate {self.accumulate}"
+            )
+        if self.damping_start is not None and self.damping_decay_epochs <= 0:
+            raise UserError("--damping-start needs --damping-decay-epochs > 0")
+        for name in ("epochs", "lr", "damping", "lr_decay_end"):
+            if not math.isfinite(getattr(self, name)):
+                raise UserError(f"{flag(name)} must be finite, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def recipe_settings(name: str | None) -> dict[str, Any]:
+    """The values a ``--recipe`` preset sets (none without one); UserError for a bad name."""
+    if name is None:
+        return {}
+    if name not in RECIPES:
+        raise UserError(f"unknown recipe {name!r}; valid: {', '.join(RECIPES)}")
+    return RECIPES[name].settings()
+
+
+def _check_device(device: str) -> None:
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise UserError(f"--device {device!r} is not a torch device (cpu, cuda, cuda:N)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available on this machine")
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a config field."""
+    return "--" + name.replace("_", "-")
+
+
+DEFAULTS: dict[str, Any] = {
+    "data": "digits",
+    "model": "resnet20",
+    "zero_init_residual": False,
+    "optimizer": "spngd",
+    "recipe": None,
+    "epochs": 4.0,
+    "batch_size": 32,
+    "accumulate": 1,
+    "lr_decay_start": 0.0,
+    "lr_decay_power": 2.0,
+    "damping": 1e-3,
+    "damping_start": None,
+    "damping_decay_epochs": 0.0,
+    "stat_decay": 0.0,
+    "stat_interval": None,
+    "fisher": "empirical",
+    "rescale_weights": True,
+    "mixup_alpha": 0.0,
+    "mixup_off_epoch": None,
+    "label_smoothing": 0.0,
+    "eval_every_steps": 0,
+    "seed": 0,
+    "threads": None,
+    "progress": True,
+}
+"""Values that do not depend on the data or the optimizer."""
+
+OPTIMIZER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "spngd": {
+        "lr": 0.02,
+        "momentum": 0.9,
+        "warmup_epochs": 0.0,
+        "weight_decay": 0.0,
+    },
+    "sgd": {
+        "lr": 0.05,
+        "momentum": 0.9,
+        "warmup_epochs": 1.0,
+        "weight_decay": 5e-4,
+    },
+}
+"""Tuned on the embedded digits at the default batch (see README)."""
+
+DATA_DEFAULTS: dict[str, dict[str, Any]] = {
+    "digits": {"crop": "none", "flip": False, "image_size": 8, "workers": 0},
+    "synthetic": {"crop": "pad", "flip": True, "image_size": 32, "workers": 0},
+    "cifar10": {"crop": "pad", "flip": True, "image_size": 32, "workers": 2},
+    "imagefolder": {"crop": "resized", "flip": True, "image_size": 224, "workers": 8},
+}
+"""Digits are not mirror-symmetric: no flips. Image folders decode JPEGs: more workers."""
+
+
+def resolve_config(options: Mapping[str, Any]) -> TrainConfig:
+    """The config for the options the user gave (absent keys take defaults, see module doc)."""
+    unknown = set(options) - {f.name for f in fields(TrainConfig)}
+    if unknown:
+        raise UserError(f"unknown option(s): {', '.join(sorted(unknown))}")
+    values = dict(DEFAULTS)
+    values["data"] = options.get("data", DEFAULTS["data"])
+    values.update(DATA_DEFAULTS[data_kind(values["data"])])
+    values["workers"] = min(values["workers"], os.cpu_count() or 1)
+    preset = recipe_settings(options.get("recipe"))
+    optimizer = options.get("optimizer", preset.get("optimizer", DEFAULTS["optimizer"]))
+    if optimizer not in OPTIMIZER_DEFAULTS:
+        raise UserError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
+    values.update(OPTIMIZER_DEFAULTS[optimizer])
+    if optimizer != preset.get("optimizer", optimizer):
+        preset = {k: v for k, v in preset.items() if k not in OPTIMIZER_DEFAULTS[optimizer]}
+    values.update(preset)
+    values.update(options)
+    values["optimizer"] = optimizer
+    values.setdefault("lr_decay_end", values["epochs"])
+    if values.get("device") is None:
+        values["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    if values.get("out") is None:
+        values["out"] = os.path.join("runs", datetime.now().strftime("%Y%m%d-%H%M%S"))
+    return TrainConfig(**values)

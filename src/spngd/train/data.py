@@ -1,0 +1,283 @@
+"""Data sets and loaders: the embedded digits, synthetic images, CIFAR-10 batches, image folders.
+
+``--data`` is ``digits`` (the 8x8 handwritten digits shipped in the package, no network),
+``synthetic`` (random images, for timing), a CIFAR-10 python batches directory (found by its
+``data_batch_1..5`` and ``test_batch`` files), or an ImageFolder tree ``train/CLASS/*.jpg|png``
+plus ``val/CLASS/...``, decoded with Pillow inside the DataLoader workers.
+
+Every data set yields normalized float ``(C, H, W)`` images and integer labels; the
+per-image augmentation runs after normalization, so zero padding fills with the mean.
+A file that Pillow cannot decode stops training with a :class:`UserError` naming it.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+
+from spngd.train.augment import (
+    Transform,
+    pad_crop,
+    random_flip,
+    random_resized_crop,
+    resize,
+    resize_center_crop,
+)
+from spngd.train.errors import UserError
+
+if TYPE_CHECKING:
+    from spngd.train.config import TrainConfig
+
+DATA_KINDS = ("digits", "synthetic", "cifar10", "imagefolder")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+CIFAR_FILES = (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch")
+DIGITS_VAL_SIZE = 300
+"""The digits split: 1,497 training and 300 validation images, fixed for every run."""
+SYNTHETIC_SIZES = (1024, 256)
+"""Training and validation examples of ``--data synthetic`` (3 x 32 x 32, 10 classes)."""
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def data_kind(spec: str) -> str:
+    """Which of :data:`DATA_KINDS` ``--data`` names; raises UserError for an unusable folder."""
+    if spec in ("digits", "synthetic"):
+        return spec
+    path = Path(spec)
+    if not path.exists():
+        raise UserError(f"data folder {spec} does not exist")
+    if not path.is_dir():
+        raise UserError(f"--data {spec} is not a folder (nor 'digits' or 'synthetic')")
+    present = [name for name in CIFAR_FILES if (path / name).is_file()]
+    if present:
+        missing = [name for name in CIFAR_FILES if name not in present]
+        if missing:
+            raise UserError(f"CIFAR-10 folder {spec} lacks {', '.join(missing)}")
+        return "cifar10"
+    if not (path / "train").is_dir():
+        raise UserError(
+            f"data folder {spec} has no train/ folder (expected train/CLASS/*.jpg|png and "
+            "val/CLASS/..., or CIFAR-10's data_batch_1..5 and test_batch)"
+        )
+    return "imagefolder"
+
+
+@dataclass(frozen=True)
+class DataBundle:
+    """Training and validation sets with what the model needs to know about them."""
+
+    train: Dataset
+    val: Dataset
+    num_classes: int
+    in_channels: int
+
+
+class TensorImages(Dataset):
+    """Images held in memory as uint8 ``(N, C, H, W)``, normalized per channel on access."""
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        scale: float,
+        mean: torch.Tensor,
+        std: torch.Tensor,
+        transform: Transform,
+    ) -> None:
+        self.images, self.labels = images, labels
+        self.scale, self.mean, self.std = scale, mean.view(-1, 1, 1), std.view(-1, 1, 1)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = (self.images[index].float() * self.scale - self.mean) / self.std
+        return self.transform(image), int(self.labels[index])
+
+
+class ImageFiles(Dataset):
+    """``(path, label)`` pairs decoded with Pillow to RGB when an item is read."""
+
+    def __init__(self, samples: Sequence[tuple[Path, int]], transform: Transform) -> None:
+        self.samples = samples
+        self.mean = torch.tensor(IMAGENET_MEAN).view(-1, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD).view(-1, 1, 1)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[index]
+        try:
+            with Image.open(path) as image:
+                pixels = np.array(image.convert("RGB"))
+        except (OSError, UnidentifiedImageError, ValueError) as error:
+            reason = str(error).replace(str(path), "").strip(" :'\"") or type(error).__name__
+            raise UserError(
+                f"cannot decode image {path} ({reason}); remove or replace it"
+            ) from None
+        image = torch.from_numpy(pixels).permute(2, 0, 1).float() / 255.0
+        return self.transform((image - self.mean) / self.std), label
+
+
+def _compose(*steps: Transform) -> Transform:
+    def apply(image: torch.Tensor) -> torch.Tensor:
+        for step in steps:
+            image = step(image)
+        return image
+
+    return apply
+
+
+def make_transforms(config: TrainConfig, kind: str) -> tuple[Transform, Transform]:
+    """Per-image training and evaluation transforms for ``config.crop``, ``flip`` and size.
+
+    Image folders hold images of any size: their evaluation view (short side to size/0.875,
+    centre crop) also serves as the base of ``crop=none`` and ``crop=pad``.
+    """
+    size = config.image_size
+    if kind == "imagefolder":
+        base: Transform = partial(resize_center_crop, size=size)
+    else:
+        base = partial(_resize_square, size=size)
+    crops: dict[str, Transform] = {
+        "none": base,
+        "pad": _compose(base, partial(pad_crop, padding=max(1, size // 8))),
+        "resized": partial(random_resized_crop, size=size),
+    }
+    train = _compose(crops[config.crop], random_flip) if config.flip else crops[config.crop]
+    return train, base
+
+
+def _resize_square(image: torch.Tensor, size: int) -> torch.Tensor:
+    return resize(image, size, size)
+
+
+def load_data(config: TrainConfig) -> DataBundle:
+    """Build the training and validation sets ``config.data`` names."""
+    kind = data_kind(config.data)
+    train_tf, eval_tf = make_transforms(config, kind)
+    if kind == "imagefolder":
+        return _image_folder(Path(config.data), train_tf, eval_tf)
+    loaders = {"digits": _digits, "synthetic": _synthetic, "cifar10": _cifar10}
+    (train_x, train_y), (val_x, val_y), scale = loaders[kind](config.data)
+    pixels = train_x.float().mul_(scale).transpose(0, 1).flatten(1)
+    mean, std = pixels.mean(dim=1), pixels.std(dim=1).clamp(min=1e-6)
+    num_classes = int(torch.cat([train_y, val_y]).max()) + 1
+    return DataBundle(
+        train=TensorImages(train_x, train_y, scale, mean, std, train_tf),
+        val=TensorImages(val_x, val_y, scale, mean, std, eval_tf),
+        num_classes=num_classes,
+        in_channels=train_x.shape[1],
+    )
+
+
+Split = tuple[torch.Tensor, torch.Tensor]
+
+
+def _digits(_: str) -> tuple[Split, Split, float]:
+    """The package's 1,797 digits (pixel values 0..16), split 1,497 / 300 by a fixed permutation."""
+    with resources.as_file(resources.files("spngd.train") / "data" / "digits.npz") as path:
+        archive = np.load(path)
+        images = torch.from_numpy(archive["images"]).unsqueeze(1)
+        labels = torch.from_numpy(archive["labels"]).long()
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    train, val = order[DIGITS_VAL_SIZE:], order[:DIGITS_VAL_SIZE]
+    return (images[train], labels[train]), (images[val], labels[val]), 1.0 / 16.0
+
+
+def _synthetic(_: str) -> tuple[Split, Split, float]:
+    """Random uint8 images with random labels (nothing to learn: for timing only)."""
+    generator = torch.Generator().manual_seed(0)
+    splits = []
+    for count in SYNTHETIC_SIZES:
+        images = torch.randint(0, 256, (count, 3, 32, 32), dtype=torch.uint8, generator=generator)
+        splits.append((images, torch.randint(0, 10, (count,), generator=generator)))
+    return splits[0], splits[1], 1.0 / 255.0
+
+
+def _cifar10(folder: str) -> tuple[Split, Split, float]:
+    """CIFAR-10's python pickles: five training batches and ``test_batch`` as validation."""
+
+    def read(name: str) -> Split:
+        path = Path(folder) / name
+        try:
+            with open(path, "rb") as file:
+                batch = pickle.load(file, encoding="bytes")
+            data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+            labels = np.asarray(batch[b"labels"], dtype=np.int64)
+        except (OSError, pickle.UnpicklingError, EOFError, KeyError, ValueError) as error:
+            raise UserError(f"cannot read CIFAR-10 batch {path} ({error})") from None
+        return torch.from_numpy(data), torch.from_numpy(labels)
+
+    parts = [read(name) for name in CIFAR_FILES[:-1]]
+    train = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+    return train, read(CIFAR_FILES[-1]), 1.0 / 255.0
+
+
+def _image_folder(root: Path, train_tf: Transform, eval_tf: Transform) -> DataBundle:
+    """``train/CLASS/*`` and ``val/CLASS/*``; classes are the sorted training subfolders."""
+    classes = sorted(entry.name for entry in os.scandir(root / "train") if entry.is_dir())
+    if not classes:
+        raise UserError(f"{root / 'train'} has no class folders (expected train/CLASS/*.jpg|png)")
+    if not (root / "val").is_dir():
+        raise UserError(f"data folder {root} has no val/ folder (expected val/CLASS/*.jpg|png)")
+    index = {name: i for i, name in enumerate(classes)}
+    splits = []
+    for split in ("train", "val"):
+        folders = sorted(entry.name for entry in os.scandir(root / split) if entry.is_dir())
+        unknown = [name for name in folders if name not in index]
+        if unknown:
+            raise UserError(f"{root / split} has classes not in train/: {', '.join(unknown[:5])}")
+        samples = [
+            (Path(entry.path), index[name])
+            for name in folders
+            for entry in sorted(os.scandir(root / split / name), key=lambda e: e.name)
+            if entry.is_file() and entry.name.lower().endswith(IMAGE_EXTENSIONS)
+        ]
+        if not samples:
+            raise UserError(f"{root / split} holds no .jpg/.jpeg/.png images")
+        splits.append(samples)
+    return DataBundle(
+        train=ImageFiles(splits[0], train_tf),
+        val=ImageFiles(splits[1], eval_tf),
+        num_classes=len(classes),
+        in_channels=3,
+    )
+
+
+def make_loaders(data: DataBundle, config: TrainConfig) -> tuple[DataLoader, DataLoader]:
+    """Shuffled training micro-batches (``batch_size / accumulate``, full ones only) and
+    validation batches in order.
+
+    The training order comes from a generator seeded with ``config.seed``; a distributed
+    run swaps the sampler for a per-rank one here.
+    """
+    micro_batch = config.batch_size // config.accumulate
+    if len(data.train) < config.batch_size:
+        raise UserError(
+            f"the training set has {len(data.train)} examples, fewer than one batch of "
+            f"{config.batch_size}; lower --batch-size"
+        )
+    common = {
+        "batch_size": micro_batch,
+        "num_workers": config.workers,
+        "persistent_workers": config.workers > 0,
+        "pin_memory": config.device.startswith("cuda"),
+    }
+    generator = torch.Generator().manual_seed(config.seed)
+    train = DataLoader(data.train, shuffle=True, drop_last=True, generator=generator, **common)
+    return train, DataLoader(data.val, shuffle=False, **common)

@@ -1,0 +1,297 @@
+"""The training loop: one step function shared by ``spngd train``, ``spngd compare``, the
+benchmark and the tests, and the run around it (schedule, evaluation, logging, checkpoints).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.optim import Optimizer
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from spngd.optimizer import SPNGD
+from spngd.train.augment import RunningMixup, soft_targets
+from spngd.train.config import TrainConfig
+from spngd.train.data import load_data, make_loaders
+from spngd.train.models import build_model
+from spngd.train.plots import plot_runs
+from spngd.train.runfolder import RunFolder
+from spngd.train.schedules import Schedule
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+"""Images and soft targets (one probability row per image)."""
+
+RESCALED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@torch.no_grad()
+def rescale_weights(model: nn.Module) -> None:
+    """Shrink every conv and Linear weight to Frobenius norm at most ``sqrt(2 d_out)``.
+
+    ``W <- W min(1, sqrt(2 d_out) / (||W||_F + 1e-9))`` (spec section 9): the expected norm
+    of a He-initialised weight. Biases and BatchNorm parameters are left alone.
+    """
+    for module in model.modules():
+        if isinstance(module, RESCALED):
+            weight = module.weight
+            bound = math.sqrt(2.0 * weight.shape[0])
+            weight.mul_((bound / (weight.norm() + 1e-9)).clamp(max=1.0))
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """Mean training loss of one step, and its correctly classified examples."""
+
+    loss: float
+    correct: int
+    examples: int
+
+
+def train_step(
+    model: nn.Module, optimizer: Optimizer, micro_batches: Sequence[Batch], rescale: bool
+) -> StepResult:
+    """One optimizer step on ``K = len(micro_batches)`` micro-batches.
+
+    Each micro-batch's mean loss is divided by K before its backward, so gradients (and
+    SPNGD's statistics, with ``accumulation_steps=K``) accumulate to those of the whole
+    batch. Accuracy counts the argmax of the target, the current label under mixup.
+    """
+    optimizer.zero_grad()
+    sample_fisher = isinstance(optimizer, SPNGD) and optimizer.fisher == "mc"
+    loss_sum, correct, examples = 0.0, 0, 0
+    for images, targets in micro_batches:
+        logits = model(images)
+        if sample_fisher:
+            optimizer.sample_fisher(logits)
+        loss = F.cross_entropy(logits, targets)
+        (loss / len(micro_batches)).backward()
+        loss_sum += loss.item()
+        correct += int((logits.argmax(1) == targets.argmax(1)).sum())
+        examples += len(images)
+    optimizer.step()
+    if rescale:
+        rescale_weights(model)
+    return StepResult(loss_sum / len(micro_batches), correct, examples)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy on ``loader``, in eval mode (running BN statistics)."""
+    model.eval()
+    loss, correct, count = 0.0, 0, 0
+    for images, labels in loader:
+        images, labels = images.to(device), labels.to(device)
+        logits = model(images)
+        loss += F.cross_entropy(logits, labels, reduction="sum").item()
+        correct += int((logits.argmax(1) == labels).sum())
+        count += len(labels)
+    model.train()
+    return loss / count, correct / count
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> Optimizer:
+    """SPNGD (accumulating statistics over ``config.accumulate`` micro-batches) or SGD."""
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            model.parameters(),
+            lr=config.lr,
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
+        )
+    return SPNGD(
+        model,
+        lr=config.lr,
+        momentum=config.momentum,
+        damping=config.damping,
+        weight_decay=config.weight_decay,
+        stat_decay=config.stat_decay,
+        fisher=config.fisher,
+        stat_interval=config.stat_interval,
+        accumulation_steps=config.accumulate,
+    )
+
+
+def _groups(loader: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """Consecutive groups of ``size`` items; a shorter last group is dropped."""
+    group: list[Any] = []
+    for item in loader:
+        group.append(item)
+        if len(group) == size:
+            yield group
+            group = []
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What a run produced: its metric records and final figures."""
+
+    records: list[dict[str, Any]]
+    steps: int
+    val_accuracy: float
+    train_time: float
+
+
+class Trainer:
+    """One training run: model, optimizer, data, schedule and the records of what happened.
+
+    Steps follow the schedule until ``round(epochs * train_size / batch_size)`` are done,
+    passing over the data as often as needed. Validation runs every ``eval_every_steps``
+    steps, at the end of each pass and at the end; each pass ends with an ``epoch`` record
+    and a checkpoint. ``time`` in the records counts training only (data loading and steps,
+    not validation, checkpoints or plots).
+    """
+
+    def __init__(self, config: TrainConfig, run: RunFolder) -> None:
+        torch.manual_seed(config.seed)
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)
+        self.config, self.run = config, run
+        self.device = torch.device(config.device)
+        self.data = load_data(config)
+        self.train_loader, self.val_loader = make_loaders(self.data, config)
+        self.model = build_model(
+            config.model, self.data.num_classes, config.zero_init_residual, self.data.in_channels
+        ).to(self.device)
+        self.optimizer = make_optimizer(self.model, config)
+        self.schedule = Schedule.from_config(config, len(self.data.train))
+        self.mixup = RunningMixup(config.mixup_alpha) if config.mixup_alpha > 0 else None
+        self.total_steps = max(1, round(config.epochs / self.schedule.epochs_per_step))
+        self.steps_per_pass = len(self.train_loader) // config.accumulate
+        self.records: list[dict[str, Any]] = []
+        self.step, self.train_time = 0, 0.0
+        self.val_loss, self.val_accuracy = math.nan, math.nan
+
+    def prepare(self, images: torch.Tensor, labels: torch.Tensor, epoch: float) -> Batch:
+        """Move a micro-batch to the device; soft targets, label smoothing, running mixup."""
+        config = self.config
+        images = images.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
+        targets = soft_targets(labels, self.data.num_classes, config.label_smoothing)
+        if self.mixup is not None and (
+            config.mixup_off_epoch is None or epoch < config.mixup_off_epoch
+        ):
+            return self.mixup(images, targets)
+        return images, targets
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        self.run.log(record)
+
+    def validate(self) -> dict[str, float]:
+        self.val_loss, self.val_accuracy = evaluate(self.model, self.val_loader, self.device)
+        return {"val_loss": self.val_loss, "val_accuracy": self.val_accuracy}
+
+    def fit(self) -> RunResult:
+        """Run all steps; write config, metrics, checkpoints and the plot."""
+        self.run.write_config(self.config.to_dict())
+        start = time.perf_counter()
+        bar = tqdm(total=self.total_steps, unit="step", disable=not self.config.progress)
+        while self.step < self.total_steps:
+            results = []
+            tick = time.perf_counter()
+            for group in _groups(self.train_loader, self.config.accumulate):
+                results.append(self.fit_step(group, tick, start))
+                bar.update()
+                bar.set_postfix(
+                    loss=f"{results[-1].loss:.3f}",
+                    acc=f"{results[-1].correct / results[-1].examples:.3f}",
+                    val_acc=f"{self.val_accuracy:.3f}",
+                    steps_per_s=f"{self.step / self.train_time:.2f}",
+                )
+                if len(results) == self.steps_per_pass or self.step == self.total_steps:
+                    break
+                tick = time.perf_counter()
+            self.end_pass(results, time.perf_counter() - start)
+        bar.close()
+        self.run.plot(self.records, _title(self.config))
+        return RunResult(self.records, self.step, self.val_accuracy, self.train_time)
+
+    def fit_step(
+        self, group: list[tuple[torch.Tensor, torch.Tensor]], tick: float, start: float
+    ) -> StepResult:
+        """One scheduled step on a group of micro-batches; logs its ``step`` record.
+
+        ``tick`` is when fetching this group began (training time counts data loading).
+        Validates after the step when it is due or ends a pass or the run.
+        """
+        values = self.schedule.apply(self.optimizer, self.step)
+        epoch = self.schedule.epoch(self.step)
+        batches = [self.prepare(images, labels, epoch) for images, labels in group]
+        result = train_step(self.model, self.optimizer, batches, self.config.rescale_weights)
+        self.step += 1
+        self.train_time += time.perf_counter() - tick
+        record = {
+            "kind": "step",
+            "step": self.step,
+            "epoch": self.schedule.epoch(self.step),
+            "time": self.train_time,
+            "wall_time": time.perf_counter() - start,
+            "loss": result.loss,
+            "accuracy": result.correct / result.examples,
+            **values,
+        }
+        every = self.config.eval_every_steps
+        pass_ends = self.step % self.steps_per_pass == 0
+        if pass_ends or self.step == self.total_steps or (every and self.step % every == 0):
+            record |= self.validate()
+        self.log(record)
+        return result
+
+    def end_pass(self, results: list[StepResult], wall_time: float) -> None:
+        """Log the pass's ``epoch`` record (with optimizer statistics) and checkpoint."""
+        record = {
+            "kind": "epoch",
+            "step": self.step,
+            "epoch": self.schedule.epoch(self.step),
+            "time": self.train_time,
+            "wall_time": wall_time,
+            "train_loss": sum(r.loss for r in results) / len(results),
+            "train_accuracy": sum(r.correct for r in results) / sum(r.examples for r in results),
+            "val_loss": self.val_loss,
+            "val_accuracy": self.val_accuracy,
+        }
+        if hasattr(self.optimizer, "stats"):
+            record["optimizer_stats"] = self.optimizer.stats()["total"]
+        self.log(record)
+        self.run.save_checkpoint(
+            {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "step": self.step,
+                "epoch": record["epoch"],
+                "config": self.config.to_dict(),
+            }
+        )
+
+
+def train(config: TrainConfig, run: RunFolder) -> RunResult:
+    """Train as ``config`` says into ``run`` (see :class:`Trainer`)."""
+    return Trainer(config, run).fit()
+
+
+def _title(config: TrainConfig) -> str:
+    return f"{config.model} on {Path(config.data).name}, batch {config.batch_size}"
+
+
+def compare(configs: dict[str, TrainConfig], out: Path) -> dict[str, RunResult]:
+    """Train each labelled config into its run folder; draw all into ``out/compare.png``."""
+    results = {}
+    for label, config in configs.items():
+        with RunFolder(config.out) as run:
+            results[label] = train(config, run)
+    first = next(iter(configs.values()))
+    plot_runs(
+        {label: result.records for label, result in results.items()},
+        out / "compare.png",
+        f"{' vs '.join(configs)}: {_title(first)}",
+    )
+    return results

@@ -1,0 +1,183 @@
+"""``spngd`` through its entry point: the run folder, ``compare``, and one-line user errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from spngd.train.cli import PER_OPTIMIZER
+from spngd.train.config import OPTIMIZER_DEFAULTS
+from spngd.train.models import build_model
+from tests.train.conftest import CliRun, write_image_folder
+
+TINY = ("--epochs", "0.05", "--no-progress", "--device", "cpu")
+"""Two steps of 32 on the digits."""
+
+
+def test_train_writes_the_run_folder(run_cli: CliRun, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    code, stdout, stderr = run_cli("train", "--out", str(out), *TINY, "--eval-every-steps", "1")
+    assert code == 0, stderr
+    assert "2 steps in" in stdout and str(out) in stdout
+    assert sorted(p.name for p in out.iterdir()) == [
+        "checkpoint.pt",
+        "config.json",
+        "metrics.jsonl",
+        "plot.png",
+    ]
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"] == "resnet20" and config["optimizer"] == "spngd"
+    assert (
+        config["batch_size"] == 32 and config["lr_decay_end"] == 0.05 and config["out"] == str(out)
+    )
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["kind"] == "step"]
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert [r["step"] for r in steps] == [1, 2] and len(epochs) == 1
+    for record in steps:
+        assert {
+            "step",
+            "epoch",
+            "time",
+            "wall_time",
+            "loss",
+            "accuracy",
+            "lr",
+            "val_accuracy",
+        } <= set(record)
+        assert record["epoch"] == pytest.approx(record["step"] * 32 / 1497)
+        assert 0.0 <= record["val_accuracy"] <= 1.0 and record["loss"] > 0
+    assert steps[0]["lr"] == pytest.approx(config["lr"])  # no warm-up, decay from step 0
+    assert epochs[0]["val_accuracy"] == steps[-1]["val_accuracy"]
+    assert {"train_loss", "train_accuracy", "val_loss"} <= set(epochs[0])
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert checkpoint["step"] == 2 and checkpoint["config"] == config
+    model = build_model("resnet20", 10, in_channels=1)
+    model.load_state_dict(checkpoint["model"])
+    assert "curvature" in checkpoint["optimizer"]
+    assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_trains_both_optimizers_into_one_plot(run_cli: CliRun, tmp_path: Path) -> None:
+    out = tmp_path / "cmp"
+    code, stdout, stderr = run_cli(
+        "compare", "--out", str(out), *TINY, "--sgd-lr", "0.3", "--spngd-warmup-epochs", "0.02"
+    )
+    assert code == 0, stderr
+    assert "sgd: 2 steps" in stdout and "spngd: 2 steps" in stdout
+    assert (out / "compare.png").stat().st_size > 10_000
+    sgd = json.loads((out / "sgd" / "config.json").read_text())
+    spngd = json.loads((out / "spngd" / "config.json").read_text())
+    defaults = OPTIMIZER_DEFAULTS
+    assert (sgd["lr"], sgd["warmup_epochs"]) == (0.3, defaults["sgd"]["warmup_epochs"])
+    assert (spngd["lr"], spngd["warmup_epochs"]) == (defaults["spngd"]["lr"], 0.02)
+    own = {"optimizer", "out", *PER_OPTIMIZER}
+    assert {k: v for k, v in sgd.items() if k not in own} == {
+        k: v for k, v in spngd.items() if k not in own
+    }
+
+
+def _assert_one_line_error(result: tuple[int, str, str], *needles: str) -> None:
+    code, _, stderr = result
+    assert code == 2
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("spngd: error: ") and "Traceback" not in stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_missing_data_folder(run_cli: CliRun, tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere"
+    _assert_one_line_error(
+        run_cli("train", "--data", str(missing)), f"data folder {missing} does not exist"
+    )
+
+
+def test_empty_data_folder(run_cli: CliRun, tmp_path: Path) -> None:
+    _assert_one_line_error(run_cli("train", "--data", str(tmp_path)), "has no train/ folder")
+    (tmp_path / "train" / "cat").mkdir(parents=True)
+    (tmp_path / "val" / "cat").mkdir(parents=True)
+    _assert_one_line_error(
+        run_cli("train", "--data", str(tmp_path), "--out", str(tmp_path / "r")),
+        f"{tmp_path / 'train'} holds no .jpg/.jpeg/.png images",
+    )
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_corrupt_image_stops_training_naming_the_file(
+    run_cli: CliRun, tmp_path: Path, workers: str
+) -> None:
+    root = write_image_folder(tmp_path / "images", classes=2, per_class=4)
+    bad = root / "train" / "c1" / "2.png"
+    bad.write_bytes(b"not a png at all")
+    result = run_cli(
+        "train",
+        "--data",
+        str(root),
+        "--out",
+        str(tmp_path / "run"),
+        "--batch-size",
+        "8",
+        "--image-size",
+        "8",
+        "--workers",
+        workers,
+        *TINY[2:],
+        "--epochs",
+        "1",
+    )
+    _assert_one_line_error(result, f"cannot decode image {bad}", "remove or replace it")
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (("--model", "resnet99"), "--model must be one of resnet18, resnet34"),
+        (("--recipe", "imagenet-3k"), "unknown recipe 'imagenet-3k'; valid: imagenet-4k"),
+        (("--batch-size", "0"), "--batch-size must be a positive integer, got 0"),
+        (("--batch-size", "-8"), "--batch-size must be a positive integer, got -8"),
+        (("--batch-size", "eight"), "argument --batch-size: invalid int value: 'eight'"),
+        (("--no-such-flag",), "unrecognized arguments: --no-such-flag"),
+    ],
+)
+def test_bad_options(run_cli: CliRun, tmp_path: Path, argv: tuple[str, ...], needle: str) -> None:
+    _assert_one_line_error(run_cli("train", "--out", str(tmp_path / "r"), *argv), needle)
+    assert not (tmp_path / "r").exists()
+
+
+def test_output_folder_not_writable(run_cli: CliRun, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    _assert_one_line_error(
+        run_cli("train", "--out", str(blocker / "run"), *TINY),
+        f"output folder {blocker / 'run'} is not writable",
+    )
+    if os.geteuid() != 0:  # root writes through permission bits
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        _assert_one_line_error(run_cli("train", "--out", str(locked), *TINY), "is not writable")
+
+
+def test_output_folder_holding_a_run_is_refused(run_cli: CliRun, tmp_path: Path) -> None:
+    (tmp_path / "metrics.jsonl").write_text("")
+    _assert_one_line_error(run_cli("train", "--out", str(tmp_path), *TINY), "already holds a run")
+
+
+def test_console_script_exit_status_and_stderr(tmp_path: Path) -> None:
+    """The installed entry point: one stderr line and status 2 from a real process."""
+    result = subprocess.run(
+        [sys.executable, "-m", "spngd.train.cli", "train", "--batch-size", "0"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr == "spngd: error: --batch-size must be a positive integer, got 0\n"

@@ -1,0 +1,105 @@
+"""Data sets: embedded digits, synthetic, CIFAR-10 batches, image folders; loaders."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from spngd.train.config import TrainConfig, resolve_config
+from spngd.train.data import data_kind, load_data, make_loaders
+from spngd.train.errors import UserError
+from tests.train.conftest import write_image_folder
+
+
+def _config(data: str, **options: object) -> TrainConfig:
+    return resolve_config({"data": data, "device": "cpu", "batch_size": 4, **options})
+
+
+def test_digits_are_embedded_and_split_1497_300() -> None:
+    data = load_data(_config("digits"))
+    assert (len(data.train), len(data.val), data.num_classes, data.in_channels) == (
+        1497,
+        300,
+        10,
+        1,
+    )
+    image, label = data.train[0]
+    assert image.shape == (1, 8, 8) and 0 <= label < 10
+    pixels = torch.stack([data.train[i][0] for i in range(len(data.train))])
+    assert abs(pixels.mean()) < 1e-3 and pixels.std() == pytest.approx(1.0, abs=1e-3)
+    again = load_data(_config("digits", seed=5))
+    assert torch.equal(data.val.labels, again.val.labels)  # the split does not follow --seed
+    counts = torch.bincount(data.val.labels, minlength=10)
+    assert counts.min() >= 20  # every digit is validated
+
+
+def test_synthetic_data_for_timing() -> None:
+    data = load_data(_config("synthetic", image_size=16))
+    assert (len(data.train), len(data.val), data.num_classes, data.in_channels) == (
+        1024,
+        256,
+        10,
+        3,
+    )
+    assert data.train[0][0].shape == (3, 16, 16)
+
+
+def _write_cifar(folder: Path, per_batch: int = 6) -> Path:
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for index, name in enumerate([*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"]):
+        batch = {
+            b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+            b"labels": [(index + k) % 10 for k in range(per_batch)],
+        }
+        with open(folder / name, "wb") as file:
+            pickle.dump(batch, file)
+    return folder
+
+
+def test_cifar10_batches_are_detected_and_loaded(tmp_path: Path) -> None:
+    folder = _write_cifar(tmp_path / "cifar-10-batches-py")
+    assert data_kind(str(folder)) == "cifar10"
+    config = _config(str(folder))
+    assert (config.crop, config.flip, config.image_size) == ("pad", True, 32)
+    data = load_data(config)
+    assert (len(data.train), len(data.val), data.num_classes, data.in_channels) == (30, 6, 10, 3)
+    with open(folder / "data_batch_1", "rb") as file:
+        raw = pickle.load(file, encoding="bytes")[b"data"][0].reshape(3, 32, 32)
+    eval_image = data.val.images[0]
+    assert eval_image.shape == (3, 32, 32) and data.train.images[0].tolist() == raw.tolist()
+    (folder / "data_batch_3").unlink()
+    with pytest.raises(UserError, match="lacks data_batch_3"):
+        data_kind(str(folder))
+
+
+def test_image_folder_is_decoded_to_normalized_tensors(tmp_path: Path) -> None:
+    root = write_image_folder(tmp_path / "images", classes=3, per_class=2, size=20)
+    config = _config(str(root), image_size=16)
+    assert (config.crop, config.flip) == ("resized", True)
+    data = load_data(config)
+    assert (len(data.train), len(data.val), data.num_classes, data.in_channels) == (6, 6, 3, 3)
+    image, label = data.train[5]
+    assert image.shape == (3, 16, 16) and label == 2
+    assert data.val[0][0].shape == (3, 16, 16)
+    assert -2.5 < float(data.val[0][0].min()) and float(data.val[0][0].max()) < 2.7
+
+
+def test_loaders_give_micro_batches_and_full_batches_only() -> None:
+    config = _config("digits", batch_size=64, accumulate=4)
+    train, val = make_loaders(load_data(config), config)
+    images, labels = next(iter(train))
+    assert images.shape == (16, 1, 8, 8) and labels.shape == (16,)
+    assert len(train) == 1497 // 16 and sum(len(y) for _, y in val) == 300
+    first = next(iter(make_loaders(load_data(config), config)[0]))[1]
+    assert torch.equal(first, labels)  # the order follows the seed
+
+
+def test_a_batch_larger_than_the_training_set_is_a_user_error() -> None:
+    config = _config("synthetic", batch_size=2048)
+    with pytest.raises(UserError, match="1024 examples, fewer than one batch of 2048"):
+        make_loaders(load_data(config), config)
