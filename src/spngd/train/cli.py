@@ -25,8 +25,8 @@ from spngd.train.config import (
     resolve_config,
 )
 from spngd.train.errors import UserError
-from spngd.train.runfolder import RunFolder
-from spngd.train.trainer import compare, train
+from spngd.train.runfolder import RunFolder, SilentRunFolder
+from spngd.train.trainer import compare, distributed_rank, train
 
 USER_ERROR = 2
 PER_OPTIMIZER = tuple(OPTIMIZER_DEFAULTS["spngd"])
@@ -105,12 +105,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run_train(options: dict[str, Any]) -> None:
     config = resolve_config(options)
-    with RunFolder(config.out) as run:
+    rank, world_size = distributed_rank()
+    folder = RunFolder if rank == 0 else SilentRunFolder  # rank 0 writes the run
+    with folder(config.out) as run:
         result = train(config, run)
-    print(
-        f"{result.steps} steps in {result.train_time:.1f} s, validation accuracy "
-        f"{100 * result.val_accuracy:.2f}%; run folder {config.out}"
-    )
+    if rank == 0:
+        ranks = f" on {world_size} ranks" if world_size > 1 else ""
+        print(
+            f"{result.steps} steps{ranks} in {result.train_time:.1f} s, validation accuracy "
+            f"{100 * result.val_accuracy:.2f}%; run folder {config.out}"
+        )
 
 
 def _run_compare(options: dict[str, Any]) -> None:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from spngd.train.augment import (
     Transform,
@@ -259,14 +259,22 @@ def _image_folder(root: Path, train_tf: Transform, eval_tf: Transform) -> DataBu
     )
 
 
-def make_loaders(data: DataBundle, config: TrainConfig) -> tuple[DataLoader, DataLoader]:
-    """Shuffled training micro-batches (``batch_size / accumulate``, full ones only) and
-    validation batches in order.
+def make_loaders(
+    data: DataBundle, config: TrainConfig, rank: int = 0, world_size: int = 1
+) -> tuple[DataLoader, DataLoader]:
+    """Shuffled training micro-batches (``batch_size / (accumulate * world_size)`` per rank,
+    full ones only) and validation batches in order.
 
-    The training order comes from a generator seeded with ``config.seed``; a distributed
-    run swaps the sampler for a per-rank one here.
+    The training order comes from a generator seeded with ``config.seed``; in a
+    distributed run each rank reads its own share through a ``DistributedSampler``
+    (call its ``set_epoch`` every pass).
     """
-    micro_batch = config.batch_size // config.accumulate
+    if config.batch_size % (config.accumulate * world_size):
+        raise UserError(
+            f"--batch-size {config.batch_size} is not divisible by --accumulate "
+            f"{config.accumulate} x {world_size} ranks"
+        )
+    micro_batch = config.batch_size // (config.accumulate * world_size)
     if len(data.train) < config.batch_size:
         raise UserError(
             f"the training set has {len(data.train)} examples, fewer than one batch of "
@@ -278,6 +286,12 @@ def make_loaders(data: DataBundle, config: TrainConfig) -> tuple[DataLoader, Dat
         "persistent_workers": config.workers > 0,
         "pin_memory": config.device.startswith("cuda"),
     }
-    generator = torch.Generator().manual_seed(config.seed)
-    train = DataLoader(data.train, shuffle=True, drop_last=True, generator=generator, **common)
+    if world_size > 1:
+        sampler = DistributedSampler(
+            data.train, world_size, rank, shuffle=True, seed=config.seed, drop_last=True
+        )
+        train = DataLoader(data.train, sampler=sampler, drop_last=True, **common)
+    else:
+        generator = torch.Generator().manual_seed(config.seed)
+        train = DataLoader(data.train, shuffle=True, drop_last=True, generator=generator, **common)
     return train, DataLoader(data.val, shuffle=False, **common)

@@ -93,3 +93,28 @@ class RunFolder:
 
     def plot(self, records: Sequence[Mapping[str, Any]], title: str) -> None:
         plot_runs({"": records}, self.path / PLOT, title)
+
+
+class SilentRunFolder:
+    """What ranks other than 0 of a distributed run write: nothing (rank 0 writes the run)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    def __enter__(self) -> SilentRunFolder:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        pass
+
+    def write_config(self, config: Mapping[str, Any]) -> None:
+        pass
+
+    def log(self, record: Mapping[str, Any]) -> None:
+        pass
+
+    def save_checkpoint(self, payload: Mapping[str, Any]) -> None:
+        pass
+
+    def plot(self, records: Sequence[Mapping[str, Any]], title: str) -> None:
+        pass

@@ -5,6 +5,7 @@ benchmark and the tests, and the run around it (schedule, evaluation, logging, c
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -12,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -156,12 +159,19 @@ class Trainer:
             torch.set_num_threads(config.threads)
         self.config, self.run = config, run
         self.device = torch.device(config.device)
+        self.rank, self.world_size = distributed_rank()
         self.data = load_data(config)
-        self.train_loader, self.val_loader = make_loaders(self.data, config)
+        self.train_loader, self.val_loader = make_loaders(
+            self.data, config, self.rank, self.world_size
+        )
         self.model = build_model(
             config.model, self.data.num_classes, config.zero_init_residual, self.data.in_channels
         ).to(self.device)
-        self.optimizer = make_optimizer(self.model, config)
+        # under torchrun: DDP averages gradients; SPNGD spreads the curvature over the ranks
+        self.net: nn.Module = (
+            DistributedDataParallel(self.model) if self.world_size > 1 else self.model
+        )
+        self.optimizer = make_optimizer(self.net, config)
         self.schedule = Schedule.from_config(config, len(self.data.train))
         self.mixup = RunningMixup(config.mixup_alpha) if config.mixup_alpha > 0 else None
         self.total_steps = max(1, round(config.epochs / self.schedule.epochs_per_step))
@@ -194,8 +204,14 @@ class Trainer:
         """Run all steps; write config, metrics, checkpoints and the plot."""
         self.run.write_config(self.config.to_dict())
         start = time.perf_counter()
-        bar = tqdm(total=self.total_steps, unit="step", disable=not self.config.progress)
+        bar = tqdm(
+            total=self.total_steps, unit="step", disable=not self.config.progress or self.rank > 0
+        )
+        passes = 0
         while self.step < self.total_steps:
+            if hasattr(self.train_loader.sampler, "set_epoch"):
+                self.train_loader.sampler.set_epoch(passes)  # type: ignore[union-attr]
+            passes += 1
             results = []
             tick = time.perf_counter()
             for group in _groups(self.train_loader, self.config.accumulate):
@@ -226,7 +242,7 @@ class Trainer:
         values = self.schedule.apply(self.optimizer, self.step)
         epoch = self.schedule.epoch(self.step)
         batches = [self.prepare(images, labels, epoch) for images, labels in group]
-        result = train_step(self.model, self.optimizer, batches, self.config.rescale_weights)
+        result = train_step(self.net, self.optimizer, batches, self.config.rescale_weights)
         self.step += 1
         self.train_time += time.perf_counter() - tick
         record = {
@@ -271,6 +287,16 @@ class Trainer:
                 "config": self.config.to_dict(),
             }
         )
+
+
+def distributed_rank() -> tuple[int, int]:
+    """``(rank, world size)``; under ``torchrun`` (``WORLD_SIZE`` > 1) the process group is
+    initialised here, with NCCL when CUDA is available and gloo otherwise."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
 
 
 def train(config: TrainConfig, run: RunFolder) -> RunResult:
