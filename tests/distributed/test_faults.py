@@ -12,7 +12,13 @@ import torch.nn.functional as F
 
 from spngd import SPNGD
 from tests.distributed.harness import run_workers, start_workers
-from tests.distributed.test_parity import LOCAL_BATCH, _global_batch, _model, _optimizer
+from tests.distributed.test_parity import (
+    LOCAL_BATCH,
+    _global_batch,
+    _model,
+    _optimizer,
+    ghost_batch_step,
+)
 
 
 def _dying_worker(rank: int, world_size: int, out: str) -> None:
@@ -84,12 +90,7 @@ def _reference() -> list[torch.Tensor]:
         if state is not None:
             opt.load_state_dict(state)
         for step in steps:
-            x, y = _global_batch(step, world_size)
-            opt.zero_grad()
-            for rank in range(world_size):
-                part = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
-                (F.cross_entropy(model(x[part]), y[part]) / world_size).backward()
-            opt.step()
+            ghost_batch_step(model, opt, step, world_size)
         state = opt.state_dict()
         opt.remove_hooks()
     return [p.detach() for p in model.parameters()]

@@ -77,16 +77,22 @@ def _worker(rank: int, world_size: int, out: str, wrap: bool, settings: dict) ->
     )
 
 
+def ghost_batch_step(model: nn.Module, opt: SPNGD, step: int, world_size: int) -> None:
+    """One single-process step that sees each rank's share as its own micro-batch
+    (``opt`` built with ``accumulation_steps=world_size``)."""
+    x, y = _global_batch(step, world_size)
+    opt.zero_grad()
+    for rank in range(world_size):
+        part = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+        (F.cross_entropy(model(x[part]), y[part]) / world_size).backward()
+    opt.step()
+
+
 def _reference(world_size: int, stat_interval: int | None) -> tuple[list[torch.Tensor], SPNGD]:
     model = _model()
     opt = _optimizer(model, accumulation_steps=world_size, stat_interval=stat_interval)
     for step in range(STEPS):
-        x, y = _global_batch(step, world_size)
-        opt.zero_grad()
-        for rank in range(world_size):
-            part = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
-            (F.cross_entropy(model(x[part]), y[part]) / world_size).backward()
-        opt.step()
+        ghost_batch_step(model, opt, step, world_size)
     return [p.detach() for p in model.parameters()], opt
 
 
