@@ -268,22 +268,6 @@ class StepTimer:
         return {k: 1e3 * v / self.steps for k, v in self.totals.items()}
 
 
-def time_statistics_hooks(opt: SPNGD) -> None:
-    """Record the hooks' statistics work as stage "statistics" in ``opt.times``; used only
-    when the optimizer itself records no stage during backward."""
-    for block in opt.curvature.values():
-
-        def timed(
-            inputs: torch.Tensor,
-            grad_output: torch.Tensor,
-            accumulate: Callable[[torch.Tensor, torch.Tensor], None] = block.accumulate,
-        ) -> None:
-            with opt.times.measure("statistics"):
-                accumulate(inputs, grad_output)
-
-        block.accumulate = timed  # type: ignore[method-assign]
-
-
 def worker(
     rank: int, world_size: int, port: int, warmup: int, rounds: int, steps: int, out: str
 ) -> None:
@@ -300,8 +284,16 @@ def worker(
         images = torch.randn(32, 3, 32, 32, generator=gen)
         labels = torch.randint(0, 10, (32,), generator=gen)
         ngd_model = DistributedDataParallel(build_model("resnet20", 10))
+        late_model = DistributedDataParallel(build_model("resnet20", 10))
         sgd_model = DistributedDataParallel(build_model("resnet20", 10))
         ngd = SPNGD(ngd_model, lr=0.01, momentum=0.9, stat_interval=1)
+        late = SPNGD(
+            late_model,
+            lr=0.01,
+            momentum=0.9,
+            stat_interval=1,
+            distributed=DistributedConfig(overlap=False),
+        )
         sgd = torch.optim.SGD(sgd_model.parameters(), lr=0.1, momentum=0.9)
 
         def fwd_bwd(model: nn.Module, opt: torch.optim.Optimizer) -> Callable[[], None]:
@@ -313,16 +305,18 @@ def worker(
 
         contenders = {
             "SPNGD": (lambda: ngd.times.seconds, OTHER, fwd_bwd(ngd_model, ngd), ngd.step),
+            "SPNGD no overlap": (
+                lambda: late.times.seconds,
+                OTHER,
+                fwd_bwd(late_model, late),
+                late.step,
+            ),
             "SGD": (dict, "update (all of step())", fwd_bwd(sgd_model, sgd), sgd.step),
         }
-        probe = StepTimer(contenders["SPNGD"][0])
-        for name, (seconds, rest, run, step) in contenders.items():
-            timer = probe if name == "SPNGD" else StepTimer(seconds, rest)
+        for seconds, rest, run, step in contenders.values():
+            timer = StepTimer(seconds, rest)
             for _ in range(warmup):
                 timer.run(run, step)
-        hooks_timed_here = not probe.in_backward
-        if hooks_timed_here:
-            time_statistics_hooks(ngd)
         timers = {name: StepTimer(c[0], c[1]) for name, c in contenders.items()}
         dist.barrier()
         for _ in range(rounds):
@@ -332,7 +326,6 @@ def worker(
         local = {
             "means": {name: timer.means_ms() for name, timer in timers.items()},
             "in_backward": sorted(timers["SPNGD"].in_backward),
-            "hooks_timed_here": hooks_timed_here,
         }
         gathered: list[Any] | None = [None] * world_size if rank == 0 else None
         dist.gather_object(local, gathered, dst=0)
@@ -395,26 +388,34 @@ def main() -> None:
     print(
         f"\n== 2. Time per stage: DDP CIFAR ResNet-20, random 32x32 data, local batch 32, "
         f"gloo, 1 thread/rank, {os.cpu_count()} cores ==\n"
-        f"{warmup} warm-up steps, then {steps} timed steps per optimizer, SPNGD and SGD "
-        f"alternating step by step; SPNGD refreshes statistics and inverses every step.\n"
+        f"{warmup} warm-up steps, then {steps} timed steps per optimizer, SPNGD (with and "
+        f"without overlap) and SGD\nalternating step by step; SPNGD refreshes statistics and "
+        f"inverses every step.\n"
         f"load average before timing: {os.getloadavg()[0]:.1f} (other processes on the "
         f"machine compete for the cores and inflate the times)"
     )
     results = {p: measure(p, warmup, steps, 1) for p in args.worlds}
-    first = next(iter(results.values()))[0]
     print(
         "mean: over ranks of each rank's mean; max: the slowest rank; %: max / slowest "
         "rank's total.\nforward+backward excludes the stages the optimizer times inside "
         "backward; it includes DDP's gradient all-reduce.\n'rest of step()' is the time in "
         "step() outside the optimizer's named stages."
     )
-    if first["hooks_timed_here"]:
-        print(
-            "The optimizer records no stage inside backward, so this script times the "
-            "hooks' statistics\nwork (CurvatureBlock.accumulate) as 'statistics'."
-        )
-    print("\nSPNGD (stat_interval=1):")
+    print("\nSPNGD (stat_interval=1; statistics reduced during backward, overlap=True):")
     print_breakdown(results, "SPNGD")
+    print("\nSPNGD without overlap (statistics reduced at step(), overlap=False):")
+    print_breakdown(results, "SPNGD no overlap")
+    comm = "statistics and gradient communication"
+    for p, ranks in results.items():
+        waits = [
+            max(rank["means"][name].get(comm, 0.0) for rank in ranks)
+            for name in ("SPNGD no overlap", "SPNGD")
+        ]
+        print(
+            f"P={p}: waiting for the statistics reduction in step(): {waits[0]:.1f} ms "
+            f"without overlap, {waits[1]:.1f} ms with it ({waits[0] - waits[1]:.1f} ms "
+            "hidden behind backward)"
+        )
     print("\nSGD with momentum (reference):")
     print_breakdown(results, "SGD")
     for p, ranks in results.items():
