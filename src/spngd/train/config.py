@@ -185,7 +185,9 @@ OPTIMIZER_DEFAULTS: dict[str, dict[str, Any]] = {
         "weight_decay": 5e-4,
     },
 }
-"""Tuned on the embedded digits at the default batch (see README)."""
+"""Picked on the embedded digits at batch 32, 4 epochs, one seed: SP-NGD lr 0.02 ended at
+99.3% validation accuracy (0.05: 98.7%, 0.1: 98.3%), SGD lr 0.05 at 99.0% (0.1: 97.7%,
+0.2: 98.3%)."""
 
 DATA_DEFAULTS: dict[str, dict[str, Any]] = {
     "digits": {"crop": "none", "flip": False, "image_size": 8, "workers": 0},
