@@ -83,12 +83,7 @@ class StageTimes:
 class LocalExchange:
     """One process: this rank owns every block and no data moves."""
 
-    rank = 0
-    world_size = 1
-
     def __init__(self, blocks: dict[str, CurvatureBlock]) -> None:
-        self.owner = dict.fromkeys(blocks, 0)
-
         self.blocks = blocks
 
     def owns(self, name: str) -> bool:
