@@ -14,7 +14,7 @@ from spngd.train.augment import soft_targets
 from spngd.train.config import resolve_config
 from spngd.train.errors import UserError
 from spngd.train.models import build_model
-from spngd.train.runfolder import CHECKPOINT, RunFolder
+from spngd.train.runfolder import CHECKPOINT, PREVIOUS, RunFolder
 from spngd.train.trainer import Trainer, make_optimizer, rescale_weights, train_step
 
 
@@ -67,7 +67,7 @@ def test_weights_stay_bounded_after_every_training_step() -> None:
         assert sum(norm > bound * (1 - 1e-6) for norm, bound in norms) > 5  # shrunk to the bound
 
 
-def test_checkpoint_is_replaced_atomically_and_kept_on_failure(
+def test_checkpoint_is_replaced_atomically_keeping_the_previous_one_and_kept_on_failure(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     run = RunFolder(tmp_path / "run")
@@ -83,7 +83,12 @@ def test_checkpoint_is_replaced_atomically_and_kept_on_failure(
         run.save_checkpoint({"step": 3})
     monkeypatch.undo()
     assert torch.load(tmp_path / "run" / CHECKPOINT)["step"] == 2
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [CHECKPOINT, "metrics.jsonl"]
+    assert torch.load(tmp_path / "run" / PREVIOUS)["step"] == 1
+    assert {p.name for p in (tmp_path / "run").iterdir()} == {
+        CHECKPOINT,
+        PREVIOUS,
+        "metrics.jsonl",
+    }
     run.close()
 
 

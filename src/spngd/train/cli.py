@@ -1,8 +1,10 @@
 """``spngd``: the command line (``spngd train``, ``spngd compare``).
 
 Every option is a :class:`TrainConfig` field (``--batch-size`` for ``batch_size``); options
-left out take the defaults described in :mod:`spngd.train.config`. A user error prints one
-line ``spngd: error: ...`` to stderr and exits with status 2.
+left out take the defaults described in :mod:`spngd.train.config` (with ``--resume``: the
+saved run's values). A user error prints one line ``spngd: error: ...`` to stderr and exits
+with status 2; training stopped by NaN or inf the same way with status 3. Warnings print as
+one line ``spngd: warning: ...`` each.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import argparse
 import sys
 import types
 import typing
+import warnings
 from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
@@ -23,12 +26,14 @@ from spngd.train.config import (
     TrainConfig,
     flag,
     resolve_config,
+    resume_config,
 )
-from spngd.train.errors import UserError
-from spngd.train.runfolder import RunFolder, SilentRunFolder
+from spngd.train.errors import TrainingStoppedError, UserError
+from spngd.train.runfolder import RunFolder, SilentRunFolder, find_checkpoint
 from spngd.train.trainer import compare, distributed_rank, train
 
 USER_ERROR = 2
+TRAINING_STOPPED = 3
 PER_OPTIMIZER = tuple(OPTIMIZER_DEFAULTS["spngd"])
 """Options ``compare`` takes per run, as ``--sgd-lr``, ``--spngd-lr`` and so on."""
 
@@ -82,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train one model and write a run folder (config, metrics, checkpoint, plot).",
     )
     _add_config_options(train)
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its newest usable checkpoint; options given "
+        "override the saved ones, except data, model, optimizer, recipe, batch size and seed",
+    )
     compare = commands.add_parser(
         "compare",
         help="train with SGD and with SP-NGD on the same setup and plot both",
@@ -104,11 +115,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_train(options: dict[str, Any]) -> None:
-    config = resolve_config(options)
+    checkpoint = None
+    if options.pop("resume"):
+        if "out" not in options:
+            raise UserError("--resume needs --out, the run folder to continue")
+        checkpoint = find_checkpoint(Path(options["out"]))
+        config = resume_config(checkpoint.payload["config"], options)
+    else:
+        config = resolve_config(options)
     rank, world_size = distributed_rank()
     folder = RunFolder if rank == 0 else SilentRunFolder  # rank 0 writes the run
-    with folder(config.out) as run:
-        result = train(config, run)
+    with folder(config.out, checkpoint) as run:
+        result = train(config, run, checkpoint)
     if rank == 0:
         ranks = f" on {world_size} ranks" if world_size > 1 else ""
         print(
@@ -135,15 +153,32 @@ def _run_compare(options: dict[str, Any]) -> None:
     print(f"plot: {out / 'compare.png'}")
 
 
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: typing.TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    """Print a warning as one line, like the errors (no source location)."""
+    print(f"spngd: warning: {message}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``spngd`` console script; returns the exit status."""
     try:
-        options = vars(build_parser().parse_args(argv))
-        command = options.pop("command")
-        (_run_train if command == "train" else _run_compare)(options)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            options = vars(build_parser().parse_args(argv))
+            command = options.pop("command")
+            (_run_train if command == "train" else _run_compare)(options)
     except UserError as error:
         print(f"spngd: error: {error}", file=sys.stderr)
         return USER_ERROR
+    except TrainingStoppedError as error:
+        print(f"spngd: error: {error}", file=sys.stderr)
+        return TRAINING_STOPPED
     except KeyboardInterrupt:
         print("spngd: interrupted", file=sys.stderr)
         return 130

@@ -66,6 +66,7 @@ class TrainConfig:
     image_size: int = _help("side of the square training image (default: by data)")
     workers: int = _help("DataLoader worker processes (default: by data)")
     eval_every_steps: int = _help("validate every k steps (0: after each pass over the data)")
+    max_bad_steps: int = _help("stop after this many steps in a row with NaN or inf gradients")
     seed: int = _help("random seed (model, shuffling, augmentation)")
     threads: int | None = _help("torch CPU threads (default: torch's choice)")
     device: str = _help("cpu, cuda, cuda:N (default: cuda when available)")
@@ -99,6 +100,7 @@ class TrainConfig:
             ("image_size", self.image_size >= 1, "a positive integer"),
             ("workers", self.workers >= 0, ">= 0"),
             ("eval_every_steps", self.eval_every_steps >= 0, ">= 0"),
+            ("max_bad_steps", self.max_bad_steps >= 1, "a positive integer"),
             ("threads", self.threads is None or self.threads >= 1, "a positive integer"),
         ]
         for name, ok, rule in checks:
@@ -165,6 +167,7 @@ DEFAULTS: dict[str, Any] = {
     "mixup_off_epoch": None,
     "label_smoothing": 0.0,
     "eval_every_steps": 0,
+    "max_bad_steps": 10,
     "seed": 0,
     "threads": None,
     "progress": True,
@@ -223,3 +226,23 @@ def resolve_config(options: Mapping[str, Any]) -> TrainConfig:
     if values.get("out") is None:
         values["out"] = os.path.join("runs", datetime.now().strftime("%Y%m%d-%H%M%S"))
     return TrainConfig(**values)
+
+
+RESUME_FIXED = ("data", "model", "zero_init_residual", "optimizer", "recipe", "batch_size", "seed")
+"""Options a resumed run cannot change: the saved model and optimizer state, the data order
+and the meaning of the step counter depend on them."""
+
+
+def resume_config(saved: Mapping[str, Any], options: Mapping[str, Any]) -> TrainConfig:
+    """The config of a resumed run: the saved run's, with the options the user gave now.
+
+    Options not given keep their saved values (``--epochs`` alone does not move the saved
+    ``--lr-decay-end``); changing one of :data:`RESUME_FIXED` is a UserError.
+    """
+    for name in RESUME_FIXED:
+        if name in options and options[name] != saved.get(name):
+            raise UserError(
+                f"--resume: {flag(name)} {options[name]} differs from the saved run's "
+                f"{saved.get(name)!r}; a resumed run keeps {', '.join(map(flag, RESUME_FIXED))}"
+            )
+    return resolve_config({**saved, **options})

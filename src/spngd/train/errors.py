@@ -1,4 +1,4 @@
-"""The one exception type for problems a user can fix; the CLI prints it as a single line."""
+"""The exception types the CLI prints as a single line: user errors and stopped training."""
 
 from __future__ import annotations
 
@@ -15,3 +15,11 @@ class UserError(Exception):
         # the traceback's last line is ``spngd.train.errors.UserError: <message>``.
         last_line = message.strip().splitlines()[-1]
         super().__init__(last_line.removeprefix(f"{__name__}.{type(self).__qualname__}: "))
+
+
+class TrainingStoppedError(Exception):
+    """Training cannot go on (NaN or inf for too many steps in a row, or in the model itself).
+
+    ``spngd`` prints ``spngd: error: <message>`` and exits with status 3; the message names
+    the last good checkpoint, which was not overwritten, to resume from.
+    """

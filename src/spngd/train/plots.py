@@ -11,12 +11,20 @@ from matplotlib.figure import Figure
 
 
 def moving_average(values: Sequence[float], window: int) -> np.ndarray:
-    """Trailing mean over ``window`` values (shorter at the start), to read noisy losses."""
+    """Trailing mean over ``window`` values (shorter at the start), to read noisy losses.
+
+    NaN and inf (the loss of a skipped step) are left out of the mean, so that one bad
+    step does not blank the rest of the curve; a window without a finite value gives NaN.
+    """
     data = np.asarray(values, dtype=float)
-    sums = np.cumsum(np.insert(data, 0, 0.0))
+    finite = np.isfinite(data)
+    sums = np.cumsum(np.insert(np.where(finite, data, 0.0), 0, 0.0))
+    counts = np.cumsum(np.insert(finite, 0, False))
     ends = np.arange(1, len(data) + 1)
     starts = np.maximum(ends - window, 0)
-    return (sums[ends] - sums[starts]) / (ends - starts)
+    count = counts[ends] - counts[starts]
+    total = sums[ends] - sums[starts]
+    return np.divide(total, count, out=np.full(len(data), np.nan), where=count > 0)
 
 
 def plot_runs(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: Path, title: str) -> None:

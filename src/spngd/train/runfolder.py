@@ -1,7 +1,10 @@
-"""The files of one run: ``config.json``, ``metrics.jsonl``, ``checkpoint.pt``, ``plot.png``.
+"""The files of one run: ``config.json``, ``metrics.jsonl``, ``checkpoint.pt`` (with the one
+before it, ``checkpoint.prev.pt``) and ``plot.png``.
 
 All writes of a run go through :class:`RunFolder`, so a distributed run can give the ranks
-other than 0 a folder that writes nothing. Checkpoints are replaced atomically.
+other than 0 a folder that writes nothing. Checkpoints are replaced atomically and the
+previous one is kept; :func:`find_checkpoint` picks the newest that loads and validates,
+for ``--resume``.
 """
 
 from __future__ import annotations
@@ -10,7 +13,9 @@ import contextlib
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -19,37 +24,131 @@ import torch
 from spngd.train.errors import UserError
 from spngd.train.plots import plot_runs
 
-CONFIG, METRICS, CHECKPOINT, PLOT = "config.json", "metrics.jsonl", "checkpoint.pt", "plot.png"
+CONFIG, METRICS, PLOT = "config.json", "metrics.jsonl", "plot.png"
+CHECKPOINT, PREVIOUS = "checkpoint.pt", "checkpoint.prev.pt"
+TEMPORARY = ".tmp"
+"""Suffix of :func:`atomic_write`'s temporary files (``.NAME.RANDOM.tmp``)."""
+SET_ASIDE = ".bad"
+"""Suffix an unusable checkpoint is renamed to when a run resumes from an older one."""
+CHECKPOINT_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "model": dict,
+    "optimizer": dict,
+    "config": dict,
+    "step": int,
+    "passes": int,
+    "train_time": float,
+    "wall_time": float,
+    "val_loss": float,
+    "val_accuracy": float,
+    "data_order": (torch.Tensor, type(None)),
+    "ranks": list,
+}
+"""What a checkpoint holds (``Trainer.checkpoint``): a file lacking one is not resumed from."""
 
 
-def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+def atomic_write(
+    path: Path, write: Callable[[IO[bytes]], None], previous: Path | None = None
+) -> None:
     """Write ``path`` through a temporary file in the same folder, fsync'd, then renamed.
 
-    A crash or error at any point leaves either the old file or the new one, never a torn
-    one; the temporary file is removed on error.
+    With ``previous``, an existing ``path`` is first renamed to ``previous``. A crash or error
+    at any point leaves the old file or the new one (between the two renames: the old one as
+    ``previous``), never a torn one. On error the temporary file is removed; a killed process
+    leaves it behind, and :class:`RunFolder` removes it when the run resumes.
     """
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMPORARY)
     try:
         with os.fdopen(fd, "wb") as file:
             write(file)
             file.flush()
             os.fsync(file.fileno())
+        if previous is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(path, previous)
         os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
         raise
-    directory = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+    directory = os.open(path.parent, os.O_RDONLY)  # make the renames themselves durable
     try:
         os.fsync(directory)
     finally:
         os.close(directory)
 
 
-class RunFolder:
-    """Creates the run folder (refusing one that holds a run) and writes its files."""
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint that loaded and validated, and the newer files that did not (with why)."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    path: Path
+    payload: dict[str, Any]
+    rejected: tuple[tuple[Path, str], ...] = ()
+
+    @property
+    def step(self) -> int:
+        return self.payload["step"]
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a checkpoint onto the CPU (tensors and plain values only) and validate it.
+
+    Raises whatever loading raises, or ValueError for a payload that lacks a field or whose
+    model holds NaN or inf.
+    """
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict):
+        raise ValueError(f"holds a {type(payload).__name__}, not a checkpoint")
+    for key, kind in CHECKPOINT_FIELDS.items():
+        if not isinstance(payload.get(key), kind):
+            raise ValueError(f"no valid {key!r} entry")
+    if not all_finite(payload["model"]):
+        raise ValueError("the model holds NaN or inf")
+    return payload
+
+
+def all_finite(state: Mapping[str, Any]) -> bool:
+    """Whether every floating-point tensor of a model's ``state_dict`` is free of NaN and inf
+    (one fused norm, not one check per tensor)."""
+    tensors = [t for t in state.values() if torch.is_tensor(t) and t.is_floating_point()]
+    return not tensors or bool(torch.isfinite(torch.nn.utils.get_total_norm(tensors)))
+
+
+def find_checkpoint(folder: Path) -> Checkpoint:
+    """The newest checkpoint in ``folder`` that loads and validates: ``checkpoint.pt``, else
+    ``checkpoint.prev.pt``. Reads only; a UserError when neither is usable."""
+    if not folder.is_dir():
+        raise UserError(f"--resume: run folder {folder} does not exist")
+    rejected: list[tuple[Path, str]] = []
+    for path in (folder / CHECKPOINT, folder / PREVIOUS):
+        try:
+            return Checkpoint(path, load_checkpoint(path), tuple(rejected))
+        except FileNotFoundError:
+            rejected.append((path, "missing"))
+        except Exception as error:  # any failure to load makes the file unusable
+            lines = str(error).strip().splitlines()  # torch's messages run on: first sentence
+            rejected.append((path, lines[0].split(". ")[0] if lines else type(error).__name__))
+    if all(reason == "missing" for _, reason in rejected):
+        raise UserError(
+            f"--resume: {folder} holds no checkpoint ({CHECKPOINT} is written after each pass "
+            "over the data)"
+        )
+    reasons = "; ".join(f"{path.name}: {reason}" for path, reason in rejected)
+    raise UserError(f"--resume: no usable checkpoint in {folder} ({reasons})")
+
+
+class RunFolder:
+    """Creates the run folder (refusing one that holds a run, unless resuming it) and writes
+    its files.
+
+    Resuming from ``resume``: newer checkpoints that did not load are renamed to
+    ``NAME.bad`` (so that the next save does not rotate one into ``checkpoint.prev.pt``,
+    over a good one), each with a one-line warning; temporary files left by a killed save
+    are removed; ``metrics.jsonl`` keeps its records up to the checkpoint's step (in
+    :attr:`history`) and is appended to.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], resume: Checkpoint | None = None) -> None:
         self.path = Path(path)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
@@ -59,9 +158,53 @@ class RunFolder:
             raise UserError(
                 f"output folder {self.path} is not writable ({error.strerror or error})"
             ) from None
-        if (self.path / METRICS).exists():
-            raise UserError(f"output folder {self.path} already holds a run; choose another --out")
-        self._metrics = open(self.path / METRICS, "w", buffering=1)
+        self.history: list[dict[str, Any]] = []
+        if resume is None:
+            if (self.path / METRICS).exists():
+                raise UserError(
+                    f"output folder {self.path} already holds a run; choose another --out "
+                    "(or --resume it)"
+                )
+        else:
+            self._set_aside(resume)
+            for leftover in self.path.glob(f".*{TEMPORARY}"):
+                leftover.unlink(missing_ok=True)
+            self.history = self._keep_metrics(resume.step)
+        self._metrics = open(self.path / METRICS, "a" if resume else "w", buffering=1)
+
+    def _set_aside(self, resume: Checkpoint) -> None:
+        for path, reason in resume.rejected:
+            if path.exists():
+                os.replace(path, path.with_name(path.name + SET_ASIDE))
+                problem = f"is unusable ({reason}, kept as {path.name}{SET_ASIDE})"
+            else:
+                problem = "is missing (the run was killed while saving?)"
+            warnings.warn(
+                f"checkpoint {path} {problem}; resuming from {resume.path.name} at step "
+                f"{resume.step}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    def _keep_metrics(self, step: int) -> list[dict[str, Any]]:
+        """Cut ``metrics.jsonl`` after the last record up to ``step`` (and before a line torn
+        by a crash); return the records kept."""
+        try:
+            lines = (self.path / METRICS).read_text().splitlines()
+        except FileNotFoundError:
+            lines = []
+        kept: list[dict[str, Any]] = []
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                break
+            if record["step"] > step:
+                break
+            kept.append(record)
+        text = "".join(line + "\n" for line in lines[: len(kept)])
+        atomic_write(self.path / METRICS, lambda file: file.write(text.encode()))
+        return kept
 
     def close(self) -> None:
         self._metrics.close()
@@ -81,10 +224,13 @@ class RunFolder:
         self._metrics.write(json.dumps(dict(record)) + "\n")
 
     def save_checkpoint(self, payload: Mapping[str, Any]) -> None:
-        """Replace ``checkpoint.pt`` atomically; on failure the previous one stays."""
+        """Replace ``checkpoint.pt`` atomically, the old one becoming ``checkpoint.prev.pt``;
+        on failure both stay as they were."""
         path = self.path / CHECKPOINT
         try:
-            atomic_write(path, lambda file: torch.save(dict(payload), file))
+            atomic_write(
+                path, lambda file: torch.save(dict(payload), file), previous=self.path / PREVIOUS
+            )
         except OSError as error:
             raise UserError(
                 f"cannot write checkpoint {path} ({error.strerror or error}); "
@@ -98,8 +244,9 @@ class RunFolder:
 class SilentRunFolder:
     """What ranks other than 0 of a distributed run write: nothing (rank 0 writes the run)."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], resume: Checkpoint | None = None) -> None:
         self.path = Path(path)
+        self.history: list[dict[str, Any]] = []
 
     def __enter__(self) -> SilentRunFolder:
         return self

@@ -7,7 +7,8 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Iterable, Iterator, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,13 +22,14 @@ from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from spngd.optimizer import SPNGD
+from spngd.optimizer import SPNGD, NonFiniteGradientError
 from spngd.train.augment import RunningMixup, soft_targets
 from spngd.train.config import TrainConfig
 from spngd.train.data import load_data, make_loaders
+from spngd.train.errors import TrainingStoppedError, UserError
 from spngd.train.models import build_model
 from spngd.train.plots import plot_runs
-from spngd.train.runfolder import RunFolder
+from spngd.train.runfolder import Checkpoint, RunFolder, SilentRunFolder, all_finite
 from spngd.train.schedules import Schedule
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -101,14 +103,80 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> tupl
     return loss / count, correct / count
 
 
-def make_optimizer(model: nn.Module, config: TrainConfig) -> Optimizer:
-    """SPNGD (accumulating statistics over ``config.accumulate`` micro-batches) or SGD."""
+class GuardedSGD(torch.optim.SGD):
+    """Momentum SGD that, like SPNGD, skips a step whose gradients hold NaN or inf.
+
+    The skipped step leaves parameters and momentum untouched and warns; after
+    ``max_bad_steps`` such steps in a row ``step()`` raises :class:`NonFiniteGradientError`,
+    so the trainer stops both optimizers the same way. Under DDP the gradients are already
+    averaged, so every rank skips the same steps.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor],
+        lr: float,
+        momentum: float,
+        weight_decay: float,
+        max_bad_steps: int = 10,
+    ) -> None:
+        super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        self.max_bad_steps = max_bad_steps
+        self.skipped_steps = 0
+        self.bad_steps_in_a_row = 0
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        """Torch's SGD step, or a skipped and counted one if a gradient is NaN or inf."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not grads or torch.isfinite(torch.nn.utils.get_total_norm(grads)):
+            self.bad_steps_in_a_row = 0
+            super().step()
+            return loss
+        self.skipped_steps += 1
+        self.bad_steps_in_a_row += 1
+        if self.bad_steps_in_a_row >= self.max_bad_steps:
+            raise NonFiniteGradientError(
+                f"SGD: {self.bad_steps_in_a_row} steps in a row had NaN or inf gradients "
+                f"(max_bad_steps={self.max_bad_steps}); stopping. Lower the learning rate, and "
+                "resume from the last good checkpoint."
+            )
+        warnings.warn(
+            f"SGD: NaN or inf gradient; step skipped ({self.bad_steps_in_a_row} in a row, "
+            f"{self.skipped_steps} in all)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        """Torch's SGD state plus the skipped-step counters (as SPNGD's state dict has)."""
+        state = super().state_dict()
+        state["skipped_steps"] = self.skipped_steps
+        state["bad_steps_in_a_row"] = self.bad_steps_in_a_row
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        self.skipped_steps = state_dict.pop("skipped_steps", 0)
+        self.bad_steps_in_a_row = state_dict.pop("bad_steps_in_a_row", 0)
+        super().load_state_dict(state_dict)
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> SPNGD | GuardedSGD:
+    """SPNGD (accumulating statistics over ``config.accumulate`` micro-batches) or SGD, both
+    skipping steps with NaN or inf gradients up to ``config.max_bad_steps`` in a row."""
     if config.optimizer == "sgd":
-        return torch.optim.SGD(
+        return GuardedSGD(
             model.parameters(),
             lr=config.lr,
             momentum=config.momentum,
             weight_decay=config.weight_decay,
+            max_bad_steps=config.max_bad_steps,
         )
     return SPNGD(
         model,
@@ -120,6 +188,7 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> Optimizer:
         fisher=config.fisher,
         stat_interval=config.stat_interval,
         accumulation_steps=config.accumulate,
+        max_bad_steps=config.max_bad_steps,
     )
 
 
@@ -151,9 +220,17 @@ class Trainer:
     steps, at the end of each pass and at the end; each pass ends with an ``epoch`` record
     and a checkpoint. ``time`` in the records counts training only (data loading and steps,
     not validation, checkpoints or plots).
+
+    With ``checkpoint``, the run continues from it (see :meth:`restore`); the records of
+    ``run.history`` come first.
     """
 
-    def __init__(self, config: TrainConfig, run: RunFolder) -> None:
+    def __init__(
+        self,
+        config: TrainConfig,
+        run: RunFolder | SilentRunFolder,
+        checkpoint: Checkpoint | None = None,
+    ) -> None:
         torch.manual_seed(config.seed)
         if config.threads is not None:
             torch.set_num_threads(config.threads)
@@ -176,9 +253,57 @@ class Trainer:
         self.mixup = RunningMixup(config.mixup_alpha) if config.mixup_alpha > 0 else None
         self.total_steps = max(1, round(config.epochs / self.schedule.epochs_per_step))
         self.steps_per_pass = len(self.train_loader) // config.accumulate
-        self.records: list[dict[str, Any]] = []
-        self.step, self.train_time = 0, 0.0
+        self.records: list[dict[str, Any]] = list(run.history)
+        self.step, self.passes, self.train_time, self.wall_time = 0, 0, 0.0, 0.0
         self.val_loss, self.val_accuracy = math.nan, math.nan
+        self.saved_step: int | None = None
+        """Step of the last checkpoint written or resumed from (None: none yet)."""
+        if checkpoint is not None:
+            self.restore(checkpoint)
+
+    def restore(self, checkpoint: Checkpoint) -> None:
+        """Continue from ``checkpoint``: model, optimizer state (SP-NGD's curvature included),
+        step and pass counters (so the schedule's position), times, last validation, the
+        data order, and each rank's RNG and mixup chain when the number of ranks is the same.
+        """
+        payload = checkpoint.payload
+        try:
+            self.model.load_state_dict(payload["model"])
+            self.optimizer.load_state_dict(payload["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as error:
+            reason = str(error).strip().splitlines()[0]
+            raise UserError(
+                f"checkpoint {checkpoint.path} does not fit this run ({reason})"
+            ) from None
+        for group in self.optimizer.param_groups:  # the one setting the schedule leaves alone
+            group["weight_decay"] = self.config.weight_decay
+        self.step, self.passes = payload["step"], payload["passes"]
+        self.train_time, self.wall_time = payload["train_time"], payload["wall_time"]
+        self.val_loss, self.val_accuracy = payload["val_loss"], payload["val_accuracy"]
+        self.saved_step = self.step
+        generator = self.train_loader.generator
+        if generator is not None and payload["data_order"] is not None:
+            generator.set_state(payload["data_order"])
+        ranks = payload["ranks"]
+        if len(ranks) == self.world_size:
+            torch.set_rng_state(ranks[self.rank]["rng"])
+            if self.mixup is not None and ranks[self.rank]["mixup"] is not None:
+                self.mixup.previous = tuple(t.to(self.device) for t in ranks[self.rank]["mixup"])
+        elif self.rank == 0:
+            warnings.warn(
+                f"the checkpoint comes from {len(ranks)} rank(s), this run has "
+                f"{self.world_size}: augmentation and mixup draw afresh",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        self.log(
+            {
+                "kind": "resume",
+                "step": self.step,
+                "epoch": self.schedule.epoch(self.step),
+                "checkpoint": checkpoint.path.name,
+            }
+        )
 
     def prepare(self, images: torch.Tensor, labels: torch.Tensor, epoch: float) -> Batch:
         """Move a micro-batch to the device; soft targets, label smoothing, running mixup."""
@@ -201,38 +326,54 @@ class Trainer:
         return {"val_loss": self.val_loss, "val_accuracy": self.val_accuracy}
 
     def fit(self) -> RunResult:
-        """Run all steps; write config, metrics, checkpoints and the plot."""
+        """Run the remaining steps; write config, metrics, checkpoints and the plot.
+
+        Too many non-finite steps in a row, or a model holding NaN or inf at a checkpoint,
+        raise :class:`TrainingStoppedError`; the last good checkpoint stays as it was.
+        """
         self.run.write_config(self.config.to_dict())
-        start = time.perf_counter()
-        bar = tqdm(
-            total=self.total_steps, unit="step", disable=not self.config.progress or self.rank > 0
-        )
-        passes = 0
-        while self.step < self.total_steps:
-            if hasattr(self.train_loader.sampler, "set_epoch"):
-                self.train_loader.sampler.set_epoch(passes)  # type: ignore[union-attr]
-            passes += 1
-            results = []
-            tick = time.perf_counter()
-            for group in _groups(self.train_loader, self.config.accumulate):
-                results.append(self.fit_step(group, tick, start))
-                bar.update()
-                bar.set_postfix(
-                    loss=f"{results[-1].loss:.3f}",
-                    acc=f"{results[-1].correct / results[-1].examples:.3f}",
-                    val_acc=f"{self.val_accuracy:.3f}",
-                    steps_per_s=f"{self.step / self.train_time:.2f}",
-                )
-                if len(results) == self.steps_per_pass or self.step == self.total_steps:
-                    break
-                tick = time.perf_counter()
-            self.end_pass(results, time.perf_counter() - start)
-        bar.close()
+        start = time.perf_counter() - self.wall_time
+        progress = self.config.progress and self.rank == 0
+        try:
+            with tqdm(
+                total=self.total_steps, initial=self.step, unit="step", disable=not progress
+            ) as bar:
+                while self.step < self.total_steps:
+                    self.fit_pass(bar, start)
+        except NonFiniteGradientError as error:
+            raise TrainingStoppedError(f"{error} {self._last_good()}") from None
         self.run.plot(self.records, _title(self.config))
         return RunResult(self.records, self.step, self.val_accuracy, self.train_time)
 
+    def fit_pass(self, bar: tqdm, start: float) -> None:
+        """One pass over the data, cut short at the run's last step; then its epoch record
+        and checkpoint."""
+        if hasattr(self.train_loader.sampler, "set_epoch"):
+            self.train_loader.sampler.set_epoch(self.passes)  # type: ignore[union-attr]
+        self.passes += 1
+        results: list[StepResult] = []
+        tick = time.perf_counter()
+        for group in _groups(self.train_loader, self.config.accumulate):
+            ends_pass = len(results) + 1 == self.steps_per_pass
+            results.append(self.fit_step(group, tick, start, ends_pass))
+            bar.update()
+            bar.set_postfix(
+                loss=f"{results[-1].loss:.3f}",
+                acc=f"{results[-1].correct / results[-1].examples:.3f}",
+                val_acc=f"{self.val_accuracy:.3f}",
+                steps_per_s=f"{self.step / self.train_time:.2f}",
+            )
+            if ends_pass or self.step == self.total_steps:
+                break
+            tick = time.perf_counter()
+        self.end_pass(results, time.perf_counter() - start)
+
     def fit_step(
-        self, group: list[tuple[torch.Tensor, torch.Tensor]], tick: float, start: float
+        self,
+        group: list[tuple[torch.Tensor, torch.Tensor]],
+        tick: float,
+        start: float,
+        ends_pass: bool,
     ) -> StepResult:
         """One scheduled step on a group of micro-batches; logs its ``step`` record.
 
@@ -245,25 +386,27 @@ class Trainer:
         result = train_step(self.net, self.optimizer, batches, self.config.rescale_weights)
         self.step += 1
         self.train_time += time.perf_counter() - tick
+        self.wall_time = time.perf_counter() - start
         record = {
             "kind": "step",
             "step": self.step,
             "epoch": self.schedule.epoch(self.step),
             "time": self.train_time,
-            "wall_time": time.perf_counter() - start,
+            "wall_time": self.wall_time,
             "loss": result.loss,
             "accuracy": result.correct / result.examples,
             **values,
         }
         every = self.config.eval_every_steps
-        pass_ends = self.step % self.steps_per_pass == 0
-        if pass_ends or self.step == self.total_steps or (every and self.step % every == 0):
+        if ends_pass or self.step == self.total_steps or (every and self.step % every == 0):
             record |= self.validate()
         self.log(record)
         return result
 
     def end_pass(self, results: list[StepResult], wall_time: float) -> None:
-        """Log the pass's ``epoch`` record (with optimizer statistics) and checkpoint."""
+        """Log the pass's ``epoch`` record (with optimizer statistics) and checkpoint, unless
+        the model holds NaN or inf (then :class:`TrainingStoppedError`)."""
+        self.wall_time = wall_time
         record = {
             "kind": "epoch",
             "step": self.step,
@@ -274,19 +417,56 @@ class Trainer:
             "train_accuracy": sum(r.correct for r in results) / sum(r.examples for r in results),
             "val_loss": self.val_loss,
             "val_accuracy": self.val_accuracy,
+            "skipped_steps": self.optimizer.skipped_steps,
         }
-        if hasattr(self.optimizer, "stats"):
+        if isinstance(self.optimizer, SPNGD):
             record["optimizer_stats"] = self.optimizer.stats()["total"]
         self.log(record)
-        self.run.save_checkpoint(
-            {
-                "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "step": self.step,
-                "epoch": record["epoch"],
-                "config": self.config.to_dict(),
-            }
-        )
+        if not all_finite(self.model.state_dict()):
+            raise TrainingStoppedError(
+                f"the model holds NaN or inf after step {self.step} (BatchNorm running "
+                "statistics of a non-finite forward pass?); stopping without a checkpoint of "
+                f"it. {self._last_good()}"
+            )
+        self.run.save_checkpoint(self.checkpoint())
+        self.saved_step = self.step
+
+    def checkpoint(self) -> dict[str, Any]:
+        """What :meth:`restore` needs; every rank calls this together (SPNGD's state and the
+        ranks' RNG states are collected from all ranks)."""
+        generator = self.train_loader.generator
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "epoch": self.schedule.epoch(self.step),
+            "passes": self.passes,
+            "train_time": self.train_time,
+            "wall_time": self.wall_time,
+            "val_loss": self.val_loss,
+            "val_accuracy": self.val_accuracy,
+            "data_order": None if generator is None else generator.get_state(),
+            "ranks": self._rank_states(),
+            "config": self.config.to_dict(),
+        }
+
+    def _rank_states(self) -> list[dict[str, Any]]:
+        """Every rank's torch RNG state (augmentation, mixup) and mixup chain, by rank."""
+        previous = None if self.mixup is None else self.mixup.previous
+        own = {
+            "rng": torch.get_rng_state(),
+            "mixup": None if previous is None else tuple(t.cpu() for t in previous),
+        }
+        if self.world_size == 1:
+            return [own]
+        states: list[Any] = [None] * self.world_size
+        dist.all_gather_object(states, own)
+        return states
+
+    def _last_good(self) -> str:
+        if self.saved_step is None:
+            return "No checkpoint was written yet."
+        return f"The last good checkpoint (step {self.saved_step}) is kept in {self.run.path}."
 
 
 def distributed_rank() -> tuple[int, int]:
@@ -299,9 +479,12 @@ def distributed_rank() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def train(config: TrainConfig, run: RunFolder) -> RunResult:
-    """Train as ``config`` says into ``run`` (see :class:`Trainer`)."""
-    return Trainer(config, run).fit()
+def train(
+    config: TrainConfig, run: RunFolder | SilentRunFolder, checkpoint: Checkpoint | None = None
+) -> RunResult:
+    """Train as ``config`` says into ``run``, continuing from ``checkpoint`` if given (see
+    :class:`Trainer`)."""
+    return Trainer(config, run, checkpoint).fit()
 
 
 def _title(config: TrainConfig) -> str:

@@ -1,0 +1,103 @@
+"""NaN and inf in ``spngd train`` (issue 7 item 3), injected: steps are skipped and counted,
+too many in a row stop the run with one line, and the last good checkpoint survives."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from spngd.train.plots import moving_average
+from spngd.train.runfolder import CHECKPOINT, METRICS, PREVIOUS
+from spngd.train.trainer import Batch, Trainer
+from tests.train.conftest import SMALL, CliRun, assert_one_line_error
+
+pytestmark = pytest.mark.usefixtures("small_digits")
+
+
+def _poison(monkeypatch: pytest.MonkeyPatch, steps: range, what: str) -> None:
+    """During ``steps`` (0-based) the targets (so the loss) or the images are NaN."""
+    prepare = Trainer.prepare
+
+    def poisoned(self: Trainer, images: torch.Tensor, labels: torch.Tensor, epoch: float) -> Batch:
+        images, targets = prepare(self, images, labels, epoch)
+        if self.step not in steps:
+            return images, targets
+        return (images, targets * math.nan) if what == "loss" else (images * math.nan, targets)
+
+    monkeypatch.setattr(Trainer, "prepare", poisoned)
+
+
+@pytest.mark.parametrize(("optimizer", "advice"), [("spngd", "raise the damping"), ("sgd", "")])
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
+    run_cli: CliRun,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    optimizer: str,
+    advice: str,
+) -> None:
+    """Steps 1-2 fine (checkpoint), 3 skipped, 4 the second bad one in a row: stop; then
+    ``--resume`` with a lower rate finishes the run."""
+    out = tmp_path / "run"
+    argv = ("--out", str(out), "--optimizer", optimizer, "--epochs", "2", *SMALL)
+    with monkeypatch.context() as patch:
+        _poison(patch, range(2, 99), "loss")
+        result = run_cli("train", *argv, "--max-bad-steps", "2")
+    name = optimizer.upper()
+    line = assert_one_line_error(
+        result,
+        f"{name}: 2 steps in a row had NaN or inf gradients (max_bad_steps=2); stopping.",
+        advice,
+        f"The last good checkpoint (step 2) is kept in {out}.",
+        code=3,
+    )
+    assert result[2].splitlines() == [
+        f"spngd: warning: {name}: NaN or inf gradient; step skipped (1 in a row, 1 in all)",
+        line,
+    ]
+    checkpoint = torch.load(out / CHECKPOINT)
+    assert checkpoint["step"] == 2 and not (out / PREVIOUS).exists()
+    assert all(torch.isfinite(t).all() for t in checkpoint["model"].values())
+    code, stdout, stderr = run_cli("train", "--resume", "--out", str(out), "--lr", "0.01")
+    assert code == 0, stderr
+    assert "4 steps" in stdout
+
+
+def test_skipped_steps_are_counted_and_the_run_goes_on(run_cli: CliRun, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        _poison(patch, range(2, 3), "loss")
+        code, _, stderr = run_cli("train", "--out", str(out), "--epochs", "2", *SMALL)
+    assert code == 0, stderr
+    assert (
+        stderr
+        == "spngd: warning: SPNGD: NaN or inf gradient; step skipped (1 in a row, 1 in all)\n"
+    )
+    records = [json.loads(line) for line in (out / METRICS).read_text().splitlines()]
+    assert [r["skipped_steps"] for r in records if r["kind"] == "epoch"] == [0, 1]
+    assert math.isnan(records[3]["loss"]) and math.isfinite(records[-2]["loss"])
+
+
+def test_a_model_holding_nan_is_not_checkpointed(
+    run_cli: CliRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NaN images skip steps 3 and 4 but also poison BatchNorm's running statistics: the
+    pass's checkpoint would hold them, so the run stops and keeps step 2's."""
+    out = tmp_path / "run"
+    _poison(monkeypatch, range(2, 99), "images")
+    assert_one_line_error(
+        run_cli("train", "--out", str(out), "--epochs", "2", *SMALL),
+        "the model holds NaN or inf after step 4",
+        f"stopping without a checkpoint of it. The last good checkpoint (step 2) is kept in {out}.",
+        code=3,
+    )
+    assert torch.load(out / CHECKPOINT)["step"] == 2 and not (out / PREVIOUS).exists()
+
+
+def test_the_loss_curve_leaves_out_skipped_steps() -> None:
+    """A skipped step's NaN loss must not blank the plot's moving average from there on."""
+    curve = moving_average([1.0, 3.0, math.nan, 5.0, math.inf], window=2)
+    assert curve.tolist() == [1.0, 2.0, 3.0, 5.0, 5.0]

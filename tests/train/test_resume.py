@@ -1,0 +1,175 @@
+"""``spngd train --resume`` (issue 7 item 2): an interrupted run continues exactly, from the
+newest usable checkpoint, and a resume that cannot work is a one-line error."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from spngd.train.cli import main
+from spngd.train.runfolder import CHECKPOINT, METRICS, PREVIOUS
+from spngd.train.trainer import Trainer
+from tests.train.conftest import SMALL, CliRun, assert_one_line_error, small_digits_runs
+
+pytestmark = pytest.mark.usefixtures("small_digits")
+
+
+def _records(out: Path, kind: str = "step") -> list[dict[str, Any]]:
+    lines = (out / METRICS).read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def _tensors(state: Any) -> Iterator[torch.Tensor]:
+    """Every tensor in a (nested) state dict, in a fixed order."""
+    if torch.is_tensor(state):
+        yield state
+    elif isinstance(state, dict):
+        for key in sorted(state, key=str):
+            yield from _tensors(state[key])
+    elif isinstance(state, list | tuple):
+        for item in state:
+            yield from _tensors(item)
+
+
+def _interrupt_after(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+    """Ctrl-C right after ``step`` is logged (a pass's checkpoint may lie before it)."""
+    fit_step = Trainer.fit_step
+
+    def interrupted(self: Trainer, *args: Any) -> Any:
+        result = fit_step(self, *args)
+        if self.step == step:
+            raise KeyboardInterrupt
+        return result
+
+    monkeypatch.setattr(Trainer, "fit_step", interrupted)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        # SP-NGD with everything that draws random numbers: MC Fisher, mixup, crops, flips
+        ("--fisher", "mc", "--mixup-alpha", "0.4", "--crop", "pad", "--flip"),
+        ("--optimizer", "sgd", "--warmup-epochs", "1"),
+    ],
+    ids=["spngd", "sgd"],
+)
+def test_interrupted_run_resumes_exactly(
+    run_cli: CliRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, options: tuple[str, ...]
+) -> None:
+    """4 steps (2 passes) in one go equal 3 steps, Ctrl-C, and ``--resume`` from step 2."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    code, _, stderr = run_cli("train", "--out", str(straight), "--epochs", "2", *SMALL, *options)
+    assert code == 0, stderr
+    with monkeypatch.context() as patch:
+        _interrupt_after(patch, 3)
+        code, _, stderr = run_cli("train", "--out", str(resumed), "--epochs", "2", *SMALL, *options)
+    assert (code, stderr) == (130, "spngd: interrupted\n")
+    assert torch.load(resumed / CHECKPOINT)["step"] == 2
+    assert [r["step"] for r in _records(resumed)] == [1, 2, 3]
+    code, stdout, stderr = run_cli("train", "--resume", "--out", str(resumed))
+    assert code == 0, stderr
+    assert "4 steps" in stdout
+    want, got = torch.load(straight / CHECKPOINT), torch.load(resumed / CHECKPOINT)
+    for key in ("model", "optimizer", "ranks", "data_order"):
+        for a, b in zip(_tensors(want[key]), _tensors(got[key]), strict=True):
+            assert torch.equal(a, b), key
+    assert (got["step"], got["passes"]) == (4, 2)
+    # metrics.jsonl: the step logged after the checkpoint is dropped and redone, once
+    steps = _records(resumed)
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    assert [r["loss"] for r in steps] == [r["loss"] for r in _records(straight)]
+    assert [r["step"] for r in _records(resumed, "resume")] == [2]
+    assert got["train_time"] >= steps[-1]["time"] > steps[1]["time"]  # time runs on
+
+
+@pytest.fixture(scope="module")
+def two_pass_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished SP-NGD run of 2 passes (4 steps): checkpoint.pt at step 4, the previous
+    one at step 2. Tests copy it."""
+    out = tmp_path_factory.mktemp("run") / "run"
+    with pytest.MonkeyPatch.context() as patch, small_digits_runs(patch):
+        assert main(["train", "--out", str(out), "--epochs", "2", *SMALL]) == 0
+    return out
+
+
+def _copy(run: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(run, tmp_path / "run"))
+
+
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(
+    run_cli: CliRun, tmp_path: Path, two_pass_run: Path
+) -> None:
+    out = _copy(two_pass_run, tmp_path)
+    newest = (out / CHECKPOINT).read_bytes()
+    (out / CHECKPOINT).write_bytes(newest[: len(newest) // 2])  # torn, as by a bad disk
+    code, stdout, stderr = run_cli("train", "--resume", "--out", str(out), "--epochs", "3")
+    assert code == 0, stderr
+    assert stderr.splitlines() == [
+        f"spngd: warning: checkpoint {out / CHECKPOINT} is unusable (PytorchStreamReader "
+        "failed reading zip archive: failed finding central directory, kept as "
+        "checkpoint.pt.bad); resuming from checkpoint.prev.pt at step 2"
+    ]
+    assert "6 steps" in stdout
+    assert (out / "checkpoint.pt.bad").read_bytes() == newest[: len(newest) // 2]
+    assert [r["step"] for r in _records(out)] == [1, 2, 3, 4, 5, 6]
+    assert torch.load(out / CHECKPOINT)["step"] == 6
+    assert torch.load(out / PREVIOUS)["step"] == 4
+    assert json.loads((out / "config.json").read_text())["epochs"] == 3.0
+
+
+def test_options_given_on_resume_override_the_saved_ones(
+    run_cli: CliRun, tmp_path: Path, two_pass_run: Path
+) -> None:
+    out = _copy(two_pass_run, tmp_path)
+    options = ("--epochs", "3", "--lr-decay-end", "3", "--lr", "0.01", "--weight-decay", "1e-4")
+    code, stdout, stderr = run_cli("train", "--resume", "--out", str(out), *options)
+    assert code == 0, stderr
+    assert "6 steps" in stdout
+    # the schedule goes on from step 4 (epoch 2) with the new rate and decay end
+    assert _records(out)[-2]["lr"] == pytest.approx(0.01 * (1 - 2 / 3) ** 2)
+    config = json.loads((out / "config.json").read_text())
+    assert (config["epochs"], config["lr_decay_end"], config["lr"]) == (3.0, 3.0, 0.01)
+    groups = torch.load(out / CHECKPOINT)["optimizer"]["param_groups"]
+    assert {group["weight_decay"] for group in groups} == {1e-4}
+
+
+def test_resume_without_a_checkpoint_is_a_one_line_error(run_cli: CliRun, tmp_path: Path) -> None:
+    assert_one_line_error(run_cli("train", "--resume"), "--resume needs --out")
+    missing = tmp_path / "nowhere"
+    assert_one_line_error(
+        run_cli("train", "--resume", "--out", str(missing)), f"run folder {missing} does not exist"
+    )
+    assert_one_line_error(
+        run_cli("train", "--resume", "--out", str(tmp_path)), f"{tmp_path} holds no checkpoint"
+    )
+    (tmp_path / CHECKPOINT).write_bytes(b"not a checkpoint")
+    torch.save({"model": {}}, tmp_path / PREVIOUS)
+    assert_one_line_error(
+        run_cli("train", "--resume", "--out", str(tmp_path)),
+        f"no usable checkpoint in {tmp_path} (checkpoint.pt: ",
+        "checkpoint.prev.pt: no valid 'optimizer' entry)",
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (("--model", "resnet32"), "--model resnet32 differs from the saved run's 'resnet20'"),
+        (("--optimizer", "sgd"), "--optimizer sgd differs from the saved run's 'spngd'"),
+        (("--data", "synthetic"), "--data synthetic differs from the saved run's 'digits'"),
+        (("--batch-size", "64"), "--batch-size 64 differs from the saved run's 32"),
+    ],
+)
+def test_resume_with_a_conflicting_option_is_a_one_line_error(
+    run_cli: CliRun, tmp_path: Path, two_pass_run: Path, argv: tuple[str, ...], needle: str
+) -> None:
+    out = _copy(two_pass_run, tmp_path)
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    assert_one_line_error(run_cli("train", "--resume", "--out", str(out), *argv), needle)
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
