@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 import torch
@@ -14,7 +17,8 @@ import torch
 from spngd.train.cli import PER_OPTIMIZER
 from spngd.train.config import OPTIMIZER_DEFAULTS
 from spngd.train.models import build_model
-from tests.train.conftest import CliRun, write_image_folder
+from spngd.train.runfolder import CHECKPOINT
+from tests.train.conftest import SMALL, CliRun, assert_one_line_error, write_image_folder
 
 TINY = ("--epochs", "0.05", "--no-progress", "--device", "cpu")
 """Two steps of 32 on the digits."""
@@ -83,30 +87,40 @@ def test_compare_trains_both_optimizers_into_one_plot(run_cli: CliRun, tmp_path:
     }
 
 
-def _assert_one_line_error(result: tuple[int, str, str], *needles: str) -> None:
-    code, _, stderr = result
-    assert code == 2
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1, stderr
-    assert lines[0].startswith("spngd: error: ") and "Traceback" not in stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-
-
 def test_missing_data_folder(run_cli: CliRun, tmp_path: Path) -> None:
     missing = tmp_path / "nowhere"
-    _assert_one_line_error(
+    assert_one_line_error(
         run_cli("train", "--data", str(missing)), f"data folder {missing} does not exist"
     )
 
 
 def test_empty_data_folder(run_cli: CliRun, tmp_path: Path) -> None:
-    _assert_one_line_error(run_cli("train", "--data", str(tmp_path)), "has no train/ folder")
+    assert_one_line_error(run_cli("train", "--data", str(tmp_path)), "has no train/ folder")
     (tmp_path / "train" / "cat").mkdir(parents=True)
     (tmp_path / "val" / "cat").mkdir(parents=True)
-    _assert_one_line_error(
+    assert_one_line_error(
         run_cli("train", "--data", str(tmp_path), "--out", str(tmp_path / "r")),
         f"{tmp_path / 'train'} holds no .jpg/.jpeg/.png images",
+    )
+
+
+def test_data_path_that_is_a_file_or_a_tree_without_val(run_cli: CliRun, tmp_path: Path) -> None:
+    file = tmp_path / "images.zip"
+    file.write_bytes(b"")
+    assert_one_line_error(
+        run_cli("train", "--data", str(file)),
+        f"--data {file} is not a folder (nor 'digits' or 'synthetic')",
+    )
+    root = write_image_folder(tmp_path / "images", classes=2, per_class=1)
+    (root / "val" / "c9").mkdir()
+    assert_one_line_error(
+        run_cli("train", "--data", str(root), "--out", str(tmp_path / "r1")),
+        f"{root / 'val'} has classes not in train/: c9",
+    )
+    shutil.rmtree(root / "val")
+    assert_one_line_error(
+        run_cli("train", "--data", str(root), "--out", str(tmp_path / "r2")),
+        f"data folder {root} has no val/ folder",
     )
 
 
@@ -133,7 +147,7 @@ def test_corrupt_image_stops_training_naming_the_file(
         "--epochs",
         "1",
     )
-    _assert_one_line_error(result, f"cannot decode image {bad}", "remove or replace it")
+    assert_one_line_error(result, f"cannot decode image {bad}", "remove or replace it")
 
 
 @pytest.mark.parametrize(
@@ -148,26 +162,53 @@ def test_corrupt_image_stops_training_naming_the_file(
     ],
 )
 def test_bad_options(run_cli: CliRun, tmp_path: Path, argv: tuple[str, ...], needle: str) -> None:
-    _assert_one_line_error(run_cli("train", "--out", str(tmp_path / "r"), *argv), needle)
+    assert_one_line_error(run_cli("train", "--out", str(tmp_path / "r"), *argv), needle)
     assert not (tmp_path / "r").exists()
 
 
 def test_output_folder_not_writable(run_cli: CliRun, tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("")
-    _assert_one_line_error(
+    assert_one_line_error(
         run_cli("train", "--out", str(blocker / "run"), *TINY),
         f"output folder {blocker / 'run'} is not writable",
     )
     if os.geteuid() != 0:  # root writes through permission bits
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
-        _assert_one_line_error(run_cli("train", "--out", str(locked), *TINY), "is not writable")
+        assert_one_line_error(run_cli("train", "--out", str(locked), *TINY), "is not writable")
+
+
+@pytest.mark.usefixtures("small_digits")
+def test_full_disk_stops_the_run_and_keeps_the_last_checkpoint(
+    run_cli: CliRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second pass's checkpoint hits ENOSPC half-way: one line, status 2, the first
+    pass's checkpoint intact, no temporary file left."""
+    out, save, saves = tmp_path / "run", torch.save, []
+
+    def full_disk_the_second_time(payload: object, file: BinaryIO) -> None:
+        saves.append(payload)
+        if len(saves) == 2:
+            file.write(b"half a checkpoint")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        save(payload, file)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "save", full_disk_the_second_time)
+        result = run_cli("train", "--out", str(out), "--epochs", "2", *SMALL)
+    assert_one_line_error(
+        result,
+        f"cannot write checkpoint {out / CHECKPOINT} (No space left on device); "
+        "the previous checkpoint is kept",
+    )
+    assert torch.load(out / CHECKPOINT)["step"] == 2
+    assert sorted(p.name for p in out.iterdir()) == [CHECKPOINT, "config.json", "metrics.jsonl"]
 
 
 def test_output_folder_holding_a_run_is_refused(run_cli: CliRun, tmp_path: Path) -> None:
     (tmp_path / "metrics.jsonl").write_text("")
-    _assert_one_line_error(run_cli("train", "--out", str(tmp_path), *TINY), "already holds a run")
+    assert_one_line_error(run_cli("train", "--out", str(tmp_path), *TINY), "already holds a run")
 
 
 def test_console_script_exit_status_and_stderr(tmp_path: Path) -> None:

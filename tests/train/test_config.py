@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from spngd.train.config import DEFAULTS, OPTIMIZER_DEFAULTS, resolve_config
 from spngd.train.errors import UserError
@@ -57,3 +58,9 @@ def test_bad_values_are_user_errors_naming_the_flag(
     with pytest.raises(UserError) as error:
         resolve_config({"device": "cpu", **options})
     assert str(error.value).startswith(message)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_on_a_machine_without_it_is_a_user_error() -> None:
+    with pytest.raises(UserError, match="--device cuda: CUDA is not available on this machine"):
+        resolve_config({"device": "cuda"})
