@@ -4,6 +4,7 @@ newest usable checkpoint, and a resume that cannot work is a one-line error."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 from spngd.train.cli import main
 from spngd.train.runfolder import CHECKPOINT, METRICS, PREVIOUS
 from spngd.train.trainer import Trainer
+from tests.distributed.harness import run_workers
 from tests.train.conftest import SMALL, CliRun, assert_one_line_error, small_digits_runs
 
 pytestmark = pytest.mark.usefixtures("small_digits")
@@ -86,6 +88,30 @@ def test_interrupted_run_resumes_exactly(
     assert [r["loss"] for r in steps] == [r["loss"] for r in _records(straight)]
     assert [r["step"] for r in _records(resumed, "resume")] == [2]
     assert got["train_time"] >= steps[-1]["time"] > steps[1]["time"]  # time runs on
+
+
+def _straight_and_resumed(rank: int, world_size: int, out: str) -> None:
+    """On each rank: 4 steps in one go, and 3 steps, Ctrl-C, ``--resume``."""
+    os.environ["WORLD_SIZE"] = str(world_size)  # what torchrun sets; the group exists
+    argv = ("--epochs", "2", *SMALL)
+    with pytest.MonkeyPatch.context() as patch, small_digits_runs(patch):
+        assert main(["train", "--out", f"{out}/straight", *argv]) == 0
+        with pytest.MonkeyPatch.context() as interrupt:
+            _interrupt_after(interrupt, 3)
+            assert main(["train", "--out", f"{out}/resumed", *argv]) == 130
+        assert main(["train", "--resume", "--out", f"{out}/resumed"]) == 0
+
+
+def test_interrupted_run_resumes_exactly_on_two_ranks(tmp_path: Path) -> None:
+    """The same under torchrun's setting: every rank's RNG state is saved and restored."""
+    run_workers(_straight_and_resumed, 2, str(tmp_path))
+    want = torch.load(tmp_path / "straight" / CHECKPOINT)
+    got = torch.load(tmp_path / "resumed" / CHECKPOINT)
+    assert len(got["ranks"]) == 2 and got["data_order"] is None  # a sampler per rank
+    for key in ("model", "optimizer", "ranks"):
+        for a, b in zip(_tensors(want[key]), _tensors(got[key]), strict=True):
+            assert torch.equal(a, b), key
+    assert [r["step"] for r in _records(tmp_path / "resumed")] == [1, 2, 3, 4]
 
 
 @pytest.fixture(scope="module")
