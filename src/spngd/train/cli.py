@@ -23,6 +23,7 @@ from spngd.train.config import (
     DEFAULTS,
     OPTIMIZER_DEFAULTS,
     OPTIMIZERS,
+    RESUME_FIXED,
     TrainConfig,
     flag,
     resolve_config,
@@ -91,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume",
         action="store_true",
         help="continue the run in --out from its newest usable checkpoint; options given "
-        "override the saved ones, except data, model, optimizer, recipe, batch size and seed",
+        f"override the saved ones, except {', '.join(map(flag, RESUME_FIXED))}",
     )
     compare = commands.add_parser(
         "compare",
