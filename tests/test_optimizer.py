@@ -294,9 +294,9 @@ def test_nonfinite_gradient_skips_the_step_and_too_many_stop_training() -> None:
     for before, after in zip(factors, opt.curvature["conv"].factors, strict=True):
         torch.testing.assert_close(after, before, rtol=0, atol=0)
     torch.testing.assert_close(opt.state[model.fc.weight]["momentum_buffer"], momentum)
-    assert opt._step == step and opt.skipped_steps == 2
+    assert opt._step == step and opt.guard.skipped_steps == 2
     _train(model, opt, 1, seed=60)  # a good step resets the run of bad ones
-    assert opt.bad_steps_in_a_row == 0 and opt.skipped_steps == 2
+    assert opt.guard.bad_steps_in_a_row == 0 and opt.guard.skipped_steps == 2
     image, token, y = _batch(seed=70)
     with pytest.raises(NonFiniteGradientError, match="3 steps in a row had NaN or inf"):
         for _ in range(3):

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from spngd.distributed import DistributedConfig
-from spngd.optimizer import SPNGD, NonFiniteGradientError
+from spngd.guard import NonFiniteGradientError
+from spngd.optimizer import SPNGD
 from spngd.refresh import AdaptiveRefresh
 
 __all__ = ["SPNGD", "AdaptiveRefresh", "DistributedConfig", "NonFiniteGradientError"]

@@ -30,13 +30,10 @@ from spngd.distributed.exchange import (
     Statistics,
     collective_failure,
 )
+from spngd.guard import NonFiniteGuard, any_nonfinite
 from spngd.refresh import AdaptiveRefresh, RefreshPolicy
 
 FISHER_TYPES = ("empirical", "mc")
-
-
-class NonFiniteGradientError(RuntimeError):
-    """Too many consecutive steps had NaN or inf gradients."""
 
 
 class SPNGD(Optimizer):
@@ -128,8 +125,6 @@ class SPNGD(Optimizer):
             raise ValueError(f"bn_damping_scale must be > 0, got {bn_damping_scale}")
         if not (isinstance(accumulation_steps, int) and accumulation_steps >= 1):
             raise ValueError(f"accumulation_steps must be an int >= 1, got {accumulation_steps}")
-        if not (isinstance(max_bad_steps, int) and max_bad_steps >= 1):
-            raise ValueError(f"max_bad_steps must be an int >= 1, got {max_bad_steps}")
         wrapped = isinstance(model, nn.parallel.DistributedDataParallel)
         if wrapped:
             model = model.module
@@ -153,9 +148,9 @@ class SPNGD(Optimizer):
             raise TypeError(f"refresh must be an AdaptiveRefresh, got {type(refresh).__name__}")
         self.refresh = RefreshPolicy(stat_interval, inverse_interval, refresh or AdaptiveRefresh())
         self.accumulation_steps = accumulation_steps
-        self.max_bad_steps = max_bad_steps
-        self.skipped_steps = 0
-        self.bad_steps_in_a_row = 0
+        self.guard = NonFiniteGuard(
+            "SPNGD", max_bad_steps, advice="Lower the learning rate or raise the damping"
+        )
         self._step = 0
         self.times = StageTimes()
         self._exchange = self._make_exchange(
@@ -300,6 +295,10 @@ class SPNGD(Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear gradients and the statistics recorded since the last step, together."""
         super().zero_grad(set_to_none=set_to_none)
+        self._drop_recorded()
+
+    def _drop_recorded(self) -> None:
+        """Forget the statistics recorded since the last step (and anything in flight)."""
         for block in self.curvature.values():
             block.clear_pending()
         self._exchange.reset()
@@ -359,32 +358,10 @@ class SPNGD(Optimizer):
     def _skip_if_not_finite(self) -> bool:
         """Skip the step when any gradient (on any rank) is NaN or inf; True if skipped."""
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        # one fused norm over all gradients (NaN or inf if any entry is) instead of a check
-        # and a host sync per tensor: this runs every step
-        total = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
-        bad = self._exchange.any_rank((~torch.isfinite(total)).float())
-        if not bad:
-            self.bad_steps_in_a_row = 0
-            return False
-        self.skipped_steps += 1
-        self.bad_steps_in_a_row += 1
-        for block in self.curvature.values():
-            block.clear_pending()
-        self._exchange.reset()
-        self._capture.recorded_since_step = 0
-        if self.bad_steps_in_a_row >= self.max_bad_steps:
-            raise NonFiniteGradientError(
-                f"SPNGD: {self.bad_steps_in_a_row} steps in a row had NaN or inf gradients "
-                f"(max_bad_steps={self.max_bad_steps}); stopping. Lower the learning rate or "
-                "raise the damping, and resume from the last good checkpoint."
-            )
-        warnings.warn(
-            f"SPNGD: NaN or inf gradient; step skipped ({self.bad_steps_in_a_row} in a row, "
-            f"{self.skipped_steps} in all)",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return True
+        bad = self._exchange.any_rank(any_nonfinite(grads))
+        if bad:  # this step's statistics are as suspect as its gradients
+            self._drop_recorded()
+        return self.guard.skip(bad)
 
     def _refresh_block(self, name: str, block: CurvatureBlock, fresh: Statistics) -> bool:
         """Fold fresh statistics into an owned block and adapt its refresh intervals;
@@ -500,8 +477,7 @@ class SPNGD(Optimizer):
         state["curvature"] = curvature
         state["refresh"] = refresh
         state["step"] = self._step
-        state["skipped_steps"] = self.skipped_steps
-        state["bad_steps_in_a_row"] = self.bad_steps_in_a_row
+        state.update(self.guard.state_dict())
         if self._mc_generator is not None:
             state["mc_generator"] = self._mc_generator.get_state()
         return state
@@ -511,8 +487,7 @@ class SPNGD(Optimizer):
         curvature = state_dict.pop("curvature", {})
         refresh = state_dict.pop("refresh", None)
         step = state_dict.pop("step", 0)
-        self.skipped_steps = state_dict.pop("skipped_steps", 0)
-        self.bad_steps_in_a_row = state_dict.pop("bad_steps_in_a_row", 0)
+        self.guard.pop_state(state_dict)
         mc_state = state_dict.pop("mc_generator", None)
         if mc_state is not None and self._mc_generator is not None:
             self._mc_generator.set_state(mc_state)

@@ -118,7 +118,7 @@ def _nan_on_one_rank(rank: int, world_size: int, out: str) -> None:
     torch.save(
         {
             "params": [p.detach() for p in model.parameters()],
-            "skipped": opt.skipped_steps,
+            "skipped": opt.guard.skipped_steps,
             "step": opt._step,
         },
         Path(out) / f"rank{rank}.pt",

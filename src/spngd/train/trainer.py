@@ -22,7 +22,8 @@ from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from spngd.optimizer import SPNGD, NonFiniteGradientError
+from spngd.guard import NonFiniteGradientError, NonFiniteGuard, any_nonfinite
+from spngd.optimizer import SPNGD
 from spngd.train.augment import RunningMixup, soft_targets
 from spngd.train.config import TrainConfig
 from spngd.train.data import load_data, make_loaders
@@ -108,8 +109,8 @@ class GuardedSGD(torch.optim.SGD):
 
     The skipped step leaves parameters and momentum untouched and warns; after
     ``max_bad_steps`` such steps in a row ``step()`` raises :class:`NonFiniteGradientError`,
-    so the trainer stops both optimizers the same way. Under DDP the gradients are already
-    averaged, so every rank skips the same steps.
+    so the trainer stops both optimizers the same way (:class:`spngd.guard.NonFiniteGuard`).
+    Under DDP the gradients are already averaged, so every rank skips the same steps.
     """
 
     def __init__(
@@ -121,9 +122,7 @@ class GuardedSGD(torch.optim.SGD):
         max_bad_steps: int = 10,
     ) -> None:
         super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-        self.max_bad_steps = max_bad_steps
-        self.skipped_steps = 0
-        self.bad_steps_in_a_row = 0
+        self.guard = NonFiniteGuard("SGD", max_bad_steps, advice="Lower the learning rate")
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
@@ -133,37 +132,17 @@ class GuardedSGD(torch.optim.SGD):
             with torch.enable_grad():
                 loss = closure()
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if not grads or torch.isfinite(torch.nn.utils.get_total_norm(grads)):
-            self.bad_steps_in_a_row = 0
+        if not self.guard.skip(bool(any_nonfinite(grads))):
             super().step()
-            return loss
-        self.skipped_steps += 1
-        self.bad_steps_in_a_row += 1
-        if self.bad_steps_in_a_row >= self.max_bad_steps:
-            raise NonFiniteGradientError(
-                f"SGD: {self.bad_steps_in_a_row} steps in a row had NaN or inf gradients "
-                f"(max_bad_steps={self.max_bad_steps}); stopping. Lower the learning rate, and "
-                "resume from the last good checkpoint."
-            )
-        warnings.warn(
-            f"SGD: NaN or inf gradient; step skipped ({self.bad_steps_in_a_row} in a row, "
-            f"{self.skipped_steps} in all)",
-            RuntimeWarning,
-            stacklevel=2,
-        )
         return loss
 
     def state_dict(self) -> dict[str, Any]:
         """Torch's SGD state plus the skipped-step counters (as SPNGD's state dict has)."""
-        state = super().state_dict()
-        state["skipped_steps"] = self.skipped_steps
-        state["bad_steps_in_a_row"] = self.bad_steps_in_a_row
-        return state
+        return {**super().state_dict(), **self.guard.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
-        self.skipped_steps = state_dict.pop("skipped_steps", 0)
-        self.bad_steps_in_a_row = state_dict.pop("bad_steps_in_a_row", 0)
+        self.guard.pop_state(state_dict)
         super().load_state_dict(state_dict)
 
 
@@ -417,7 +396,7 @@ class Trainer:
             "train_accuracy": sum(r.correct for r in results) / sum(r.examples for r in results),
             "val_loss": self.val_loss,
             "val_accuracy": self.val_accuracy,
-            "skipped_steps": self.optimizer.skipped_steps,
+            "skipped_steps": self.optimizer.guard.skipped_steps,
         }
         if isinstance(self.optimizer, SPNGD):
             record["optimizer_stats"] = self.optimizer.stats()["total"]

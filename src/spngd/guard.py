@@ -1,0 +1,76 @@
+"""Skipping steps whose gradients hold NaN or inf: one policy for SPNGD and plain SGD.
+
+A bad step is skipped (the caller leaves parameters, momentum and curvature untouched),
+counted and warned about; ``max_bad_steps`` bad steps in a row raise
+:class:`NonFiniteGradientError`, so a training loop can stop with its last good
+checkpoint instead of writing NaNs into it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+
+class NonFiniteGradientError(RuntimeError):
+    """Too many consecutive steps had NaN or inf gradients."""
+
+
+def any_nonfinite(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``1.0`` if any gradient entry is NaN or inf, else ``0.0`` (a 0-dim float tensor).
+
+    One fused norm over all gradients (NaN or inf if any entry is) instead of a check and
+    a host sync per tensor: this runs every step.
+    """
+    if not grads:
+        return torch.zeros(())
+    return (~torch.isfinite(torch.nn.utils.get_total_norm(grads))).float()
+
+
+class NonFiniteGuard:
+    """Counts skipped steps and decides when to stop.
+
+    ``name`` and ``advice`` go into the messages (e.g. ``"SPNGD"``, ``"Lower the learning
+    rate"``).
+    """
+
+    def __init__(self, name: str, max_bad_steps: int, advice: str) -> None:
+        if not (isinstance(max_bad_steps, int) and max_bad_steps >= 1):
+            raise ValueError(f"max_bad_steps must be an int >= 1, got {max_bad_steps}")
+        self.name = name
+        self.max_bad_steps = max_bad_steps
+        self.advice = advice
+        self.skipped_steps = 0
+        self.bad_steps_in_a_row = 0
+
+    def skip(self, bad: bool) -> bool:
+        """Record one step; True if it must be skipped. Raises after too many in a row."""
+        if not bad:
+            self.bad_steps_in_a_row = 0
+            return False
+        self.skipped_steps += 1
+        self.bad_steps_in_a_row += 1
+        if self.bad_steps_in_a_row >= self.max_bad_steps:
+            raise NonFiniteGradientError(
+                f"{self.name}: {self.bad_steps_in_a_row} steps in a row had NaN or inf "
+                f"gradients (max_bad_steps={self.max_bad_steps}); stopping. {self.advice}, "
+                "and resume from the last good checkpoint."
+            )
+        warnings.warn(
+            f"{self.name}: NaN or inf gradient; step skipped ({self.bad_steps_in_a_row} in a "
+            f"row, {self.skipped_steps} in all)",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        return True
+
+    def state_dict(self) -> dict[str, int]:
+        return {"skipped_steps": self.skipped_steps, "bad_steps_in_a_row": self.bad_steps_in_a_row}
+
+    def pop_state(self, state: dict[str, Any]) -> None:
+        """Restore the counters from an optimizer state dict, taking their entries out."""
+        self.skipped_steps = state.pop("skipped_steps", 0)
+        self.bad_steps_in_a_row = state.pop("bad_steps_in_a_row", 0)
