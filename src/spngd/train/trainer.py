@@ -214,8 +214,12 @@ class Trainer:
         if config.threads is not None:
             torch.set_num_threads(config.threads)
         self.config, self.run = config, run
-        self.device = torch.device(config.device)
         self.rank, self.world_size = distributed_rank()
+        self.device = torch.device(config.device)
+        if self.device == torch.device("cuda") and self.world_size > 1:
+            # one GPU per process under torchrun: plain "cuda" would put every rank on GPU 0
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(self.device)
         self.data = load_data(config)
         self.train_loader, self.val_loader = make_loaders(
             self.data, config, self.rank, self.world_size
