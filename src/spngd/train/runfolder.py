@@ -21,6 +21,7 @@ from typing import IO, Any
 
 import torch
 
+from spngd.guard import any_nonfinite
 from spngd.train.errors import UserError
 from spngd.train.plots import plot_runs
 
@@ -111,7 +112,7 @@ def all_finite(state: Mapping[str, Any]) -> bool:
     """Whether every floating-point tensor of a model's ``state_dict`` is free of NaN and inf
     (one fused norm, not one check per tensor)."""
     tensors = [t for t in state.values() if torch.is_tensor(t) and t.is_floating_point()]
-    return not tensors or bool(torch.isfinite(torch.nn.utils.get_total_norm(tensors)))
+    return not bool(any_nonfinite(tensors))
 
 
 def find_checkpoint(folder: Path) -> Checkpoint:
