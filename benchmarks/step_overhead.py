@@ -10,7 +10,8 @@ All contenders of one model run in the same process, interleaved round by round,
 machine noise hits them alike; glibc's malloc thresholds are pinned at 1 GiB (the script
 re-executes itself with them set). Times after ``--warmup`` steps; for the adaptive
 refresh this is the amortized cost once its warm-up (10 steps of full refresh) is over,
-and the printed share of statistics computed says how much it skipped.
+and the printed shares of statistics (all; conv/Linear ``A`` and ``G``; BatchNorm ``F``)
+and inverses computed in the timed steps say how much it skipped.
 
     python benchmarks/step_overhead.py [--quick] [--models resnet20 resnet50]
 """
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spngd import SPNGD
+from spngd.refresh import computed_shares
 from spngd.train.models import build_model
 
 PINNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
@@ -138,6 +140,7 @@ def measure(
 
     for name in steps:
         run(name, warmup)
+    before = {name: opt.stats()["total"] for name, opt in spngd.items()}
     totals = dict.fromkeys(steps, 0.0)
     for _ in range(rounds):
         for name in steps:
@@ -147,13 +150,13 @@ def measure(
         f"\n{model_name} {size}x{size}, batch {batch}: {warmup} warm-up steps, then "
         f"{rounds} interleaved rounds x {steps_per_round} steps"
     )
-    print(f"  {'contender':<26}{'ms/step':>10}{'x SGD':>8}   statistics computed")
+    print(f"  {'contender':<26}{'ms/step':>10}{'x SGD':>8}   computed in the timed steps")
     for name, seconds in per_step.items():
         share = ""
         if name in spngd:
-            total = spngd[name].stats()["total"]
-            done = total["stats_computed"]
-            share = f"{done / (done + total['stats_skipped']):.0%} of all (warm-up included)"
+            after = spngd[name].stats()["total"]
+            timed = {key: count - before[name].get(key, 0) for key, count in after.items()}
+            share = " ".join(f"{what} {s:.0%}" for what, s in computed_shares(timed).items())
         print(f"  {name:<26}{1e3 * seconds:>10.1f}{seconds / per_step['SGD']:>8.2f}   {share}")
 
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spngd import SPNGD, AdaptiveRefresh
-from spngd.refresh import RefreshPolicy
+from spngd.refresh import RefreshPolicy, computed_shares
 
 
 def _model() -> nn.Module:
@@ -76,6 +76,12 @@ def test_stationary_problem_grows_intervals_and_skips_work() -> None:
     assert totals["stats_skipped"] > totals["stats_computed"]
     assert totals["inverses_skipped"] > totals["inverses_computed"]
     assert opt.stats()["1"]["stats_computed"] + opt.stats()["1"]["stats_skipped"] == 60
+    # per statistic: A and G of the conv and the Linear, F of the BatchNorm, 60 steps each
+    for statistic, layers in (("A", 2), ("G", 2), ("F", 1)):
+        assert totals[f"{statistic}_computed"] + totals[f"{statistic}_skipped"] == 60 * layers
+    shares = computed_shares(totals)
+    assert shares.keys() == {"stats", "inverses", "A", "G", "F"}
+    assert shares["F"] == totals["F_computed"] / 60 < 0.5
 
 
 def test_a_shift_of_the_input_distribution_is_caught_within_the_cap() -> None:
@@ -121,6 +127,10 @@ def test_fixed_intervals_compute_statistics_and_inverses_on_schedule() -> None:
         "stats_skipped": 16,
         "inverses_computed": 3,
         "inverses_skipped": 10,
+        "A_computed": 5,
+        "A_skipped": 8,
+        "G_computed": 5,
+        "G_skipped": 8,
     }
 
 

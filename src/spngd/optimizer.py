@@ -367,11 +367,12 @@ class SPNGD(Optimizer):
         """Fold fresh statistics into an owned block and adapt its refresh intervals;
         True when its inverse is due."""
         step = self._step
-        for i, _ in enumerate(block.statistic_names):
+        for i, statistic in enumerate(block.statistic_names):
             computed = fresh is not None and fresh[i] is not None
             if computed:
                 self.refresh.observe((name, i), step, block.factors[i], fresh[i])  # type: ignore[index, arg-type]
             self.refresh.count(name, "stats", computed)
+            self.refresh.count(name, statistic, computed)
         if fresh is not None:
             block.update_factors(fresh, self.stat_decay)
         damping = self._block_damping(name)

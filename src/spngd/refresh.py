@@ -122,15 +122,21 @@ class RefreshPolicy:
         return step % self.inverse_interval == 0
 
     def count(self, layer: str, what: str, done: bool) -> None:
-        """Tally one statistic or inverse computation (``what``) as done or skipped."""
+        """Tally one computation of ``what`` (``stats``, ``inverses``, or one statistic's
+        name such as ``A``) as done or skipped."""
         counts = self.counts.setdefault(layer, dict.fromkeys(COUNTERS, 0))
-        counts[f"{what}_{'computed' if done else 'skipped'}"] += 1
+        key = f"{what}_{'computed' if done else 'skipped'}"
+        counts[key] = counts.get(key, 0) + 1
 
     @staticmethod
     def summarize(counts: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
-        """Per layer and ``"total"``: statistics and inverses computed and skipped."""
+        """Per layer and ``"total"``: statistics (all, and per statistic name) and inverses
+        computed and skipped."""
         report = {layer: dict(c) for layer, c in counts.items()}
-        report["total"] = {name: sum(c[name] for c in counts.values()) for name in COUNTERS}
+        names = dict.fromkeys(COUNTERS)
+        for c in counts.values():
+            names.update(dict.fromkeys(c))
+        report["total"] = {name: sum(c.get(name, 0) for c in counts.values()) for name in names}
         return report
 
     def state_dict(self) -> dict[str, object]:
@@ -147,3 +153,15 @@ class RefreshPolicy:
 
 
 COUNTERS = ("stats_computed", "stats_skipped", "inverses_computed", "inverses_skipped")
+
+
+def computed_shares(counts: dict[str, int]) -> dict[str, float]:
+    """From one layer's (or the total's) counts of :meth:`SPNGD.stats`, the share computed
+    of all statistics (``stats``), of each statistic by name (``A``, ``G``, ``F``) and of
+    the inverses, e.g. ``{"stats": 0.9, "A": 0.6, "G": 1.0, "inverses": 1.0}``."""
+    shares = {}
+    for key, done in counts.items():
+        what, _, outcome = key.rpartition("_")
+        if outcome == "computed" and done + counts.get(f"{what}_skipped", 0):
+            shares[what] = done / (done + counts.get(f"{what}_skipped", 0))
+    return shares
