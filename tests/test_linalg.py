@@ -1,4 +1,4 @@
-"""Damped inverses and their fallbacks (spec section 2; issue item 6)."""
+"""Damped inverses (kept as Cholesky factors) and their fallbacks (spec section 2)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import torch
 
 from spngd.linalg import (
     FactorizationError,
-    damped_kronecker_inverses,
+    damped_kronecker_cholesky,
     pi_correction,
-    spd_inverse,
+    robust_cholesky,
     unit_wise_inverse,
 )
 
@@ -28,7 +28,7 @@ def test_pi_and_damping_terms_match_the_spec() -> None:
     pi = math.sqrt((A.diagonal(dim1=1, dim2=2).mean() / G.diagonal(dim1=1, dim2=2).mean()).item())
     assert pi_correction(A, G).item() == pytest.approx(pi, rel=1e-12)
     a_before, g_before = A.clone(), G.clone()
-    a_inv, g_inv = damped_kronecker_inverses(A, G, lam)
+    a_inv, g_inv = (torch.cholesky_inverse(L) for L in damped_kronecker_cholesky(A, G, lam))
     eye5, eye3 = torch.eye(5, dtype=A.dtype), torch.eye(3, dtype=A.dtype)
     torch.testing.assert_close(a_inv[0], torch.linalg.inv(A[0] + pi * math.sqrt(lam) * eye5))
     torch.testing.assert_close(g_inv[0], torch.linalg.inv(G[0] + math.sqrt(lam) / pi * eye3))
@@ -39,25 +39,27 @@ def test_pi_and_damping_terms_match_the_spec() -> None:
 def test_zero_factor_falls_back_to_pi_one() -> None:
     A, G = torch.zeros(1, 4, 4), _spd(3, 2).float()
     assert pi_correction(A, G).item() == 1.0
-    a_inv, _ = damped_kronecker_inverses(A, G, 1e-4)
-    torch.testing.assert_close(a_inv[0], torch.eye(4) / 1e-2)
+    lower_a, _ = damped_kronecker_cholesky(A, G, 1e-4)
+    torch.testing.assert_close(lower_a[0], torch.eye(4) * 0.1)  # (1e-2 I)^(1/2)
 
 
 def test_cholesky_failure_is_retried_in_float64_then_with_jitter() -> None:
     singular = torch.zeros(2, 3, 3)  # not positive definite at all: needs jitter
-    inverse = spd_inverse(singular)
-    assert torch.isfinite(inverse).all() and inverse.dtype == torch.float32
+    lower = robust_cholesky(singular)
+    assert lower.dtype == torch.float32
+    assert torch.isfinite(torch.cholesky_solve(torch.ones(2, 3, 1), lower)).all()
     # indefinite in float32 round-off, fine in float64
-    v = torch.randn(6, 1, dtype=torch.float64)
+    v = torch.randn(6, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     nearly = (v @ v.T + 1e-9 * torch.eye(6, dtype=torch.float64)).float()
-    assert torch.isfinite(spd_inverse(nearly.unsqueeze(0))).all()
+    lower = robust_cholesky(nearly.unsqueeze(0))
+    torch.testing.assert_close(lower @ lower.mT, nearly.unsqueeze(0), rtol=1e-5, atol=1e-5)
 
 
 def test_nonfinite_factor_raises_a_clear_error() -> None:
     bad = _spd(3, 3).clone()
     bad[0, 0, 0] = float("nan")
     with pytest.raises(FactorizationError, match="NaN or inf"):
-        spd_inverse(bad)
+        robust_cholesky(bad)
 
 
 def test_unit_wise_inverse_matches_linalg_inv() -> None:

@@ -149,6 +149,30 @@ def test_state_dict_round_trip_continues_identically() -> None:
         torch.testing.assert_close(a, b)
 
 
+def test_a_state_dict_holding_explicit_inverses_is_recomputed_not_misread() -> None:
+    """Older versions saved explicit inverses of the Kronecker factors; those are now kept
+    as Cholesky factors, so such an entry is dropped and recomputed from the saved factors."""
+    torch.manual_seed(0)
+    model = Mixed()
+    opt = SPNGD(model, lr=0.05, stat_interval=2)
+    _train(model, opt, 1)
+    state = copy.deepcopy(opt.state_dict())
+    old = state["curvature"]["conv"]
+    del old["inverse_kind"]
+    old["inverse"] = tuple(torch.cholesky_inverse(lower) for lower in old["inverse"])
+    resumed_model = copy.deepcopy(model)
+    resumed = SPNGD(resumed_model, lr=0.05, stat_interval=2)
+    resumed.load_state_dict(state)
+    assert resumed.curvature["conv"].inverse is None
+    assert resumed.curvature["fc"].inverse is not None
+    # step 1 computes no statistics: the original reuses its inverse, the resumed one
+    # recomputes the same from the saved factors
+    _train(model, opt, 1, seed=100)
+    _train(resumed_model, resumed, 1, seed=100)
+    for a, b in zip(model.parameters(), resumed_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_zero_grad_also_drops_pending_statistics() -> None:
     model = Mixed()
     opt = SPNGD(model, lr=0.1)

@@ -22,13 +22,16 @@ class CurvatureBlock(ABC):
 
     A block has one or more statistics (``statistic_names``, e.g. ``A`` and ``G``).
     ``factors`` holds the running value of each (``None`` until first computed) and
-    ``inverse`` a tuple of tensors derived from them for a given damping. ``wanted``
+    ``inverse`` a tuple of tensors that stand for the damped inverse (what they are is
+    the subclass's ``inverse_kind``). ``wanted``
     says which statistics the hooks compute at the current step (set by the refresh
     policy); a block without an inverse passes gradients through.
     """
 
     kind: str = "curvature"
     statistic_names: tuple[str, ...] = ()
+    inverse_kind: str = "inverse"
+    """What ``inverse`` holds: the inverse itself, or e.g. Cholesky factors."""
 
     def __init__(self, name: str, module: nn.Module) -> None:
         self.name = name
@@ -178,6 +181,7 @@ class CurvatureBlock(ABC):
         return {
             "factors": self.factors,
             "inverse": self.inverse,
+            "inverse_kind": self.inverse_kind,
             "inverse_damping": self.inverse_damping,
         }
 
@@ -186,6 +190,8 @@ class CurvatureBlock(ABC):
         self.factors = list(_to_device(state["factors"], device))  # type: ignore[call-overload]
         self.inverse = _to_device(state["inverse"], device)  # type: ignore[arg-type]
         self.inverse_damping = state["inverse_damping"]  # type: ignore[assignment]
+        if state.get("inverse_kind", "inverse") != self.inverse_kind:
+            self.inverse = None  # saved by a version that kept another form: recomputed
 
 
 def _to_device(tensors: object, device: torch.device) -> object:

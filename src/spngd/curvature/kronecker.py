@@ -2,7 +2,9 @@
 
 The Fisher of a weight ``W`` (``d_G x d_A``, bias as the last column) is approximated by
 ``G ⊗ A`` per group (spec sections 2-3). With pi-corrected factored Tikhonov damping the
-preconditioned gradient is ``(G + sqrt(lam)/pi I)^-1 grad (A + pi sqrt(lam) I)^-1``.
+preconditioned gradient is ``(G + sqrt(lam)/pi I)^-1 grad (A + pi sqrt(lam) I)^-1``. The
+two damped factors' inverses are kept as their Cholesky factors (``inverse`` holds
+``(L_A, L_G)``) and applied by triangular solves, never formed.
 Subclasses say how ``A`` and ``G`` come from a layer's input and output gradient, and how
 the parameters' gradients map to and from the ``(groups, d_G, d_A)`` matrix.
 """
@@ -14,7 +16,7 @@ from abc import abstractmethod
 import torch
 
 from spngd.curvature.base import CurvatureBlock
-from spngd.linalg import batched_spd_inverse, damped_kronecker_factors, damped_kronecker_inverses
+from spngd.linalg import batched_cholesky, damped_kronecker_cholesky, damped_kronecker_factors
 
 
 class KroneckerBlock(CurvatureBlock):
@@ -22,6 +24,7 @@ class KroneckerBlock(CurvatureBlock):
 
     groups: int = 1
     statistic_names = ("A", "G")
+    inverse_kind = "cholesky"
     a_dim: int
     """Size of ``A`` per group (input features x kernel, +1 with a bias)."""
     g_dim: int
@@ -62,16 +65,17 @@ class KroneckerBlock(CurvatureBlock):
 
     def compute_inverse(self, damping: float) -> tuple[torch.Tensor, ...]:
         A, G = self.factors  # type: ignore[misc]
-        return damped_kronecker_inverses(A, G, damping)
+        return damped_kronecker_cholesky(A, G, damping)
 
     def damped_factors(self, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
         A, G = self.factors  # type: ignore[misc]
         return damped_kronecker_factors(A, G, damping)
 
     def apply_inverse(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
-        a_inv, g_inv = self.inverse  # type: ignore[misc]
-        matrix = self.gradient_matrix(grads).to(a_inv.dtype)
-        update = torch.matmul(torch.matmul(g_inv, matrix), a_inv)
+        lower_a, lower_g = self.inverse  # type: ignore[misc]
+        matrix = self.gradient_matrix(grads).to(lower_a.dtype)
+        right = torch.cholesky_solve(matrix.mT, lower_a).mT  # grad A^-1
+        update = torch.cholesky_solve(right.to(lower_g.dtype), lower_g)  # G^-1 grad A^-1
         return [u.to(g.dtype) for u, g in zip(self.split_matrix(update), grads, strict=True)]
 
     @property
@@ -101,7 +105,7 @@ def update_inverses(due: list[tuple[CurvatureBlock, float]]) -> None:
 
     Kronecker factors of the same size (the repeated layers of a ResNet stage, the groups of
     a grouped convolution) go through one batched Cholesky call; any block whose batched
-    inversion fails, and every other kind of block, takes its own path with fallbacks.
+    factorisation fails, and every other kind of block, takes its own path with fallbacks.
     """
     by_size: dict[tuple[int, torch.dtype, torch.device], list[tuple[int, int, torch.Tensor]]] = {}
     damped: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -113,7 +117,7 @@ def update_inverses(due: list[tuple[CurvatureBlock, float]]) -> None:
                 by_size.setdefault(key, []).append((index, which, matrix))
     inverses: dict[int, list[torch.Tensor | None]] = {i: [None, None] for i in damped}
     for entries in by_size.values():
-        results = batched_spd_inverse([matrix for _, _, matrix in entries])
+        results = batched_cholesky([matrix for _, _, matrix in entries])
         for (index, which, _), inverse in zip(entries, results, strict=True):
             inverses[index][which] = inverse
     for index, (block, damping) in enumerate(due):
