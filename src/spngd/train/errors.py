@@ -17,6 +17,14 @@ class UserError(Exception):
         super().__init__(last_line.removeprefix(f"{__name__}.{type(self).__qualname__}: "))
 
 
+def brief_reason(error: BaseException) -> str:
+    """The first sentence of an exception's first line (torch's load and state-dict
+    messages run on for many lines), or its type's name when it has no message; for the
+    parenthesis of a one-line error."""
+    lines = str(error).strip().splitlines()
+    return lines[0].split(". ")[0] if lines else type(error).__name__
+
+
 class TrainingStoppedError(Exception):
     """Training cannot go on (NaN or inf for too many steps in a row, or in the model itself).
 

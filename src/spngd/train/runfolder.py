@@ -22,7 +22,7 @@ from typing import IO, Any
 import torch
 
 from spngd.guard import any_nonfinite
-from spngd.train.errors import UserError
+from spngd.train.errors import UserError, brief_reason
 from spngd.train.plots import plot_runs
 
 CONFIG, METRICS, PLOT = "config.json", "metrics.jsonl", "plot.png"
@@ -127,8 +127,7 @@ def find_checkpoint(folder: Path) -> Checkpoint:
         except FileNotFoundError:
             rejected.append((path, "missing"))
         except Exception as error:  # any failure to load makes the file unusable
-            lines = str(error).strip().splitlines()  # torch's messages run on: first sentence
-            rejected.append((path, lines[0].split(". ")[0] if lines else type(error).__name__))
+            rejected.append((path, brief_reason(error)))
     if all(reason == "missing" for _, reason in rejected):
         raise UserError(
             f"--resume: {folder} holds no checkpoint ({CHECKPOINT} is written after each pass "

@@ -27,7 +27,7 @@ from spngd.optimizer import SPNGD
 from spngd.train.augment import RunningMixup, soft_targets
 from spngd.train.config import TrainConfig
 from spngd.train.data import load_data, make_loaders
-from spngd.train.errors import TrainingStoppedError, UserError
+from spngd.train.errors import TrainingStoppedError, UserError, brief_reason
 from spngd.train.models import build_model
 from spngd.train.plots import plot_runs
 from spngd.train.runfolder import Checkpoint, RunFolder, SilentRunFolder, all_finite
@@ -254,9 +254,8 @@ class Trainer:
             self.model.load_state_dict(payload["model"])
             self.optimizer.load_state_dict(payload["optimizer"])
         except (RuntimeError, ValueError, KeyError) as error:
-            reason = str(error).strip().splitlines()[0]
             raise UserError(
-                f"checkpoint {checkpoint.path} does not fit this run ({reason})"
+                f"checkpoint {checkpoint.path} does not fit this run ({brief_reason(error)})"
             ) from None
         for group in self.optimizer.param_groups:  # the one setting the schedule leaves alone
             group["weight_decay"] = self.config.weight_decay
