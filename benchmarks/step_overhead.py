@@ -139,7 +139,8 @@ def measure(
         return time.perf_counter() - start
 
     for name in steps:
-        run(name, warmup)
+        seconds = run(name, warmup)
+        print(f"  ({name}: {warmup} warm-up steps took {seconds:.0f} s)", flush=True)
     before = {name: opt.stats()["total"] for name, opt in spngd.items()}
     totals = dict.fromkeys(steps, 0.0)
     for _ in range(rounds):
