@@ -95,3 +95,35 @@ def test_batched_inversion_equals_one_block_at_a_time() -> None:
         for got, want in zip(block.inverse, expected, strict=True):
             torch.testing.assert_close(got, want)
         assert block.inverse_damping == 1e-3
+
+
+def test_a_reused_inverse_is_formed_once_and_agrees_with_the_solves() -> None:
+    """The first gradient after a refresh goes through triangular solves; later ones through
+    the inverse formed from the Cholesky factors, with the same result."""
+    from torch import nn
+
+    from spngd.curvature import LinearBlock
+
+    block = LinearBlock("fc", nn.Linear(6, 4).double())
+    block.factors = [_spd(7, 30), _spd(4, 31)]
+    block.update_inverse(1e-3)
+    gen = torch.Generator().manual_seed(5)
+    grads = [
+        torch.randn(4, 6, generator=gen, dtype=torch.float64),
+        torch.randn(4, generator=gen, dtype=torch.float64),
+    ]
+    first = block.precondition(grads)
+    assert block.formed_inverse is None
+    second = block.precondition(grads)
+    formed = block.formed_inverse
+    assert formed is not None
+    assert block.precondition(grads) is not None and block.formed_inverse is formed
+    for a, b in zip(first, second, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # against the explicit Kronecker solve of the damped factors
+    a_damped, g_damped = block.damped_factors(1e-3)
+    matrix = torch.cat((grads[0], grads[1][:, None]), dim=1)
+    expected = torch.linalg.solve(g_damped[0], matrix) @ torch.linalg.inv(a_damped[0])
+    torch.testing.assert_close(torch.cat((first[0], first[1][:, None]), dim=1), expected)
+    block.update_inverse(1e-2)  # a new inverse drops the formed one
+    assert block.formed_inverse is None and block.inverse_uses == 0

@@ -41,6 +41,11 @@ class CurvatureBlock(ABC):
         self.wanted: list[bool] = [True] * len(self.statistic_names)
         self.inverse: tuple[torch.Tensor, ...] | None = None
         self.inverse_damping: float | None = None
+        self.inverse_uses = 0
+        """Gradients preconditioned with the current ``inverse`` so far."""
+        self.formed_inverse: tuple[torch.Tensor, ...] | None = None
+        """For subclasses that keep ``inverse`` in another form: the inverse formed from it
+        for repeated use (dropped whenever ``inverse`` changes)."""
         self._pending: list[torch.Tensor | None] | None = None
         self._pending_count = 0
         self._warned: set[str] = set()
@@ -147,8 +152,14 @@ class CurvatureBlock(ABC):
                 "previous inverse (plain gradient if there is none)",
             )
             return
+        self.set_inverse(inverse, damping)
+
+    def set_inverse(self, inverse: tuple[torch.Tensor, ...], damping: float) -> None:
+        """Put a freshly computed inverse (for ``damping``) in use."""
         self.inverse = inverse
         self.inverse_damping = damping
+        self.inverse_uses = 0
+        self.formed_inverse = None
 
     def precondition(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
         """Preconditioned gradients, or ``grads`` unchanged when that is not possible.
@@ -159,6 +170,7 @@ class CurvatureBlock(ABC):
         if self.inverse is None:
             return grads
         updates = self.apply_inverse(grads)
+        self.inverse_uses += 1
         if all(bool(torch.isfinite(u).all()) for u in updates):
             return updates
         if all(bool(torch.isfinite(g).all()) for g in grads):
@@ -183,6 +195,7 @@ class CurvatureBlock(ABC):
             "inverse": self.inverse,
             "inverse_kind": self.inverse_kind,
             "inverse_damping": self.inverse_damping,
+            "inverse_uses": self.inverse_uses,
         }
 
     def load_state_dict(self, state: dict[str, object]) -> None:
@@ -190,6 +203,8 @@ class CurvatureBlock(ABC):
         self.factors = list(_to_device(state["factors"], device))  # type: ignore[call-overload]
         self.inverse = _to_device(state["inverse"], device)  # type: ignore[arg-type]
         self.inverse_damping = state["inverse_damping"]  # type: ignore[assignment]
+        self.inverse_uses = state.get("inverse_uses", 0)  # type: ignore[assignment]
+        self.formed_inverse = None
         if state.get("inverse_kind", "inverse") != self.inverse_kind:
             self.inverse = None  # saved by a version that kept another form: recomputed
 
