@@ -100,10 +100,9 @@ def robust_cholesky(matrix: torch.Tensor) -> torch.Tensor:
     Applying the inverse takes two triangular solves (``torch.cholesky_solve``), which for
     a factor refreshed at every step is several times cheaper than forming ``L^-T L^-1``
     first (on CPU, for ResNet factors d = 576..4608: 2-4x per refresh); Cholesky is what
-    the authors' code uses. A failed factorisation is
-    retried in float64, then with growing jitter on the diagonal (the result is cast back
-    to the input's dtype); :class:`FactorizationError` is raised only if all fail or the
-    input is not finite.
+    the authors' code uses. A failed factorisation is retried in float64, then with
+    growing jitter on the diagonal (the result is cast back to the input's dtype);
+    :class:`FactorizationError` is raised only if all fail or the input is not finite.
     """
     if not torch.isfinite(matrix).all():
         raise FactorizationError("factor contains NaN or inf")

@@ -23,9 +23,9 @@ class CurvatureBlock(ABC):
     A block has one or more statistics (``statistic_names``, e.g. ``A`` and ``G``).
     ``factors`` holds the running value of each (``None`` until first computed) and
     ``inverse`` a tuple of tensors that stand for the damped inverse (what they are is
-    the subclass's ``inverse_kind``). ``wanted``
-    says which statistics the hooks compute at the current step (set by the refresh
-    policy); a block without an inverse passes gradients through.
+    the subclass's ``inverse_kind``). ``wanted`` says which statistics the hooks compute
+    at the current step (set by the refresh policy); a block without an inverse passes
+    gradients through.
     """
 
     kind: str = "curvature"

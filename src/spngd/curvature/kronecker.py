@@ -9,6 +9,7 @@ The two damped factors' inverses are kept as their Cholesky factors (``inverse``
 (cheap when statistics are refreshed every step); an inverse that is used again is formed
 once, as ``L^-T L^-1``, and applied by matrix products from then on (a product is several
 times faster than the solves for the smaller factors).
+
 Subclasses say how ``A`` and ``G`` come from a layer's input and output gradient, and how
 the parameters' gradients map to and from the ``(groups, d_G, d_A)`` matrix.
 """
