@@ -125,8 +125,9 @@ class RefreshPolicy:
         """Tally one computation of ``what`` (``stats``, ``inverses``, or one statistic's
         name such as ``A``) as done or skipped."""
         counts = self.counts.setdefault(layer, dict.fromkeys(COUNTERS, 0))
-        key = f"{what}_{'computed' if done else 'skipped'}"
-        counts[key] = counts.get(key, 0) + 1
+        counts.setdefault(f"{what}_computed", 0)
+        counts.setdefault(f"{what}_skipped", 0)
+        counts[f"{what}_{'computed' if done else 'skipped'}"] += 1
 
     @staticmethod
     def summarize(counts: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
