@@ -158,7 +158,7 @@ def main() -> None:
         f"steps SP-NGD adaptive / every-step refresh: {refresh:.2f}  "
         f"(issue 6 target <= 1.05: {refresh <= 1.05})"
     )
-    shares = ", ".join(f"{o.computed}" for o in results[ADAPTIVE])
+    shares = ", ".join(o.computed for o in results[ADAPTIVE])
     print(f"adaptive refresh, share computed per seed: {shares}")
 
 

@@ -163,6 +163,7 @@ def computed_shares(counts: dict[str, int]) -> dict[str, float]:
     shares = {}
     for key, done in counts.items():
         what, _, outcome = key.rpartition("_")
-        if outcome == "computed" and done + counts.get(f"{what}_skipped", 0):
-            shares[what] = done / (done + counts.get(f"{what}_skipped", 0))
+        total = done + counts.get(f"{what}_skipped", 0)
+        if outcome == "computed" and total:
+            shares[what] = done / total
     return shares
