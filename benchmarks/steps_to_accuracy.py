@@ -37,6 +37,7 @@ step 22, 45, 44, 53, 22, so over ten seeds SP-NGD needs 0.78x SGD's steps (the c
 setting was screened on seeds 0 and 1 only).
 
     python benchmarks/steps_to_accuracy.py [--seeds 0 1 2] [--target 0.97] [--epochs 60]
+        [--sgd-lrs [X ...]] [--refresh-alpha X] [--refresh-shrink reset|halve]
 """
 
 from __future__ import annotations
@@ -120,12 +121,17 @@ def main() -> None:
         help="SGD's learning-rate grid (none: compare only the two SP-NGD refresh settings)",
     )
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--refresh-alpha", type=float, help="adaptive SP-NGD's threshold (default: the spec's)"
+    )
+    parser.add_argument("--refresh-shrink", help="adaptive SP-NGD's shrink rule: reset or halve")
     args = parser.parse_args()
     pin_malloc()
     torch.set_num_threads(args.threads)
     shared = {**SHARED, "epochs": args.epochs, "threads": args.threads}
     contenders = {f"sgd lr={lr:g}": {**shared, **SGD, "lr": lr} for lr in args.sgd_lrs}
-    contenders[ADAPTIVE] = {**shared, **SPNGD}
+    knobs = {"refresh_alpha": args.refresh_alpha, "refresh_shrink": args.refresh_shrink}
+    contenders[ADAPTIVE] = {**shared, **SPNGD, **{k: v for k, v in knobs.items() if v is not None}}
     contenders[EVERY_STEP] = {**shared, **SPNGD, "stat_interval": 1}
     print(
         f"ResNet-20 on digits, batch {SHARED['batch_size']}, {args.epochs:g} epochs, "

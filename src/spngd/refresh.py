@@ -27,6 +27,10 @@ Key = tuple[str, int]
 """A statistic: (layer name, index of the statistic within the layer's block)."""
 
 
+GROW_RULES = ("double", "plus1")
+SHRINK_RULES = ("reset", "halve")
+
+
 @dataclass(frozen=True, kw_only=True)
 class AdaptiveRefresh:
     """Knobs of the adaptive rule (defaults: spec section 6.2)."""
@@ -40,9 +44,9 @@ class AdaptiveRefresh:
     def __post_init__(self) -> None:
         if math.isnan(self.alpha):
             raise ValueError("refresh alpha must be a number (negative: refresh every step)")
-        if self.grow not in ("double", "plus1"):
+        if self.grow not in GROW_RULES:
             raise ValueError(f"refresh grow must be 'double' or 'plus1', got {self.grow!r}")
-        if self.shrink not in ("reset", "halve"):
+        if self.shrink not in SHRINK_RULES:
             raise ValueError(f"refresh shrink must be 'reset' or 'halve', got {self.shrink!r}")
         if self.max_interval < 1:
             raise ValueError(f"refresh max_interval must be >= 1, got {self.max_interval}")

@@ -159,6 +159,7 @@ def test_corrupt_image_stops_training_naming_the_file(
         (("--batch-size", "-8"), "--batch-size must be a positive integer, got -8"),
         (("--batch-size", "eight"), "argument --batch-size: invalid int value: 'eight'"),
         (("--no-such-flag",), "unrecognized arguments: --no-such-flag"),
+        (("--refresh-shrink", "drop"), "--refresh-shrink must be reset or halve, got 'drop'"),
     ],
 )
 def test_bad_options(run_cli: CliRun, tmp_path: Path, argv: tuple[str, ...], needle: str) -> None:

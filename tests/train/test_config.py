@@ -5,8 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spngd.train.config import DEFAULTS, OPTIMIZER_DEFAULTS, resolve_config
+from spngd.refresh import AdaptiveRefresh
+from spngd.train.config import DEFAULTS, OPTIMIZER_DEFAULTS, resolve_config, resume_config
 from spngd.train.errors import UserError
+from spngd.train.models import build_model
+from spngd.train.trainer import make_optimizer
 
 
 def test_defaults_resolve_to_concrete_values() -> None:
@@ -50,6 +53,13 @@ def test_precedence_recipe_over_defaults_and_options_over_recipe() -> None:
         ({"damping_start": 0.1}, "--damping-start needs --damping-decay-epochs > 0"),
         ({"device": "tpu"}, "--device 'tpu' is not a torch device"),
         ({"epochs": float("inf")}, "--epochs must be finite"),
+        ({"refresh_alpha": float("nan")}, "--refresh-alpha must be a number, got nan"),
+        ({"refresh_shrink": "drop"}, "--refresh-shrink must be reset or halve, got 'drop'"),
+        ({"refresh_grow": "triple"}, "--refresh-grow must be double or plus1, got 'triple'"),
+        ({"refresh_max_interval": 0}, "--refresh-max-interval must be a positive integer"),
+        ({"refresh_warmup_steps": -1}, "--refresh-warmup-steps must be >= 0, got -1"),
+        ({"inverse_interval": 0, "stat_interval": 1}, "--inverse-interval must be >= 1, got 0"),
+        ({"inverse_interval": 10}, "--inverse-interval needs --stat-interval"),
     ],
 )
 def test_bad_values_are_user_errors_naming_the_flag(
@@ -64,3 +74,28 @@ def test_bad_values_are_user_errors_naming_the_flag(
 def test_cuda_on_a_machine_without_it_is_a_user_error() -> None:
     with pytest.raises(UserError, match="--device cuda: CUDA is not available on this machine"):
         resolve_config({"device": "cuda"})
+
+
+def test_refresh_options_reach_the_optimizer_and_old_configs_take_the_defaults() -> None:
+    model = build_model("resnet20", num_classes=10)
+    knobs = {
+        "refresh_alpha": 0.5,
+        "refresh_grow": "plus1",
+        "refresh_shrink": "halve",
+        "refresh_max_interval": 8,
+        "refresh_warmup_steps": 3,
+    }
+    opt = make_optimizer(model, resolve_config({"device": "cpu", **knobs}))
+    assert opt.refresh.stat_interval is None
+    assert opt.refresh.adaptive == AdaptiveRefresh(
+        alpha=0.5, grow="plus1", shrink="halve", max_interval=8, warmup_steps=3
+    )
+    fixed = resolve_config({"device": "cpu", "stat_interval": 10, "inverse_interval": 100})
+    opt = make_optimizer(model, fixed)
+    assert (opt.refresh.stat_interval, opt.refresh.inverse_interval) == (10, 100)
+    # A run folder written before these options existed resumes with the spec's defaults.
+    saved = resolve_config({"device": "cpu", "out": "runs/old"}).to_dict()
+    for name in (*knobs, "inverse_interval"):
+        del saved[name]
+    opt = make_optimizer(model, resume_config(saved, {}))
+    assert opt.refresh.adaptive == AdaptiveRefresh()

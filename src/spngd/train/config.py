@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from spngd.optimizer import FISHER_TYPES
+from spngd.refresh import GROW_RULES, SHRINK_RULES, AdaptiveRefresh
 from spngd.train.data import data_kind
 from spngd.train.errors import UserError
 from spngd.train.models import MODEL_NAMES
@@ -56,6 +57,21 @@ class TrainConfig:
     weight_decay: float = _help("L2 weight decay added to the gradient")
     stat_decay: float = _help("SP-NGD running-average weight of old statistics")
     stat_interval: int | None = _help("SP-NGD statistics every k steps (default: adaptive)")
+    inverse_interval: int | None = _help(
+        "SP-NGD inverses every k steps, with --stat-interval (default: with the statistics)"
+    )
+    refresh_alpha: float = _help(
+        "SP-NGD adaptive refresh: a statistic's interval grows while its relative change "
+        "is at most this (negative: every step)"
+    )
+    refresh_grow: str = _help(
+        f"SP-NGD adaptive refresh: interval growth, {' or '.join(GROW_RULES)}"
+    )
+    refresh_shrink: str = _help(
+        f"SP-NGD adaptive refresh: interval shrink, {' or '.join(SHRINK_RULES)}"
+    )
+    refresh_max_interval: int = _help("SP-NGD adaptive refresh: longest interval in steps")
+    refresh_warmup_steps: int = _help("SP-NGD adaptive refresh: first steps that always refresh")
     fisher: str = _help(f"SP-NGD Fisher: {', '.join(FISHER_TYPES)}")
     rescale_weights: bool = _help("shrink conv/Linear weights to norm sqrt(2 d_out) each step")
     mixup_alpha: float = _help("running mixup Beta(alpha, alpha) (0: off)")
@@ -94,6 +110,16 @@ class TrainConfig:
             ("weight_decay", self.weight_decay >= 0, ">= 0"),
             ("stat_decay", 0 <= self.stat_decay < 1, "in [0, 1)"),
             ("stat_interval", self.stat_interval is None or self.stat_interval >= 1, ">= 1"),
+            (
+                "inverse_interval",
+                self.inverse_interval is None or self.inverse_interval >= 1,
+                ">= 1",
+            ),
+            ("refresh_alpha", not math.isnan(self.refresh_alpha), "a number"),
+            ("refresh_grow", self.refresh_grow in GROW_RULES, " or ".join(GROW_RULES)),
+            ("refresh_shrink", self.refresh_shrink in SHRINK_RULES, " or ".join(SHRINK_RULES)),
+            ("refresh_max_interval", self.refresh_max_interval >= 1, "a positive integer"),
+            ("refresh_warmup_steps", self.refresh_warmup_steps >= 0, ">= 0"),
             ("mixup_alpha", self.mixup_alpha >= 0, ">= 0"),
             ("mixup_off_epoch", self.mixup_off_epoch is None or self.mixup_off_epoch >= 0, ">= 0"),
             ("label_smoothing", 0 <= self.label_smoothing < 1, "in [0, 1)"),
@@ -112,6 +138,8 @@ class TrainConfig:
             raise UserError(
                 f"--batch-size {self.batch_size} is not divisible by --accumulate {self.accumulate}"
             )
+        if self.inverse_interval is not None and self.stat_interval is None:
+            raise UserError("--inverse-interval needs --stat-interval (fixed intervals)")
         if self.damping_start is not None and self.damping_decay_epochs <= 0:
             raise UserError("--damping-start needs --damping-decay-epochs > 0")
         for name in ("epochs", "lr", "damping", "lr_decay_end"):
@@ -161,6 +189,12 @@ DEFAULTS: dict[str, Any] = {
     "damping_decay_epochs": 0.0,
     "stat_decay": 0.0,
     "stat_interval": None,
+    "inverse_interval": None,
+    "refresh_alpha": AdaptiveRefresh.alpha,
+    "refresh_grow": AdaptiveRefresh.grow,
+    "refresh_shrink": AdaptiveRefresh.shrink,
+    "refresh_max_interval": AdaptiveRefresh.max_interval,
+    "refresh_warmup_steps": AdaptiveRefresh.warmup_steps,
     "fisher": "empirical",
     "rescale_weights": True,
     "mixup_alpha": 0.0,

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from spngd.guard import NonFiniteGradientError, NonFiniteGuard, any_nonfinite
 from spngd.optimizer import SPNGD
+from spngd.refresh import AdaptiveRefresh
 from spngd.train.augment import RunningMixup, soft_targets
 from spngd.train.config import TrainConfig
 from spngd.train.data import load_data, make_loaders
@@ -166,6 +167,14 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> SPNGD | GuardedSGD:
         stat_decay=config.stat_decay,
         fisher=config.fisher,
         stat_interval=config.stat_interval,
+        inverse_interval=config.inverse_interval,
+        refresh=AdaptiveRefresh(
+            alpha=config.refresh_alpha,
+            grow=config.refresh_grow,  # type: ignore[arg-type]
+            shrink=config.refresh_shrink,  # type: ignore[arg-type]
+            max_interval=config.refresh_max_interval,
+            warmup_steps=config.refresh_warmup_steps,
+        ),
         accumulation_steps=config.accumulate,
         max_bad_steps=config.max_bad_steps,
     )
