@@ -3,6 +3,7 @@ too many in a row stop the run with one line, and the last good checkpoint survi
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -10,9 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from spngd.train import trainer as trainer_module
+from spngd.train.augment import soft_targets
+from spngd.train.config import resolve_config
+from spngd.train.models import build_model
 from spngd.train.plots import moving_average
 from spngd.train.runfolder import CHECKPOINT, METRICS, PREVIOUS
-from spngd.train.trainer import Batch, Trainer
+from spngd.train.trainer import Batch, Trainer, make_optimizer, train_step
 from tests.train.conftest import SMALL, CliRun, assert_one_line_error
 
 pytestmark = pytest.mark.usefixtures("small_digits")
@@ -81,13 +86,53 @@ def test_skipped_steps_are_counted_and_the_run_goes_on(run_cli: CliRun, tmp_path
     assert math.isnan(records[3]["loss"]) and math.isfinite(records[-2]["loss"])
 
 
+def test_a_nan_batch_leaves_parameters_and_batchnorm_statistics_untouched(
+    run_cli: CliRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NaN images at step 3: the forward pass updates BatchNorm's running statistics
+    before the optimizer sees NaN gradients; the skipped step puts them back, so the run
+    goes on and every checkpoint is finite."""
+    out = tmp_path / "run"
+    _poison(monkeypatch, range(2, 3), "images")
+    code, stdout, stderr = run_cli("train", "--out", str(out), "--epochs", "2", *SMALL)
+    assert code == 0, stderr
+    assert stderr.endswith("step skipped (1 in a row, 1 in all)\n") and "4 steps" in stdout
+    checkpoint = torch.load(out / CHECKPOINT)
+    assert checkpoint["step"] == 4
+    assert all(torch.isfinite(t).all() for t in checkpoint["model"].values())
+
+
+def test_train_step_restores_the_buffers_of_a_skipped_step() -> None:
+    torch.manual_seed(0)
+    for name in ("spngd", "sgd"):
+        model = build_model("resnet20", num_classes=10)
+        opt = make_optimizer(model, resolve_config({"optimizer": name, "device": "cpu"}))
+        images, targets = torch.randn(8, 3, 8, 8), soft_targets(torch.arange(8), 10)
+        train_step(model, opt, [(images, targets)], rescale=True)
+        before = copy.deepcopy(model.state_dict())
+        train_step(model, opt, [(images * math.nan, targets)], rescale=True)
+        assert opt.guard.skipped_steps == 1
+        after = model.state_dict()
+        assert all(torch.equal(after[key], value) for key, value in before.items())
+
+
 def test_a_model_holding_nan_is_not_checkpointed(
     run_cli: CliRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """NaN images skip steps 3 and 4 but also poison BatchNorm's running statistics: the
-    pass's checkpoint would hold them, so the run stops and keeps step 2's."""
+    """Should a model end a pass holding NaN anyway (here a running mean poisoned after
+    step 3), the pass's checkpoint is not written: the run stops and keeps step 2's."""
     out = tmp_path / "run"
-    _poison(monkeypatch, range(2, 99), "images")
+    rescale = trainer_module.rescale_weights
+    calls = []
+
+    def poisoning_rescale(model: torch.nn.Module) -> None:
+        rescale(model)
+        calls.append(1)
+        if len(calls) == 3:
+            bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+            bn.running_mean.fill_(math.nan)
+
+    monkeypatch.setattr(trainer_module, "rescale_weights", poisoning_rescale)
     assert_one_line_error(
         run_cli("train", "--out", str(out), "--epochs", "2", *SMALL),
         "the model holds NaN or inf after step 4",

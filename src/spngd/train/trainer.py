@@ -18,7 +18,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -64,14 +63,22 @@ class StepResult:
 
 
 def train_step(
-    model: nn.Module, optimizer: Optimizer, micro_batches: Sequence[Batch], rescale: bool
+    model: nn.Module,
+    optimizer: SPNGD | GuardedSGD,
+    micro_batches: Sequence[Batch],
+    rescale: bool,
 ) -> StepResult:
     """One optimizer step on ``K = len(micro_batches)`` micro-batches.
 
     Each micro-batch's mean loss is divided by K before its backward, so gradients (and
     SPNGD's statistics, with ``accumulation_steps=K``) accumulate to those of the whole
-    batch. Accuracy counts the argmax of the target, the current label under mixup.
+    batch. Accuracy counts the argmax of the target, the current label under mixup. When
+    the optimizer skips the step (NaN or inf gradients), the model's buffers (BatchNorm
+    running statistics) are put back and the weights are not rescaled, so a non-finite
+    batch leaves no trace in the model.
     """
+    buffers = [buffer.clone() for buffer in model.buffers()]
+    skipped_before = optimizer.guard.skipped_steps
     optimizer.zero_grad()
     sample_fisher = isinstance(optimizer, SPNGD) and optimizer.fisher == "mc"
     loss_sum, correct, examples = 0.0, 0, 0
@@ -85,7 +92,11 @@ def train_step(
         correct += int((logits.argmax(1) == targets.argmax(1)).sum())
         examples += len(images)
     optimizer.step()
-    if rescale:
+    if optimizer.guard.skipped_steps > skipped_before:
+        with torch.no_grad():
+            for buffer, saved in zip(model.buffers(), buffers, strict=True):
+                buffer.copy_(saved)
+    elif rescale:
         rescale_weights(model)
     return StepResult(loss_sum / len(micro_batches), correct, examples)
 
@@ -415,9 +426,9 @@ class Trainer:
         self.log(record)
         if not all_finite(self.model.state_dict()):
             raise TrainingStoppedError(
-                f"the model holds NaN or inf after step {self.step} (BatchNorm running "
-                "statistics of a non-finite forward pass?); stopping without a checkpoint of "
-                f"it. {self._last_good()}"
+                f"the model holds NaN or inf after step {self.step} (in a weight or a "
+                "buffer); stopping without a checkpoint of it. "
+                f"{self._last_good()}"
             )
         self.run.save_checkpoint(self.checkpoint())
         self.saved_step = self.step
