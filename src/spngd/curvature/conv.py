@@ -215,6 +215,8 @@ def _second_moment_by_shifts(
     excluded_w = _border_rows(width, kw, padding[1], dilation[1])
     border_h = sorted({r for rows in excluded_h for r in rows})
     border_w = sorted({c for cols in excluded_w for c in cols})
+    shifts_h = [_needed_shifts(r, excluded_h, height, dilation[0]) for r in border_h]
+    shifts_w = [_needed_shifts(c, excluded_w, width, dilation[1]) for c in border_w]
     # Per kernel offset, 0/1 weights over the border rows (columns) it does not visit.
     mask_h = x.new_tensor([[float(r in rows) for r in border_h] for rows in excluded_h])
     mask_w = x.new_tensor([[float(c in cols) for c in border_w] for cols in excluded_w])
@@ -223,13 +225,15 @@ def _second_moment_by_shifts(
     #                   + their corners (subtracted twice)
     corrected = full.expand(kh, kw, *full.shape)
     if border_h:
-        strips = _strip_correlations(x, border_h, 2, kernel, dilation, groups)
+        strips = _strip_correlations(x, border_h, shifts_h, 2, kernel, dilation, groups)
         corrected = corrected - torch.einsum("ar,r...->a...", mask_h, strips)[:, None]
     if border_w:
-        strips = _strip_correlations(x, border_w, 3, kernel, dilation, groups)
+        strips = _strip_correlations(x, border_w, shifts_w, 3, kernel, dilation, groups)
         corrected = corrected - torch.einsum("bw,w...->b...", mask_w, strips)[None]
     if border_h and border_w:
-        corners = _corner_correlations(x, border_h, border_w, kernel, dilation, groups)
+        corners = _corner_correlations(
+            x, (border_h, border_w), (shifts_h, shifts_w), kernel, dilation, groups
+        )
         corrected = corrected + torch.einsum("ar,bw,rw...->ab...", mask_h, mask_w, corners)
     corrected = corrected.contiguous()
 
@@ -243,6 +247,20 @@ def _second_moment_by_shifts(
     )
     dim = per_group * kh * kw
     return blocks.reshape(groups, dim, dim)
+
+
+def _needed_shifts(position: int, excluded: list[list[int]], size: int, dilation: int) -> range:
+    """The shifts ``Δ`` at which a border row (column) needs its correction.
+
+    Block ``(δ, δ')`` reads shift ``δ' - δ``, so a row excluded by the offsets ``δ`` needs
+    ``Δ`` in ``[-max δ, k - 1 - min δ]``; of those only the ones whose partner row
+    ``position + dilation * Δ`` lies inside the image are not zero. With "same" padding
+    that leaves ``Δ = 0`` alone, a single row instead of ``2k - 1``.
+    """
+    offsets = [offset for offset, rows in enumerate(excluded) if position in rows]
+    first = max(-max(offsets), -(position // dilation))
+    last = min(len(excluded) - 1 - min(offsets), (size - 1 - position) // dilation)
+    return range(first, last + 1)
 
 
 def _self_correlation(x: torch.Tensor, kernel: Pair, dilation: Pair, groups: int) -> torch.Tensor:
@@ -268,71 +286,84 @@ def _self_correlation(x: torch.Tensor, kernel: Pair, dilation: Pair, groups: int
 
 
 def _strip_correlations(
-    x: torch.Tensor, positions: list[int], axis: int, kernel: Pair, dilation: Pair, groups: int
+    x: torch.Tensor,
+    positions: list[int],
+    shifts: list[range],
+    axis: int,
+    kernel: Pair,
+    dilation: Pair,
+    groups: int,
 ) -> torch.Tensor:
     """Per image row (``axis=2``) or column (``axis=3``) ``p``, the correlations of that
     strip with its neighbourhood: ``sum_{i, s in strip p} x[i,c,s] x[i,c',s + D Δ]``.
 
-    Returns ``(len(positions), g, c, c', 2kh-1, 2kw-1)``. All strips go through one
-    grouped weight-gradient call (each strip its own group of channels); column strips
-    are transposed into rows first, which that call handles much faster.
+    Returns ``(len(positions), g, c, c', 2kh-1, 2kw-1)``, computed only at the shifts
+    across the strip that :func:`_needed_shifts` gives (zero elsewhere): one
+    weight-gradient call per strip. Column strips are transposed into rows first, which
+    that call handles much faster.
     """
-    channels, size = x.shape[1], x.shape[axis]
+    channels = x.shape[1]
+    per_group = channels // groups
     if axis == 3:
         kernel, dilation = (kernel[1], kernel[0]), (dilation[1], dilation[0])
     kh, kw = kernel
-    reach = dilation[0] * (kh - 1)
-    lefts, rights = [], []
-    for p in positions:
-        lo, hi = max(0, p - reach), min(size, p + reach + 1)
-        before, after = reach - (p - lo), p + reach + 1 - hi
-        left, right = x.narrow(axis, p, 1), x.narrow(axis, lo, hi - lo)
+    strips = x.new_zeros(len(positions), groups, per_group, per_group, 2 * kh - 1, 2 * kw - 1)
+    for index, (p, across) in enumerate(zip(positions, shifts, strict=True)):
+        if not across:
+            continue
+        left = x.narrow(axis, p, 1)
+        right = x.narrow(axis, p + dilation[0] * across[0], dilation[0] * (len(across) - 1) + 1)
         if axis == 3:
             left, right = left.transpose(2, 3), right.transpose(2, 3)
-        lefts.append(left)
-        rights.append(F.pad(right, (0, 0, before, after)))
-    per_group = channels // groups
-    strips = conv2d_weight(
-        torch.cat(rights, dim=1),
-        (len(positions) * channels, per_group, 2 * kh - 1, 2 * kw - 1),
-        torch.cat(lefts, dim=1),
-        padding=(0, dilation[1] * (kw - 1)),
-        dilation=dilation,
-        groups=len(positions) * groups,
-    ).view(len(positions), groups, per_group, per_group, 2 * kh - 1, 2 * kw - 1)
+        strip = conv2d_weight(
+            right,
+            (channels, per_group, len(across), 2 * kw - 1),
+            left,
+            padding=(0, dilation[1] * (kw - 1)),
+            dilation=dilation,
+            groups=groups,
+        ).view(groups, per_group, per_group, len(across), 2 * kw - 1)
+        first = across[0] + kh - 1
+        strips[index, ..., first : first + len(across), :] = strip
     return strips.transpose(-1, -2) if axis == 3 else strips
 
 
 def _corner_correlations(
-    x: torch.Tensor, rows: list[int], cols: list[int], kernel: Pair, dilation: Pair, groups: int
+    x: torch.Tensor,
+    positions: tuple[list[int], list[int]],
+    shifts: tuple[list[range], list[range]],
+    kernel: Pair,
+    dilation: Pair,
+    groups: int,
 ) -> torch.Tensor:
     """Per border pixel ``(r, w)``: ``sum_i x[i,c,r,w] x[i,c',(r,w) + D Δ]``.
 
-    Returns ``(len(rows), len(cols), g, c, c', 2kh-1, 2kw-1)``, from one batched product
-    of each pixel's channels with its zero-padded neighbourhood.
+    Returns ``(len(rows), len(cols), g, c, c', 2kh-1, 2kw-1)``, computed only at the
+    shifts that :func:`_needed_shifts` gives for the pixel's row and column (zero
+    elsewhere), each pixel by one batched product of its channels with that window.
     """
-    n, channels, height, width = x.shape
+    n, channels = x.shape[:2]
     kh, kw = kernel
-    reach_h, reach_w = dilation[0] * (kh - 1), dilation[1] * (kw - 1)
     per_group = channels // groups
-    centres, windows = [], []
-    for r in rows:
-        for w in cols:
-            top, bottom = max(0, r - reach_h), min(height, r + reach_h + 1)
-            left, right = max(0, w - reach_w), min(width, w + reach_w + 1)
-            pad = (
-                left - (w - reach_w),
-                w + reach_w + 1 - right,
-                top - (r - reach_h),
-                r + reach_h + 1 - bottom,
-            )
-            window = F.pad(x[:, :, top:bottom, left:right], pad)[
-                :, :, :: dilation[0], :: dilation[1]
+    rows, cols = positions
+    corners = x.new_zeros(
+        len(rows), len(cols), groups, per_group, per_group, 2 * kh - 1, 2 * kw - 1
+    )
+    for i, (r, down) in enumerate(zip(rows, shifts[0], strict=True)):
+        for j, (w, across) in enumerate(zip(cols, shifts[1], strict=True)):
+            if not down or not across:
+                continue
+            window = x[
+                :,
+                :,
+                r + dilation[0] * down[0] : r + dilation[0] * down[-1] + 1 : dilation[0],
+                w + dilation[1] * across[0] : w + dilation[1] * across[-1] + 1 : dilation[1],
             ]
-            centres.append(x[:, :, r, w].reshape(n, groups, per_group))
-            windows.append(window.reshape(n, groups, per_group * (2 * kh - 1) * (2 * kw - 1)))
-    pixels = len(centres)
-    centre = torch.stack(centres).permute(0, 2, 3, 1).reshape(pixels * groups, per_group, n)
-    window = torch.stack(windows).transpose(1, 2).reshape(pixels * groups, n, -1)
-    corners = torch.bmm(centre, window)
-    return corners.view(len(rows), len(cols), groups, per_group, per_group, 2 * kh - 1, 2 * kw - 1)
+            centre = x[:, :, r, w].reshape(n, groups, per_group).permute(1, 2, 0)
+            window = window.reshape(n, groups, per_group * len(down) * len(across))
+            product = torch.bmm(centre, window.transpose(0, 1))
+            top, left = down[0] + kh - 1, across[0] + kw - 1
+            corners[i, j, ..., top : top + len(down), left : left + len(across)] = product.view(
+                groups, per_group, per_group, len(down), len(across)
+            )
+    return corners
