@@ -257,8 +257,8 @@ def _needed_shifts(position: int, excluded: list[list[int]], size: int, dilation
 
     Block ``(δ, δ')`` reads shift ``δ' - δ``, so a row excluded by the offsets ``δ`` needs
     ``Δ`` in ``[-max δ, k - 1 - min δ]``; of those only the ones whose partner row
-    ``position + dilation * Δ`` lies inside the image are not zero. With "same" padding
-    that leaves ``Δ = 0`` alone, a single row instead of ``2k - 1``.
+    ``position + dilation * Δ`` lies inside the image are not zero. ``Δ = 0`` is always
+    among them; with "same" padding it is alone, one row of shifts instead of ``2k - 1``.
     """
     offsets = [offset for offset, rows in enumerate(excluded) if position in rows]
     first = max(-max(offsets), -(position // dilation))
@@ -312,8 +312,6 @@ def _strip_correlations(
     kh, kw = kernel
     strips = x.new_zeros(len(positions), groups, per_group, per_group, 2 * kh - 1, 2 * kw - 1)
     for index, (p, across) in enumerate(zip(positions, shifts, strict=True)):
-        if not across:
-            continue
         left = x.narrow(axis, p, 1)
         right = x.narrow(axis, p + dilation[0] * across[0], dilation[0] * (len(across) - 1) + 1)
         if axis == 3:
@@ -354,8 +352,6 @@ def _corner_correlations(
     )
     for i, (r, down) in enumerate(zip(rows, shifts[0], strict=True)):
         for j, (w, across) in enumerate(zip(cols, shifts[1], strict=True)):
-            if not down or not across:
-                continue
             window = x[
                 :,
                 :,
