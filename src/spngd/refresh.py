@@ -45,9 +45,11 @@ class AdaptiveRefresh:
         if math.isnan(self.alpha):
             raise ValueError("refresh alpha must be a number (negative: refresh every step)")
         if self.grow not in GROW_RULES:
-            raise ValueError(f"refresh grow must be 'double' or 'plus1', got {self.grow!r}")
+            rules = " or ".join(map(repr, GROW_RULES))
+            raise ValueError(f"refresh grow must be {rules}, got {self.grow!r}")
         if self.shrink not in SHRINK_RULES:
-            raise ValueError(f"refresh shrink must be 'reset' or 'halve', got {self.shrink!r}")
+            rules = " or ".join(map(repr, SHRINK_RULES))
+            raise ValueError(f"refresh shrink must be {rules}, got {self.shrink!r}")
         if self.max_interval < 1:
             raise ValueError(f"refresh max_interval must be >= 1, got {self.max_interval}")
         if self.warmup_steps < 0:
