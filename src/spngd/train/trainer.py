@@ -78,7 +78,6 @@ def train_step(
     batch leaves no trace in the model.
     """
     buffers = [buffer.clone() for buffer in model.buffers()]
-    skipped_before = optimizer.guard.skipped_steps
     optimizer.zero_grad()
     sample_fisher = isinstance(optimizer, SPNGD) and optimizer.fisher == "mc"
     loss_sum, correct, examples = 0.0, 0, 0
@@ -92,7 +91,7 @@ def train_step(
         correct += int((logits.argmax(1) == targets.argmax(1)).sum())
         examples += len(images)
     optimizer.step()
-    if optimizer.guard.skipped_steps > skipped_before:
+    if optimizer.guard.bad_steps_in_a_row:  # this step was skipped
         with torch.no_grad():
             for buffer, saved in zip(model.buffers(), buffers, strict=True):
                 buffer.copy_(saved)
