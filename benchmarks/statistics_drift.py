@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from spngd import SPNGD
-from spngd.refresh import relative_change
+from spngd.refresh import relative_changes
 from spngd.train.config import resolve_config
 from spngd.train.data import load_data
 from spngd.train.models import build_model
@@ -53,8 +53,8 @@ def medians(pairs: list[tuple[Snapshot, Snapshot]]) -> dict[str, float]:
     changes: dict[str, list[float]] = {}
     for before, after in pairs:
         for (layer, statistic), value in after.items():
-            change = relative_change(before[(layer, statistic)], value)
-            changes.setdefault(statistic, []).append(change)
+            (change,) = relative_changes([before[(layer, statistic)]], [value])
+            changes.setdefault(statistic, []).append(change.item())
     return {statistic: statistics.median(values) for statistic, values in changes.items()}
 
 

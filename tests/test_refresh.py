@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spngd import SPNGD, AdaptiveRefresh
-from spngd.refresh import RefreshPolicy, computed_shares
+from spngd.refresh import RefreshPolicy, computed_shares, relative_changes
 
 
 def _model() -> nn.Module:
@@ -182,3 +182,76 @@ def test_adaptive_knobs_are_validated() -> None:
         AdaptiveRefresh(max_interval=0)
     policy = RefreshPolicy(None, None, AdaptiveRefresh(shrink="halve", grow="plus1"))
     assert policy.adaptive.grown(3) == 4 and policy.adaptive.shrunk(5) == 2
+
+
+def _run_stream(
+    policy: RefreshPolicy, steps: int, noise: float, shift_at: int | None = None
+) -> list[int]:
+    """Feed ``policy`` a synthetic statistic (a fixed SPD matrix plus relative noise
+    ``noise`` per batch, scaled x3 from ``shift_at`` on); the steps it was computed at."""
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(16, 16, generator=gen)
+    base = base @ base.T + 16 * torch.eye(16)
+    in_use = None
+    computed = []
+    for step in range(steps):
+        if not policy.needs(("layer", 0), step):
+            continue
+        scale = 3.0 if shift_at is not None and step >= shift_at else 1.0
+        perturbation = torch.randn(16, 16, generator=gen)
+        fresh = scale * (base + noise * base.norm() / 16 * (perturbation + perturbation.T) / 2)
+        change = None
+        if in_use is not None:
+            (change_tensor,) = relative_changes([in_use], [fresh])
+            change = change_tensor.item()
+        policy.observe(("layer", 0), step, change)
+        in_use = fresh
+        computed.append(step)
+    return computed
+
+
+@pytest.mark.parametrize("noise", [0.3, 0.6])
+def test_noise_rule_skips_a_noisy_stationary_statistic_the_spec_rule_recomputes(
+    noise: float,
+) -> None:
+    noisy = RefreshPolicy(None, None, AdaptiveRefresh(max_interval=16))
+    spec = RefreshPolicy(None, None, AdaptiveRefresh(rule="spec", max_interval=16))
+    by_noise = _run_stream(noisy, 200, noise)
+    by_spec = _run_stream(spec, 200, noise)
+    # Batch-to-batch differences of this size are far above alpha = 0.1: the spec rule
+    # resets every time; the noise rule measures them in warm-up and grows to the cap.
+    assert len(by_spec) == 200
+    assert noisy.interval[("layer", 0)] == 16
+    assert len(by_noise) < 30
+    assert math.isclose(math.sqrt(noisy.noise[("layer", 0)]), noise, rel_tol=0.5)
+
+
+def test_noise_rule_catches_a_real_shift_within_the_cap() -> None:
+    policy = RefreshPolicy(None, None, AdaptiveRefresh(max_interval=16))
+    computed = _run_stream(policy, 200, 0.3, shift_at=100)
+    after = [step for step in computed if step >= 100]
+    # The first refresh after the shift sees it (within the cap) and resets the interval:
+    # the next computation follows one step later.
+    assert after[0] < 100 + 16
+    assert after[1] == after[0] + 1
+    # Then, the noise being what it was, the interval grows back to the cap.
+    assert policy.interval[("layer", 0)] == 16
+
+
+def test_noise_rule_on_a_noiseless_stream_is_the_spec_rule() -> None:
+    for rule in ("noise", "spec"):
+        policy = RefreshPolicy(None, None, AdaptiveRefresh(rule=rule, max_interval=8))  # type: ignore[arg-type]
+        assert _run_stream(policy, 60, 0.0) == [*range(11), 12, 16, 24, 32, 40, 48, 56]
+
+
+def test_negative_alpha_refreshes_every_step_under_either_rule() -> None:
+    for rule in ("noise", "spec"):
+        policy = RefreshPolicy(None, None, AdaptiveRefresh(alpha=-1.0, rule=rule))  # type: ignore[arg-type]
+        assert _run_stream(policy, 50, 0.5) == list(range(50))
+
+
+def test_bad_rule_and_margin_are_rejected() -> None:
+    with pytest.raises(ValueError, match="rule must be 'noise' or 'spec', got 'magic'"):
+        AdaptiveRefresh(rule="magic")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="noise_margin must be >= 0, got -1"):
+        AdaptiveRefresh(noise_margin=-1.0)

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from spngd.curvature import CurvatureBlock
-from spngd.distributed.exchange import StageTimes
+from spngd.timing import StageTimes
 
 
 class StatisticsCapture:
@@ -80,8 +80,7 @@ class StatisticsCapture:
                     scale = scale / self.grad_scaler.get_scale()
                 if scale != 1:
                     grad = grad * scale
-                with self.times.measure("statistics"):
-                    block.accumulate(saved_input, grad)
+                block.accumulate(saved_input, grad, self.times)
                 self.recorded_since_step += 1
                 self.on_recorded(block.name)
 

@@ -72,12 +72,12 @@ def batched_cholesky(matrices: list[torch.Tensor]) -> list[torch.Tensor | None]:
     batch) comes back as None, for the caller to retry alone with :func:`robust_cholesky`.
     """
     lower, info = torch.linalg.cholesky_ex(torch.cat(matrices))
-    good = (info == 0) & torch.isfinite(lower).flatten(1).all(1)
+    good = ((info == 0) & torch.isfinite(lower).flatten(1).all(1)).tolist()  # one device read
     out: list[torch.Tensor | None] = []
     start = 0
     for matrix in matrices:
         stop = start + matrix.shape[0]
-        out.append(lower[start:stop] if bool(good[start:stop].all()) else None)
+        out.append(lower[start:stop] if all(good[start:stop]) else None)
         start = stop
     return out
 

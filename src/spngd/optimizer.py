@@ -8,6 +8,7 @@ convention, which equals the authors' Chainer update, spec section 9).
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -26,12 +27,12 @@ from spngd.distributed.exchange import (
     DistributedConfig,
     DistributedExchange,
     LocalExchange,
-    StageTimes,
     Statistics,
     collective_failure,
 )
 from spngd.guard import NonFiniteGuard, any_nonfinite
-from spngd.refresh import AdaptiveRefresh, RefreshPolicy
+from spngd.refresh import AdaptiveRefresh, RefreshPolicy, relative_changes
+from spngd.timing import StageTimes
 
 FISHER_TYPES = ("empirical", "mc")
 
@@ -308,13 +309,22 @@ class SPNGD(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
         """One update: reduce to owners, refresh and precondition owned layers, gather,
-        apply momentum SGD (single process: the same stages with nothing to move)."""
+        apply momentum SGD (single process: the same stages with nothing to move).
+
+        Each stage is timed (:meth:`stage_seconds`). The device is read three times per
+        step whatever the number of layers: the gradients' finiteness, the fresh
+        statistics' finiteness with the refresh test's distances, and the updates'
+        finiteness.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         exchange = self._exchange
-        if self._skip_if_not_finite():
+        times = self.times
+        with times.measure("checks"):
+            skipped = self._skip_if_not_finite()
+        if skipped:
             return loss
         self._warn_if_no_statistics()
         grads = {
@@ -322,30 +332,25 @@ class SPNGD(Optimizer):
         }
         if any(g.is_sparse for g in grads.values()):
             raise RuntimeError("SPNGD does not support sparse gradients")
-        with self.times.measure("statistics and gradient communication"):
+        with times.measure("statistics and gradient communication"):
             fresh, grads = exchange.reduce(grads)
         directions = self._weight_decayed(grads)
         owned = {name: block for name, block in self.curvature.items() if exchange.owns(name)}
+        with times.measure("refresh test"):
+            fresh = self._observe(owned, fresh)
         due = [
             (block, self._block_damping(name))
             for name, block in owned.items()
-            if self._refresh_block(name, block, fresh.get(name))
+            if self._inverse_due(name, block, fresh.get(name))
         ]
-        with self.times.measure("inversion"):
+        with times.measure("inversion"):
             update_inverses(due)
-        plans = {}
-        for name, block in owned.items():
-            if all(p in directions for p in block.params):
-                with self.times.measure("preconditioning"):
-                    updates = block.precondition([directions[p] for p in block.params])
-                directions.update(zip(block.params, updates, strict=True))
-            else:
-                for p in block.params:
-                    directions.pop(p, None)
-            plans[name] = self._plan(name, block, self._step + 1)
-        with self.times.measure("result communication"):
+        with times.measure("preconditioning"):
+            self._precondition(owned, directions)
+        plans = {name: self._plan(name, block, self._step + 1) for name, block in owned.items()}
+        with times.measure("result communication"):
             directions, plans = exchange.gather(directions, plans)
-        with self.times.measure("update"):
+        with times.measure("update"):
             for group in self.param_groups:
                 for p in group["params"]:
                     if p in directions:
@@ -355,6 +360,16 @@ class SPNGD(Optimizer):
             block.wanted = plans[name]
         return loss
 
+    def stage_seconds(self) -> dict[str, float]:
+        """Seconds spent in each stage of SP-NGD's work since construction, in step order:
+        ``statistics A``/``G``/``F`` (in the hooks, during backward), ``checks``
+        (non-finite gradients), ``statistics and gradient communication``, ``refresh test``
+        (finiteness and distances of fresh statistics, interval bookkeeping), ``inversion``,
+        ``preconditioning`` (with the updates' finiteness check), ``result communication``
+        and ``update`` (momentum SGD). This rank's figures; with one process the two
+        communication stages only move statistics out of the hooks' buffers."""
+        return self.times.snapshot()
+
     def _skip_if_not_finite(self) -> bool:
         """Skip the step when any gradient (on any rank) is NaN or inf; True if skipped."""
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
@@ -363,26 +378,89 @@ class SPNGD(Optimizer):
             self._drop_recorded()
         return self.guard.skip(bad)
 
-    def _refresh_block(self, name: str, block: CurvatureBlock, fresh: Statistics) -> bool:
-        """Fold fresh statistics into an owned block and adapt its refresh intervals;
-        True when its inverse is due."""
+    def _observe(
+        self, owned: dict[str, CurvatureBlock], fresh: dict[str, Statistics]
+    ) -> dict[str, Statistics]:
+        """Check the fresh statistics of the owned blocks, adapt their refresh intervals and
+        fold them into the factors; returns the fresh statistics that were kept.
+
+        One read of the device for all blocks: every fresh statistic's norm (NaN or inf
+        when any entry is) and every relative change against the value in use.
+        """
         step = self._step
-        for i, statistic in enumerate(block.statistic_names):
-            computed = fresh is not None and fresh[i] is not None
-            if computed:
-                self.refresh.observe((name, i), step, block.factors[i], fresh[i])  # type: ignore[index, arg-type]
-            self.refresh.count(name, "stats", computed)
-            self.refresh.count(name, statistic, computed)
-        if fresh is not None:
-            block.update_factors(fresh, self.stat_decay)
+        arrived = {name: stats for name, stats in fresh.items() if stats is not None}
+        tensors = [t for stats in arrived.values() for t in stats if t is not None]
+        compared = [
+            (name, i)
+            for name, stats in arrived.items()
+            for i, t in enumerate(stats)
+            if t is not None and owned[name].factors[i] is not None
+        ]
+        changes = relative_changes(
+            [owned[name].factors[i] for name, i in compared],  # type: ignore[misc]
+            [arrived[name][i] for name, i in compared],  # type: ignore[index, misc]
+        )
+        values = iter([])
+        if tensors:
+            norms = torch._foreach_norm(tensors)
+            values = iter(torch.stack([v.double() for v in (*norms, *changes)]).tolist())
+        finite = {}
+        for name, stats in arrived.items():
+            count = sum(t is not None for t in stats)
+            norms_of_block = [next(values) for _ in range(count)]
+            finite[name] = all(map(math.isfinite, norms_of_block))
+        change_of = dict(zip(compared, values, strict=True))
+        kept: dict[str, Statistics] = {}
+        for name, block in owned.items():
+            stats = arrived.get(name) if finite.get(name, False) else None
+            if name in arrived and stats is None:
+                block.drop_nonfinite()
+            for i, statistic in enumerate(block.statistic_names):
+                computed = stats is not None and stats[i] is not None
+                if computed:
+                    self.refresh.observe((name, i), step, change_of.get((name, i)))
+                self.refresh.count(name, "stats", computed)
+                self.refresh.count(name, statistic, computed)
+            if stats is not None:
+                block.update_factors(stats, self.stat_decay)
+                kept[name] = stats
+        return kept
+
+    def _inverse_due(self, name: str, block: CurvatureBlock, fresh: Statistics) -> bool:
+        """Whether an owned block's inverse is recomputed this step (counted)."""
         damping = self._block_damping(name)
         due = (
             block.inverse is None
             or block.inverse_damping != damping
-            or self.refresh.inverse_due(step, refreshed=fresh is not None)
+            or self.refresh.inverse_due(self._step, refreshed=fresh is not None)
         )
         self.refresh.count(name, "inverses", block.ready and due)
         return block.ready and due
+
+    def _precondition(
+        self, owned: dict[str, CurvatureBlock], directions: dict[torch.Tensor, torch.Tensor]
+    ) -> None:
+        """Replace the owned blocks' directions by their preconditioned ones (blocks with a
+        parameter lacking a gradient are left out: nothing is sent or applied for them).
+
+        The results are checked for NaN and inf all at once; only when that finds any does
+        a block fall back to its plain gradient.
+        """
+        results = []
+        for block in owned.values():
+            if all(p in directions for p in block.params):
+                grads = [directions[p] for p in block.params]
+                results.append((block, grads, block.precondition(grads)))
+            else:
+                for p in block.params:
+                    directions.pop(p, None)
+        if results and bool(any_nonfinite([u for _, _, updates in results for u in updates])):
+            results = [
+                (block, grads, block.plain_if_not_finite(grads, updates))
+                for block, grads, updates in results
+            ]
+        for block, _, updates in results:
+            directions.update(zip(block.params, updates, strict=True))
 
     def _warn_if_no_statistics(self) -> None:
         wanted = any(any(block.wanted) for block in self.curvature.values())
@@ -470,7 +548,9 @@ class SPNGD(Optimizer):
             "refresh": self.refresh.state_dict(),
         }
         curvature: dict[str, Any] = {}
-        refresh: dict[str, Any] = {"interval": {}, "next_step": {}, "counts": {}}
+        refresh: dict[str, Any] = {
+            key: {} for key in ("interval", "next_step", "last_step", "noise", "counts")
+        }
         for rank_state in self._exchange.collect(local):
             curvature.update(rank_state["curvature"])
             for key in refresh:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from spngd.linalg import FactorizationError
+from spngd.timing import StageTimes
 
 
 class CurvatureBlock(ABC):
@@ -52,11 +53,11 @@ class CurvatureBlock(ABC):
 
     # -- layer math supplied by subclasses ------------------------------------------------
     @abstractmethod
-    def compute_statistics(
-        self, inputs: torch.Tensor, grad_output: torch.Tensor
-    ) -> tuple[torch.Tensor | None, ...]:
-        """The ``wanted`` statistics of one forward/backward pair (``None`` for the others),
-        at per-example Fisher scale."""
+    def compute_statistic(
+        self, index: int, inputs: torch.Tensor, grad_output: torch.Tensor
+    ) -> torch.Tensor:
+        """Statistic ``statistic_names[index]`` of one forward/backward pair, at
+        per-example Fisher scale."""
 
     @abstractmethod
     def compute_inverse(self, damping: float) -> tuple[torch.Tensor, ...]:
@@ -76,10 +77,19 @@ class CurvatureBlock(ABC):
         return inputs.shape[0] if inputs.dim() > 1 else 1
 
     # -- statistics -----------------------------------------------------------------------
-    def accumulate(self, inputs: torch.Tensor, grad_output: torch.Tensor) -> None:
-        """Add the statistics of one forward/backward pair (called from the hooks)."""
+    def accumulate(
+        self, inputs: torch.Tensor, grad_output: torch.Tensor, times: StageTimes
+    ) -> None:
+        """Add the ``wanted`` statistics of one forward/backward pair (called from the
+        hooks), each timed as stage ``statistics <name>``."""
+        stats: list[torch.Tensor | None] = []
         with torch.no_grad():
-            stats = self.compute_statistics(inputs, grad_output)
+            for index, name in enumerate(self.statistic_names):
+                if not self.wanted[index]:
+                    stats.append(None)
+                    continue
+                with times.measure(f"statistics {name}"):
+                    stats.append(self.compute_statistic(index, inputs, grad_output))
         if self._pending is None:
             self._pending = list(stats)
         else:
@@ -106,22 +116,24 @@ class CurvatureBlock(ABC):
         """Mean of the statistics accumulated since the last step, and reset the buffer.
 
         Several pairs (gradient accumulation over micro-batches, or a module called more
-        than once) are averaged, as if each were a separate micro-batch. Non-finite
-        statistics are dropped (``None`` returned) with one warning: the previous factors
-        and inverse stay in use.
+        than once) are averaged, as if each were a separate micro-batch. Finiteness is
+        checked by the optimizer for all blocks at once (:meth:`drop_nonfinite`).
         """
         if self._pending is None:
             return None
-        mean = tuple(None if t is None else t / self._pending_count for t in self._pending)
+        count = self._pending_count
+        mean = tuple(None if t is None else (t if count == 1 else t / count) for t in self._pending)
         self.clear_pending()
-        if not all(t is None or bool(torch.isfinite(t).all()) for t in mean):
-            self.warn_once(
-                "nonfinite-stats",
-                f"statistics of {self.name!r} contain NaN or inf; they are dropped and the "
-                "previous inverse stays in use (plain gradient if there is none)",
-            )
-            return None
         return mean
+
+    def drop_nonfinite(self) -> None:
+        """Warn (once) that this block's fresh statistics held NaN or inf and were dropped:
+        the previous factors and inverse stay in use."""
+        self.warn_once(
+            "nonfinite-stats",
+            f"statistics of {self.name!r} contain NaN or inf; they are dropped and the "
+            "previous inverse stays in use (plain gradient if there is none)",
+        )
 
     def update_factors(self, fresh: tuple[torch.Tensor | None, ...], stat_decay: float) -> None:
         """Fold fresh statistics into the running factors (``None`` entries are kept).
@@ -162,15 +174,23 @@ class CurvatureBlock(ABC):
         self.formed_inverse = None
 
     def precondition(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Preconditioned gradients, or ``grads`` unchanged when that is not possible.
+        """Preconditioned gradients, or ``grads`` unchanged when there is no inverse yet.
 
-        Falls back to the plain gradient (with one warning) when there is no inverse yet
-        or the preconditioned result is not finite although the gradient is.
+        The result is not checked here (that would read the device once per block); the
+        optimizer checks all blocks' results at once and calls :meth:`plain_if_not_finite`
+        only when something is wrong.
         """
         if self.inverse is None:
             return grads
         updates = self.apply_inverse(grads)
         self.inverse_uses += 1
+        return updates
+
+    def plain_if_not_finite(
+        self, grads: list[torch.Tensor], updates: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """``grads`` (with one warning) when ``updates`` hold NaN or inf although ``grads``
+        do not; else ``updates``."""
         if all(bool(torch.isfinite(u).all()) for u in updates):
             return updates
         if all(bool(torch.isfinite(g).all()) for g in grads):

@@ -34,9 +34,9 @@ class BatchNormBlock(CurvatureBlock):
         """``(C, 3)`` running Fisher entries ``(f_gg, f_gb, f_bb)`` per channel."""
         return self.factors[0]
 
-    def compute_statistics(
-        self, inputs: torch.Tensor, grad_output: torch.Tensor
-    ) -> tuple[torch.Tensor, ...]:
+    def compute_statistic(
+        self, index: int, inputs: torch.Tensor, grad_output: torch.Tensor
+    ) -> torch.Tensor:
         dtype = statistics_dtype(inputs)
         n, channels = inputs.shape[:2]
         x = inputs.to(dtype).reshape(n, channels, -1)
@@ -50,7 +50,7 @@ class BatchNormBlock(CurvatureBlock):
         v = delta.sum(2)
         u = torch.linalg.vecdot(delta, centred, dim=2) * rstd  # sum_t delta x_hat
         fisher = torch.stack(((u * u).mean(0), (u * v).mean(0), (v * v).mean(0)), dim=1)
-        return (fisher * (n * n),)  # delta = n * grad_output
+        return fisher * (n * n)  # delta = n * grad_output
 
     def compute_inverse(self, damping: float) -> tuple[torch.Tensor, ...]:
         return (unit_wise_inverse(self.factors[0], self.damping_scale * damping),)  # type: ignore[index]

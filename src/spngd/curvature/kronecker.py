@@ -64,14 +64,12 @@ class KroneckerBlock(CurvatureBlock):
     def G(self) -> torch.Tensor | None:
         return self.factors[1]
 
-    def compute_statistics(
-        self, inputs: torch.Tensor, grad_output: torch.Tensor
-    ) -> tuple[torch.Tensor | None, ...]:
-        want_a, want_g = self.wanted
-        return (
-            self.a_factor(inputs) if want_a else None,
-            self.g_factor(grad_output, self.batch_size(inputs)) if want_g else None,
-        )
+    def compute_statistic(
+        self, index: int, inputs: torch.Tensor, grad_output: torch.Tensor
+    ) -> torch.Tensor:
+        if index == 0:
+            return self.a_factor(inputs)
+        return self.g_factor(grad_output, self.batch_size(inputs))
 
     def compute_inverse(self, damping: float) -> tuple[torch.Tensor, ...]:
         A, G = self.factors  # type: ignore[misc]

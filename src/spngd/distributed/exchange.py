@@ -13,11 +13,9 @@ moves, so the optimizer runs one code path.
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -60,24 +58,6 @@ class DistributedConfig:
             raise ValueError(f"assignment must be one of {STRATEGIES}, got {self.assignment!r}")
         if self.bucket_elements < 1:
             raise ValueError(f"bucket_elements must be >= 1, got {self.bucket_elements}")
-
-
-@dataclass
-class StageTimes:
-    """Seconds spent per stage, summed over steps (reset with :meth:`clear`)."""
-
-    seconds: dict[str, float] = field(default_factory=dict)
-
-    @contextmanager
-    def measure(self, stage: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
-
-    def clear(self) -> None:
-        self.seconds.clear()
 
 
 class LocalExchange:
