@@ -1,7 +1,8 @@
 """Damped inverses of symmetric positive semi-definite factors, with numerical fallbacks.
 
 Kronecker factors' inverses are kept as Cholesky factors and applied by triangular solves
-(see :func:`robust_cholesky`); BatchNorm's 2x2 blocks are inverted in closed form.
+(see :func:`robust_cholesky`), or, for the exact Kronecker damping, as eigendecompositions
+(:func:`robust_eigh`); BatchNorm's 2x2 blocks are inverted in closed form.
 Everything works on batches ``(..., d, d)`` so that same-shaped factors (the groups of a
 grouped convolution, or several layers) are factorised in one call.
 """
@@ -48,11 +49,8 @@ def damped_kronecker_factors(
     A: torch.Tensor, G: torch.Tensor, damping: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The pi-damped factors ``A + pi sqrt(lam) I`` and ``G + sqrt(lam)/pi I`` (new tensors:
-    damping is never written into the running statistics, spec section 2)."""
-    pi = pi_correction(A, G)
-    root = math.sqrt(damping)
-    damping_a = torch.clamp(pi * root, min=MIN_DAMPING)
-    damping_g = torch.clamp(root / pi, min=MIN_DAMPING)
+    damping is never written into the running statistics)."""
+    damping_a, damping_g = kronecker_factored_dampings(A, G, damping)
     return add_to_diagonal(A, damping_a), add_to_diagonal(G, damping_g)
 
 
@@ -80,6 +78,63 @@ def batched_cholesky(matrices: list[torch.Tensor]) -> list[torch.Tensor | None]:
         out.append(lower[start:stop] if all(good[start:stop]) else None)
         start = stop
     return out
+
+
+def batched_eigh(
+    matrices: list[torch.Tensor],
+) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+    """Eigendecompositions ``(eigenvalues, eigenvectors)`` of many same-shaped ``(b_i, d, d)``
+    symmetric batches in one call, eigenvalues clamped at 0 (the factors are positive
+    semi-definite; rounding can make the smallest slightly negative).
+
+    No fallbacks here: when the call fails or an entry is not finite, that entry comes
+    back as None, for the caller to retry alone with :func:`robust_eigh`.
+    """
+    try:
+        values, vectors = torch.linalg.eigh(torch.cat(matrices))
+    except RuntimeError:
+        return [None] * len(matrices)
+    good = (torch.isfinite(values).all(-1) & torch.isfinite(vectors).flatten(1).all(1)).tolist()
+    out: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+    start = 0
+    for matrix in matrices:
+        stop = start + matrix.shape[0]
+        parts = (values[start:stop].clamp(min=0.0), vectors[start:stop])
+        out.append(parts if all(good[start:stop]) else None)
+        start = stop
+    return out
+
+
+def robust_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`batched_eigh` of one batch, retried in float64 (result cast back) when it
+    fails; :class:`FactorizationError` when that fails too or the input is not finite."""
+    if not torch.isfinite(matrix).all():
+        raise FactorizationError("factor contains NaN or inf")
+    for attempt in (matrix, matrix.double()):
+        (parts,) = batched_eigh([attempt])
+        if parts is not None:
+            return parts[0].to(matrix.dtype), parts[1].to(matrix.dtype)
+    raise FactorizationError("eigendecomposition failed in float64")
+
+
+def inverse_from_eigh(
+    values: torch.Tensor, vectors: torch.Tensor, damping: torch.Tensor
+) -> torch.Tensor:
+    """``(X + c I)^-1 = Q diag(1 / (lambda + c)) Q^T`` from ``X``'s eigendecomposition, for
+    a damping ``c`` per batch entry: a new damping costs one matrix product, no new
+    factorisation."""
+    scaled = vectors / (values + damping[..., None])[..., None, :]
+    return scaled @ vectors.mT
+
+
+def kronecker_factored_dampings(
+    A: torch.Tensor, G: torch.Tensor, damping: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pi-corrected dampings ``pi sqrt(lam)`` of ``A`` and ``sqrt(lam) / pi`` of ``G``,
+    per batch entry, each floored at :data:`MIN_DAMPING`."""
+    pi = pi_correction(A, G)
+    root = math.sqrt(damping)
+    return torch.clamp(pi * root, min=MIN_DAMPING), torch.clamp(root / pi, min=MIN_DAMPING)
 
 
 def inverse_from_cholesky(lower: torch.Tensor) -> torch.Tensor:

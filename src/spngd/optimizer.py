@@ -22,7 +22,7 @@ from torch.optim import Optimizer
 
 from spngd.capture import StatisticsCapture
 from spngd.curvature import CurvatureBlock, make_block
-from spngd.curvature.kronecker import update_inverses
+from spngd.curvature.kronecker import DAMPING_FORMS, KroneckerBlock, update_inverses
 from spngd.distributed.exchange import (
     DistributedConfig,
     DistributedExchange,
@@ -63,8 +63,13 @@ class SPNGD(Optimizer):
             training labels; no extra pass) or ``"mc"`` (one label sampled per example
             from the model's softmax; call :meth:`sample_fisher` with the logits before
             ``loss.backward()``).
-        bn_damping_scale: the BatchNorm damping multiplier kappa (spec section 4: 16, what
-            the authors' released script uses).
+        bn_damping_scale: the BatchNorm damping multiplier kappa (16, what the authors'
+            released script uses).
+        damping_form: how Linear and Conv layers are damped. ``"factored"`` (the paper's):
+            ``(G + sqrt(lam)/pi I)^-1 grad (A + pi sqrt(lam) I)^-1`` with Cholesky factors;
+            ``"kronecker"``: the exact ``(G ⊗ A + lam I)^-1`` in the factors'
+            eigenbases, where refreshing one factor leaves the other's decomposition
+            alone (see :mod:`spngd.curvature.kronecker` for the costs of each).
         stat_interval: ``None`` (default) refreshes each statistic by SP-NGD's adaptive
             rule (see :mod:`spngd.refresh`); an int ``k`` computes all statistics every
             ``k`` steps (1: every step).
@@ -107,6 +112,7 @@ class SPNGD(Optimizer):
         stat_decay: float = 0.0,
         fisher: str = "empirical",
         bn_damping_scale: float = 16.0,
+        damping_form: str = "factored",
         stat_interval: int | None = None,
         inverse_interval: int | None = None,
         refresh: AdaptiveRefresh | None = None,
@@ -122,6 +128,8 @@ class SPNGD(Optimizer):
             raise ValueError(f"stat_decay must be in [0, 1), got {stat_decay}")
         if fisher not in FISHER_TYPES:
             raise ValueError(f"fisher must be one of {FISHER_TYPES}, got {fisher!r}")
+        if damping_form not in DAMPING_FORMS:
+            raise ValueError(f"damping_form must be one of {DAMPING_FORMS}, got {damping_form!r}")
         if not bn_damping_scale > 0.0:
             raise ValueError(f"bn_damping_scale must be > 0, got {bn_damping_scale}")
         if not (isinstance(accumulation_steps, int) and accumulation_steps >= 1):
@@ -145,6 +153,9 @@ class SPNGD(Optimizer):
         self._block_group: dict[str, int] = {}
         self._plain: dict[str, str] = {}
         self._build_blocks(model)
+        for block in self.curvature.values():
+            if isinstance(block, KroneckerBlock):
+                block.damping_form = damping_form
         if refresh is not None and not isinstance(refresh, AdaptiveRefresh):
             raise TypeError(f"refresh must be an AdaptiveRefresh, got {type(refresh).__name__}")
         self.refresh = RefreshPolicy(stat_interval, inverse_interval, refresh or AdaptiveRefresh())
