@@ -14,6 +14,8 @@ from typing import BinaryIO
 import pytest
 import torch
 
+from spngd.optimizer import SPNGD
+from spngd.timing import STAGES
 from spngd.train.cli import PER_OPTIMIZER
 from spngd.train.config import OPTIMIZER_DEFAULTS
 from spngd.train.models import build_model
@@ -66,6 +68,53 @@ def test_train_writes_the_run_folder(run_cli: CliRun, tmp_path: Path) -> None:
     model.load_state_dict(checkpoint["model"])
     assert "curvature" in checkpoint["optimizer"]
     assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.usefixtures("small_digits")
+def test_epoch_records_hold_the_pass_s_seconds_per_stage(
+    run_cli: CliRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every SP-NGD epoch record holds each stage's seconds in that pass (>= 0, in step
+    order, together less than the pass's training time; the forward and backward passes,
+    which hold the statistics stages, plus the other stages too), also after a resume whose
+    optimizer arrives with time on its counters; SGD records time the forward and backward
+    passes only. The refresh rule options land in config.json."""
+    out = tmp_path / "spngd"
+    options = ("--refresh-rule", "spec", "--refresh-noise-margin", "2")
+    code, _, stderr = run_cli("train", "--out", str(out), "--epochs", "2", *SMALL, *options)
+    assert code == 0, stderr
+    config = json.loads((out / "config.json").read_text())
+    assert (config["refresh_rule"], config["refresh_noise_margin"]) == ("spec", 2.0)
+    stage_seconds = SPNGD.stage_seconds
+
+    def restored_with_time(self: SPNGD) -> dict[str, float]:
+        """As if the checkpoint had brought 1000 s of earlier inversions."""
+        seconds = stage_seconds(self)
+        return {**seconds, "inversion": seconds.get("inversion", 0.0) + 1000.0}
+
+    monkeypatch.setattr(SPNGD, "stage_seconds", restored_with_time)
+    code, _, stderr = run_cli("train", "--resume", "--out", str(out), "--epochs", "3")
+    assert code == 0, stderr
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert len(epochs) == 3
+    for previous, record in zip([{"time": 0.0}, *epochs], epochs, strict=False):
+        pass_time = record["time"] - previous["time"]
+        stages = record["stage_seconds"]
+        assert list(stages) == list(STAGES)  # all ran: every step refreshes in warm-up
+        assert all(seconds >= 0.0 for seconds in stages.values())
+        assert sum(stages.values()) < pass_time
+        in_backward = sum(stages[f"statistics {name}"] for name in "AGF")
+        assert in_backward <= record["forward_backward_seconds"]
+        step = sum(stages.values()) - in_backward
+        assert record["forward_backward_seconds"] + step < pass_time
+    sgd = tmp_path / "sgd"
+    code, _, stderr = run_cli("train", "--out", str(sgd), "--optimizer", "sgd", *SMALL)
+    assert code == 0, stderr
+    lines = (sgd / "metrics.jsonl").read_text().splitlines()
+    for record in (r for r in map(json.loads, lines) if r["kind"] == "epoch"):
+        assert "stage_seconds" not in record
+        assert 0.0 < record["forward_backward_seconds"] < record["time"]
 
 
 def test_compare_trains_both_optimizers_into_one_plot(run_cli: CliRun, tmp_path: Path) -> None:
@@ -160,6 +209,12 @@ def test_corrupt_image_stops_training_naming_the_file(
         (("--batch-size", "eight"), "argument --batch-size: invalid int value: 'eight'"),
         (("--no-such-flag",), "unrecognized arguments: --no-such-flag"),
         (("--refresh-shrink", "drop"), "--refresh-shrink must be reset or halve, got 'drop'"),
+        (("--refresh-rule", "fast"), "--refresh-rule must be noise or spec, got 'fast'"),
+        (("--refresh-noise-margin", "-1"), "--refresh-noise-margin must be >= 0, got -1.0"),
+        (
+            ("--refresh-noise-margin", "wide"),
+            "argument --refresh-noise-margin: invalid float value: 'wide'",
+        ),
     ],
 )
 def test_bad_options(run_cli: CliRun, tmp_path: Path, argv: tuple[str, ...], needle: str) -> None:

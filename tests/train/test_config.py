@@ -54,6 +54,9 @@ def test_precedence_recipe_over_defaults_and_options_over_recipe() -> None:
         ({"device": "tpu"}, "--device 'tpu' is not a torch device"),
         ({"epochs": float("inf")}, "--epochs must be finite"),
         ({"refresh_alpha": float("nan")}, "--refresh-alpha must be a number, got nan"),
+        ({"refresh_rule": "fast"}, "--refresh-rule must be noise or spec, got 'fast'"),
+        ({"refresh_noise_margin": -0.5}, "--refresh-noise-margin must be >= 0, got -0.5"),
+        ({"refresh_noise_margin": float("nan")}, "--refresh-noise-margin must be >= 0, got nan"),
         ({"refresh_shrink": "drop"}, "--refresh-shrink must be reset or halve, got 'drop'"),
         ({"refresh_grow": "triple"}, "--refresh-grow must be double or plus1, got 'triple'"),
         ({"refresh_max_interval": 0}, "--refresh-max-interval must be a positive integer"),
@@ -80,6 +83,8 @@ def test_refresh_options_reach_the_optimizer_and_old_configs_take_the_defaults()
     model = build_model("resnet20", num_classes=10)
     knobs = {
         "refresh_alpha": 0.5,
+        "refresh_rule": "spec",
+        "refresh_noise_margin": 2.0,
         "refresh_grow": "plus1",
         "refresh_shrink": "halve",
         "refresh_max_interval": 8,
@@ -88,12 +93,19 @@ def test_refresh_options_reach_the_optimizer_and_old_configs_take_the_defaults()
     opt = make_optimizer(model, resolve_config({"device": "cpu", **knobs}))
     assert opt.refresh.stat_interval is None
     assert opt.refresh.adaptive == AdaptiveRefresh(
-        alpha=0.5, grow="plus1", shrink="halve", max_interval=8, warmup_steps=3
+        alpha=0.5,
+        rule="spec",
+        noise_margin=2.0,
+        grow="plus1",
+        shrink="halve",
+        max_interval=8,
+        warmup_steps=3,
     )
     fixed = resolve_config({"device": "cpu", "stat_interval": 10, "inverse_interval": 100})
     opt = make_optimizer(model, fixed)
     assert (opt.refresh.stat_interval, opt.refresh.inverse_interval) == (10, 100)
-    # A run folder written before these options existed resumes with the spec's defaults.
+    # A run folder written before these options existed resumes with AdaptiveRefresh's
+    # defaults.
     saved = resolve_config({"device": "cpu", "out": "runs/old"}).to_dict()
     for name in (*knobs, "inverse_interval"):
         del saved[name]

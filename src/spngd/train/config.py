@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from spngd.optimizer import FISHER_TYPES
-from spngd.refresh import GROW_RULES, SHRINK_RULES, AdaptiveRefresh
+from spngd.refresh import GROW_RULES, RULES, SHRINK_RULES, AdaptiveRefresh
 from spngd.train.data import data_kind
 from spngd.train.errors import UserError
 from spngd.train.models import MODEL_NAMES
@@ -61,8 +61,16 @@ class TrainConfig:
         "SP-NGD inverses every k steps, with --stat-interval (default: with the statistics)"
     )
     refresh_alpha: float = _help(
-        "SP-NGD adaptive refresh: a statistic's interval grows while its relative change "
-        "is at most this (negative: every step)"
+        "SP-NGD adaptive refresh: threshold alpha on a statistic's relative change; its "
+        "interval grows while the change is small (see --refresh-rule; negative: every step)"
+    )
+    refresh_rule: str = _help(
+        "SP-NGD adaptive refresh: when a relative change d counts as small, 'noise': "
+        "d^2 <= alpha^2 + (margin * s)^2 with s the statistic's measured batch-to-batch noise, "
+        "'spec': d <= alpha"
+    )
+    refresh_noise_margin: float = _help(
+        "SP-NGD adaptive refresh, rule 'noise': the margin, in units of the measured noise"
     )
     refresh_grow: str = _help(
         f"SP-NGD adaptive refresh: interval growth, {' or '.join(GROW_RULES)}"
@@ -116,6 +124,8 @@ class TrainConfig:
                 ">= 1",
             ),
             ("refresh_alpha", not math.isnan(self.refresh_alpha), "a number"),
+            ("refresh_rule", self.refresh_rule in RULES, " or ".join(RULES)),
+            ("refresh_noise_margin", self.refresh_noise_margin >= 0, ">= 0"),
             ("refresh_grow", self.refresh_grow in GROW_RULES, " or ".join(GROW_RULES)),
             ("refresh_shrink", self.refresh_shrink in SHRINK_RULES, " or ".join(SHRINK_RULES)),
             ("refresh_max_interval", self.refresh_max_interval >= 1, "a positive integer"),
@@ -191,6 +201,8 @@ DEFAULTS: dict[str, Any] = {
     "stat_interval": None,
     "inverse_interval": None,
     "refresh_alpha": AdaptiveRefresh.alpha,
+    "refresh_rule": AdaptiveRefresh.rule,
+    "refresh_noise_margin": AdaptiveRefresh.noise_margin,
     "refresh_grow": AdaptiveRefresh.grow,
     "refresh_shrink": AdaptiveRefresh.shrink,
     "refresh_max_interval": AdaptiveRefresh.max_interval,

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from spngd.guard import NonFiniteGradientError, NonFiniteGuard, any_nonfinite
 from spngd.optimizer import SPNGD
 from spngd.refresh import AdaptiveRefresh
+from spngd.timing import seconds_since
 from spngd.train.augment import RunningMixup, soft_targets
 from spngd.train.config import TrainConfig
 from spngd.train.data import load_data, make_loaders
@@ -43,8 +44,8 @@ RESCALED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 def rescale_weights(model: nn.Module) -> None:
     """Shrink every conv and Linear weight to Frobenius norm at most ``sqrt(2 d_out)``.
 
-    ``W <- W min(1, sqrt(2 d_out) / (||W||_F + 1e-9))`` (spec section 9): the expected norm
-    of a He-initialised weight. Biases and BatchNorm parameters are left alone.
+    ``W <- W min(1, sqrt(2 d_out) / (||W||_F + 1e-9))``, as the authors' code does: the
+    expected norm of a He-initialised weight. Biases and BatchNorm parameters are left alone.
     """
     for module in model.modules():
         if isinstance(module, RESCALED):
@@ -55,11 +56,14 @@ def rescale_weights(model: nn.Module) -> None:
 
 @dataclass(frozen=True)
 class StepResult:
-    """Mean training loss of one step, and its correctly classified examples."""
+    """Mean training loss of one step, its correctly classified examples, and the seconds
+    its forward and backward passes took (SP-NGD's statistics, computed in backward hooks,
+    included)."""
 
     loss: float
     correct: int
     examples: int
+    forward_backward_seconds: float
 
 
 def train_step(
@@ -72,15 +76,18 @@ def train_step(
 
     Each micro-batch's mean loss is divided by K before its backward, so gradients (and
     SPNGD's statistics, with ``accumulation_steps=K``) accumulate to those of the whole
-    batch. Accuracy counts the argmax of the target, the current label under mixup. When
-    the optimizer skips the step (NaN or inf gradients), the model's buffers (BatchNorm
-    running statistics) are put back and the weights are not rescaled, so a non-finite
-    batch leaves no trace in the model.
+    batch. Accuracy counts the argmax of the target, the current label under mixup. The
+    forward and backward passes are timed up to the last micro-batch's loss and accuracy
+    reads, which wait for the device, so the figure holds on a GPU too. When the optimizer
+    skips the step (NaN or inf gradients), the model's buffers (BatchNorm running
+    statistics) are put back and the weights are not rescaled, so a non-finite batch leaves
+    no trace in the model.
     """
     buffers = [buffer.clone() for buffer in model.buffers()]
     optimizer.zero_grad()
     sample_fisher = isinstance(optimizer, SPNGD) and optimizer.fisher == "mc"
     loss_sum, correct, examples = 0.0, 0, 0
+    start = time.perf_counter()
     for images, targets in micro_batches:
         logits = model(images)
         if sample_fisher:
@@ -90,6 +97,7 @@ def train_step(
         loss_sum += loss.item()
         correct += int((logits.argmax(1) == targets.argmax(1)).sum())
         examples += len(images)
+    forward_backward = time.perf_counter() - start
     optimizer.step()
     if optimizer.guard.bad_steps_in_a_row:  # this step was skipped
         with torch.no_grad():
@@ -97,7 +105,7 @@ def train_step(
                 buffer.copy_(saved)
     elif rescale:
         rescale_weights(model)
-    return StepResult(loss_sum / len(micro_batches), correct, examples)
+    return StepResult(loss_sum / len(micro_batches), correct, examples, forward_backward)
 
 
 @torch.no_grad()
@@ -180,6 +188,8 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> SPNGD | GuardedSGD:
         inverse_interval=config.inverse_interval,
         refresh=AdaptiveRefresh(
             alpha=config.refresh_alpha,
+            rule=config.refresh_rule,  # type: ignore[arg-type]
+            noise_margin=config.refresh_noise_margin,
             grow=config.refresh_grow,  # type: ignore[arg-type]
             shrink=config.refresh_shrink,  # type: ignore[arg-type]
             max_interval=config.refresh_max_interval,
@@ -348,11 +358,13 @@ class Trainer:
 
     def fit_pass(self, bar: tqdm, start: float) -> None:
         """One pass over the data, cut short at the run's last step; then its epoch record
-        and checkpoint."""
+        and checkpoint. SP-NGD's stage timers are read as the pass begins, so the record
+        counts this pass's seconds only."""
         if hasattr(self.train_loader.sampler, "set_epoch"):
             self.train_loader.sampler.set_epoch(self.passes)  # type: ignore[union-attr]
         self.passes += 1
         results: list[StepResult] = []
+        stages = self.stage_seconds()
         tick = time.perf_counter()
         for group in _groups(self.train_loader, self.config.accumulate):
             ends_pass = len(results) + 1 == self.steps_per_pass
@@ -367,7 +379,7 @@ class Trainer:
             if ends_pass or self.step == self.total_steps:
                 break
             tick = time.perf_counter()
-        self.end_pass(results, time.perf_counter() - start)
+        self.end_pass(results, time.perf_counter() - start, stages)
 
     def fit_step(
         self,
@@ -404,9 +416,23 @@ class Trainer:
         self.log(record)
         return result
 
-    def end_pass(self, results: list[StepResult], wall_time: float) -> None:
-        """Log the pass's ``epoch`` record (with optimizer statistics) and checkpoint, unless
-        the model holds NaN or inf (then :class:`TrainingStoppedError`)."""
+    def stage_seconds(self) -> dict[str, float]:
+        """SP-NGD's cumulative seconds per stage (:meth:`SPNGD.stage_seconds`); empty for SGD."""
+        if isinstance(self.optimizer, SPNGD):
+            return self.optimizer.stage_seconds()
+        return {}
+
+    def end_pass(
+        self, results: list[StepResult], wall_time: float, stages_before: dict[str, float]
+    ) -> None:
+        """Log the pass's ``epoch`` record and checkpoint, unless the model holds NaN or inf
+        (then :class:`TrainingStoppedError`).
+
+        The record carries the seconds the pass's forward and backward passes took and, for
+        SP-NGD, its statistics counts and the seconds per stage since ``stages_before`` (the
+        snapshot taken when the pass began, so after a resume the counters' state at
+        restore), rounded to microseconds, the timers' own resolution.
+        """
         self.wall_time = wall_time
         record = {
             "kind": "epoch",
@@ -419,9 +445,12 @@ class Trainer:
             "val_loss": self.val_loss,
             "val_accuracy": self.val_accuracy,
             "skipped_steps": self.optimizer.guard.skipped_steps,
+            "forward_backward_seconds": round(sum(r.forward_backward_seconds for r in results), 6),
         }
         if isinstance(self.optimizer, SPNGD):
             record["optimizer_stats"] = self.optimizer.stats()["total"]
+            spent = seconds_since(stages_before, self.stage_seconds())
+            record["stage_seconds"] = {stage: round(s, 6) for stage, s in spent.items()}
         self.log(record)
         if not all_finite(self.model.state_dict()):
             raise TrainingStoppedError(
