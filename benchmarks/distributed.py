@@ -41,6 +41,7 @@ from spngd.curvature import BatchNormBlock, CurvatureBlock, make_block
 from spngd.distributed import DistributedConfig, FlatPacker, TensorSpec, assign_blocks
 from spngd.distributed.assignment import BlockShape
 from spngd.distributed.exchange import statistic_spec
+from spngd.timing import seconds_since
 from spngd.train.models import build_model
 
 PINNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
@@ -89,10 +90,11 @@ def layouts(blocks: dict[str, CurvatureBlock], world_size: int) -> Layouts:
     """The exchange's bucket layouts on a refresh step under DDP (no gradients reduced).
 
     Mirrors ``DistributedExchange._reduce_specs`` (a contributor count, then every statistic
-    via ``statistic_spec``) and ``_gather_specs`` (a valid-flag + plan header, then the
-    parameters), with the owners from ``assign_blocks`` under the default config. The
-    per-owner totals are what counts: every bytes-sent model below adds over buckets, so
-    splitting an owner's share into several buckets changes nothing.
+    via ``statistic_spec``, then one noise scalar per statistic when the block measures it)
+    and ``_gather_specs`` (a valid-flag + plan header, then the parameters), with the owners
+    from ``assign_blocks`` under the default config. The per-owner totals are what counts:
+    every bytes-sent model below adds over buckets, so splitting an owner's share into
+    several buckets changes nothing.
     """
     shapes = [BlockShape.from_block(block) for block in blocks.values()]
     owners = assign_blocks(shapes, world_size, DistributedConfig().assignment)
@@ -101,7 +103,8 @@ def layouts(blocks: dict[str, CurvatureBlock], world_size: int) -> Layouts:
     full = packed = grads = 0
     for block, owner in zip(blocks.values(), owners, strict=True):
         stats = [statistic_spec(block, i) for i in range(len(block.statistic_names))]
-        reduce_specs[owner] += [TensorSpec((1,)), *stats]
+        noises = [TensorSpec((1,)) for _ in stats] if block.measure_noise else []
+        reduce_specs[owner] += [TensorSpec((1,)), *stats, *noises]
         gather_specs[owner].append(TensorSpec((1 + len(block.statistic_names),)))
         gather_specs[owner] += [TensorSpec(tuple(p.shape)) for p in block.params]
         full += full_numel(block)
@@ -228,7 +231,8 @@ def free_port() -> int:
 
 class StepTimer:
     """Per-step stage seconds of one optimizer: the wall time of forward+backward and of
-    ``step()``, each minus the optimizer's own stages recorded inside it."""
+    ``step()``, each minus the optimizer's own stages recorded inside it. ``seconds``
+    returns a fresh snapshot of cumulative seconds per stage (``SPNGD.stage_seconds``)."""
 
     def __init__(self, seconds: Callable[[], dict[str, float]], rest: str = OTHER) -> None:
         self.seconds = seconds
@@ -241,18 +245,16 @@ class StepTimer:
         self.totals[stage] = self.totals.get(stage, 0.0) + value
 
     def run(self, fwd_bwd: Callable[[], None], step: Callable[[], Any]) -> None:
-        before = dict(self.seconds())
+        before = self.seconds()
         t0 = time.perf_counter()
         fwd_bwd()
         t1 = time.perf_counter()
-        middle = dict(self.seconds())
+        middle = self.seconds()
         step()
         t2 = time.perf_counter()
-        after = dict(self.seconds())
-        in_bwd = {k: v - before.get(k, 0.0) for k, v in middle.items()}
-        in_step = {k: v - middle.get(k, 0.0) for k, v in after.items()}
-        in_bwd = {k: v for k, v in in_bwd.items() if v > 0.0}
-        in_step = {k: v for k, v in in_step.items() if v > 0.0}
+        after = self.seconds()
+        in_bwd = seconds_since(before, middle)
+        in_step = seconds_since(middle, after)
         self.add(FWD_BWD, t1 - t0 - sum(in_bwd.values()))
         for key, value in in_bwd.items():
             label = f"{key} (in backward)" if key in after and key in in_step else key
@@ -304,13 +306,8 @@ def worker(
             return run
 
         contenders = {
-            "SPNGD": (lambda: ngd.times.seconds, OTHER, fwd_bwd(ngd_model, ngd), ngd.step),
-            "SPNGD no overlap": (
-                lambda: late.times.seconds,
-                OTHER,
-                fwd_bwd(late_model, late),
-                late.step,
-            ),
+            "SPNGD": (ngd.stage_seconds, OTHER, fwd_bwd(ngd_model, ngd), ngd.step),
+            "SPNGD no overlap": (late.stage_seconds, OTHER, fwd_bwd(late_model, late), late.step),
             "SGD": (dict, "update (all of step())", fwd_bwd(sgd_model, sgd), sgd.step),
         }
         for seconds, rest, run, step in contenders.values():

@@ -11,14 +11,16 @@ later. The first ``warmup_steps`` steps always refresh. ``alpha < 0`` refreshes 
 What counts as similar is the ``rule``:
 
 - ``"noise"`` (default): ``d^2 <= alpha^2 + (noise_margin * s)^2``, where ``s^2`` is the
-  key's *sampling noise*: a running mean of ``d^2`` measured one step after a refresh
-  (every warm-up step, and the step after each reset), when the weights have barely moved
-  and ``d`` is almost all batch-to-batch noise. A statistic is then recomputed when it
-  has drifted by more than ``alpha`` beyond its noise, not when one batch happens to differ
-  from the last: replacing a stale estimate by a fresh one that is no closer to the truth
-  buys nothing. At the batch sizes one machine runs, ``G`` and BatchNorm ``F`` differ by
-  20-60% between two batches of the same weights (``benchmarks/statistics_drift.py``),
-  so the spec rule below recomputes them on nearly every step.
+  key's *sampling noise*: the expected ``d^2`` between two independent estimates from
+  batches of the same weights. Each block measures it whenever it computes the statistic,
+  from the two halves of its batch (their difference holds no drift; see
+  :meth:`spngd.curvature.base.CurvatureBlock.statistic_and_noise`), and the rule keeps a
+  running mean over refreshes. A statistic is then recomputed when it has drifted by more
+  than ``alpha`` beyond its noise, not when one batch happens to differ from the last:
+  replacing a stale estimate by a fresh one that is no closer to the truth buys nothing.
+  At the batch sizes one machine runs, ``G`` and BatchNorm ``F`` differ by 20-60% between
+  two batches of the same weights (``benchmarks/statistics_drift.py``), so the spec rule
+  below recomputes them on nearly every step.
 - ``"spec"``: ``d <= alpha``, comparing raw per-batch estimates; it suits batches so large
   that their noise is far below ``alpha`` (the paper's 32,768 and more).
 
@@ -46,9 +48,9 @@ SHRINK_RULES = ("reset", "halve")
 RULES = ("noise", "spec")
 
 NOISE_WEIGHT = 0.3
-"""Weight of a new one-step ``d^2`` in the running mean of a key's sampling noise: about
-the last three such measurements count, so the estimate follows the batch size and the
-phase of training without being moved much by one odd batch."""
+"""Weight of a new measurement in the running mean of a key's sampling noise: about the
+last three count, so the estimate follows the phase of training without being moved much
+by one odd batch."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -84,7 +86,7 @@ class AdaptiveRefresh:
 
     def similar(self, change: float, noise: float) -> bool:
         """Whether a relative change ``change`` lets the interval grow, for a key whose
-        measured sampling noise (mean one-step ``d^2``) is ``noise``."""
+        measured sampling noise (expected ``d^2`` between two batches) is ``noise``."""
         if self.alpha < 0.0:
             return False
         if self.rule == "spec":
@@ -143,15 +145,24 @@ class RefreshPolicy:
         self.adaptive = adaptive
         self.interval: dict[Key, int] = {}
         self.next_step: dict[Key, int] = {}
-        self.last_step: dict[Key, int] = {}
-        """The step each key was last computed at."""
         self.noise: dict[Key, float] = {}
-        """Each key's sampling noise: running mean of ``d^2`` one step after a refresh."""
+        """Each key's sampling noise (expected ``d^2`` between two batches), running mean."""
         self.counts: dict[str, dict[str, int]] = {}
 
     @property
     def is_adaptive(self) -> bool:
         return self.stat_interval is None
+
+    @property
+    def uses_noise(self) -> bool:
+        """Whether decisions read the statistics' sampling noise (so blocks measure it)."""
+        knobs = self.adaptive
+        return (
+            self.is_adaptive
+            and knobs.rule == "noise"
+            and knobs.noise_margin > 0.0
+            and 0.0 <= knobs.alpha < math.inf
+        )
 
     def needs(self, key: Key, step: int) -> bool:
         """Whether statistic ``key`` is computed at optimizer step ``step``."""
@@ -159,22 +170,19 @@ class RefreshPolicy:
             return step % self.stat_interval == 0  # type: ignore[operator]
         return step < self.adaptive.warmup_steps or step >= self.next_step.get(key, 0)
 
-    def observe(self, key: Key, step: int, change: float | None) -> None:
+    def observe(self, key: Key, step: int, change: float | None, noise: float | None) -> None:
         """Adapt ``key``'s interval after computing it at ``step``; ``change`` is the
-        relative change against the value in use (None when there was none)."""
-        previous = self.last_step.get(key)
-        self.last_step[key] = step
+        relative change against the value in use (None when there was none), ``noise``
+        the fresh estimate's measured sampling noise (None when not measured)."""
         if not self.is_adaptive:
             return
+        if noise is not None:
+            mean = self.noise.get(key)
+            self.noise[key] = noise if mean is None else mean + NOISE_WEIGHT * (noise - mean)
         interval = self.interval.get(key, 1)
         if change is not None and step >= self.adaptive.warmup_steps:
             similar = self.adaptive.similar(change, self.noise.get(key, 0.0))
             interval = self.adaptive.grown(interval) if similar else self.adaptive.shrunk(interval)
-        if change is not None and previous == step - 1:
-            # Decided before the update: a shift seen one step after a reset is not noise.
-            noise = self.noise.get(key)
-            squared = change * change
-            self.noise[key] = squared if noise is None else noise + NOISE_WEIGHT * (squared - noise)
         self.interval[key] = interval
         self.next_step[key] = step + interval
 
@@ -207,7 +215,6 @@ class RefreshPolicy:
         return {
             "interval": dict(self.interval),
             "next_step": dict(self.next_step),
-            "last_step": dict(self.last_step),
             "noise": dict(self.noise),
             "counts": {layer: dict(c) for layer, c in self.counts.items()},
         }
@@ -215,8 +222,7 @@ class RefreshPolicy:
     def load_state_dict(self, state: dict[str, object]) -> None:
         self.interval = dict(state["interval"])  # type: ignore[call-overload]
         self.next_step = dict(state["next_step"])  # type: ignore[call-overload]
-        # A state without these measures each key's noise again at its next one-step refresh.
-        self.last_step = dict(state.get("last_step", {}))  # type: ignore[call-overload]
+        # A state without it measures each key's noise again at its next refresh.
         self.noise = dict(state.get("noise", {}))  # type: ignore[call-overload]
         self.counts = {layer: dict(c) for layer, c in state["counts"].items()}  # type: ignore[attr-defined]
 

@@ -31,6 +31,10 @@ class CurvatureBlock(ABC):
 
     kind: str = "curvature"
     statistic_names: tuple[str, ...] = ()
+    halves_combine: bool = False
+    """Whether a statistic of the whole batch is the example-weighted mean of those of its
+    two halves (true for sums over examples; not for BatchNorm, whose ``x_hat`` uses the
+    batch's own mean and variance)."""
     inverse_kind: str = "inverse"
     """What ``inverse`` holds: the inverse itself, or e.g. Cholesky factors."""
 
@@ -47,8 +51,14 @@ class CurvatureBlock(ABC):
         self.formed_inverse: tuple[torch.Tensor, ...] | None = None
         """For subclasses that keep ``inverse`` in another form: the inverse formed from it
         for repeated use (dropped whenever ``inverse`` changes)."""
+        self.measure_noise = False
+        """Measure each computed statistic's sampling noise (the adaptive refresh's noise
+        rule reads it): see :meth:`statistic_and_noise`."""
+        self.fresh_noise: list[torch.Tensor | None] = [None] * len(self.statistic_names)
+        """Relative sampling noise of the statistics :meth:`take_pending` last returned, on
+        this rank (None where not measured)."""
         self._pending: list[torch.Tensor | None] | None = None
-        self._pending_count = 0
+        self.clear_pending()
         self._warned: set[str] = set()
 
     # -- layer math supplied by subclasses ------------------------------------------------
@@ -81,26 +91,62 @@ class CurvatureBlock(ABC):
         self, inputs: torch.Tensor, grad_output: torch.Tensor, times: StageTimes
     ) -> None:
         """Add the ``wanted`` statistics of one forward/backward pair (called from the
-        hooks), each timed as stage ``statistics <name>``."""
+        hooks), each timed as stage ``statistics <name>``; with ``measure_noise``, also
+        their sampling noise (:meth:`statistic_and_noise`)."""
         stats: list[torch.Tensor | None] = []
+        noises: list[torch.Tensor | None] = []
         with torch.no_grad():
             for index, name in enumerate(self.statistic_names):
-                if not self.wanted[index]:
-                    stats.append(None)
-                    continue
-                with times.measure(f"statistics {name}"):
-                    stats.append(self.compute_statistic(index, inputs, grad_output))
+                stat = noise = None
+                if self.wanted[index]:
+                    with times.measure(f"statistics {name}"):
+                        if self.measure_noise and self.batch_size(inputs) >= 2:
+                            stat, noise = self.statistic_and_noise(index, inputs, grad_output)
+                        else:
+                            stat = self.compute_statistic(index, inputs, grad_output)
+                stats.append(stat)
+                noises.append(noise)
         if self._pending is None:
-            self._pending = list(stats)
+            self._pending, self._pending_noise = stats, noises
         else:
             for total, new in zip(self._pending, stats, strict=True):
                 if total is not None and new is not None:
                     total.add_(new)
+            self._pending_noise = [
+                None if total is None or new is None else total + new
+                for total, new in zip(self._pending_noise, noises, strict=True)
+            ]
         self._pending_count += 1
+
+    def statistic_and_noise(
+        self, index: int, inputs: torch.Tensor, grad_output: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Statistic ``index`` and its sampling noise, from the two halves of the batch.
+
+        Each half gives its own estimate ``X_1``, ``X_2`` (output gradients rescaled so that
+        the per-example gradient is still the whole batch's ``n * grad_output``). Their
+        difference holds no drift, only noise: two independent whole-batch estimates are
+        expected to differ by ``E ||X - X'||^2 = ||X_1 - X_2||^2 / 2`` (equal halves), and
+        the noise is returned relative to ``||X||^2``, comparable with the squared relative
+        change the refresh rule measures. Blocks whose statistics are sums over examples
+        (``halves_combine``) get ``X`` from the halves at no extra cost; the others compute
+        it from the whole batch as usual.
+        """
+        n = self.batch_size(inputs)
+        half = n // 2
+        first = self.compute_statistic(index, inputs[:half], grad_output[:half] * (n / half))
+        second = self.compute_statistic(index, inputs[half:], grad_output[half:] * (n / (n - half)))
+        if self.halves_combine:
+            stat = first.mul(half / n).add_(second, alpha=(n - half) / n)
+        else:
+            stat = self.compute_statistic(index, inputs, grad_output)
+        noise = (first - second).square().sum() / (2.0 * stat.square().sum().clamp(min=1e-30))
+        return stat, noise
 
     def clear_pending(self) -> None:
         """Forget statistics accumulated since the last step."""
         self._pending = None
+        self._pending_noise: list[torch.Tensor | None] = [None] * len(self.statistic_names)
         self._pending_count = 0
 
     @property
@@ -120,9 +166,12 @@ class CurvatureBlock(ABC):
         checked by the optimizer for all blocks at once (:meth:`drop_nonfinite`).
         """
         if self._pending is None:
+            self.fresh_noise = [None] * len(self.statistic_names)
             return None
         count = self._pending_count
         mean = tuple(None if t is None else (t if count == 1 else t / count) for t in self._pending)
+        # The mean of ``count`` independent estimates has 1/count of their (mean) noise.
+        self.fresh_noise = [None if t is None else t / (count * count) for t in self._pending_noise]
         self.clear_pending()
         return mean
 

@@ -50,6 +50,7 @@ class KroneckerBlock(CurvatureBlock):
 
     groups: int = 1
     statistic_names = ("A", "G")
+    halves_combine = True
     damping_form: str = "factored"
     """``"factored"`` or ``"kronecker"`` (module docstring); set before the first inverse."""
 

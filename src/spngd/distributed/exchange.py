@@ -232,12 +232,15 @@ class DistributedExchange:
         self._next += 1
 
     def _reduce_specs(self, name: str) -> list[TensorSpec]:
-        """Bucket entries of one block: contributor count, wanted statistics, gradients."""
+        """Bucket entries of one block: contributor count, wanted statistics (and their
+        measured noise), gradients."""
         block = self.blocks[name]
         specs = [TensorSpec((1,))]
         for i, wanted in enumerate(block.wanted):
             if wanted:
                 specs.append(statistic_spec(block, i))
+        if block.measure_noise:
+            specs.extend(TensorSpec((1,)) for wanted in block.wanted if wanted)
         if self.average_gradients:
             specs.extend(TensorSpec(tuple(p.shape)) for p in block.params)
         return specs
@@ -256,6 +259,11 @@ class DistributedExchange:
                     stat = torch.zeros(specs[position].shape, device=device)
                 entries.append(stat)
                 position += 1
+        if block.measure_noise:
+            for i, wanted in enumerate(block.wanted):
+                if wanted:
+                    noise = block.fresh_noise[i] if fresh is not None else None
+                    entries.append(torch.zeros(1, device=device) if noise is None else noise[None])
         if self.average_gradients:
             entries.extend(
                 p.grad if p.grad is not None else torch.zeros_like(p) for p in block.params
@@ -300,6 +308,12 @@ class DistributedExchange:
         block = self.blocks[name]
         count = round(next(entries).item())
         stats = [next(entries) / max(count, 1) if wanted else None for wanted in block.wanted]
+        if block.measure_noise:
+            # The mean of ``count`` ranks' estimates: 1/count of their mean noise.
+            block.fresh_noise = [
+                next(entries).reshape(()) / max(count, 1) ** 2 if wanted else None
+                for wanted in block.wanted
+            ]
         if self.average_gradients:
             for p in block.params:
                 averaged[p] = (next(entries) / self.world_size).to(p.dtype)

@@ -1,0 +1,123 @@
+"""What every curvature block does: statistics from the hooks and their sampling noise."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from spngd import SPNGD
+from spngd.curvature import BatchNormBlock
+from spngd.timing import StageTimes
+from tests.curvature._bruteforce import conv_factors, linear_factors, per_example_layer_data
+
+N = 10
+
+
+def _model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 25, 3)
+    ).double()
+
+
+def _batch() -> tuple[Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(N, 3, 5, 5, generator=gen, dtype=torch.float64), torch.randint(
+        0, 3, (N,), generator=gen
+    )
+
+
+def _bruteforce(model: nn.Sequential, x: Tensor, y: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+    conv = conv_factors(model[0], per_example_layer_data(model, model[0], x, y))
+    fc = linear_factors(per_example_layer_data(model, model[3], x, y), bias=True)
+    return {"0": conv, "3": (fc[0][None], fc[1][None])}
+
+
+def test_noise_is_the_halves_difference_and_the_statistic_is_unchanged() -> None:
+    """Each half's estimate is what a batch of that half alone gives (per-example loops);
+    the noise is ``||X_1 - X_2||^2 / (2 ||X||^2)`` and ``X`` is the whole batch's statistic."""
+    model = _model()
+    x, y = _batch()
+    whole = _bruteforce(model, x, y)
+    first = _bruteforce(model, x[: N // 2], y[: N // 2])
+    second = _bruteforce(model, x[N // 2 :], y[N // 2 :])
+    opt = SPNGD(model, lr=0.0)  # the default adaptive rule measures noise
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    for name, block in opt.curvature.items():
+        assert block.measure_noise
+        stats = block.take_pending()
+        for i in range(2):
+            torch.testing.assert_close(stats[i], whole[name][i], rtol=1e-10, atol=1e-12)
+            difference = (first[name][i] - second[name][i]).square().sum()
+            expected = difference / (2 * whole[name][i].square().sum())
+            torch.testing.assert_close(block.fresh_noise[i], expected, rtol=1e-8, atol=0)
+
+
+def _fresh_noise(opt: SPNGD, name: str) -> list[Tensor]:
+    opt.curvature[name].take_pending()
+    return opt.curvature[name].fresh_noise  # type: ignore[return-value]
+
+
+def test_accumulated_micro_batches_have_a_kth_of_the_noise() -> None:
+    """K micro-batches' statistics are averaged: the mean of K independent estimates has
+    1/K of their mean noise, so the block reports (sum of the K noises) / K^2."""
+    x, y = _batch()
+    parts = (slice(0, N // 2), slice(N // 2, N))
+    alone = []
+    for part in parts:
+        model = _model()
+        opt = SPNGD(model, lr=0.0)
+        F.cross_entropy(model(x[part]), y[part]).backward()
+        alone.append(_fresh_noise(opt, "3"))
+    model = _model()
+    opt = SPNGD(model, lr=0.0, accumulation_steps=2)
+    for part in parts:
+        (F.cross_entropy(model(x[part]), y[part]) / 2).backward()
+    together = _fresh_noise(opt, "3")
+    for i in range(2):
+        torch.testing.assert_close(together[i], (alone[0][i] + alone[1][i]) / 4)
+        assert not torch.isclose(alone[0][i], alone[1][i])
+
+
+def test_batchnorm_noise_keeps_the_whole_batch_statistic() -> None:
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(4).double()
+    block = BatchNormBlock("bn", bn, 16.0)
+    x = torch.randn(N, 4, 3, 3, dtype=torch.float64) + 2.0
+    grad_output = torch.randn(N, 4, 3, 3, dtype=torch.float64) / N
+    plain = block.compute_statistic(0, x, grad_output)
+    stat, noise = block.statistic_and_noise(0, x, grad_output)
+    torch.testing.assert_close(stat, plain, rtol=0, atol=0)
+    assert 0.0 < noise.item() < 10.0
+
+
+def test_noise_is_measured_only_where_a_rule_reads_it() -> None:
+    for kwargs, measured in (
+        ({}, True),
+        ({"stat_interval": 1}, False),
+        ({"refresh": None, "stat_interval": 5}, False),
+    ):
+        model = _model()
+        opt = SPNGD(model, lr=0.0, **kwargs)  # type: ignore[arg-type]
+        assert all(block.measure_noise is measured for block in opt.curvature.values())
+    from spngd import AdaptiveRefresh
+
+    for knobs in (AdaptiveRefresh(rule="spec"), AdaptiveRefresh(alpha=-1.0)):
+        opt = SPNGD(_model(), lr=0.0, refresh=knobs)
+        assert not any(block.measure_noise for block in opt.curvature.values())
+
+
+def test_statistics_are_timed_per_kind() -> None:
+    opt = SPNGD(_model(), lr=0.0)
+    times = StageTimes()
+    opt.curvature["3"].accumulate(
+        torch.randn(N, 100, dtype=torch.float64), torch.randn(N, 3, dtype=torch.float64), times
+    )
+    assert set(times.seconds) == {"statistics A", "statistics G"}
+    opt.curvature["3"].wanted = [False, True]
+    opt.curvature["3"].accumulate(
+        torch.randn(N, 100, dtype=torch.float64), torch.randn(N, 3, dtype=torch.float64), times
+    )
+    assert set(times.seconds) == {"statistics A", "statistics G"}
