@@ -137,6 +137,8 @@ def main() -> None:
     parser.add_argument(
         "--no-every-step", action="store_true", help="skip the every-step SP-NGD contender"
     )
+    parser.add_argument("--damping-form", help="SP-NGD's damping form: factored or kronecker")
+    parser.add_argument("--damping", type=float, help="SP-NGD's damping (default 0.3)")
     args = parser.parse_args()
     pin_malloc()
     torch.set_num_threads(args.threads)
@@ -146,9 +148,11 @@ def main() -> None:
         f"refresh_{knob}": getattr(args, f"refresh_{knob}")
         for knob in ("alpha", "shrink", "rule", "noise_margin", "max_interval")
     }
-    contenders[ADAPTIVE] = {**shared, **SPNGD, **{k: v for k, v in knobs.items() if v is not None}}
+    knobs |= {"damping_form": args.damping_form, "damping": args.damping}
+    chosen = {k: v for k, v in knobs.items() if v is not None}
+    contenders[ADAPTIVE] = {**shared, **SPNGD, **chosen}
     if not args.no_every_step:
-        contenders[EVERY_STEP] = {**shared, **SPNGD, "stat_interval": 1}
+        contenders[EVERY_STEP] = {**shared, **SPNGD, **chosen, "stat_interval": 1}
     print(
         f"ResNet-20 on digits, batch {SHARED['batch_size']}, {args.epochs:g} epochs, "
         f"target {100 * args.target:g}% validation accuracy, seeds {args.seeds}"

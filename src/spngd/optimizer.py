@@ -112,7 +112,7 @@ class SPNGD(Optimizer):
         stat_decay: float = 0.0,
         fisher: str = "empirical",
         bn_damping_scale: float = 16.0,
-        damping_form: str = "factored",
+        damping_form: str = DAMPING_FORMS[0],
         stat_interval: int | None = None,
         inverse_interval: int | None = None,
         refresh: AdaptiveRefresh | None = None,

@@ -55,6 +55,10 @@ def test_precedence_recipe_over_defaults_and_options_over_recipe() -> None:
         ({"epochs": float("inf")}, "--epochs must be finite"),
         ({"refresh_alpha": float("nan")}, "--refresh-alpha must be a number, got nan"),
         ({"refresh_rule": "fast"}, "--refresh-rule must be noise or spec, got 'fast'"),
+        (
+            {"damping_form": "diagonal"},
+            "--damping-form must be factored or kronecker, got 'diagonal'",
+        ),
         ({"refresh_noise_margin": -0.5}, "--refresh-noise-margin must be >= 0, got -0.5"),
         ({"refresh_noise_margin": float("nan")}, "--refresh-noise-margin must be >= 0, got nan"),
         ({"refresh_shrink": "drop"}, "--refresh-shrink must be reset or halve, got 'drop'"),
@@ -111,3 +115,11 @@ def test_refresh_options_reach_the_optimizer_and_old_configs_take_the_defaults()
         del saved[name]
     opt = make_optimizer(model, resume_config(saved, {}))
     assert opt.refresh.adaptive == AdaptiveRefresh()
+
+
+def test_damping_form_reaches_the_optimizer() -> None:
+    for form in ("factored", "kronecker"):
+        model = build_model("resnet20", num_classes=10)
+        opt = make_optimizer(model, resolve_config({"device": "cpu", "damping_form": form}))
+        forms = {block.damping_form for block in opt.curvature.values() if hasattr(block, "G")}
+        assert forms == {form}

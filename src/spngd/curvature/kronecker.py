@@ -43,6 +43,7 @@ from spngd.linalg import (
 )
 
 DAMPING_FORMS = ("factored", "kronecker")
+"""The damping forms of Kronecker blocks; the first is the default."""
 
 
 class KroneckerBlock(CurvatureBlock):
@@ -51,7 +52,7 @@ class KroneckerBlock(CurvatureBlock):
     groups: int = 1
     statistic_names = ("A", "G")
     halves_combine = True
-    damping_form: str = "factored"
+    damping_form: str = DAMPING_FORMS[0]
     """``"factored"`` or ``"kronecker"`` (module docstring); set before the first inverse."""
 
     def __init__(self, name: str, module: torch.nn.Module) -> None:

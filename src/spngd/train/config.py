@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from spngd.curvature.kronecker import DAMPING_FORMS
 from spngd.optimizer import FISHER_TYPES
 from spngd.refresh import GROW_RULES, RULES, SHRINK_RULES, AdaptiveRefresh
 from spngd.train.data import data_kind
@@ -81,6 +82,10 @@ class TrainConfig:
     refresh_max_interval: int = _help("SP-NGD adaptive refresh: longest interval in steps")
     refresh_warmup_steps: int = _help("SP-NGD adaptive refresh: first steps that always refresh")
     fisher: str = _help(f"SP-NGD Fisher: {', '.join(FISHER_TYPES)}")
+    damping_form: str = _help(
+        "SP-NGD damping of Linear and Conv layers: 'factored' (pi-corrected, per factor) or "
+        "'kronecker' (exact, (G ⊗ A + damping I)^-1 in the factors' eigenbases)"
+    )
     rescale_weights: bool = _help("shrink conv/Linear weights to norm sqrt(2 d_out) each step")
     mixup_alpha: float = _help("running mixup Beta(alpha, alpha) (0: off)")
     mixup_off_epoch: float | None = _help("epoch from which mixup is off (default: never)")
@@ -102,6 +107,7 @@ class TrainConfig:
             ("model", self.model in MODEL_NAMES, f"one of {', '.join(MODEL_NAMES)}"),
             ("optimizer", self.optimizer in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
             ("fisher", self.fisher in FISHER_TYPES, f"one of {', '.join(FISHER_TYPES)}"),
+            ("damping_form", self.damping_form in DAMPING_FORMS, " or ".join(DAMPING_FORMS)),
             ("crop", self.crop in CROPS, f"one of {', '.join(CROPS)}"),
             ("epochs", self.epochs > 0, "> 0"),
             ("batch_size", self.batch_size >= 1, "a positive integer"),
@@ -208,6 +214,7 @@ DEFAULTS: dict[str, Any] = {
     "refresh_max_interval": AdaptiveRefresh.max_interval,
     "refresh_warmup_steps": AdaptiveRefresh.warmup_steps,
     "fisher": "empirical",
+    "damping_form": DAMPING_FORMS[0],
     "rescale_weights": True,
     "mixup_alpha": 0.0,
     "mixup_off_epoch": None,

@@ -184,6 +184,7 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> SPNGD | GuardedSGD:
         weight_decay=config.weight_decay,
         stat_decay=config.stat_decay,
         fisher=config.fisher,
+        damping_form=config.damping_form,
         stat_interval=config.stat_interval,
         inverse_interval=config.inverse_interval,
         refresh=AdaptiveRefresh(
