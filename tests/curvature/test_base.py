@@ -9,7 +9,13 @@ from torch import Tensor, nn
 from spngd import SPNGD
 from spngd.curvature import BatchNormBlock
 from spngd.timing import StageTimes
-from tests.curvature._bruteforce import conv_factors, linear_factors, per_example_layer_data
+from tests.curvature._bruteforce import (
+    bn_uv_from_delta,
+    bn_xhat,
+    conv_factors,
+    linear_factors,
+    per_example_layer_data,
+)
 
 N = 10
 
@@ -81,16 +87,24 @@ def test_accumulated_micro_batches_have_a_kth_of_the_noise() -> None:
         assert not torch.isclose(alone[0][i], alone[1][i])
 
 
-def test_batchnorm_noise_keeps_the_whole_batch_statistic() -> None:
+def test_batchnorm_noise_is_the_halves_difference_with_the_whole_batch_normalisation() -> None:
     torch.manual_seed(0)
     bn = nn.BatchNorm2d(4).double()
     block = BatchNormBlock("bn", bn, 16.0)
     x = torch.randn(N, 4, 3, 3, dtype=torch.float64) + 2.0
     grad_output = torch.randn(N, 4, 3, 3, dtype=torch.float64) / N
-    plain = block.compute_statistic(0, x, grad_output)
+    u, v = bn_uv_from_delta(bn_xhat(bn, x), N * grad_output)
+    terms = torch.stack((u * u, u * v, v * v), dim=2)
+
+    def fisher(rows: slice) -> Tensor:
+        return terms[rows].mean(0)
+
+    whole, first, second = fisher(slice(None)), fisher(slice(0, N // 2)), fisher(slice(N // 2, N))
     stat, noise = block.statistic_and_noise(0, x, grad_output)
-    torch.testing.assert_close(stat, plain, rtol=0, atol=0)
-    assert 0.0 < noise.item() < 10.0
+    torch.testing.assert_close(stat, whole, rtol=1e-10, atol=0)
+    torch.testing.assert_close(stat, block.compute_statistic(0, x, grad_output), rtol=0, atol=0)
+    expected = (first - second).square().sum() / (2 * whole.square().sum())
+    torch.testing.assert_close(noise, expected, rtol=1e-10, atol=0)
 
 
 def test_noise_is_measured_only_where_a_rule_reads_it() -> None:

@@ -1,19 +1,27 @@
-"""K-FAC for ``nn.Conv2d`` (KFC, Grosse & Martens 2016; spec section 3).
+"""K-FAC for ``nn.Conv2d`` (KFC, Grosse & Martens 2016).
 
 ``A = (1/n) sum_{i,t} a_{i,t} a_{i,t}^T`` over im2col patches (summed over output
 locations ``t``), ``G = (1/(n|T|)) sum_{i,t} g_{i,t} g_{i,t}^T`` with ``g = n * grad_output``
 (averaged over locations). Patch rows are ordered ``(c_in, kh, kw)`` like
 ``weight.view(c_out, -1)``, bias last. ``groups > 1`` (depthwise included) gives one
-independent block per group (spec [R]).
+independent block per group.
 
-Computing ``A`` dominates the cost of K-FAC for convolutions. For stride-1 convolutions
-it is computed without im2col: every block ``(δ, δ')`` of ``A`` is a spatial
+Computing ``A`` dominates the cost of K-FAC for convolutions. For stride-1
+convolutions it is computed without im2col: every block ``(δ, δ')`` of ``A`` is a spatial
 cross-correlation of the input with itself at shift ``δ' - δ``, summed over the
 rectangle of image positions that kernel offset ``δ`` visits. All shifts at once are one
 convolution weight-gradient (``k(2k-1)`` shifts of ``C x C`` by symmetry, instead of
 ``k^4``), and the few border rows/columns that a given ``δ`` does not visit are subtracted
 exactly, each correlated only at the shifts that matter (with "same" padding, one).
-Other convolutions use channels-last patches and one matrix product per group.
+1x1 convolutions need no patches at all: ``A`` is the channel second moment of the
+(subsampled) input, computed like ``G`` (:func:`channel_second_moment`). Other
+convolutions use channels-last patches, multiplied block by block (kernel rows) in oneDNN
+(:func:`_second_moment_by_patches`).
+
+The forms and the rules that choose between them were measured on 2 threads of an AMD
+EPYC (Zen 5) CPU, where oneDNN's convolution kernels run about twice as fast as the BLAS
+(MKL) matrix product; ``benchmarks/statistics_forms.py`` times every form at the layer
+shapes of ResNet-20 and ResNet-50.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from torch.nn.grad import conv2d_weight
 
 from spngd.curvature.base import statistics_dtype
 from spngd.curvature.kronecker import KroneckerBlock, append_bias_moments
+from spngd.curvature.linear import onednn_product
 
 Pair = tuple[int, int]
 
@@ -64,17 +73,13 @@ class Conv2dBlock(KroneckerBlock):
         if self.has_bias:
             first, locations = patch_first_moment(x, *geometry)
             second = append_bias_moments(second, first, n * locations)
-        return second / n
+        return second.div_(n)
 
     def g_factor(self, grad_output: torch.Tensor, batch_size: int) -> torch.Tensor:
         go = grad_output.to(statistics_dtype(grad_output))
-        n, _, height, width = go.shape
-        locations = height * width
-        per_group = go.reshape(n * self.groups, self.out_per_group, locations)
-        second = torch.bmm(per_group, per_group.transpose(1, 2))
-        second = second.view(n, self.groups, self.out_per_group, self.out_per_group).sum(0)
+        locations = go.shape[2] * go.shape[3]
         # (1/(n|T|)) sum (n go)(n go)^T = (n/|T|) sum go go^T
-        return second * (batch_size / locations)
+        return channel_second_moment(go, self.groups).mul_(batch_size / locations)
 
     def gradient_matrix(self, grads: list[torch.Tensor]) -> torch.Tensor:
         weight = grads[0].reshape(self.groups, self.out_per_group, -1)
@@ -140,10 +145,149 @@ def _visit_matrix(
 def patch_second_moment(
     x: torch.Tensor, kernel: Pair, stride: Pair, padding: Pair, dilation: Pair, groups: int
 ) -> torch.Tensor:
-    """``sum_{i,t} a_{i,t} a_{i,t}^T`` per group, shape ``(groups, d, d)``, ``d = C/g*kh*kw``."""
-    if stride == (1, 1) and _shift_path_pays_off(x.shape[2:], kernel, padding, dilation):
+    """``sum_{i,t} a_{i,t} a_{i,t}^T`` per group, shape ``(groups, d, d)``, ``d = C/g*kh*kw``.
+
+    The form is :func:`patch_moment_form`'s.
+    """
+    form = patch_moment_form(x.shape[1:], kernel, stride, padding, dilation, groups)
+    if form == "channel moment":
+        return channel_second_moment(x[:, :, :: stride[0], :: stride[1]], groups)
+    if form == "shifts, channels-last":
+        x = x.contiguous(memory_format=torch.channels_last)
         return _second_moment_by_shifts(x, kernel, padding, dilation, groups)
-    return _second_moment_by_patches(x, kernel, stride, padding, dilation, groups)
+    row_blocks = form == "patches, oneDNN row blocks"
+    return _second_moment_by_patches(x, kernel, stride, padding, dilation, groups, row_blocks)
+
+
+ROW_BLOCKS_MIN_FEATURES = 64
+"""Patch length ``C kh kw`` from which patches are multiplied in kernel-row blocks."""
+SHIFTS_MIN_FEATURES = 16
+"""Patch length from which stride-1 kernels use the shift method without groups."""
+WIDE_CHANNELS = 256
+"""Channels from which the shift method gives way to patches on maps of 7x7 and less."""
+
+
+def patch_moment_form(
+    shape: tuple[int, ...], kernel: Pair, stride: Pair, padding: Pair, dilation: Pair, groups: int
+) -> str:
+    """Which exact form :func:`patch_second_moment` uses for an input ``(C, H, W)``.
+
+    Figures: ms on 2 threads at input shapes ``(n, C, H, W)`` (3x3 "same" kernels unless
+    said otherwise).
+
+    * ``"channel moment"``: a 1x1 kernel without padding has no patches; ``A`` is the
+      channel second moment of the input subsampled at the stride
+      (:func:`channel_second_moment`). Against one BLAS product of the patches: 0.17
+      against 0.32 at ``(1024, 16, 8, 8)`` stride 2, 31 against 68 at
+      ``(32, 1024, 14, 14)``.
+    * ``"shifts, channels-last"``: other stride-1 kernels, by the shift method (module
+      docstring) on a channels-last copy of the input, on which oneDNN's convolution
+      weight gradients run faster, copy included (``(128, 16, 32, 32)``: 4.0 against 5.1
+      on NCHW; 4 channels per group at ``(32, 128, 28, 28)``: 7.8 against 21). It beats
+      every patch form from ``(32, 64, 56, 56)`` (36 against 137) down to 4x4 maps
+      (``(1024, 32, 4, 4)``: 4.7 against 6.4) except where its border corrections are
+      large against the map: rows or columns some kernel offset misses are more than half
+      the map (``(1024, 64, 2, 2)``: 8.3 against 7.0), more than a quarter with
+      ``WIDE_CHANNELS`` channels (``(32, 512, 7, 7)``: 144 against 130) or, with groups,
+      at least a third (oneDNN's grouped kernels are slow on small maps; 4 channels per
+      group at ``(1024, 64, 2, 2)``: 14 against 3.5, at ``(1024, 16, 5, 5)``: 6.6 against
+      4.6; at 4x4 the two are even over runs, at 7x7 shifts win, ``(32, 512, 7, 7)``
+      depthwise: 4.1 against 47). Without groups, patches shorter than
+      ``SHIFTS_MIN_FEATURES`` (a stem on one channel) are faster as one product
+      (``(1024, 1, 8, 8)``: 0.70 against 0.91); at 3 channels the two are even
+      (``(128, 3, 32, 32)``: 1.3 to 2.2 ms each over runs), at 6 shifts win (3.2 against 4.0).
+    * ``"patches, oneDNN row blocks"`` and ``"patches, one oneDNN product"``: the rest
+      without groups, the latter for patches shorter than ``ROW_BLOCKS_MIN_FEATURES``
+      (:func:`_second_moment_by_patches`).
+    * ``"patches, batched BLAS"``: the rest, with groups.
+    """
+    channels, height, width = shape
+    features = channels // groups * kernel[0] * kernel[1]
+    if kernel == (1, 1) and padding == (0, 0):
+        return "channel moment"
+    if stride == (1, 1) and (groups > 1 or features >= SHIFTS_MIN_FEATURES):
+        missed = max(
+            len({r for rows in _border_rows(size, k, p, d) for r in rows}) / size
+            for size, k, p, d in zip((height, width), kernel, padding, dilation, strict=True)
+        )
+        if groups > 1:
+            large_borders = missed >= 1 / 3
+        else:
+            large_borders = missed > 1 / 2 or (missed > 1 / 4 and channels >= WIDE_CHANNELS)
+        if not large_borders:
+            return "shifts, channels-last"
+    if groups > 1:
+        return "patches, batched BLAS"
+    if features >= ROW_BLOCKS_MIN_FEATURES:
+        return "patches, oneDNN row blocks"
+    return "patches, one oneDNN product"
+
+
+PER_EXAMPLE_MIN_LOCATIONS = 256
+"""Locations from which :func:`channel_second_moment` may multiply example by example."""
+PER_EXAMPLE_MAX_CHANNELS = 64
+"""Channels up to which :func:`channel_second_moment` may do so without groups."""
+
+
+def channel_second_moment(t: torch.Tensor, groups: int) -> torch.Tensor:
+    """``sum_{i,s} t[i,:,s] t[i,:,s]^T`` per group over examples and locations ``s``.
+
+    Shape ``(groups, C/g, C/g)``: ``G`` up to scale, and the ``A`` of a 1x1 convolution. The
+    form is :func:`channel_moment_form`'s.
+    """
+    n, channels, height, width = t.shape
+    per_group = channels // groups
+    locations = height * width
+    form = channel_moment_form(t, groups)
+    if form == "oneDNN conv":
+        if not t.is_contiguous(memory_format=torch.channels_last):
+            t = t.contiguous()
+        return conv2d_weight(t, (channels, channels, 1, 1), t).view(1, channels, channels)
+    t = t.contiguous()
+    if form == "per-example bmm":
+        per_example = t.view(n * groups, per_group, locations)
+        second = torch.bmm(per_example, per_example.transpose(1, 2))
+        return second.view(n, groups, per_group, per_group).sum(0)
+    rows = t.view(n, groups, per_group, locations).permute(1, 2, 0, 3)
+    rows = rows.reshape(groups, per_group, n * locations)
+    return torch.bmm(rows, rows.transpose(1, 2))
+
+
+def channel_moment_form(t: torch.Tensor, groups: int) -> str:
+    """Which exact form :func:`channel_second_moment` uses for ``t`` (figures: ms on 2 threads).
+
+    * ``"oneDNN conv"``: one 1x1 convolution weight gradient over the whole batch, for
+      ``groups = 1`` unless few channels (up to ``PER_EXAMPLE_MAX_CHANNELS``) meet large
+      maps. It runs about twice as fast as per-example BLAS products from 128 channels on
+      (ResNet-50, ``(32, 2048, 7, 7)``: 32 against 93; ``(32, 512, 28, 28)``: 34 against
+      61) and on small maps (``(1024, 64, 2, 2)``: 0.23 against 1.67). A channels-last
+      ``t`` is already its row matrix: no copy, and the fastest form at every shape
+      (``(128, 16, 32, 32)``: 0.19).
+    * ``"per-example bmm"``: one BLAS product per example over the NCHW layout (no copy),
+      from ``PER_EXAMPLE_MIN_LOCATIONS`` locations (more than that with groups). The
+      products are long enough to run at full speed, and oneDNN is slower with few
+      channels (``(32, 64, 56, 56)``: 4.2 against 5.0) and with groups (4 channels per
+      group there: 0.82 against 0.98, 1.8 for a copy and one product).
+    * ``"copy + batched GEMM"``: with groups on smaller maps, one transposing copy to
+      ``(groups, C/g, n|T|)`` (the size of ``t``) and one batched product. Per-example
+      products there have 4 to 256 terms and are up to 8 times slower
+      (``(1024, 64, 2, 2)``, 8 channels per group: 0.11 against 0.97; depthwise at
+      ``(128, 32, 16, 16)``: 0.10 against 0.21). Depthwise, per-pair sums of squares are
+      no faster over runs (0.08 to 0.13 ms there and below).
+    """
+    channels, height, width = t.shape[1:]
+    locations = height * width
+    if groups == 1:
+        if (
+            t.is_contiguous(memory_format=torch.channels_last)
+            or channels > PER_EXAMPLE_MAX_CHANNELS
+            or locations < PER_EXAMPLE_MIN_LOCATIONS
+        ):
+            return "oneDNN conv"
+        return "per-example bmm"
+    if locations > PER_EXAMPLE_MIN_LOCATIONS:
+        return "per-example bmm"
+    return "copy + batched GEMM"
 
 
 def _border_rows(size: int, kernel: int, padding: int, dilation: int) -> list[list[int]]:
@@ -156,48 +300,65 @@ def _border_rows(size: int, kernel: int, padding: int, dilation: int) -> list[li
     return excluded
 
 
-def _shift_path_pays_off(size: torch.Size, kernel: Pair, padding: Pair, dilation: Pair) -> bool:
-    """The shift method costs ``k(2k-1)`` shifts plus border strips; im2col costs ``k^4``.
-
-    Measured on 2 CPU threads at batch 128 (ResNet-20's 3x3 layers): shifts win 2.8x at
-    32x32, 3.3x at 16x16 and 1.6x at 8x8, where border rows and columns are a quarter of
-    the image. Past that (ResNet-50's 7x7 with 512 channels at batch 32) patches win,
-    0.8 s against 1.4 s.
-    """
-    for axis in range(2):
-        border = {
-            r
-            for rows in _border_rows(size[axis], kernel[axis], padding[axis], dilation[axis])
-            for r in rows
-        }
-        if 4 * len(border) > size[axis]:
-            return False
-    return kernel[0] * kernel[1] > 1
-
-
 def _second_moment_by_patches(
-    x: torch.Tensor, kernel: Pair, stride: Pair, padding: Pair, dilation: Pair, groups: int
+    x: torch.Tensor,
+    kernel: Pair,
+    stride: Pair,
+    padding: Pair,
+    dilation: Pair,
+    groups: int,
+    row_blocks: bool = True,
 ) -> torch.Tensor:
-    """im2col in channels-last order and one matrix product per group."""
+    """im2col in channels-last order, then the Gram product of the patch rows.
+
+    Without groups the patches run in oneDNN (:func:`onednn_product`), written straight
+    into ``A``'s ``(c, kh, kw)`` order: with ``row_blocks`` copied as one ``(N, kw C)``
+    block per kernel row, of which the ``kh (kh + 1) / 2`` distinct block products are
+    taken (the mirrored half is skipped), otherwise as one ``(N, kh kw C)`` matrix.
+    Measured on 2 threads against one BLAS product of all the patches, ResNet-50's
+    stride-2 3x3 convolutions take 118, 124 and 135 ms by row blocks instead of 306, 301
+    and 362 (one oneDNN product: 166, 158, 392), its 7x7 stem 60 instead of 113 (64). The
+    patch copy is ``kh kw / (stride_h stride_w)`` times the input, as one im2col is. Groups
+    keep one batched BLAS product (oneDNN's grouped kernels are slower there).
+    """
     n, channels, height, width = x.shape
     kh, kw = kernel
     out_h = output_size(height, kh, stride[0], padding[0], dilation[0])
     out_w = output_size(width, kw, stride[1], padding[1], dilation[1])
-    padded = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
-    padded = padded.permute(0, 2, 3, 1).contiguous()  # n, H, W, C
+    padded_shape = (n, height + 2 * padding[0], width + 2 * padding[1], channels)
+    padded = x.new_zeros(padded_shape) if padding != (0, 0) else x.new_empty(padded_shape)
+    padded[:, padding[0] : padding[0] + height, padding[1] : padding[1] + width] = x.permute(
+        0, 2, 3, 1
+    )
     s_n, s_h, s_w, s_c = padded.stride()
     patches = padded.as_strided(
         (n, out_h, out_w, kh, kw, channels),
         (s_n, s_h * stride[0], s_w * stride[1], s_h * dilation[0], s_w * dilation[1], s_c),
     )
+    count = n * out_h * out_w
     per_group = channels // groups
-    rows = patches.reshape(n * out_h * out_w, kh * kw, groups, per_group)
-    rows = rows.permute(2, 0, 1, 3).reshape(groups, n * out_h * out_w, kh * kw * per_group)
-    second = torch.bmm(rows.transpose(1, 2), rows)  # (g, (kh kw c), (kh kw c))
-    second = second.view(groups, kh, kw, per_group, kh, kw, per_group)
-    second = second.permute(0, 3, 1, 2, 6, 4, 5)
     dim = per_group * kh * kw
-    return second.reshape(groups, dim, dim)
+    if groups > 1:
+        rows = patches.reshape(count, kh * kw, groups, per_group)
+        rows = rows.permute(2, 0, 1, 3).reshape(groups, count, kh * kw * per_group)
+        second = torch.bmm(rows.transpose(1, 2), rows)  # (g, (kh kw c), (kh kw c))
+        second = second.view(groups, kh, kw, per_group, kh, kw, per_group)
+        return second.permute(0, 3, 1, 2, 6, 4, 5).reshape(groups, dim, dim)
+    if not row_blocks:
+        rows = patches.reshape(count, dim)
+        second = onednn_product(rows, rows).view(kh, kw, channels, kh, kw, channels)
+        return second.permute(2, 0, 1, 5, 3, 4).reshape(1, dim, dim)
+    blocks = patches.permute(3, 0, 1, 2, 4, 5).reshape(kh, count, kw * channels)
+    out = x.new_empty(channels, kh, kw, channels, kh, kw)
+    for first in range(kh):
+        for second in range(first, kh):
+            # product[(kw', c'), (kw, c)] = sum over patches of row `second` x row `first`
+            product = onednn_product(blocks[first], blocks[second])
+            product = product.view(kw, channels, kw, channels)
+            out[:, second, :, :, first, :] = product.permute(1, 0, 3, 2)
+            if second != first:
+                out[:, first, :, :, second, :] = product.permute(3, 2, 1, 0)
+    return out.view(1, dim, dim)
 
 
 def _second_moment_by_shifts(
