@@ -7,14 +7,14 @@ preconditioned gradient is ``(G + sqrt(lam)/pi I)^-1 grad (A + pi sqrt(lam) I)^-
 Two damping forms (``damping_form``):
 
 - ``"factored"`` (default, the paper's): the two damped factors' inverses are kept as their
-  Cholesky factors (``inverse`` holds ``(L_A, L_G)``). The first gradient after a refresh
-  is preconditioned by triangular solves (cheap when statistics are refreshed every step);
-  an inverse that is used again is formed once, as ``L^-T L^-1``, and applied by matrix
-  products from then on (a product is several times faster than the solves for the
-  smaller factors). A refresh of either factor refactorises both, since pi moves both
-  dampings: on CPU a symmetric eigendecomposition costs 13-17x a Cholesky factorisation
-  at ``d = 145..1153``, so keeping the factors' eigendecompositions (where a new damping is
-  a diagonal change) would pay only for a factor refreshed less than about once in six of
+  Cholesky factors (``inverse`` holds ``(L_A, L_G)``). The first gradients after a
+  refresh are preconditioned by triangular solves (cheap when statistics are refreshed
+  every step); an inverse used often enough is formed once, as ``L^-T L^-1``, and applied
+  by matrix products from then on (a product is several times faster than the solves).
+  A refresh of either factor refactorises both, since pi moves both dampings: on CPU a
+  symmetric eigendecomposition costs 13-17x a Cholesky factorisation at
+  ``d = 145..1153``, so keeping the factors' eigendecompositions (where a new damping is a
+  diagonal change) would pay only for a factor refreshed less than about once in six of
   its layer's inversions.
 - ``"kronecker"``: the exact damping of the Kronecker product, ``(G ⊗ A + lam I)^-1``
   (kfac-pytorch's default), applied in the factors' eigenbases:
@@ -137,20 +137,33 @@ class KroneckerBlock(CurvatureBlock):
             rotated = vectors_g.mT @ matrix @ vectors_a
             update = vectors_g @ (rotated * scaling) @ vectors_a.mT
             return [u.to(g.dtype) for u, g in zip(self.split_matrix(update), grads, strict=True)]
-        lower_a, lower_g = self.inverse  # type: ignore[misc]
+        lower_a, _ = self.inverse  # type: ignore[misc]
         matrix = self.gradient_matrix(grads).to(lower_a.dtype)
-        if self.inverse_uses == 0:
-            right = torch.cholesky_solve(matrix.mT, lower_a).mT  # grad A^-1
-            update = torch.cholesky_solve(right.to(lower_g.dtype), lower_g)  # G^-1 grad A^-1
-        else:
-            if self.formed_inverse is None:
-                self.formed_inverse = (
-                    inverse_from_cholesky(lower_a),
-                    inverse_from_cholesky(lower_g),
-                )
-            a_inv, g_inv = self.formed_inverse
-            update = torch.matmul(g_inv, torch.matmul(matrix, a_inv).to(g_inv.dtype))
+        right = self._apply_factor(0, matrix.mT).mT  # grad A^-1 (A is symmetric)
+        update = self._apply_factor(1, right)  # G^-1 grad A^-1
         return [u.to(g.dtype) for u, g in zip(self.split_matrix(update), grads, strict=True)]
+
+    def _apply_factor(self, which: int, rhs: torch.Tensor) -> torch.Tensor:
+        """``X^-1 rhs`` for damped factor ``which`` (0: ``A``, 1: ``G``) from its Cholesky
+        factor: by two triangular solves until those have cost about what forming the
+        inverse costs, then by products with the inverse, formed once.
+
+        Forming ``L^-T L^-1`` costs about ``d^3`` and saves about ``d^2 k`` per use (``k``
+        the other factor's size), so the inverse is formed at use ``ceil(d / k)``: ``G``
+        (small) at its second use, ``A`` of a 3x3 convolution after about nine. Inverses
+        that are refreshed every step or two are never formed.
+        """
+        lower = self.inverse[which]  # type: ignore[index]
+        if self.formed_inverse is None:
+            self.formed_inverse = (None, None)  # type: ignore[assignment]
+        formed = list(self.formed_inverse)  # type: ignore[arg-type]
+        if formed[which] is None:
+            size, other = lower.shape[-1], rhs.shape[-1]
+            if self.inverse_uses < max(1, -(-size // other)):
+                return torch.cholesky_solve(rhs.to(lower.dtype), lower)
+            formed[which] = inverse_from_cholesky(lower)
+            self.formed_inverse = tuple(formed)  # type: ignore[assignment]
+        return torch.matmul(formed[which], rhs.to(lower.dtype))
 
     @property
     def has_bias(self) -> bool:
