@@ -135,6 +135,9 @@ def main() -> None:
     parser.add_argument("--refresh-noise-margin", type=float, help="adaptive SP-NGD's margin")
     parser.add_argument("--refresh-max-interval", type=int, help="adaptive SP-NGD's cap")
     parser.add_argument(
+        "--refresh-warmup-steps", type=int, help="adaptive SP-NGD's steps that always refresh"
+    )
+    parser.add_argument(
         "--no-every-step", action="store_true", help="skip the every-step SP-NGD contender"
     )
     parser.add_argument("--damping-form", help="SP-NGD's damping form: factored or kronecker")
@@ -146,7 +149,7 @@ def main() -> None:
     contenders = {f"sgd lr={lr:g}": {**shared, **SGD, "lr": lr} for lr in args.sgd_lrs}
     knobs = {
         f"refresh_{knob}": getattr(args, f"refresh_{knob}")
-        for knob in ("alpha", "shrink", "rule", "noise_margin", "max_interval")
+        for knob in ("alpha", "shrink", "rule", "noise_margin", "max_interval", "warmup_steps")
     }
     knobs |= {"damping_form": args.damping_form, "damping": args.damping}
     chosen = {k: v for k, v in knobs.items() if v is not None}

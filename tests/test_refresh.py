@@ -162,6 +162,23 @@ def test_adaptive_state_survives_a_checkpoint() -> None:
     assert resumed.stats() == opt.stats()
 
 
+def test_a_checkpoint_without_measured_noise_resumes_and_measures_it_again() -> None:
+    model = _model()
+    opt = SPNGD(model, lr=0.02, refresh=AdaptiveRefresh(warmup_steps=2))
+    for step in range(6):
+        _step(model, opt, *_batch(step))
+    state = copy.deepcopy(opt.state_dict())
+    del state["refresh"]["noise"]  # a refresh state that holds no measured noise
+    resumed = SPNGD(model, lr=0.02, refresh=AdaptiveRefresh(warmup_steps=2))
+    resumed.load_state_dict(state)
+    assert resumed.refresh.noise == {}
+    assert resumed.refresh.interval == opt.refresh.interval
+    for step in range(6, 40):
+        _step(model, resumed, *_batch(step))
+    assert set(resumed.refresh.noise) == set(opt.refresh.noise)
+    assert all(noise > 0 for noise in resumed.refresh.noise.values())
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -259,8 +276,9 @@ def test_noise_rule_catches_a_real_shift_within_the_cap() -> None:
 
 def test_noise_rule_on_a_noiseless_stream_is_the_spec_rule() -> None:
     for rule in ("noise", "spec"):
-        policy = RefreshPolicy(None, None, AdaptiveRefresh(rule=rule, max_interval=8))  # type: ignore[arg-type]
-        assert _run_stream(policy, 60, 0.0) == [*range(11), 12, 16, 24, 32, 40, 48, 56]
+        knobs = AdaptiveRefresh(rule=rule, max_interval=8, warmup_steps=3)  # type: ignore[arg-type]
+        policy = RefreshPolicy(None, None, knobs)
+        assert _run_stream(policy, 60, 0.0) == [0, 1, 2, 3, 5, 9, 17, 25, 33, 41, 49, 57]
 
 
 def test_negative_alpha_refreshes_every_step_under_either_rule() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -37,6 +38,11 @@ def _entry(
     # every rank is done with its collectives before any tears the group down
     dist.barrier()
     dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip the interpreter's teardown: gloo's threads sometimes abort the process there
+    # ("terminate called without an active exception") after a clean run.
+    os._exit(0)
 
 
 def run_workers(
