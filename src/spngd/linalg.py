@@ -50,7 +50,10 @@ def damped_kronecker_factors(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The pi-damped factors ``A + pi sqrt(lam) I`` and ``G + sqrt(lam)/pi I`` (new tensors:
     damping is never written into the running statistics)."""
-    damping_a, damping_g = kronecker_factored_dampings(A, G, damping)
+    pi = pi_correction(A, G)
+    root = math.sqrt(damping)
+    damping_a = torch.clamp(pi * root, min=MIN_DAMPING)
+    damping_g = torch.clamp(root / pi, min=MIN_DAMPING)
     return add_to_diagonal(A, damping_a), add_to_diagonal(G, damping_g)
 
 
@@ -115,26 +118,6 @@ def robust_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if parts is not None:
             return parts[0].to(matrix.dtype), parts[1].to(matrix.dtype)
     raise FactorizationError("eigendecomposition failed in float64")
-
-
-def inverse_from_eigh(
-    values: torch.Tensor, vectors: torch.Tensor, damping: torch.Tensor
-) -> torch.Tensor:
-    """``(X + c I)^-1 = Q diag(1 / (lambda + c)) Q^T`` from ``X``'s eigendecomposition, for
-    a damping ``c`` per batch entry: a new damping costs one matrix product, no new
-    factorisation."""
-    scaled = vectors / (values + damping[..., None])[..., None, :]
-    return scaled @ vectors.mT
-
-
-def kronecker_factored_dampings(
-    A: torch.Tensor, G: torch.Tensor, damping: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The pi-corrected dampings ``pi sqrt(lam)`` of ``A`` and ``sqrt(lam) / pi`` of ``G``,
-    per batch entry, each floored at :data:`MIN_DAMPING`."""
-    pi = pi_correction(A, G)
-    root = math.sqrt(damping)
-    return torch.clamp(pi * root, min=MIN_DAMPING), torch.clamp(root / pi, min=MIN_DAMPING)
 
 
 def inverse_from_cholesky(lower: torch.Tensor) -> torch.Tensor:

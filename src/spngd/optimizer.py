@@ -153,14 +153,13 @@ class SPNGD(Optimizer):
         self._block_group: dict[str, int] = {}
         self._plain: dict[str, str] = {}
         self._build_blocks(model)
-        for block in self.curvature.values():
-            if isinstance(block, KroneckerBlock):
-                block.damping_form = damping_form
         if refresh is not None and not isinstance(refresh, AdaptiveRefresh):
             raise TypeError(f"refresh must be an AdaptiveRefresh, got {type(refresh).__name__}")
         self.refresh = RefreshPolicy(stat_interval, inverse_interval, refresh or AdaptiveRefresh())
         for block in self.curvature.values():
             block.measure_noise = self.refresh.uses_noise
+            if isinstance(block, KroneckerBlock):
+                block.damping_form = damping_form
         self.accumulation_steps = accumulation_steps
         self.guard = NonFiniteGuard(
             "SPNGD", max_bad_steps, advice="Lower the learning rate or raise the damping"
@@ -400,34 +399,27 @@ class SPNGD(Optimizer):
         """
         step = self._step
         arrived = {name: stats for name, stats in fresh.items() if stats is not None}
-        tensors = [t for stats in arrived.values() for t in stats if t is not None]
-        compared = [
+        keys = [
             (name, i)
             for name, stats in arrived.items()
-            for i, t in enumerate(stats)
-            if t is not None and owned[name].factors[i] is not None
+            for i, stat in enumerate(stats)
+            if stat is not None
         ]
+        compared = [(name, i) for name, i in keys if owned[name].factors[i] is not None]
+        measured = [(name, i) for name, i in keys if owned[name].fresh_noise[i] is not None]
         changes = relative_changes(
             [owned[name].factors[i] for name, i in compared],  # type: ignore[misc]
             [arrived[name][i] for name, i in compared],  # type: ignore[index, misc]
         )
-        measured = [
-            (name, i)
-            for name, stats in arrived.items()
-            for i, t in enumerate(stats)
-            if t is not None and owned[name].fresh_noise[i] is not None
-        ]
         noises = [owned[name].fresh_noise[i] for name, i in measured]
         values = iter([])
-        if tensors:
-            norms = torch._foreach_norm(tensors)
+        if keys:
+            norms = torch._foreach_norm([arrived[name][i] for name, i in keys])  # type: ignore[index, misc]
             read = (*norms, *changes, *noises)
             values = iter(torch.stack([v.double() for v in read]).tolist())  # type: ignore[union-attr]
-        finite = {}
-        for name, stats in arrived.items():
-            count = sum(t is not None for t in stats)
-            norms_of_block = [next(values) for _ in range(count)]
-            finite[name] = all(map(math.isfinite, norms_of_block))
+        finite = dict.fromkeys(arrived, True)
+        for name, _ in keys:
+            finite[name] = math.isfinite(next(values)) and finite[name]
         change_of = {key: next(values) for key in compared}
         noise_of = {key: next(values) for key in measured}
         kept: dict[str, Statistics] = {}

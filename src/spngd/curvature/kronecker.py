@@ -154,9 +154,7 @@ class KroneckerBlock(CurvatureBlock):
         that are refreshed every step or two are never formed.
         """
         lower = self.inverse[which]  # type: ignore[index]
-        if self.formed_inverse is None:
-            self.formed_inverse = (None, None)  # type: ignore[assignment]
-        formed = list(self.formed_inverse)  # type: ignore[arg-type]
+        formed = list(self.formed_inverse or (None, None))
         if formed[which] is None:
             size, other = lower.shape[-1], rhs.shape[-1]
             if self.inverse_uses < max(1, -(-size // other)):
