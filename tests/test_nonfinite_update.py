@@ -1,5 +1,5 @@
-"""A preconditioned gradient that is not finite although the gradient is (README, "What
-happens when…"): that layer takes its plain gradient, with one warning."""
+"""A preconditioned gradient that is not finite although the gradient is (docs/troubleshooting.md):
+that layer takes its plain gradient, with one warning."""
 
 from __future__ import annotations
 

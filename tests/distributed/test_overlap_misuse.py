@@ -1,4 +1,4 @@
-"""A layer called twice per forward under ``overlap=True`` (README, "What happens when…"):
+"""A layer called twice per forward under ``overlap=True`` (docs/troubleshooting.md):
 its statistics would arrive after they were sent, so SPNGD raises, suggesting overlap=False."""
 
 from __future__ import annotations
