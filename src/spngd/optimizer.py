@@ -358,10 +358,16 @@ class SPNGD(Optimizer):
         with times.measure("inversion"):
             update_inverses(due)
         with times.measure("preconditioning"):
-            self._precondition(owned, directions)
+            preconditioned = self._precondition(owned, directions)
         plans = {name: self._plan(name, block, self._step + 1) for name, block in owned.items()}
         with times.measure("result communication"):
-            directions, plans = exchange.gather(directions, plans)
+            preconditioned, plans = exchange.gather(directions, preconditioned, plans)
+        for block in self.curvature.values():
+            for p in block.params:
+                if p in preconditioned:
+                    directions[p] = preconditioned[p]
+                else:  # its owner left the block out: no update for it on any rank
+                    directions.pop(p, None)
         with times.measure("update"):
             for group in self.param_groups:
                 self._apply_momentum(group, directions)
@@ -452,9 +458,9 @@ class SPNGD(Optimizer):
 
     def _precondition(
         self, owned: dict[str, CurvatureBlock], directions: dict[torch.Tensor, torch.Tensor]
-    ) -> None:
-        """Replace the owned blocks' directions by their preconditioned ones (blocks with a
-        parameter lacking a gradient are left out: nothing is sent or applied for them).
+    ) -> dict[torch.Tensor, torch.Tensor]:
+        """The owned blocks' preconditioned directions (blocks with a parameter lacking a
+        gradient are left out: nothing is sent or applied for them).
 
         The results are checked for NaN and inf all at once; only when that finds any does
         a block fall back to its plain gradient.
@@ -464,16 +470,16 @@ class SPNGD(Optimizer):
             if all(p in directions for p in block.params):
                 grads = [directions[p] for p in block.params]
                 results.append((block, grads, block.precondition(grads)))
-            else:
-                for p in block.params:
-                    directions.pop(p, None)
         if results and bool(any_nonfinite([u for _, _, updates in results for u in updates])):
             results = [
                 (block, grads, block.plain_if_not_finite(grads, updates))
                 for block, grads, updates in results
             ]
-        for block, _, updates in results:
-            directions.update(zip(block.params, updates, strict=True))
+        return {
+            p: update
+            for block, _, updates in results
+            for p, update in zip(block.params, updates, strict=True)
+        }
 
     def _warn_if_no_statistics(self) -> None:
         wanted = any(any(block.wanted) for block in self.curvature.values())

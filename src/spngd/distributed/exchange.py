@@ -82,9 +82,13 @@ class LocalExchange:
         return {name: block.take_pending() for name, block in self.blocks.items()}, grads
 
     def gather(
-        self, directions: dict[torch.Tensor, torch.Tensor], plans: dict[str, list[bool]]
+        self,
+        plain: dict[torch.Tensor, torch.Tensor],
+        preconditioned: dict[torch.Tensor, torch.Tensor],
+        plans: dict[str, list[bool]],
     ) -> tuple[dict[torch.Tensor, torch.Tensor], dict[str, list[bool]]]:
-        return directions, plans
+        """The preconditioned directions and plans as they are (nothing moves)."""
+        return preconditioned, plans
 
     def collect(self, local: dict[str, Any]) -> list[dict[str, Any]]:
         return [local]
@@ -321,52 +325,107 @@ class DistributedExchange:
 
     # -- stage 3: preconditioned gradients and next-step plans to everyone ----------------
     def _gather_specs(self, rank: int) -> list[TensorSpec]:
+        """Per owned block: a header (valid, fell back to the plain gradient, plan), then
+        the parameters' directions."""
         specs = []
         for name in self.owned_by[rank]:
             block = self.blocks[name]
-            specs.append(TensorSpec((1 + len(block.statistic_names),)))  # valid flag + plan
+            specs.append(TensorSpec((2 + len(block.statistic_names),)))
             specs.extend(TensorSpec(tuple(p.shape)) for p in block.params)
         return specs
 
     def gather(
-        self, directions: dict[torch.Tensor, torch.Tensor], plans: dict[str, list[bool]]
+        self,
+        plain: dict[torch.Tensor, torch.Tensor],
+        preconditioned: dict[torch.Tensor, torch.Tensor],
+        plans: dict[str, list[bool]],
     ) -> tuple[dict[torch.Tensor, torch.Tensor], dict[str, list[bool]]]:
-        """Every rank receives every owner's preconditioned gradients and statistic plans."""
+        """Every block's preconditioned directions and statistic plans, as every rank
+        (the owner included) receives them, so replicas apply identical values.
+
+        A block is missing from the directions when its owner left it out (a parameter
+        without a gradient). Where a 16-bit ``comm_dtype`` cannot hold a preconditioned
+        direction, the owner sends the ``plain`` one instead and warns once. The headers
+        of all blocks are read from the device once.
+        """
         dtype = self.config.comm_dtype
         packers = [FlatPacker(self._gather_specs(r)) for r in range(self.world_size)]
-        size = max(packer.numel for packer in packers)
-        mine = []
-        for name in self.owned_by[self.rank]:
-            block = self.blocks[name]
-            valid = all(p in directions for p in block.params)
-            header = [float(valid), *map(float, plans[name])]
-            mine.append(torch.tensor(header, device=block.params[0].device))
-            mine.extend(directions[p] if valid else torch.zeros_like(p) for p in block.params)
-        send = torch.zeros(size, dtype=dtype, device=self.device)
-        if mine:
-            packers[self.rank].pack(mine, dtype, out=send[: packers[self.rank].numel])
-        received = [
-            torch.empty(size, dtype=dtype, device=self.device) for _ in range(self.world_size)
-        ]
+        own = packers[self.rank]
+        send = torch.zeros(max(packer.numel for packer in packers), dtype=dtype, device=self.device)
+        if own.numel:
+            own.pack(self._gather_entries(preconditioned, plans), dtype, out=send[: own.numel])
+            if torch.finfo(dtype).bits < 32:
+                self._plain_where_unrepresentable(send, own, plain, preconditioned)
+        received = [torch.empty_like(send) for _ in range(self.world_size)]
         wait_all(
             [dist.all_gather(received, send, group=self.group, async_op=True)],
             "gathering preconditioned gradients",
         )
-        gathered = dict(directions)
-        all_plans = dict(plans)
+        names, headers, directions = [], [], []
         for rank, packer in enumerate(packers):
-            if rank == self.rank or not packer.numel:
+            if not packer.numel:
                 continue
             entries = iter(packer.unpack(received[rank][: packer.numel], self.factor_dtype))
             for name in self.owned_by[rank]:
-                block = self.blocks[name]
-                header = next(entries)
-                all_plans[name] = [bool(v) for v in header[1:].tolist()]
-                for p in block.params:
-                    direction = next(entries)
-                    if header[0].item():
-                        gathered[p] = direction.to(p.dtype)
+                names.append(name)
+                headers.append(next(entries))
+                directions.append([next(entries) for _ in self.blocks[name].params])
+        values = iter(torch.cat(headers).tolist() if headers else [])
+        gathered: dict[torch.Tensor, torch.Tensor] = {}
+        all_plans: dict[str, list[bool]] = {}
+        for name, block_directions in zip(names, directions, strict=True):
+            block = self.blocks[name]
+            valid, fell_back = next(values), next(values)
+            all_plans[name] = [bool(next(values)) for _ in block.statistic_names]
+            if valid:
+                gathered.update(
+                    (p, d.to(p.dtype)) for p, d in zip(block.params, block_directions, strict=True)
+                )
+            if fell_back and self.owns(name):
+                block.warn_once(
+                    "unrepresentable-update",
+                    f"preconditioned gradient of {name!r} exceeds the range of {dtype}; the "
+                    "plain gradient is sent and applied for it instead",
+                )
         return gathered, all_plans
+
+    def _gather_entries(
+        self, preconditioned: dict[torch.Tensor, torch.Tensor], plans: dict[str, list[bool]]
+    ) -> list[torch.Tensor]:
+        entries = []
+        for name in self.owned_by[self.rank]:
+            block = self.blocks[name]
+            valid = all(p in preconditioned for p in block.params)
+            header = [float(valid), 0.0, *map(float, plans[name])]
+            entries.append(torch.tensor(header, device=block.params[0].device))
+            entries.extend(
+                preconditioned[p] if valid else torch.zeros_like(p) for p in block.params
+            )
+        return entries
+
+    def _plain_where_unrepresentable(
+        self,
+        send: torch.Tensor,
+        packer: FlatPacker,
+        plain: dict[torch.Tensor, torch.Tensor],
+        preconditioned: dict[torch.Tensor, torch.Tensor],
+    ) -> None:
+        """In the packed buffer, replace each owned block's directions by its plain ones
+        where any packed value is infinite, and set the header's flag; on the device."""
+        index = 0
+        for name in self.owned_by[self.rank]:
+            params = self.blocks[name].params
+            header, _ = packer.segment(index)
+            first, _ = packer.segment(index + 1)
+            last, length = packer.segment(index + len(params))
+            index += 1 + len(params)
+            if not all(p in preconditioned for p in params):
+                continue
+            span = send[first : last + length]
+            fits = torch.isfinite(span).all()
+            plain_values = torch.cat([plain[p].reshape(-1) for p in params]).to(send.dtype)
+            span.copy_(torch.where(fits, span, plain_values))
+            send[header + 1] = (~fits).to(send.dtype)
 
     def any_rank(self, flag: torch.Tensor) -> bool:
         """Whether ``flag`` (0 or 1) is set on any rank (one tiny all-reduce)."""
