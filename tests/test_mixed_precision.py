@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -95,3 +96,56 @@ def test_grad_scaler_loss_scale_is_taken_out_of_the_statistics() -> None:
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
     for a, b in zip(plain.parameters(), scaled.parameters(), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def _recorded_linear_data(model: nn.Module) -> dict[nn.Module, list[tuple[torch.Tensor, ...]]]:
+    """Each Linear layer's input and output gradient, as autograd hands them over, per
+    backward pass (a brute-force record beside SPNGD's own hooks)."""
+    pairs: dict[nn.Module, list[tuple[torch.Tensor, ...]]] = {}
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            pairs[module] = []
+
+            def forward_hook(m: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+                saved = inputs[0].detach()
+                output.register_hook(lambda g, m=m, saved=saved: pairs[m].append((saved, g)))
+
+            module.register_forward_hook(forward_hook)
+    return pairs
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "mc"])
+@pytest.mark.parametrize("backward_inside", [False, True], ids=["outside", "inside"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_statistics_under_autocast_are_float32_products_of_the_half_precision_tensors(
+    dtype: torch.dtype, backward_inside: bool, fisher: str
+) -> None:
+    """Whatever autocast does to the forward and backward, SPNGD's statistics are the
+    float32 products of the tensors the layers saw (checked against float64 products of
+    the same tensors), with the float16 loss scale taken out after promotion."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+    pairs = _recorded_linear_data(model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, enabled=dtype == torch.float16)
+    opt = SPNGD(model, lr=0.1, stat_interval=1, fisher=fisher, grad_scaler=scaler)
+    x, y = torch.randn(32, 8), torch.randint(0, 4, (32,))
+    with torch.autocast("cpu", dtype=dtype):
+        logits = model(x)
+        if fisher == "mc":
+            opt.sample_fisher(logits)
+        loss = F.cross_entropy(logits, y)
+        if backward_inside:
+            scaler.scale(loss).backward()
+    if not backward_inside:
+        scaler.scale(loss).backward()
+    scaler.step(opt)
+    scale = 2.0**10 if dtype == torch.float16 else 1.0
+    for module, recorded in pairs.items():
+        a, grad = recorded[0]  # MC: the sampled-label pass comes first
+        assert a.dtype == dtype or module is model[0]
+        assert grad.dtype == dtype
+        a = torch.cat([a.double(), torch.ones(32, 1, dtype=torch.float64)], dim=1)
+        g = grad.double() / scale * 32
+        block = opt.curvature[next(n for n, m in model.named_modules() if m is module)]
+        torch.testing.assert_close(block.factors[0][0].double(), a.T @ a / 32, rtol=1e-5, atol=0)
+        torch.testing.assert_close(block.factors[1][0].double(), g.T @ g / 32, rtol=1e-5, atol=0)

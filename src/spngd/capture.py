@@ -22,20 +22,24 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from spngd.amp import inverse_loss_scale
 from spngd.curvature import CurvatureBlock
+from spngd.curvature.base import statistics_dtype
 from spngd.timing import StageTimes
 
 
 class StatisticsCapture:
     """Installs and owns the hooks of a set of curvature blocks.
 
-    With ``sampled_only`` (MC Fisher) statistics are taken only inside
-    :meth:`sampling_pass`, i.e. from the backward of the sampled-label loss; the
+    With ``sampled_only`` (MC Fisher) statistics are taken only in
+    :meth:`record_sampled`, i.e. from the backward of the sampled-label loss; the
     ordinary backward then produces the gradient alone. Output gradients are multiplied
     by ``grad_scale`` before the statistics are taken (it undoes a known scaling of the
-    loss, e.g. ``1 / accumulation_steps``, and the loss scale of ``grad_scaler``).
+    loss, e.g. ``1 / accumulation_steps``) and divided by the loss scale of
+    ``grad_scaler``; the sampled loss is a plain mean, scaled by ``grad_scaler`` only.
     ``on_recorded(name)`` is called after each recorded pair, so that communication can
-    start during backward.
+    start during backward. Statistics are computed in at least float32 and outside any
+    autocast region the backward runs in.
     """
 
     def __init__(
@@ -74,13 +78,7 @@ class StatisticsCapture:
                 if recorded or (self.sampled_only and not self._sampling):
                     return
                 recorded = True
-                grad = grad.detach()
-                scale = self.grad_scale
-                if self.grad_scaler is not None and self.grad_scaler.is_enabled():
-                    scale = scale / self.grad_scaler.get_scale()
-                if scale != 1:
-                    grad = grad * scale
-                block.accumulate(saved_input, grad, self.times)
+                block.accumulate(saved_input, self._unscaled(grad), self.times)
                 self.recorded_since_step += 1
                 self.on_recorded(block.name)
 
@@ -88,22 +86,35 @@ class StatisticsCapture:
 
         return hook
 
-    def sampling_pass(self) -> _SamplingPass:
-        """Context in which backward passes record statistics in MC mode."""
-        return _SamplingPass(self)
+    def _unscaled(self, grad: torch.Tensor) -> torch.Tensor:
+        """The output gradient of the unscaled mean loss, in the statistics dtype.
+
+        Promoted first, so that a half-precision gradient's small values survive the
+        rescaling. The ordinary backward's loss was divided by ``grad_scale``; the sampled
+        loss of :meth:`record_sampled` was not. Both carry the GradScaler's loss scale,
+        which stays on the device (:func:`spngd.amp.inverse_loss_scale`).
+        """
+        grad = grad.detach().to(statistics_dtype(grad))
+        factor: float | torch.Tensor = 1.0 if self._sampling else self.grad_scale
+        inverse_scale = inverse_loss_scale(self.grad_scaler, grad)
+        if inverse_scale is not None:
+            factor = inverse_scale * factor
+        return grad if isinstance(factor, float) and factor == 1.0 else grad * factor
+
+    def record_sampled(self, loss: torch.Tensor, inputs: list[torch.Tensor]) -> None:
+        """Backpropagate a sampled-label ``loss`` (MC Fisher) to ``inputs`` to record
+        statistics, keeping the graph; scaled by the GradScaler, so that a half-precision
+        backward does not underflow (the hooks divide the scale out again)."""
+        scaler = self.grad_scaler
+        if scaler is not None and scaler.is_enabled():
+            loss = scaler.scale(loss)
+        self._sampling = True
+        try:
+            torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
+        finally:
+            self._sampling = False
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-
-
-class _SamplingPass:
-    def __init__(self, capture: StatisticsCapture) -> None:
-        self._capture = capture
-
-    def __enter__(self) -> None:
-        self._capture._sampling = True
-
-    def __exit__(self, *exc: object) -> None:
-        self._capture._sampling = False

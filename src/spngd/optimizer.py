@@ -78,7 +78,8 @@ class SPNGD(Optimizer):
         refresh: knobs of the adaptive rule (threshold, growth, cap, warm-up).
         grad_scaler: the ``torch.amp.GradScaler`` that scales the loss (mixed precision):
             output gradients are divided by its current scale before statistics are
-            taken. Call ``scaler.step(opt)`` as usual; it unscales the gradients first.
+            taken. Call ``scaler.step(opt)`` as usual: it calls :meth:`step` on every rank,
+            which unscales the gradients and skips an overflowing step on all ranks.
         max_bad_steps: a step whose gradients contain NaN or inf is skipped (parameters,
             momentum and curvature untouched) with a warning; after this many such steps
             in a row ``step()`` raises :class:`NonFiniteGradientError`.
@@ -101,6 +102,12 @@ class SPNGD(Optimizer):
     batch): the per-example output gradient is ``n * grad_output``. Calls between two
     steps (gradient accumulation, or a layer used more than once) are averaged.
     """
+
+    _step_supports_amp_scaling = True
+    """``GradScaler.step`` then calls :meth:`step` on every rank, overflow or not, with the
+    step's ``grad_scale`` (None once ``unscale_`` ran) and ``found_inf`` set on the
+    optimizer: SPNGD unscales the gradients itself, and ranks skip an overflowing step
+    together instead of one rank skipping while the others wait in a collective."""
 
     def __init__(
         self,
@@ -167,7 +174,10 @@ class SPNGD(Optimizer):
         self._step = 0
         self.times = StageTimes()
         self._exchange = self._make_exchange(
-            distributed, average_gradients=not wrapped, micro_batches=accumulation_steps
+            distributed,
+            average_gradients=not wrapped,
+            micro_batches=accumulation_steps,
+            grad_scaler=grad_scaler,
         )
         self._capture = StatisticsCapture(
             self.curvature.values(),
@@ -243,7 +253,11 @@ class SPNGD(Optimizer):
             )
 
     def _make_exchange(
-        self, config: DistributedConfig | None, average_gradients: bool, micro_batches: int
+        self,
+        config: DistributedConfig | None,
+        average_gradients: bool,
+        micro_batches: int,
+        grad_scaler: torch.amp.GradScaler | None,
     ) -> LocalExchange | DistributedExchange:
         group = config.process_group if config is not None else None
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1):
@@ -260,7 +274,12 @@ class SPNGD(Optimizer):
                 torch.nn.utils.vector_to_parameters(flat, all_params)
         plain = [p for p in all_params if id(p) not in in_blocks]
         return DistributedExchange(
-            self.curvature, plain, config or DistributedConfig(), average_gradients, micro_batches
+            self.curvature,
+            plain,
+            config or DistributedConfig(),
+            average_gradients,
+            micro_batches,
+            grad_scaler,
         )
 
     def describe(self) -> dict[str, str]:
@@ -299,10 +318,8 @@ class SPNGD(Optimizer):
         with torch.no_grad():
             probs = torch.softmax(logits.detach().float(), dim=1)
             labels = torch.multinomial(probs, 1, generator=self._mc_generator).squeeze(1)
-        sampled_loss = F.cross_entropy(logits, labels)
         params = [p for block in self.curvature.values() for p in block.params]
-        with self._capture.sampling_pass():
-            torch.autograd.grad(sampled_loss, params, retain_graph=True, allow_unused=True)
+        self._capture.record_sampled(F.cross_entropy(logits, labels), params)
         return labels
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -334,10 +351,15 @@ class SPNGD(Optimizer):
                 loss = closure()
         exchange = self._exchange
         times = self.times
+        # Set by GradScaler.step for this call: the loss scale the gradients still carry.
+        loss_scale: torch.Tensor | None = getattr(self, "grad_scale", None)
         with times.measure("checks"):
-            skipped = self._skip_if_not_finite()
+            skipped = self._skip_if_not_finite(loss_scaled=hasattr(self, "found_inf"))
         if skipped:
             return loss
+        if loss_scale is not None:
+            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+            torch._foreach_mul_(grads, loss_scale.double().reciprocal().float())
         self._warn_if_no_statistics()
         grads = {
             p: p.grad for group in self.param_groups for p in group["params"] if p.grad is not None
@@ -386,12 +408,18 @@ class SPNGD(Optimizer):
         communication stages only move statistics out of the hooks' buffers."""
         return self.times.snapshot()
 
-    def _skip_if_not_finite(self) -> bool:
-        """Skip the step when any gradient (on any rank) is NaN or inf; True if skipped."""
+    def _skip_if_not_finite(self, loss_scaled: bool) -> bool:
+        """Skip the step when any gradient (on any rank) is NaN or inf; True if skipped.
+
+        Under a GradScaler (``loss_scaled``) that is an overflow the scaler answers by
+        lowering its scale: skipped silently, not counted as a bad step.
+        """
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         bad = self._exchange.any_rank(any_nonfinite(grads))
         if bad:  # this step's statistics are as suspect as its gradients
             self._drop_recorded()
+        if loss_scaled:
+            return bad
         return self.guard.skip(bad)
 
     def _observe(

@@ -199,3 +199,46 @@ def test_sample_fisher_draws_from_softmax() -> None:
     freq = torch.bincount(labels, minlength=N_CLS).double() / labels.numel()
     sigma = torch.sqrt(probs * (1 - probs) / labels.numel())
     assert torch.all((freq - probs).abs() <= 5 * sigma + 1e-12), (freq, probs)
+
+
+def test_mc_fisher_with_accumulation_matches_bruteforce() -> None:
+    """With ``accumulation_steps=2`` each micro-batch's sampled-label statistics are those of
+    its own mean loss (not multiplied by the accumulation count), averaged over the two."""
+    model, x, y = _model("conv")
+    ref = copy.deepcopy(model)
+    grads = reference_grads(ref, x, y)
+    opt = make_opt(model, damping=LAM, fisher="mc", accumulation_steps=2)
+    before = snapshot(model)
+    opt.zero_grad(set_to_none=True)
+    halves = (slice(0, N // 2), slice(N // 2, N))
+    expected: list[dict[str, dict[str, Tensor]]] = []
+    for part in halves:
+        logits = model(x[part])
+        labels = opt.sample_fisher(logits)
+        (cross_entropy(logits, y[part]) / 2).backward()
+        expected.append(_expected_stats(ref, x[part], labels))
+    opt.step()
+    stats = {
+        name: {key: (expected[0][name][key] + expected[1][name][key]) / 2 for key in keys}
+        for name, keys in expected[0].items()
+    }
+    _check(opt, model, before, stats, _expected_update(ref, stats, grads))
+
+
+@pytest.mark.parametrize("kind", ["conv", "bn"])
+def test_mc_fisher_with_grad_scaler_matches_bruteforce(kind: str) -> None:
+    """A GradScaler's loss scale is taken out of the sampled-label statistics as well."""
+    model, x, y = _model(kind)
+    ref = copy.deepcopy(model)
+    grads = reference_grads(ref, x, y)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    opt = make_opt(model, damping=LAM, fisher="mc", grad_scaler=scaler)
+    before = snapshot(model)
+    opt.zero_grad(set_to_none=True)
+    logits = model(x)
+    labels = opt.sample_fisher(logits)
+    scaler.scale(cross_entropy(logits, y)).backward()
+    scaler.step(opt)
+    scaler.update()
+    stats = _expected_stats(ref, x, labels)
+    _check(opt, model, before, stats, _expected_update(ref, stats, grads))

@@ -95,7 +95,8 @@ class CurvatureBlock(ABC):
         their sampling noise (:meth:`statistic_and_noise`)."""
         stats: list[torch.Tensor | None] = []
         noises: list[torch.Tensor | None] = []
-        with torch.no_grad():
+        # A backward inside autocast would run the products below in half precision.
+        with torch.no_grad(), torch.autocast(inputs.device.type, enabled=False):
             for index, name in enumerate(self.statistic_names):
                 stat = noise = None
                 if self.wanted[index]:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from spngd.amp import inverse_loss_scale
 from spngd.curvature import BatchNormBlock, CurvatureBlock
 from spngd.distributed.assignment import STRATEGIES, BlockShape, assign_blocks
 from spngd.distributed.packing import COMM_DTYPES, FlatPacker, TensorSpec
@@ -122,8 +123,10 @@ class DistributedExchange:
         config: DistributedConfig,
         average_gradients: bool,
         micro_batches: int,
+        grad_scaler: torch.amp.GradScaler | None = None,
     ) -> None:
         self.blocks = blocks
+        self.grad_scaler = grad_scaler
         self.plain_params = list(plain_params)
         self.config = config
         self.group = config.process_group
@@ -218,10 +221,16 @@ class DistributedExchange:
         while self._next < len(self.buckets) and all(
             self._block_ready(n) for n in self.buckets[self._next].names
         ):
-            self._launch(self.buckets[self._next])
+            self._launch(self.buckets[self._next], during_backward=True)
 
-    def _launch(self, bucket: _Bucket) -> None:
+    def _launch(self, bucket: _Bucket, during_backward: bool) -> None:
+        """Pack and start one bucket. Gradients sent during backward still carry the
+        GradScaler's loss scale (``step()`` unscales them later), so they are unscaled
+        as they are packed."""
         dtype = self.config.comm_dtype
+        unscale = None
+        if during_backward and self.average_gradients:
+            unscale = inverse_loss_scale(self.grad_scaler, torch.ones((), device=self.device))
         specs, tensors = [], []
         for name in bucket.names:
             block = self.blocks[name]
@@ -229,7 +238,7 @@ class DistributedExchange:
             self._launched[name] = True
             block_specs = self._reduce_specs(name)
             specs.extend(block_specs)
-            tensors.extend(self._reduce_entries(name, fresh, block_specs))
+            tensors.extend(self._reduce_entries(name, fresh, block_specs, unscale))
         bucket.packer = FlatPacker(specs)
         bucket.buffer = bucket.packer.pack(tensors, dtype)
         bucket.work = dist.reduce(bucket.buffer, dst=bucket.owner, group=self.group, async_op=True)
@@ -250,7 +259,11 @@ class DistributedExchange:
         return specs
 
     def _reduce_entries(
-        self, name: str, fresh: Statistics, specs: list[TensorSpec]
+        self,
+        name: str,
+        fresh: Statistics,
+        specs: list[TensorSpec],
+        unscale: torch.Tensor | None,
     ) -> list[torch.Tensor]:
         block = self.blocks[name]
         device = block.params[0].device
@@ -269,9 +282,11 @@ class DistributedExchange:
                     noise = block.fresh_noise[i] if fresh is not None else None
                     entries.append(torch.zeros(1, device=device) if noise is None else noise[None])
         if self.average_gradients:
-            entries.extend(
-                p.grad if p.grad is not None else torch.zeros_like(p) for p in block.params
-            )
+            for p in block.params:
+                if p.grad is None:
+                    entries.append(torch.zeros_like(p))
+                else:
+                    entries.append(p.grad if unscale is None else p.grad * unscale)
         return entries
 
     def reduce(
@@ -280,7 +295,7 @@ class DistributedExchange:
         """Owners receive the mean over ranks of their blocks' statistics (and gradients);
         gradients of parameters outside any block are all-reduced when averaging."""
         while self._next < len(self.buckets):  # whatever backward did not start
-            self._launch(self.buckets[self._next])
+            self._launch(self.buckets[self._next], during_backward=False)
         dtype = self.config.comm_dtype
         works = [bucket.work for bucket in self.buckets]
         plain = [p for p in self.plain_params if p in grads] if self.average_gradients else []

@@ -1,0 +1,21 @@
+"""The loss scale of a ``torch.amp.GradScaler``, read without a host synchronisation."""
+
+from __future__ import annotations
+
+import torch
+
+
+def inverse_loss_scale(
+    scaler: torch.amp.GradScaler | None, like: torch.Tensor
+) -> torch.Tensor | None:
+    """``1 / scale`` of ``scaler`` as a 0-dim tensor in ``like``'s dtype and device, or
+    None without an enabled scaler.
+
+    ``scaler.scale`` of a one stays on the device, where ``get_scale()`` would read the
+    scale to the host; the reciprocal is taken in float64, as ``GradScaler.unscale_``
+    does, so a power-of-two scale comes out exactly.
+    """
+    if scaler is None or not scaler.is_enabled():
+        return None
+    scale = scaler.scale(torch.ones((), dtype=torch.float32, device=like.device))
+    return scale.double().reciprocal().to(like.dtype)
