@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.optim import Optimizer
@@ -23,13 +22,7 @@ from torch.optim import Optimizer
 from spngd.capture import StatisticsCapture
 from spngd.curvature import CurvatureBlock, make_block
 from spngd.curvature.kronecker import DAMPING_FORMS, KroneckerBlock, update_inverses
-from spngd.distributed.exchange import (
-    DistributedConfig,
-    DistributedExchange,
-    LocalExchange,
-    Statistics,
-    collective_failure,
-)
+from spngd.distributed.exchange import DistributedConfig, Statistics, make_exchange
 from spngd.guard import NonFiniteGuard, any_nonfinite
 from spngd.refresh import AdaptiveRefresh, RefreshPolicy, relative_changes
 from spngd.timing import StageTimes
@@ -173,7 +166,9 @@ class SPNGD(Optimizer):
         )
         self._step = 0
         self.times = StageTimes()
-        self._exchange = self._make_exchange(
+        self._exchange = make_exchange(
+            self.curvature,
+            [p for g in self.param_groups for p in g["params"]],
             distributed,
             average_gradients=not wrapped,
             micro_batches=accumulation_steps,
@@ -251,36 +246,6 @@ class SPNGD(Optimizer):
                 UserWarning,
                 stacklevel=3,
             )
-
-    def _make_exchange(
-        self,
-        config: DistributedConfig | None,
-        average_gradients: bool,
-        micro_batches: int,
-        grad_scaler: torch.amp.GradScaler | None,
-    ) -> LocalExchange | DistributedExchange:
-        group = config.process_group if config is not None else None
-        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1):
-            return LocalExchange(self.curvature)
-        in_blocks = {id(p) for block in self.curvature.values() for p in block.params}
-        all_params = [p for g in self.param_groups for p in g["params"]]
-        if average_gradients:
-            with torch.no_grad():
-                flat = torch.cat([p.detach().reshape(-1) for p in all_params])
-                try:
-                    dist.broadcast(flat, src=0, group=group)
-                except RuntimeError as error:
-                    raise collective_failure("broadcasting initial parameters", error) from error
-                torch.nn.utils.vector_to_parameters(flat, all_params)
-        plain = [p for p in all_params if id(p) not in in_blocks]
-        return DistributedExchange(
-            self.curvature,
-            plain,
-            config or DistributedConfig(),
-            average_gradients,
-            micro_batches,
-            grad_scaler,
-        )
 
     def describe(self) -> dict[str, str]:
         """How each module with optimized parameters is preconditioned, by module name."""

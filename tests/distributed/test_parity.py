@@ -133,3 +133,32 @@ def test_distributed_steps_equal_single_process(
     for name, block in reference.curvature.items():
         for got, want in zip(curvature[name]["factors"], block.factors, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _subgroup_worker(rank: int, world_size: int, out: str) -> None:
+    """Ranks 1 and 2 train in a group of their own; rank 0 only takes part in creating it."""
+    import torch.distributed as dist
+
+    group = dist.new_group([1, 2])
+    if rank == 0:
+        return
+    group_rank = dist.get_rank(group)
+    model = _model()
+    opt = _optimizer(model, distributed=DistributedConfig(process_group=group, bucket_elements=200))
+    for step in range(STEPS):
+        x, y = _global_batch(step, 2)
+        part = slice(group_rank * LOCAL_BATCH, (group_rank + 1) * LOCAL_BATCH)
+        opt.zero_grad()
+        F.cross_entropy(model(x[part]), y[part]).backward()
+        opt.step()
+    opt.state_dict()
+    torch.save([p.detach() for p in model.parameters()], Path(out) / f"rank{rank}.pt")
+
+
+def test_a_process_group_of_some_ranks_equals_single_process(tmp_path: Path) -> None:
+    """Owners, sources and destinations are ranks of the given group, not of the world."""
+    run_workers(_subgroup_worker, 3, str(tmp_path))
+    expected, _ = _reference(2, None)
+    for rank in (1, 2):
+        for got, want in zip(torch.load(tmp_path / f"rank{rank}.pt"), expected, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

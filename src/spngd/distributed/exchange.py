@@ -241,7 +241,9 @@ class DistributedExchange:
             tensors.extend(self._reduce_entries(name, fresh, block_specs, unscale))
         bucket.packer = FlatPacker(specs)
         bucket.buffer = bucket.packer.pack(tensors, dtype)
-        bucket.work = dist.reduce(bucket.buffer, dst=bucket.owner, group=self.group, async_op=True)
+        bucket.work = dist.reduce(
+            bucket.buffer, group_dst=bucket.owner, group=self.group, async_op=True
+        )
         self._next += 1
 
     def _reduce_specs(self, name: str) -> list[TensorSpec]:
@@ -459,6 +461,40 @@ class DistributedExchange:
         except RuntimeError as error:
             raise collective_failure("collecting optimizer state", error) from error
         return out
+
+
+def make_exchange(
+    blocks: dict[str, CurvatureBlock],
+    params: Sequence[torch.Tensor],
+    config: DistributedConfig | None,
+    average_gradients: bool,
+    micro_batches: int,
+    grad_scaler: torch.amp.GradScaler | None,
+) -> LocalExchange | DistributedExchange:
+    """The exchange for this process: local unless torch.distributed runs several ranks in
+    ``config``'s group. When SPNGD averages the gradients itself (``average_gradients``),
+    ``params`` start from the group's first rank's values, as DDP does."""
+    group = config.process_group if config is not None else None
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1):
+        return LocalExchange(blocks)
+    params = list(params)
+    if average_gradients:
+        with torch.no_grad():
+            flat = torch.cat([p.detach().reshape(-1) for p in params])
+            try:
+                dist.broadcast(flat, group_src=0, group=group)
+            except RuntimeError as error:
+                raise collective_failure("broadcasting initial parameters", error) from error
+            torch.nn.utils.vector_to_parameters(flat, params)
+    in_blocks = {id(p) for block in blocks.values() for p in block.params}
+    return DistributedExchange(
+        blocks,
+        [p for p in params if id(p) not in in_blocks],
+        config or DistributedConfig(),
+        average_gradients,
+        micro_batches,
+        grad_scaler,
+    )
 
 
 def statistic_spec(block: CurvatureBlock, index: int) -> TensorSpec:
