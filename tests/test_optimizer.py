@@ -149,6 +149,20 @@ def test_state_dict_round_trip_continues_identically() -> None:
         torch.testing.assert_close(a, b)
 
 
+def test_mc_sampling_state_from_another_kind_of_generator_draws_afresh_with_a_warning() -> None:
+    """A CUDA generator's state (16 bytes of Philox seed and offset) does not fit a CPU
+    generator (and the other way round): the labels are drawn afresh, with one warning."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    opt = SPNGD(model, lr=0.1, fisher="mc")
+    state = opt.state_dict()
+    state["mc_generator"] = torch.arange(16, dtype=torch.uint8)
+    with pytest.warns(RuntimeWarning, match="MC sampling state comes from a GPU generator"):
+        opt.load_state_dict(state)
+    labels = opt.sample_fisher(model(torch.randn(64, 4)))
+    assert labels.shape == (64,) and int(labels.max()) < 3
+
+
 def test_a_state_dict_holding_explicit_inverses_is_recomputed_not_misread() -> None:
     """Older versions saved explicit inverses of the Kronecker factors; those are now kept
     as Cholesky factors, so such an entry is dropped and recomputed from the saved factors."""

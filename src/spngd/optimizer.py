@@ -557,9 +557,10 @@ class SPNGD(Optimizer):
         """Torch's optimizer state plus each block's factors and inverse, the refresh
         policy's state and the step counter.
 
-        Under ``torch.distributed`` the curvature of every layer is collected from its
-        owner, so any rank's state dict resumes on any number of ranks; all ranks must
-        call this together.
+        Curvature tensors are on the CPU, loaded back onto the parameters' device. Under
+        ``torch.distributed`` the curvature of every layer is collected from its owner on
+        the group's first rank, whose state dict resumes on any number of ranks (the
+        others hold their own layers'); all ranks must call this together.
         """
         state = super().state_dict()
         local = {
@@ -572,7 +573,7 @@ class SPNGD(Optimizer):
         }
         curvature: dict[str, Any] = {}
         refresh: dict[str, Any] = {key: {} for key in ("interval", "next_step", "noise", "counts")}
-        for rank_state in self._exchange.collect(local):
+        for rank_state in self._exchange.collect_on_first(local):
             curvature.update(rank_state["curvature"])
             for key in refresh:
                 refresh[key].update(rank_state["refresh"][key])
@@ -584,6 +585,23 @@ class SPNGD(Optimizer):
             state["mc_generator"] = self._mc_generator.get_state()
         return state
 
+    def _load_mc_generator(self, state: torch.Tensor) -> None:
+        """Restore the MC sampling generator; a state saved from another device's kind of
+        generator cannot be, so the labels are then drawn afresh (seeded from it)."""
+        generator = self._mc_generator
+        assert generator is not None
+        try:
+            generator.set_state(state)
+        except (RuntimeError, ValueError):
+            warnings.warn(
+                "SPNGD: the checkpoint's MC sampling state comes from a "
+                f"{'CPU' if generator.device.type != 'cpu' else 'GPU'} generator; sampled "
+                "labels are drawn afresh",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            generator.manual_seed(int(state.to(torch.int64).sum()))
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
         curvature = state_dict.pop("curvature", {})
@@ -592,7 +610,7 @@ class SPNGD(Optimizer):
         self.guard.pop_state(state_dict)
         mc_state = state_dict.pop("mc_generator", None)
         if mc_state is not None and self._mc_generator is not None:
-            self._mc_generator.set_state(mc_state)
+            self._load_mc_generator(mc_state)
         unknown = set(curvature) - set(self.curvature)
         if unknown:
             raise ValueError(

@@ -129,7 +129,9 @@ def test_distributed_steps_equal_single_process(
     if settings["stat_interval"] is None:  # the rule skipped work, identically everywhere
         assert reference.stats()["total"]["stats_skipped"] > 0
     curvature = results[0]["curvature"]
-    assert set(curvature) == set(reference.curvature)
+    assert set(curvature) == set(reference.curvature)  # collected on the first rank
+    for result in results[1:]:  # the others hold their own layers
+        assert set(result["curvature"]) < set(curvature)
     for name, block in reference.curvature.items():
         for got, want in zip(curvature[name]["factors"], block.factors, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

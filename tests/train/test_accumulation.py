@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -9,6 +11,7 @@ from torch import nn
 from spngd.train.augment import soft_targets
 from spngd.train.config import resolve_config
 from spngd.train.trainer import make_optimizer, train_step
+from tests.distributed.harness import run_workers
 
 
 def _model() -> nn.Module:
@@ -58,3 +61,60 @@ def test_two_micro_batches_of_32_equal_one_batch_of_64(optimizer: str) -> None:
         assert torch.allclose(p, q, rtol=0, atol=1e-5), (p - q).abs().max()
     for a, b in zip(one, two, strict=True):
         assert a.loss == pytest.approx(b.loss, abs=1e-5) and a.correct == b.correct
+
+
+def _ddp_accumulation_worker(rank: int, world_size: int, out: str) -> None:
+    """Each rank: DDP-wrapped model, two micro-batches of 16 per step, three steps; counts
+    DDP's gradient all-reduces with a communication hook."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = _model()
+    ddp = DistributedDataParallel(model)
+    reductions = []
+
+    def counting_hook(state, bucket):  # unannotated: DDP checks the annotations it finds
+        reductions.append(bucket.index())
+        return allreduce_hook(state, bucket)
+
+    ddp.register_comm_hook(None, counting_hook)
+    config = resolve_config(
+        {"batch_size": 64, "accumulate": 2, "device": "cpu", "refresh_warmup_steps": 1}
+    )
+    opt = make_optimizer(ddp, config)
+    images, targets = _batches()
+    mine = slice(rank * 32, (rank + 1) * 32)
+    for step in range(3):
+        x, t = images[step][mine], targets[step][mine]
+        reductions.clear()
+        train_step(ddp, opt, [(x[:16], t[:16]), (x[16:], t[16:])], rescale=True)
+        assert len(reductions) == len(set(reductions)), reductions  # each bucket once
+    torch.save([p.detach() for p in model.parameters()], Path(out) / f"rank{rank}.pt")
+
+
+def _batches() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    generator = torch.Generator().manual_seed(1)
+    images = [torch.randn(64, 1, 8, 8, generator=generator) for _ in range(3)]
+    labels = [torch.randint(0, 10, (64,), generator=generator) for _ in range(3)]
+    return images, [soft_targets(y, 10) for y in labels]
+
+
+def test_ddp_accumulation_reduces_once_per_step_and_equals_one_process(tmp_path: Path) -> None:
+    """2 ranks x 2 micro-batches with DDP (``no_sync`` but for the last micro-batch) give
+    the parameters of one process taking the same 4 micro-batches, past the refresh's
+    warm-up, so steps that skip statistics are compared too."""
+    run_workers(_ddp_accumulation_worker, 2, str(tmp_path))
+    config = resolve_config(
+        {"batch_size": 64, "accumulate": 4, "device": "cpu", "refresh_warmup_steps": 1}
+    )
+    model = _model()
+    opt = make_optimizer(model, config)
+    images, targets = _batches()
+    for step in range(3):
+        x, t = images[step], targets[step]
+        train_step(model, opt, [(x[i : i + 16], t[i : i + 16]) for i in range(0, 64, 16)], True)
+    assert opt.stats()["total"]["stats_skipped"] > 0
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        for p, q in zip(got, model.parameters(), strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

@@ -260,9 +260,12 @@ class CurvatureBlock(ABC):
 
     # -- checkpointing --------------------------------------------------------------------
     def state_dict(self) -> dict[str, object]:
+        """Factors and inverse on the CPU (:meth:`load_state_dict` puts them back on the
+        parameters' device), so that a checkpoint loads on any device."""
+        cpu = torch.device("cpu")
         return {
-            "factors": self.factors,
-            "inverse": self.inverse,
+            "factors": _to_device(self.factors, cpu),
+            "inverse": _to_device(self.inverse, cpu),
             "inverse_kind": self.inverse_kind,
             "inverse_damping": self.inverse_damping,
             "inverse_uses": self.inverse_uses,

@@ -94,6 +94,9 @@ class LocalExchange:
     def collect(self, local: dict[str, Any]) -> list[dict[str, Any]]:
         return [local]
 
+    def collect_on_first(self, local: dict[str, Any]) -> list[dict[str, Any]]:
+        return [local]
+
     def any_rank(self, flag: torch.Tensor) -> bool:
         """Whether ``flag`` (0 or 1) is set on any rank."""
         return bool(flag.item())
@@ -454,13 +457,23 @@ class DistributedExchange:
         return bool(flag.item())
 
     def collect(self, local: dict[str, Any]) -> list[dict[str, Any]]:
-        """Every rank's ``local`` object (for checkpoints and counters)."""
+        """Every rank's ``local`` object, on every rank (for counters)."""
         out: list[Any] = [None] * self.world_size
         try:
             dist.all_gather_object(out, local, group=self.group)
         except RuntimeError as error:
             raise collective_failure("collecting optimizer state", error) from error
         return out
+
+    def collect_on_first(self, local: dict[str, Any]) -> list[dict[str, Any]]:
+        """Every rank's ``local`` object on the group's first rank; this rank's alone on the
+        others (for checkpoints, which the first rank writes)."""
+        out: list[Any] | None = [None] * self.world_size if self.rank == 0 else None
+        try:
+            dist.gather_object(local, out, group_dst=0, group=self.group)
+        except RuntimeError as error:
+            raise collective_failure("collecting optimizer state", error) from error
+        return out if out is not None else [local]
 
 
 def make_exchange(

@@ -19,6 +19,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, NoReturn
 
+from spngd.distributed import launch
 from spngd.train.config import (
     DEFAULTS,
     OPTIMIZER_DEFAULTS,
@@ -31,7 +32,7 @@ from spngd.train.config import (
 )
 from spngd.train.errors import TrainingStoppedError, UserError
 from spngd.train.runfolder import RunFolder, SilentRunFolder, find_checkpoint
-from spngd.train.trainer import compare, distributed_rank, train
+from spngd.train.trainer import compare, device_of_this_rank, train
 
 USER_ERROR = 2
 TRAINING_STOPPED = 3
@@ -124,10 +125,11 @@ def _run_train(options: dict[str, Any]) -> None:
         config = resume_config(checkpoint.payload["config"], options)
     else:
         config = resolve_config(options)
-    rank, world_size = distributed_rank()
-    folder = RunFolder if rank == 0 else SilentRunFolder  # rank 0 writes the run
-    with folder(config.out, checkpoint) as run:
-        result = train(config, run, checkpoint)
+    device = device_of_this_rank(config)
+    with launch.process_group(device, config.dist_timeout) as (rank, world_size):
+        folder = RunFolder if rank == 0 else SilentRunFolder  # rank 0 writes the run
+        with folder(config.out, checkpoint) as run:
+            result = train(config, run, checkpoint)
     if rank == 0:
         ranks = f" on {world_size} ranks" if world_size > 1 else ""
         print(
@@ -137,6 +139,8 @@ def _run_train(options: dict[str, Any]) -> None:
 
 
 def _run_compare(options: dict[str, Any]) -> None:
+    if launch.launched_world_size() > 1:
+        raise UserError("spngd compare runs in one process; under torchrun use spngd train")
     own = {key: options.pop(key) for key in list(options) if "." in key}
     out = Path(resolve_config(options).out)
     configs = {}

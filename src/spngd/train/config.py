@@ -98,7 +98,13 @@ class TrainConfig:
     max_bad_steps: int = _help("stop after this many steps in a row with NaN or inf gradients")
     seed: int = _help("random seed (model, shuffling, augmentation)")
     threads: int | None = _help("torch CPU threads (default: torch's choice)")
-    device: str = _help("cpu, cuda, cuda:N (default: cuda when available)")
+    device: str = _help(
+        "cpu, cuda, cuda:N (default: cuda when available; under torchrun, cuda is the GPU of "
+        "each process's LOCAL_RANK)"
+    )
+    dist_timeout: float = _help(
+        "under torchrun, seconds a collective waits for the other ranks before the run stops"
+    )
     out: str = _help("run folder (default: runs/<timestamp>)")
     progress: bool = _help("show the progress bar")
 
@@ -144,6 +150,7 @@ class TrainConfig:
             ("eval_every_steps", self.eval_every_steps >= 0, ">= 0"),
             ("max_bad_steps", self.max_bad_steps >= 1, "a positive integer"),
             ("threads", self.threads is None or self.threads >= 1, "a positive integer"),
+            ("dist_timeout", 0 < self.dist_timeout < math.inf, "a positive number of seconds"),
         ]
         for name, ok, rule in checks:
             if not ok:
@@ -223,6 +230,7 @@ DEFAULTS: dict[str, Any] = {
     "max_bad_steps": 10,
     "seed": 0,
     "threads": None,
+    "dist_timeout": 600.0,
     "progress": True,
 }
 """Values that do not depend on the data or the optimizer."""

@@ -225,12 +225,12 @@ class RunFolder:
 
     def save_checkpoint(self, payload: Mapping[str, Any]) -> None:
         """Replace ``checkpoint.pt`` atomically, the old one becoming ``checkpoint.prev.pt``;
-        on failure both stay as they were."""
+        on failure both stay as they were. Tensors are saved from the CPU, so the file
+        loads on any machine."""
         path = self.path / CHECKPOINT
+        on_cpu = _to_cpu(dict(payload))
         try:
-            atomic_write(
-                path, lambda file: torch.save(dict(payload), file), previous=self.path / PREVIOUS
-            )
+            atomic_write(path, lambda file: torch.save(on_cpu, file), previous=self.path / PREVIOUS)
         except OSError as error:
             raise UserError(
                 f"cannot write checkpoint {path} ({error.strerror or error}); "
@@ -265,3 +265,14 @@ class SilentRunFolder:
 
     def plot(self, records: Sequence[Mapping[str, Any]], title: str) -> None:
         pass
+
+
+def _to_cpu(value: Any) -> Any:
+    """``value`` with every tensor inside dicts, lists and tuples moved to the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {key: _to_cpu(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_to_cpu(item) for item in value)
+    return value

@@ -4,8 +4,8 @@ benchmark and the tests, and the run around it (schedule, evaluation, logging, c
 
 from __future__ import annotations
 
+import contextlib
 import math
-import os
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from spngd.distributed import launch
 from spngd.guard import NonFiniteGradientError, NonFiniteGuard, any_nonfinite
 from spngd.optimizer import SPNGD
 from spngd.refresh import AdaptiveRefresh
@@ -71,12 +71,16 @@ def train_step(
     optimizer: SPNGD | GuardedSGD,
     micro_batches: Sequence[Batch],
     rescale: bool,
+    prepare: Callable[[torch.Tensor, torch.Tensor], Batch] = lambda x, y: (x, y),
 ) -> StepResult:
     """One optimizer step on ``K = len(micro_batches)`` micro-batches.
 
-    Each micro-batch's mean loss is divided by K before its backward, so gradients (and
-    SPNGD's statistics, with ``accumulation_steps=K``) accumulate to those of the whole
-    batch. Accuracy counts the argmax of the target, the current label under mixup. The
+    Each micro-batch is passed through ``prepare`` (to the device, targets) just before
+    its forward, so one at a time is on the device. Its mean loss is divided by K before
+    its backward, so gradients (and SPNGD's statistics, with ``accumulation_steps=K``)
+    accumulate to those of the whole batch; a DistributedDataParallel model averages them
+    across ranks once, in the last micro-batch's backward (``no_sync`` before). Accuracy
+    counts the argmax of the target, the current label under mixup. The
     forward and backward passes are timed up to the last micro-batch's loss and accuracy
     reads, which wait for the device, so the figure holds on a GPU too. When the optimizer
     skips the step (NaN or inf gradients), the model's buffers (BatchNorm running
@@ -88,12 +92,16 @@ def train_step(
     sample_fisher = isinstance(optimizer, SPNGD) and optimizer.fisher == "mc"
     loss_sum, correct, examples = 0.0, 0, 0
     start = time.perf_counter()
-    for images, targets in micro_batches:
-        logits = model(images)
-        if sample_fisher:
-            optimizer.sample_fisher(logits)
-        loss = F.cross_entropy(logits, targets)
-        (loss / len(micro_batches)).backward()
+    last = len(micro_batches) - 1
+    for index, (inputs, labels) in enumerate(micro_batches):
+        images, targets = prepare(inputs, labels)
+        accumulating = isinstance(model, DistributedDataParallel) and index < last
+        with model.no_sync() if accumulating else contextlib.nullcontext():  # type: ignore[operator]
+            logits = model(images)
+            if sample_fisher:
+                optimizer.sample_fisher(logits)
+            loss = F.cross_entropy(logits, targets)
+            (loss / len(micro_batches)).backward()
         loss_sum += loss.item()
         correct += int((logits.argmax(1) == targets.argmax(1)).sum())
         examples += len(images)
@@ -244,12 +252,8 @@ class Trainer:
         if config.threads is not None:
             torch.set_num_threads(config.threads)
         self.config, self.run = config, run
-        self.rank, self.world_size = distributed_rank()
-        self.device = torch.device(config.device)
-        if self.device == torch.device("cuda") and self.world_size > 1:
-            # one GPU per process under torchrun: plain "cuda" would put every rank on GPU 0
-            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(self.device)
+        self.device = device_of_this_rank(config)
+        self.rank, self.world_size = launch.current()
         self.data = load_data(config)
         self.train_loader, self.val_loader = make_loaders(
             self.data, config, self.rank, self.world_size
@@ -396,8 +400,13 @@ class Trainer:
         """
         values = self.schedule.apply(self.optimizer, self.step)
         epoch = self.schedule.epoch(self.step)
-        batches = [self.prepare(images, labels, epoch) for images, labels in group]
-        result = train_step(self.net, self.optimizer, batches, self.config.rescale_weights)
+        result = train_step(
+            self.net,
+            self.optimizer,
+            group,
+            self.config.rescale_weights,
+            lambda images, labels: self.prepare(images, labels, epoch),
+        )
         self.step += 1
         self.train_time += time.perf_counter() - tick
         self.wall_time = time.perf_counter() - start
@@ -488,11 +497,7 @@ class Trainer:
             "rng": torch.get_rng_state(),
             "mixup": None if previous is None else tuple(t.cpu() for t in previous),
         }
-        if self.world_size == 1:
-            return [own]
-        states: list[Any] = [None] * self.world_size
-        dist.all_gather_object(states, own)
-        return states
+        return launch.gather_all(own)
 
     def _last_good(self) -> str:
         if self.saved_step is None:
@@ -500,14 +505,12 @@ class Trainer:
         return f"The last good checkpoint (step {self.saved_step}) is kept in {self.run.path}."
 
 
-def distributed_rank() -> tuple[int, int]:
-    """``(rank, world size)``; under ``torchrun`` (``WORLD_SIZE`` > 1) the process group is
-    initialised here, with NCCL when CUDA is available and gloo otherwise."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, 1
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), dist.get_world_size()
+def device_of_this_rank(config: TrainConfig) -> torch.device:
+    """The device this process trains on (see :func:`spngd.distributed.launch.rank_device`)."""
+    try:
+        return launch.rank_device(torch.device(config.device))
+    except ValueError as error:
+        raise UserError(str(error)) from None
 
 
 def train(

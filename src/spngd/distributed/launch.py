@@ -1,0 +1,90 @@
+"""The process group of a program started by ``torchrun``: which device each rank uses,
+the backend that suits it, set-up before any collective, and teardown.
+
+``torchrun`` tells each process its place through the environment (``RANK``,
+``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``); a plain ``python`` start has none
+and runs as the only rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def launched_world_size() -> int:
+    """Processes ``torchrun`` started (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank_device(requested: torch.device) -> torch.device:
+    """The device this process uses for ``requested``.
+
+    Under torchrun a CUDA device without an index is GPU ``LOCAL_RANK``, one per process.
+    An explicit ``cuda:N`` is kept with one process per machine; with several it would put
+    them all on one GPU, so that is refused (ValueError).
+    """
+    if requested.type != "cuda" or launched_world_size() <= 1:
+        return requested
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if requested.index is None:
+        return torch.device("cuda", local_rank)
+    if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
+        raise ValueError(
+            f"--device {requested} would put every process of this machine on one GPU; "
+            "give --device cuda, and each process takes the GPU of its LOCAL_RANK"
+        )
+    return requested
+
+
+@contextlib.contextmanager
+def process_group(device: torch.device, timeout_s: float) -> Iterator[tuple[int, int]]:
+    """``(rank, world size)`` of this process, inside the default process group.
+
+    Under torchrun the group is initialised on entry unless it exists: NCCL for a CUDA
+    ``device`` (made the current device first, and bound to the group), gloo otherwise,
+    collectives failing after ``timeout_s``. A group initialised here is torn down on exit:
+    after a clean run the ranks first wait for each other, so that none tears down while
+    another still talks to it; after an exception they do not wait for ranks that may be
+    gone.
+    """
+    created = launched_world_size() > 1 and not dist.is_initialized()
+    if created:
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+            dist.init_process_group("nccl", timeout=timeout, device_id=device)
+        else:
+            dist.init_process_group("gloo", timeout=timeout)
+    try:
+        yield current()
+    except BaseException:
+        if created:
+            dist.destroy_process_group()
+        raise
+    if created:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def current() -> tuple[int, int]:
+    """``(rank, world size)`` in the default process group; ``(0, 1)`` without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_all(local: Any) -> list[Any]:
+    """Every rank's ``local`` object, by rank, on every rank."""
+    world_size = current()[1]
+    if world_size == 1:
+        return [local]
+    out: list[Any] = [None] * world_size
+    dist.all_gather_object(out, local)
+    return out

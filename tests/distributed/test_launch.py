@@ -1,0 +1,47 @@
+"""Which device each torchrun process takes (no processes needed: the environment is
+what torchrun sets)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spngd.distributed.launch import launched_world_size, rank_device
+
+
+def _torchrun(monkeypatch: pytest.MonkeyPatch, world: int, local_world: int, local: int) -> None:
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world))
+    monkeypatch.setenv("LOCAL_RANK", str(local))
+
+
+@pytest.mark.parametrize(
+    ("requested", "world", "local_world", "local", "expected"),
+    [
+        ("cuda", 1, 1, 0, "cuda"),  # one process: torch's current device
+        ("cuda:1", 1, 1, 0, "cuda:1"),
+        ("cpu", 4, 4, 3, "cpu"),
+        ("cuda", 4, 4, 3, "cuda:3"),  # one GPU per process
+        ("cuda", 8, 4, 1, "cuda:1"),  # two machines of four
+        ("cuda:2", 2, 1, 0, "cuda:2"),  # one process per machine keeps its choice
+    ],
+)
+def test_each_process_takes_the_gpu_of_its_local_rank(
+    monkeypatch: pytest.MonkeyPatch,
+    requested: str,
+    world: int,
+    local_world: int,
+    local: int,
+    expected: str,
+) -> None:
+    _torchrun(monkeypatch, world, local_world, local)
+    assert launched_world_size() == world
+    assert rank_device(torch.device(requested)) == torch.device(expected)
+
+
+def test_one_gpu_named_for_several_processes_of_a_machine_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _torchrun(monkeypatch, 2, 2, 1)
+    with pytest.raises(ValueError, match="would put every process of this machine on one GPU"):
+        rank_device(torch.device("cuda:0"))
