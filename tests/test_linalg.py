@@ -66,7 +66,11 @@ def test_unit_wise_inverse_matches_linalg_inv() -> None:
     gen = torch.Generator().manual_seed(4)
     u, v = torch.randn(7, 5, generator=gen, dtype=torch.float64).unbind(0)[:2]
     F = torch.stack((u * u, u * v, v * v), dim=1)
-    inverse = unit_wise_inverse(F, 0.1)
+    inverse, valid = unit_wise_inverse(F, 0.1)
+    assert bool(valid)
+    singular = torch.tensor([[1.0, 1.0, 1.0]], dtype=torch.float64)  # (1, 1) (1, 1)^T
+    assert not bool(unit_wise_inverse(singular, 0.0)[1])
+    assert not bool(unit_wise_inverse(singular * math.inf, 0.1)[1])
     for c in range(5):
         block = torch.tensor([[F[c, 0], F[c, 1]], [F[c, 1], F[c, 2]]], dtype=torch.float64)
         expected = torch.linalg.inv(block + 0.1 * torch.eye(2, dtype=torch.float64))

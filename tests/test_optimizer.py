@@ -203,13 +203,14 @@ def test_nonfinite_statistics_keep_the_previous_inverse_with_one_warning() -> No
     opt = SPNGD(model, lr=0.05)
     _train(model, opt, 1)
     block = opt.curvature["conv"]
-    kept_factors, kept_inverse = block.factors, block.inverse
+    kept_factors, kept_inverse = list(block.factors), block.inverse
     poisoned = (torch.full((1, 10, 10), float("nan")), torch.full((1, 4, 4), float("inf")))
     block.compute_statistic = lambda i, x, g: poisoned[i]  # type: ignore[method-assign]
     with pytest.warns(RuntimeWarning, match="'conv' contain NaN or inf") as caught:
         _train(model, opt, 3, seed=10)
     assert sum("'conv'" in str(w.message) for w in caught) == 1
-    assert block.factors is kept_factors and block.inverse is kept_inverse
+    assert all(got is kept for got, kept in zip(block.factors, kept_factors, strict=True))
+    assert block.inverse is kept_inverse
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
@@ -341,3 +342,35 @@ def test_nonfinite_gradient_skips_the_step_and_too_many_stop_training() -> None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 opt.step()
+
+
+def _deep_model(pairs: int) -> nn.Module:
+    """``2 * pairs + 2`` curvature blocks: conv, then ``pairs`` x (conv, BatchNorm), Linear."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = [nn.Conv2d(3, 4, 3, padding=1)]
+    for _ in range(pairs):
+        layers += [nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(4 * 36, 3))
+
+
+def test_a_step_reads_the_device_once_whatever_the_number_of_layers() -> None:
+    """Refresh and non-refresh steps alike: nothing read during backward, one read (all the
+    step's checks together) per ``step()``, for 14 and 26 blocks."""
+    from tests.host_reads import counting_host_reads
+
+    for pairs in (6, 12):
+        model = _deep_model(pairs)
+        opt = SPNGD(model, lr=0.05)
+        assert len(opt.curvature) == 2 * pairs + 2
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(12):
+            x = torch.randn(16, 3, 6, 6, generator=gen)
+            y = torch.randint(0, 3, (16,), generator=gen)
+            opt.zero_grad()
+            with counting_host_reads() as backward_reads:
+                F.cross_entropy(model(x), y).backward()
+            with counting_host_reads() as step_reads:
+                opt.step()
+            assert backward_reads == [] and len(step_reads) == 1, (backward_reads, step_reads)
+        counts = opt.stats()["total"]
+        assert counts["stats_computed"] > 0 and counts["stats_skipped"] > 0

@@ -66,46 +66,45 @@ def damped_kronecker_cholesky(
     return robust_cholesky(a_damped), robust_cholesky(g_damped)
 
 
-def batched_cholesky(matrices: list[torch.Tensor]) -> list[torch.Tensor | None]:
+def batched_cholesky(matrices: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Lower Cholesky factors of many same-shaped ``(b_i, d, d)`` SPD batches in one call.
 
-    No fallbacks here: an entry whose factorisation fails (or any non-finite input in its
-    batch) comes back as None, for the caller to retry alone with :func:`robust_cholesky`.
+    Nothing is read from the device here: the second result holds, per entry of
+    ``matrices``, whether its factorisation succeeded and is finite (a bool tensor), for
+    the caller to read with its other checks and retry a failed entry with
+    :func:`robust_cholesky`.
     """
     lower, info = torch.linalg.cholesky_ex(torch.cat(matrices))
-    good = ((info == 0) & torch.isfinite(lower).flatten(1).all(1)).tolist()  # one device read
-    out: list[torch.Tensor | None] = []
-    start = 0
-    for matrix in matrices:
-        stop = start + matrix.shape[0]
-        out.append(lower[start:stop] if all(good[start:stop]) else None)
-        start = stop
-    return out
+    good = (info == 0) & torch.isfinite(lower).flatten(1).all(1)
+    sizes = [matrix.shape[0] for matrix in matrices]
+    return list(lower.split(sizes)), _all_per_entry(good, sizes)
 
 
 def batched_eigh(
     matrices: list[torch.Tensor],
-) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor] | None:
     """Eigendecompositions ``(eigenvalues, eigenvectors)`` of many same-shaped ``(b_i, d, d)``
     symmetric batches in one call, eigenvalues clamped at 0 (the factors are positive
     semi-definite; rounding can make the smallest slightly negative).
 
-    No fallbacks here: when the call fails or an entry is not finite, that entry comes
-    back as None, for the caller to retry alone with :func:`robust_eigh`.
+    As :func:`batched_cholesky`, with the per-entry finiteness on the device; None when the
+    call itself fails (then retry each entry with :func:`robust_eigh`).
     """
     try:
         values, vectors = torch.linalg.eigh(torch.cat(matrices))
     except RuntimeError:
-        return [None] * len(matrices)
-    good = (torch.isfinite(values).all(-1) & torch.isfinite(vectors).flatten(1).all(1)).tolist()
-    out: list[tuple[torch.Tensor, torch.Tensor] | None] = []
-    start = 0
-    for matrix in matrices:
-        stop = start + matrix.shape[0]
-        parts = (values[start:stop].clamp(min=0.0), vectors[start:stop])
-        out.append(parts if all(good[start:stop]) else None)
-        start = stop
-    return out
+        return None
+    good = torch.isfinite(values).all(-1) & torch.isfinite(vectors).flatten(1).all(1)
+    sizes = [matrix.shape[0] for matrix in matrices]
+    parts = list(zip(values.clamp(min=0.0).split(sizes), vectors.split(sizes), strict=True))
+    return parts, _all_per_entry(good, sizes)
+
+
+def _all_per_entry(good: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """Per consecutive run of ``sizes`` rows of ``good``, whether all are True."""
+    if all(size == 1 for size in sizes):
+        return good
+    return torch.stack([chunk.all() for chunk in good.split(sizes)])
 
 
 def robust_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,9 +113,10 @@ def robust_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if not torch.isfinite(matrix).all():
         raise FactorizationError("factor contains NaN or inf")
     for attempt in (matrix, matrix.double()):
-        (parts,) = batched_eigh([attempt])
-        if parts is not None:
-            return parts[0].to(matrix.dtype), parts[1].to(matrix.dtype)
+        result = batched_eigh([attempt])
+        if result is not None and bool(result[1].all()):
+            values, vectors = result[0][0]
+            return values.to(matrix.dtype), vectors.to(matrix.dtype)
     raise FactorizationError("eigendecomposition failed in float64")
 
 
@@ -164,18 +164,17 @@ def _cholesky_or_none(matrix: torch.Tensor) -> torch.Tensor | None:
     return lower
 
 
-def unit_wise_inverse(F: torch.Tensor, damping: float) -> torch.Tensor:
+def unit_wise_inverse(F: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Closed-form inverses of the damped 2x2 blocks ``[[f_gg, f_gb], [f_gb, f_bb]] + lam I``.
 
-    ``F`` has shape ``(C, 3)`` holding ``(f_gg, f_gb, f_bb)`` per channel; the result has
-    the same layout holding the entries of each inverse (spec section 4). Raises
-    :class:`FactorizationError` when a block is not invertible or not finite.
+    ``F`` has shape ``(C, 3)`` holding ``(f_gg, f_gb, f_bb)`` per channel; the first result
+    has the same layout holding the entries of each inverse (the paper's unit-wise Fisher,
+    Section 4). The second is a 0-dim bool tensor: whether every block was invertible and
+    the result finite (not read here).
     """
     f_gg = F[:, 0] + damping
     f_gb = F[:, 1]
     f_bb = F[:, 2] + damping
     det = f_gg * f_bb - f_gb * f_gb
     inverse = torch.stack((f_bb, -f_gb, f_gg), dim=1) / det[:, None]
-    if not bool((det > 0).all()) or not torch.isfinite(inverse).all():
-        raise FactorizationError("2x2 BatchNorm block is singular or not finite")
-    return inverse
+    return inverse, (det > 0).all() & torch.isfinite(inverse).all()

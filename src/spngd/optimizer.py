@@ -12,6 +12,7 @@ import math
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,6 +29,33 @@ from spngd.refresh import AdaptiveRefresh, RefreshPolicy, relative_changes
 from spngd.timing import StageTimes
 
 FISHER_TYPES = ("empirical", "mc")
+
+
+@dataclass
+class _Measured:
+    """What :meth:`SPNGD._fold` started on the device for the refresh test: a norm per
+    fresh statistic (``keys``), a relative change per statistic with a previous value
+    (``compared``) and a noise per statistic with a measured one (``noisy``), in that
+    order in ``tensors``."""
+
+    keys: list[tuple[str, int]]
+    compared: list[tuple[str, int]]
+    noisy: list[tuple[str, int]]
+    tensors: list[torch.Tensor]
+
+
+@dataclass
+class _Pending:
+    """A step's work done ahead of its checks, for :meth:`SPNGD._settle`."""
+
+    owned: dict[str, CurvatureBlock]
+    arrived: dict[str, Statistics]
+    measured: _Measured
+    contributors: dict[str, torch.Tensor]
+    before_fold: dict[str, dict[str, object]]
+    before_inversion: dict[str, dict[str, object]]
+    proposals: list[tuple[CurvatureBlock, float, torch.Tensor]]
+    results: list[tuple[CurvatureBlock, list[torch.Tensor], list[torch.Tensor]]]
 
 
 class SPNGD(Optimizer):
@@ -305,10 +333,12 @@ class SPNGD(Optimizer):
         """One update: reduce to owners, refresh and precondition owned layers, gather,
         apply momentum SGD (single process: the same stages with nothing to move).
 
-        Each stage is timed (:meth:`stage_seconds`). The device is read three times per
-        step whatever the number of layers: the gradients' finiteness, the fresh
-        statistics' finiteness with the refresh test's distances, and the updates'
-        finiteness.
+        Each stage is timed (:meth:`stage_seconds`). Nothing waits for the device until
+        all the step's work up to the update is issued: then one read gives every check at
+        once (gradients, statistics and updates finite, the refresh test's distances,
+        inverses valid; see :meth:`_settle`), and, with several ranks, a second gives the
+        headers the owners sent with their results. That is whatever the number of layers,
+        and nothing is read during backward.
         """
         loss = None
         if closure is not None:
@@ -319,12 +349,10 @@ class SPNGD(Optimizer):
         # Set by GradScaler.step for this call: the loss scale the gradients still carry.
         loss_scale: torch.Tensor | None = getattr(self, "grad_scale", None)
         with times.measure("checks"):
-            skipped = self._skip_if_not_finite(loss_scaled=hasattr(self, "found_inf"))
-        if skipped:
-            return loss
+            present = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+            nonfinite = exchange.any_rank(any_nonfinite(present))
         if loss_scale is not None:
-            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-            torch._foreach_mul_(grads, loss_scale.double().reciprocal().float())
+            torch._foreach_mul_(present, loss_scale.double().reciprocal().float())
         self._warn_if_no_statistics()
         grads = {
             p: p.grad for group in self.param_groups for p in group["params"] if p.grad is not None
@@ -332,20 +360,36 @@ class SPNGD(Optimizer):
         if any(g.is_sparse for g in grads.values()):
             raise RuntimeError("SPNGD does not support sparse gradients")
         with times.measure("statistics and gradient communication"):
-            fresh, grads = exchange.reduce(grads)
+            fresh, grads, contributors = exchange.reduce(grads)
         directions = self._weight_decayed(grads)
         owned = {name: block for name, block in self.curvature.items() if exchange.owns(name)}
+        arrived = {name: stats for name, stats in fresh.items() if stats is not None}
+        before_fold = {name: owned[name].save() for name in arrived}
         with times.measure("refresh test"):
-            fresh = self._observe(owned, fresh)
+            measured = self._fold(owned, arrived)
         due = [
             (block, self._block_damping(name))
             for name, block in owned.items()
-            if self._inverse_due(name, block, fresh.get(name))
+            if self._inverse_due(name, block, refreshed=name in arrived)
         ]
+        before_inversion = {block.name: block.save() for block, _ in due}
         with times.measure("inversion"):
-            update_inverses(due)
+            proposals = update_inverses(due)
         with times.measure("preconditioning"):
-            preconditioned = self._precondition(owned, directions)
+            results = self._precondition(owned, directions)
+        with times.measure("refresh test"):
+            pending = _Pending(
+                owned, arrived, measured, contributors, before_fold, before_inversion,
+                proposals, results,
+            )  # fmt: skip
+            skipped = self._settle(pending, nonfinite(), loss_scaled=hasattr(self, "found_inf"))
+        if skipped:
+            return loss
+        preconditioned = {
+            p: update
+            for block, _, updates in results
+            for p, update in zip(block.params, updates, strict=True)
+        }
         plans = {name: self._plan(name, block, self._step + 1) for name, block in owned.items()}
         with times.measure("result communication"):
             preconditioned, plans = exchange.gather(directions, preconditioned, plans)
@@ -373,59 +417,103 @@ class SPNGD(Optimizer):
         communication stages only move statistics out of the hooks' buffers."""
         return self.times.snapshot()
 
-    def _skip_if_not_finite(self, loss_scaled: bool) -> bool:
-        """Skip the step when any gradient (on any rank) is NaN or inf; True if skipped.
-
-        Under a GradScaler (``loss_scaled``) that is an overflow the scaler answers by
-        lowering its scale: skipped silently, not counted as a bad step.
-        """
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        bad = self._exchange.any_rank(any_nonfinite(grads))
-        if bad:  # this step's statistics are as suspect as its gradients
-            self._drop_recorded()
-        if loss_scaled:
-            return bad
-        return self.guard.skip(bad)
-
-    def _observe(
-        self, owned: dict[str, CurvatureBlock], fresh: dict[str, Statistics]
-    ) -> dict[str, Statistics]:
-        """Check the fresh statistics of the owned blocks, adapt their refresh intervals and
-        fold them into the factors; returns the fresh statistics that were kept.
-
-        One read of the device for all blocks: every fresh statistic's norm (NaN or inf
-        when any entry is) and every relative change against the value in use.
-        """
-        step = self._step
-        arrived = {name: stats for name, stats in fresh.items() if stats is not None}
+    def _fold(self, owned: dict[str, CurvatureBlock], arrived: dict[str, Statistics]) -> _Measured:
+        """Fold the arrived statistics into the owned blocks' factors, and start (on the
+        device, unread) what the refresh test needs: every fresh statistic's norm (NaN or
+        inf when any entry is), its relative change against the value it replaces, and its
+        measured noise. :meth:`_settle` reads them, with the step's other checks."""
         keys = [
             (name, i)
             for name, stats in arrived.items()
-            for i, stat in enumerate(stats)
+            for i, stat in enumerate(stats)  # type: ignore[arg-type]
             if stat is not None
         ]
         compared = [(name, i) for name, i in keys if owned[name].factors[i] is not None]
-        measured = [(name, i) for name, i in keys if owned[name].fresh_noise[i] is not None]
+        noisy = [(name, i) for name, i in keys if owned[name].fresh_noise[i] is not None]
         changes = relative_changes(
             [owned[name].factors[i] for name, i in compared],  # type: ignore[misc]
             [arrived[name][i] for name, i in compared],  # type: ignore[index, misc]
         )
-        noises = [owned[name].fresh_noise[i] for name, i in measured]
-        values = iter([])
-        if keys:
-            norms = torch._foreach_norm([arrived[name][i] for name, i in keys])  # type: ignore[index, misc]
-            read = (*norms, *changes, *noises)
-            values = iter(torch.stack([v.double() for v in read]).tolist())  # type: ignore[union-attr]
-        finite = dict.fromkeys(arrived, True)
-        for name, _ in keys:
+        norms = torch._foreach_norm([arrived[name][i] for name, i in keys]) if keys else []  # type: ignore[index, misc]
+        noises = [owned[name].fresh_noise[i] for name, i in noisy]
+        for name, stats in arrived.items():
+            owned[name].update_factors(stats, self.stat_decay)  # type: ignore[arg-type]
+        return _Measured(keys, compared, noisy, [*norms, *changes, *noises])  # type: ignore[list-item]
+
+    def _settle(self, pending: _Pending, nonfinite: torch.Tensor, loss_scaled: bool) -> bool:
+        """Read the step's checks from the device at once, undo what they reject, and let
+        the refresh policy observe the statistics; True when the step is skipped.
+
+        In one read: whether any rank's gradients hold NaN or inf (``nonfinite``), the
+        fresh statistics' norms, changes and noises, how many ranks contributed them,
+        whether each new inverse is valid, and whether any preconditioned gradient is NaN
+        or inf. With non-finite gradients the step is skipped: every block's factors and
+        inverse are put back (its statistics are as suspect as its gradients) and the
+        guard counts it, unless the step runs under a GradScaler (``loss_scaled``), whose
+        overflows are skipped silently (the scaler lowers its scale). Statistics with NaN
+        or inf (or from no rank) are dropped:
+        the block's previous factors and inverse come back (with one warning). A new
+        inverse that is not valid is replaced by the fallbacks of
+        :meth:`CurvatureBlock.update_inverse` (the previous inverse, or the plain gradient).
+        Both recompute the block's preconditioned gradient; a NaN or inf result falls back
+        to the plain gradient.
+        """
+        measured, owned, results = pending.measured, pending.owned, pending.results
+        updates = [u for _, _, block_updates in results for u in block_updates]
+        update_flag = any_nonfinite(updates) if updates else None
+        read = [
+            nonfinite,
+            *measured.tensors,
+            *pending.contributors.values(),
+            *(valid for _, _, valid in pending.proposals),
+            *([update_flag] if update_flag is not None else []),
+        ]
+        values = iter(torch.stack([v.reshape(()).double() for v in read]).tolist() if read else [])
+        if next(values) > 0:
+            for name, saved in pending.before_inversion.items():
+                if name not in pending.arrived:
+                    owned[name].restore(saved)
+            for name, saved in pending.before_fold.items():
+                owned[name].restore(saved)
+            return True if loss_scaled else self.guard.skip(True)
+        if not loss_scaled:
+            self.guard.skip(False)
+        finite = dict.fromkeys(pending.arrived, True)
+        for name, _ in measured.keys:
             finite[name] = math.isfinite(next(values)) and finite[name]
-        change_of = {key: next(values) for key in compared}
-        noise_of = {key: next(values) for key in measured}
-        kept: dict[str, Statistics] = {}
-        for name, block in owned.items():
-            stats = arrived.get(name) if finite.get(name, False) else None
-            if name in arrived and stats is None:
+        change_of = {key: next(values) for key in measured.compared}
+        noise_of = {key: next(values) for key in measured.noisy}
+        recorded = {name: next(values) > 0 for name in pending.contributors}
+        valid = [next(values) > 0 for _ in pending.proposals]
+        updates_bad = update_flag is not None and next(values) > 0
+
+        redo: set[str] = set()
+        for name in pending.arrived:
+            if finite[name] and recorded.get(name, True):
+                continue
+            block = owned[name]
+            block.restore(pending.before_fold[name])
+            if recorded.get(name, True):
                 block.drop_nonfinite()
+            damping = self._block_damping(name)
+            if block.ready and block.inverse_damping != damping:
+                block.update_inverse(damping)
+            redo.add(name)
+        for (block, damping, _), ok in zip(pending.proposals, valid, strict=True):
+            if not ok and block.name not in redo:
+                block.restore(pending.before_inversion[block.name])
+                block.update_inverse(damping)
+                redo.add(block.name)
+        for index, (block, grads, block_updates) in enumerate(results):
+            if block.name in redo:
+                block_updates = block.precondition(grads)
+            if block.name in redo or updates_bad:
+                results[index] = (block, grads, block.plain_if_not_finite(grads, block_updates))
+
+        step = self._step
+        for name, block in owned.items():
+            kept = name in pending.arrived and finite[name] and recorded.get(name, True)
+            stats = pending.arrived[name] if kept else None
             for i, statistic in enumerate(block.statistic_names):
                 computed = stats is not None and stats[i] is not None
                 if computed:
@@ -433,46 +521,31 @@ class SPNGD(Optimizer):
                     self.refresh.observe(key, step, change_of.get(key), noise_of.get(key))
                 self.refresh.count(name, "stats", computed)
                 self.refresh.count(name, statistic, computed)
-            if stats is not None:
-                block.update_factors(stats, self.stat_decay)
-                kept[name] = stats
-        return kept
+            self.refresh.count(name, "inverses", name in pending.before_inversion)
+        return False
 
-    def _inverse_due(self, name: str, block: CurvatureBlock, fresh: Statistics) -> bool:
-        """Whether an owned block's inverse is recomputed this step (counted)."""
+    def _inverse_due(self, name: str, block: CurvatureBlock, refreshed: bool) -> bool:
+        """Whether an owned block's inverse is recomputed this step."""
         damping = self._block_damping(name)
         due = (
             block.inverse is None
             or block.inverse_damping != damping
-            or self.refresh.inverse_due(self._step, refreshed=fresh is not None)
+            or self.refresh.inverse_due(self._step, refreshed=refreshed)
         )
-        self.refresh.count(name, "inverses", block.ready and due)
         return block.ready and due
 
     def _precondition(
         self, owned: dict[str, CurvatureBlock], directions: dict[torch.Tensor, torch.Tensor]
-    ) -> dict[torch.Tensor, torch.Tensor]:
-        """The owned blocks' preconditioned directions (blocks with a parameter lacking a
-        gradient are left out: nothing is sent or applied for them).
-
-        The results are checked for NaN and inf all at once; only when that finds any does
-        a block fall back to its plain gradient.
-        """
+    ) -> list[tuple[CurvatureBlock, list[torch.Tensor], list[torch.Tensor]]]:
+        """``(block, directions, preconditioned directions)`` of the owned blocks (blocks
+        with a parameter lacking a gradient are left out: nothing is sent or applied for
+        them); :meth:`_settle` checks the results."""
         results = []
         for block in owned.values():
             if all(p in directions for p in block.params):
                 grads = [directions[p] for p in block.params]
                 results.append((block, grads, block.precondition(grads)))
-        if results and bool(any_nonfinite([u for _, _, updates in results for u in updates])):
-            results = [
-                (block, grads, block.plain_if_not_finite(grads, updates))
-                for block, grads, updates in results
-            ]
-        return {
-            p: update
-            for block, _, updates in results
-            for p, update in zip(block.params, updates, strict=True)
-        }
+        return results
 
     def _warn_if_no_statistics(self) -> None:
         wanted = any(any(block.wanted) for block in self.curvature.values())

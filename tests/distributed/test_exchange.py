@@ -5,9 +5,11 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
+from spngd import SPNGD
 from spngd.curvature import LinearBlock
 from spngd.distributed import DistributedConfig
 from spngd.distributed.exchange import DistributedExchange
@@ -65,3 +67,36 @@ def test_gather_gives_every_rank_the_rounded_values_and_the_plain_ones_where_16_
         warned = [w for w in result["warnings"] if "exceeds the range" in w]
         assert len(warned) == int(result["owns huge"])
     assert sorted(r["owns huge"] for r in results) == [False, True]
+
+
+def _reads_worker(rank: int, world_size: int, out: str, wrap: bool) -> None:
+    from torch.nn.parallel import DistributedDataParallel
+
+    from tests.host_reads import counting_host_reads
+    from tests.test_optimizer import _deep_model
+
+    model = _deep_model(10)
+    net = DistributedDataParallel(model) if wrap else model
+    opt = SPNGD(net, lr=0.05, distributed=DistributedConfig(bucket_elements=500))
+    gen = torch.Generator().manual_seed(rank)
+    reads = []
+    for _ in range(12):
+        x, y = torch.randn(8, 3, 6, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen)
+        opt.zero_grad()
+        with counting_host_reads() as backward_reads:
+            torch.nn.functional.cross_entropy(net(x), y).backward()
+        with counting_host_reads() as step_reads:
+            opt.step()
+        reads.append((len(backward_reads), len(step_reads)))
+    torch.save({"reads": reads, "stats": opt.stats()["total"]}, Path(out) / f"rank{rank}.pt")
+
+
+@pytest.mark.parametrize("wrap", [True, False], ids=["ddp", "unwrapped"])
+def test_a_distributed_step_reads_the_device_twice(tmp_path: Path, wrap: bool) -> None:
+    """22 blocks on 2 ranks: nothing read during backward; per ``step()`` one read of this
+    rank's checks and one of the headers every owner sent (refresh plans, validity)."""
+    run_workers(_reads_worker, 2, str(tmp_path), wrap)
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank{rank}.pt")
+        assert result["reads"] == [(0, 2)] * 12
+        assert result["stats"]["stats_skipped"] > 0

@@ -216,6 +216,35 @@ class CurvatureBlock(ABC):
             return
         self.set_inverse(inverse, damping)
 
+    def propose_inverse(self, damping: float) -> torch.Tensor | None:
+        """Put a new inverse in use without reading the device: returns a 0-dim bool tensor
+        saying whether it is valid, for the caller to read with the step's other checks
+        (and, where it is not, :meth:`restore` the state saved before and
+        :meth:`update_inverse`). Blocks without such a form check at once (None)."""
+        self.update_inverse(damping)
+        return None
+
+    restorable: tuple[str, ...] = (
+        "factors",
+        "inverse",
+        "inverse_damping",
+        "inverse_uses",
+        "formed_inverse",
+    )
+    """The attributes :meth:`save` and :meth:`restore` cover."""
+
+    def save(self) -> dict[str, object]:
+        """The factors and inverse in use, to :meth:`restore` if what replaces them turns
+        out not to be finite (references: nothing is copied but the lists)."""
+        return {
+            name: list(value) if isinstance(value := getattr(self, name), list) else value
+            for name in self.restorable
+        }
+
+    def restore(self, saved: dict[str, object]) -> None:
+        for name, value in saved.items():
+            setattr(self, name, list(value) if isinstance(value, list) else value)
+
     def set_inverse(self, inverse: tuple[torch.Tensor, ...], damping: float) -> None:
         """Put a freshly computed inverse (for ``damping``) in use."""
         self.inverse = inverse

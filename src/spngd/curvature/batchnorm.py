@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from spngd.curvature.base import CurvatureBlock, statistics_dtype
-from spngd.linalg import unit_wise_inverse
+from spngd.linalg import FactorizationError, unit_wise_inverse
 
 
 class BatchNormBlock(CurvatureBlock):
@@ -65,7 +65,16 @@ class BatchNormBlock(CurvatureBlock):
         return torch.stack((u * u, u * v, v * v), dim=2)
 
     def compute_inverse(self, damping: float) -> tuple[torch.Tensor, ...]:
-        return (unit_wise_inverse(self.factors[0], self.damping_scale * damping),)  # type: ignore[index]
+        inverse, valid = unit_wise_inverse(self.factors[0], self.damping_scale * damping)  # type: ignore[arg-type]
+        if not bool(valid):
+            raise FactorizationError("2x2 BatchNorm block is singular or not finite")
+        return (inverse,)
+
+    def propose_inverse(self, damping: float) -> torch.Tensor | None:
+        """The closed-form inverse put in use at once; its validity is returned unread."""
+        inverse, valid = unit_wise_inverse(self.factors[0], self.damping_scale * damping)  # type: ignore[arg-type]
+        self.set_inverse((inverse,), damping)
+        return valid
 
     def apply_inverse(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
         (inverse,) = self.inverse  # type: ignore[misc]

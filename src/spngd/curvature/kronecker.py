@@ -55,6 +55,8 @@ class KroneckerBlock(CurvatureBlock):
     damping_form: str = DAMPING_FORMS[0]
     """``"factored"`` or ``"kronecker"`` (module docstring); set before the first inverse."""
 
+    restorable = (*CurvatureBlock.restorable, "eigen")
+
     def __init__(self, name: str, module: torch.nn.Module) -> None:
         super().__init__(name, module)
         self.eigen: list[tuple[torch.Tensor, torch.Tensor] | None] = [None, None]
@@ -185,14 +187,18 @@ def append_bias_moments(
     return out
 
 
-def update_inverses(due: list[tuple[CurvatureBlock, float]]) -> None:
-    """Refresh the inverses of several blocks at their dampings.
+def update_inverses(
+    due: list[tuple[CurvatureBlock, float]],
+) -> list[tuple[CurvatureBlock, float, torch.Tensor]]:
+    """Refresh the inverses of several blocks at their dampings, without reading the device.
 
     Kronecker factors of the same size (the repeated layers of a ResNet stage, the groups of
     a grouped convolution) go through one batched Cholesky call, or, with the Kronecker
-    damping, one batched eigendecomposition of the factors that changed; any block whose
-    batched factorisation fails, and every other kind of block, takes its own path with
-    fallbacks.
+    damping, one batched eigendecomposition of the factors that changed; other blocks
+    :meth:`~CurvatureBlock.propose_inverse`. Returns each block whose new inverse is in use
+    unchecked, with its damping and a 0-dim bool tensor saying whether it is valid: the
+    caller reads those together and, for a block where it is False, restores the state it
+    saved and takes :meth:`~CurvatureBlock.update_inverse`'s path with fallbacks.
     """
     by_size: dict[tuple[str, int, torch.dtype, torch.device], list[tuple[int, int, torch.Tensor]]]
     by_size = {}
@@ -208,18 +214,38 @@ def update_inverses(due: list[tuple[CurvatureBlock, float]]) -> None:
         for which, matrix in to_factorise:
             key = (block.damping_form, matrix.shape[-1], matrix.dtype, matrix.device)
             by_size.setdefault(key, []).append((index, which, matrix))
-    inverses: dict[int, list[torch.Tensor | None]] = {i: [None, None] for i in damped}
+    parts: dict[int, list[torch.Tensor | None]] = {i: [None, None] for i in damped}
+    valid: dict[int, list[torch.Tensor]] = {}
+    failed: set[int] = set()
     for (form, *_), entries in by_size.items():
         matrices = [matrix for _, _, matrix in entries]
-        results = batched_cholesky(matrices) if form == "factored" else batched_eigh(matrices)
-        for (index, which, _), result in zip(entries, results, strict=True):
-            if index in damped:
-                inverses[index][which] = result  # type: ignore[assignment]
-            elif result is not None:
-                due[index][0].eigen[which] = result  # type: ignore[attr-defined]
-    for index, (block, damping) in enumerate(due):
-        parts = inverses.get(index)
-        if parts is not None and all(p is not None for p in parts):
-            block.set_inverse(tuple(parts), damping)  # type: ignore[arg-type]
+        if form == "factored":
+            lowers, good = batched_cholesky(matrices)
+            results: list[object] = lowers
         else:
-            block.update_inverse(damping)  # the Kronecker damping's path, and every fallback
+            eigen = batched_eigh(matrices)
+            if eigen is None:  # the call itself failed: each block takes its own path
+                failed.update(index for index, _, _ in entries)
+                continue
+            results, good = eigen  # type: ignore[assignment]
+        for position, ((index, which, _), result) in enumerate(zip(entries, results, strict=True)):
+            valid.setdefault(index, []).append(good[position])
+            if index in damped:
+                parts[index][which] = result  # type: ignore[assignment]
+            else:
+                due[index][0].eigen[which] = result  # type: ignore[attr-defined]
+    proposals: list[tuple[CurvatureBlock, float, torch.Tensor]] = []
+    for index, (block, damping) in enumerate(due):
+        if index in failed or not block.ready:
+            block.update_inverse(damping)
+        elif isinstance(block, KroneckerBlock):
+            inverse = tuple(parts[index]) if index in damped else block.kronecker_inverse(damping)
+            block.set_inverse(inverse, damping)  # type: ignore[arg-type]
+            checks = valid.get(index)
+            if checks:  # else only the damping changed, on decompositions already checked
+                proposals.append((block, damping, torch.stack(checks).all()))
+        else:
+            check = block.propose_inverse(damping)
+            if check is not None:
+                proposals.append((block, damping, check))
+    return proposals

@@ -14,7 +14,7 @@ moves, so the optimizer runs one code path.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,9 +78,10 @@ class LocalExchange:
 
     def reduce(
         self, grads: dict[torch.Tensor, torch.Tensor]
-    ) -> tuple[dict[str, Statistics], dict[torch.Tensor, torch.Tensor]]:
-        """Every block's statistics recorded since the last step, and the gradients."""
-        return {name: block.take_pending() for name, block in self.blocks.items()}, grads
+    ) -> tuple[dict[str, Statistics], dict[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]:
+        """Every block's statistics recorded since the last step (None where none were),
+        and the gradients."""
+        return {name: block.take_pending() for name, block in self.blocks.items()}, grads, {}
 
     def gather(
         self,
@@ -97,9 +98,9 @@ class LocalExchange:
     def collect_on_first(self, local: dict[str, Any]) -> list[dict[str, Any]]:
         return [local]
 
-    def any_rank(self, flag: torch.Tensor) -> bool:
-        """Whether ``flag`` (0 or 1) is set on any rank."""
-        return bool(flag.item())
+    def any_rank(self, flag: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """``flag`` (0 or 1) as a function to call when it is needed (nothing to agree on)."""
+        return lambda: flag
 
 
 @dataclass
@@ -296,9 +297,13 @@ class DistributedExchange:
 
     def reduce(
         self, grads: dict[torch.Tensor, torch.Tensor]
-    ) -> tuple[dict[str, Statistics], dict[torch.Tensor, torch.Tensor]]:
+    ) -> tuple[dict[str, Statistics], dict[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]:
         """Owners receive the mean over ranks of their blocks' statistics (and gradients);
-        gradients of parameters outside any block are all-reduced when averaging."""
+        gradients of parameters outside any block are all-reduced when averaging.
+
+        Also returns, per owned block with wanted statistics, how many ranks recorded them
+        (a 0-dim tensor, not read here: with none, the statistics are zeros, not to be
+        used)."""
         while self._next < len(self.buckets):  # whatever backward did not start
             self._launch(self.buckets[self._next], during_backward=False)
         dtype = self.config.comm_dtype
@@ -318,30 +323,37 @@ class DistributedExchange:
                 averaged[p] = (chunk / self.world_size).to(p.dtype)
                 offset += p.numel()
         owned: dict[str, Statistics] = {}
+        contributors: dict[str, torch.Tensor] = {}
         for bucket in self.buckets:
             if bucket.owner == self.rank:
                 entries = iter(bucket.packer.unpack(bucket.buffer, self.factor_dtype))
                 for name in bucket.names:
-                    owned[name] = self._unpack_block(name, entries, averaged)
+                    owned[name] = self._unpack_block(name, entries, averaged, contributors)
         self.reset()
-        return owned, averaged
+        return owned, averaged, contributors
 
     def _unpack_block(
-        self, name: str, entries: Iterator[torch.Tensor], averaged: dict[torch.Tensor, torch.Tensor]
+        self,
+        name: str,
+        entries: Iterator[torch.Tensor],
+        averaged: dict[torch.Tensor, torch.Tensor],
+        contributors: dict[str, torch.Tensor],
     ) -> Statistics:
         block = self.blocks[name]
-        count = round(next(entries).item())
-        stats = [next(entries) / max(count, 1) if wanted else None for wanted in block.wanted]
+        count = next(entries).reshape(())
+        contributors[name] = count
+        divisor = count.clamp(min=1)
+        stats = [next(entries) / divisor if wanted else None for wanted in block.wanted]
         if block.measure_noise:
             # The mean of ``count`` ranks' estimates: 1/count of their mean noise.
             block.fresh_noise = [
-                next(entries).reshape(()) / max(count, 1) ** 2 if wanted else None
+                next(entries).reshape(()) / divisor.square() if wanted else None
                 for wanted in block.wanted
             ]
         if self.average_gradients:
             for p in block.params:
                 averaged[p] = (next(entries) / self.world_size).to(p.dtype)
-        return tuple(stats) if count else None
+        return tuple(stats) if any(block.wanted) else None
 
     # -- stage 3: preconditioned gradients and next-step plans to everyone ----------------
     def _gather_specs(self, rank: int) -> list[TensorSpec]:
@@ -447,14 +459,17 @@ class DistributedExchange:
             span.copy_(torch.where(fits, span, plain_values))
             send[header + 1] = (~fits).to(send.dtype)
 
-    def any_rank(self, flag: torch.Tensor) -> bool:
-        """Whether ``flag`` (0 or 1) is set on any rank (one tiny all-reduce)."""
+    def any_rank(self, flag: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """Start agreeing whether ``flag`` (0 or 1) is set on any rank (one tiny all-reduce)
+        and return a function that waits for it and gives the agreed flag, unread."""
         flag = flag.to(self.device)
-        wait_all(
-            [dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True)],
-            "agreeing on skipping a non-finite step",
-        )
-        return bool(flag.item())
+        work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+
+        def agreed() -> torch.Tensor:
+            wait_all([work], "agreeing on skipping a non-finite step")
+            return flag
+
+        return agreed
 
     def collect(self, local: dict[str, Any]) -> list[dict[str, Any]]:
         """Every rank's ``local`` object, on every rank (for counters)."""
