@@ -149,3 +149,26 @@ def test_statistics_under_autocast_are_float32_products_of_the_half_precision_te
         block = opt.curvature[next(n for n, m in model.named_modules() if m is module)]
         torch.testing.assert_close(block.factors[0][0].double(), a.T @ a / 32, rtol=1e-5, atol=0)
         torch.testing.assert_close(block.factors[1][0].double(), g.T @ g / 32, rtol=1e-5, atol=0)
+
+
+def test_adaptive_refresh_under_torch_compile_never_recompiles() -> None:
+    """The statistics hooks run outside the compiled graphs, so switching a layer's
+    statistics on and off from step to step adds no compilation (Dynamo would otherwise
+    guard on each layer's decision)."""
+    from torch._dynamo.testing import CompileCounter
+
+    model = _model()
+    opt = SPNGD(model, lr=0.1)
+    counter = CompileCounter()
+    forward = torch.compile(model, backend=counter)
+    patterns = set()
+    frames_after_first_step = None
+    for step in range(16):
+        x, y = _data(step)
+        opt.zero_grad()
+        F.cross_entropy(forward(x), y).backward()
+        opt.step()
+        patterns.add(tuple(any(block.wanted) for block in opt.curvature.values()))
+        frames_after_first_step = frames_after_first_step or counter.frame_count
+    assert len(patterns) > 2  # the layers' statistics were switched on and off
+    assert counter.frame_count == frames_after_first_step

@@ -63,6 +63,9 @@ class StatisticsCapture:
         ]
 
     def _forward_hook(self, block: CurvatureBlock) -> Callable[..., None]:
+        # Run eagerly under torch.compile: traced, Dynamo would guard on ``block.wanted``
+        # and recompile whenever the refresh switches a layer's statistics on or off.
+        @torch.compiler.disable
         def hook(module: nn.Module, inputs: tuple[object, ...], output: object) -> None:
             if not (module.training and torch.is_grad_enabled() and any(block.wanted)):
                 return
