@@ -51,8 +51,8 @@ def _worker(rank: int, world_size: int, out: str, comm_dtype: torch.dtype) -> No
 
 @pytest.mark.parametrize(
     ("world_size", "comm_dtype"),
-    [(2, torch.bfloat16), (2, torch.float16), (3, torch.bfloat16)],
-    ids=["2-ranks-bf16", "2-ranks-fp16", "3-ranks-bf16"],
+    [(2, torch.bfloat16), (2, torch.float16), (3, torch.bfloat16), (3, torch.float16)],
+    ids=["2-ranks-bf16", "2-ranks-fp16", "3-ranks-bf16", "3-ranks-fp16"],
 )
 def test_replicas_stay_bit_identical(
     tmp_path: Path, world_size: int, comm_dtype: torch.dtype
