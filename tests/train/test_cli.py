@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import os
+import resource
 import shutil
+import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
 
 import pytest
 import torch
@@ -235,31 +236,41 @@ def test_output_folder_not_writable(run_cli: CliRun, tmp_path: Path) -> None:
         assert_one_line_error(run_cli("train", "--out", str(locked), *TINY), "is not writable")
 
 
-@pytest.mark.usefixtures("small_digits")
-def test_full_disk_stops_the_run_and_keeps_the_last_checkpoint(
-    run_cli: CliRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def _file_size_limit(limit: int) -> Callable[[], None]:
+    """For ``subprocess.run(preexec_fn=...)``: files the child writes stop growing at
+    ``limit`` bytes, and a write past it fails with EFBIG (the signal ignored)."""
+
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def test_a_checkpoint_the_file_system_refuses_stops_the_run_and_keeps_the_last_one(
+    tmp_path: Path,
 ) -> None:
-    """The second pass's checkpoint hits ENOSPC half-way: one line, status 2, the first
-    pass's checkpoint intact, no temporary file left."""
-    out, save, saves = tmp_path / "run", torch.save, []
-
-    def full_disk_the_second_time(payload: object, file: BinaryIO) -> None:
-        saves.append(payload)
-        if len(saves) == 2:
-            file.write(b"half a checkpoint")
-            raise OSError(errno.ENOSPC, "No space left on device")
-        save(payload, file)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(torch, "save", full_disk_the_second_time)
-        result = run_cli("train", "--out", str(out), "--epochs", "2", *SMALL)
+    """A real write limit (``RLIMIT_FSIZE``, what a full disk does to a growing file):
+    ``torch.save`` fails half-way with a RuntimeError over the OSError. One line, status 2,
+    the previous checkpoint intact, no temporary file left."""
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "spngd.train.cli", "train", "--out", str(out), *SMALL]
+    first = subprocess.run([*command, "--epochs", "0.05"], capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    size = (out / CHECKPOINT).stat().st_size
+    resumed = subprocess.run(
+        [*command[:4], "--resume", "--out", str(out), "--epochs", "0.1"],
+        capture_output=True,
+        text=True,
+        preexec_fn=_file_size_limit(size // 2),
+    )
     assert_one_line_error(
-        result,
-        f"cannot write checkpoint {out / CHECKPOINT} (No space left on device); "
+        (resumed.returncode, resumed.stdout, resumed.stderr),
+        f"cannot write checkpoint {out / CHECKPOINT} (File too large); "
         "the previous checkpoint is kept",
     )
     assert torch.load(out / CHECKPOINT)["step"] == 2
-    assert sorted(p.name for p in out.iterdir()) == [CHECKPOINT, "config.json", "metrics.jsonl"]
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
 
 
 def test_output_folder_holding_a_run_is_refused(run_cli: CliRun, tmp_path: Path) -> None:

@@ -231,9 +231,12 @@ class RunFolder:
         on_cpu = _to_cpu(dict(payload))
         try:
             atomic_write(path, lambda file: torch.save(on_cpu, file), previous=self.path / PREVIOUS)
-        except OSError as error:
+        except (OSError, RuntimeError) as error:
+            reason = os_error_behind(error)
+            if reason is None:
+                raise
             raise UserError(
-                f"cannot write checkpoint {path} ({error.strerror or error}); "
+                f"cannot write checkpoint {path} ({reason.strerror or reason}); "
                 "the previous checkpoint is kept"
             ) from None
 
@@ -276,3 +279,15 @@ def _to_cpu(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return type(value)(_to_cpu(item) for item in value)
     return value
+
+
+def os_error_behind(error: BaseException) -> OSError | None:
+    """The OSError that caused ``error`` (itself, or one in its chain), if any: ``torch.save``
+    reports a failed write (a full disk, a file size limit) as a RuntimeError raised while
+    handling the OSError."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
