@@ -273,8 +273,9 @@ def test_a_checkpoint_the_file_system_refuses_stops_the_run_and_keeps_the_last_o
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
 
 
-def test_output_folder_holding_a_run_is_refused(run_cli: CliRun, tmp_path: Path) -> None:
+def test_output_folder_holding_a_checkpoint_is_refused(run_cli: CliRun, tmp_path: Path) -> None:
     (tmp_path / "metrics.jsonl").write_text("")
+    (tmp_path / CHECKPOINT).write_bytes(b"")
     assert_one_line_error(run_cli("train", "--out", str(tmp_path), *TINY), "already holds a run")
 
 

@@ -173,7 +173,7 @@ def test_resume_without_a_checkpoint_is_a_one_line_error(run_cli: CliRun, tmp_pa
     )
     assert_one_line_error(
         run_cli("train", "--resume", "--out", str(tmp_path)), f"{tmp_path} holds no checkpoint"
-    )
+    )  # nor a saved run to start again
     (tmp_path / CHECKPOINT).write_bytes(b"not a checkpoint")
     torch.save({"model": {}}, tmp_path / PREVIOUS)
     assert_one_line_error(
@@ -199,3 +199,32 @@ def test_resume_with_a_conflicting_option_is_a_one_line_error(
     before = {path.name: path.read_bytes() for path in out.iterdir()}
     assert_one_line_error(run_cli("train", "--resume", "--out", str(out), *argv), needle)
     assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+
+
+@pytest.mark.usefixtures("small_digits")
+def test_a_run_stopped_before_its_first_checkpoint_can_be_resumed_or_rerun(
+    run_cli: CliRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C at step 1 (the first checkpoint comes at step 2): ``--resume`` starts the run
+    again from its first step with its saved options (and new ones, as the NaN stop
+    advises: a lower learning rate), and a plain rerun into the folder starts afresh."""
+    out = tmp_path / "run"
+    argv = ("train", "--out", str(out), "--epochs", "2", *SMALL)
+    with monkeypatch.context() as patch:
+        _interrupt_after(patch, 1)
+        assert run_cli(*argv, "--lr", "0.05")[0] == 130
+    assert not (out / CHECKPOINT).exists() and [r["step"] for r in _records(out)] == [1]
+    code, stdout, stderr = run_cli("train", "--resume", "--out", str(out), "--lr", "0.01")
+    assert code == 0, stderr
+    assert "holds no checkpoint (the run stopped before its first one): it starts again" in stderr
+    assert "4 steps" in stdout and [r["step"] for r in _records(out)] == [1, 2, 3, 4]
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["lr"], saved["epochs"]) == (0.01, 2)
+    rerun = tmp_path / "rerun"
+    with monkeypatch.context() as patch:
+        _interrupt_after(patch, 1)
+        assert run_cli("train", "--out", str(rerun), "--epochs", "2", *SMALL)[0] == 130
+    code, stdout, stderr = run_cli("train", "--out", str(rerun), "--epochs", "1", *SMALL)
+    assert code == 0, stderr
+    assert "stopped before its first checkpoint; it is started again" in stderr
+    assert [r["step"] for r in _records(rerun)] == [1, 2]

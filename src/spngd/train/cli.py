@@ -31,7 +31,13 @@ from spngd.train.config import (
     resume_config,
 )
 from spngd.train.errors import TrainingStoppedError, UserError
-from spngd.train.runfolder import RunFolder, SilentRunFolder, find_checkpoint
+from spngd.train.runfolder import (
+    RunFolder,
+    SilentRunFolder,
+    find_checkpoint,
+    holds_checkpoint,
+    saved_options,
+)
 from spngd.train.trainer import compare, device_of_this_rank, train
 
 USER_ERROR = 2
@@ -121,8 +127,19 @@ def _run_train(options: dict[str, Any]) -> None:
     if options.pop("resume"):
         if "out" not in options:
             raise UserError("--resume needs --out, the run folder to continue")
-        checkpoint = find_checkpoint(Path(options["out"]))
-        config = resume_config(checkpoint.payload["config"], options)
+        folder = Path(options["out"])
+        saved = saved_options(folder) if folder.is_dir() else None
+        if saved is not None and not holds_checkpoint(folder):
+            warnings.warn(
+                f"{folder} holds no checkpoint (the run stopped before its first one): it "
+                "starts again from its first step, with its saved options",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            config = resume_config(saved, options)
+        else:
+            checkpoint = find_checkpoint(folder)
+            config = resume_config(checkpoint.payload["config"], options)
     else:
         config = resolve_config(options)
     device = device_of_this_rank(config)

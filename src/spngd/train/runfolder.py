@@ -115,6 +115,25 @@ def all_finite(state: Mapping[str, Any]) -> bool:
     return not bool(any_nonfinite(tensors))
 
 
+def holds_checkpoint(folder: Path) -> bool:
+    """Whether ``folder`` holds a checkpoint file (usable or not): a run there has
+    something to lose."""
+    return any(path.exists() for path in (folder / CHECKPOINT, folder / PREVIOUS)) or any(
+        folder.glob(f"{CHECKPOINT}*.bad")
+    )
+
+
+def saved_options(folder: Path) -> dict[str, Any] | None:
+    """The options of the run in ``folder`` (its ``config.json``), None without one."""
+    try:
+        return json.loads((folder / CONFIG).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as error:
+        reason = brief_reason(error)
+        raise UserError(f"--resume: cannot read {folder / CONFIG} ({reason})") from None
+
+
 def find_checkpoint(folder: Path) -> Checkpoint:
     """The newest checkpoint in ``folder`` that loads and validates: ``checkpoint.pt``, else
     ``checkpoint.prev.pt``. Reads only; a UserError when neither is usable."""
@@ -160,10 +179,17 @@ class RunFolder:
             ) from None
         self.history: list[dict[str, Any]] = []
         if resume is None:
-            if (self.path / METRICS).exists():
+            if holds_checkpoint(self.path):
                 raise UserError(
                     f"output folder {self.path} already holds a run; choose another --out "
                     "(or --resume it)"
+                )
+            if (self.path / METRICS).exists():
+                warnings.warn(
+                    f"output folder {self.path} holds a run stopped before its first "
+                    "checkpoint; it is started again",
+                    RuntimeWarning,
+                    stacklevel=2,
                 )
         else:
             self._set_aside(resume)
