@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pickle
+import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +77,41 @@ def test_cifar10_batches_are_detected_and_loaded(tmp_path: Path) -> None:
     (folder / "data_batch_3").unlink()
     with pytest.raises(UserError, match="lacks data_batch_3"):
         data_kind(str(folder))
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda batch: {**batch, b"labels": batch[b"labels"][:-1]}, "holds 6 images but 5 labels"),
+        (
+            lambda batch: {**batch, b"labels": [15, *batch[b"labels"][1:]]},
+            "holds label 15; CIFAR-10",
+        ),
+        (
+            lambda batch: {**batch, b"labels": [-1, *batch[b"labels"][1:]]},
+            "holds label -1; CIFAR-10",
+        ),
+        (lambda batch: [batch[b"data"], batch[b"labels"]], "not a CIFAR-10 batch (a pickled list"),
+        (lambda batch: {**batch, b"data": batch[b"data"][:, :100]}, "malformed CIFAR-10 batch"),
+    ],
+    ids=["fewer-labels", "label-15", "label-minus-1", "a-list", "short-images"],
+)
+def test_a_malformed_cifar_batch_is_a_one_line_error(
+    tmp_path: Path, damage: Callable[[dict], object], message: str
+) -> None:
+    """Real pickles, damaged the ways people's copies are: nothing is read silently wrong."""
+    folder = _write_cifar(tmp_path / "cifar-10-batches-py")
+    with open(folder / "data_batch_2", "rb") as file:
+        batch = pickle.load(file, encoding="bytes")
+    with open(folder / "data_batch_2", "wb") as file:
+        pickle.dump(damage(batch), file)
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_data(_config(str(folder)))
+    with open(folder / "data_batch_2", "wb") as file:
+        pickle.dump(batch, file)
+    (folder / "test_batch").write_bytes(b"\x80\x04garbage")
+    with pytest.raises(UserError, match="cannot read CIFAR-10 batch"):
+        load_data(_config(str(folder)))
 
 
 def test_image_folder_is_decoded_to_normalized_tensors(tmp_path: Path) -> None:

@@ -34,7 +34,7 @@ from spngd.train.augment import (
     resize,
     resize_center_crop,
 )
-from spngd.train.errors import UserError
+from spngd.train.errors import UserError, brief_reason
 
 if TYPE_CHECKING:
     from spngd.train.config import TrainConfig
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 DATA_KINDS = ("digits", "synthetic", "cifar10", "imagefolder")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 CIFAR_FILES = (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch")
+CIFAR_CLASSES = 10
 DIGITS_VAL_SIZE = 300
 """The digits split: 1,497 training and 300 validation images, fixed for every run."""
 SYNTHETIC_SIZES = (1024, 256)
@@ -217,10 +218,25 @@ def _cifar10(folder: str) -> tuple[Split, Split, float]:
         try:
             with open(path, "rb") as file:
                 batch = pickle.load(file, encoding="bytes")
+        except Exception as error:  # unpickling a damaged file can raise anything
+            raise UserError(f"cannot read CIFAR-10 batch {path} ({brief_reason(error)})") from None
+        if not (isinstance(batch, dict) and b"data" in batch and b"labels" in batch):
+            raise UserError(
+                f"{path} is not a CIFAR-10 batch (a pickled {type(batch).__name__}; expected a "
+                "dict with data and labels)"
+            )
+        try:
             data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-            labels = np.asarray(batch[b"labels"], dtype=np.int64)
-        except (OSError, pickle.UnpicklingError, EOFError, KeyError, ValueError) as error:
-            raise UserError(f"cannot read CIFAR-10 batch {path} ({error})") from None
+            labels = np.asarray(batch[b"labels"], dtype=np.int64).reshape(-1)
+        except (TypeError, ValueError) as error:
+            raise UserError(f"{path}: malformed CIFAR-10 batch ({brief_reason(error)})") from None
+        if len(labels) != len(data):
+            raise UserError(f"{path} holds {len(data)} images but {len(labels)} labels")
+        outside = labels[(labels < 0) | (labels >= CIFAR_CLASSES)]
+        if outside.size:
+            raise UserError(
+                f"{path} holds label {int(outside[0])}; CIFAR-10 labels are 0..{CIFAR_CLASSES - 1}"
+            )
         return torch.from_numpy(data), torch.from_numpy(labels)
 
     parts = [read(name) for name in CIFAR_FILES[:-1]]
