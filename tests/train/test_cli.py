@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import resource
 import shutil
 import signal
+import struct
 import subprocess
 import sys
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from spngd.optimizer import SPNGD
 from spngd.timing import STAGES
 from spngd.train.cli import PER_OPTIMIZER
-from spngd.train.config import OPTIMIZER_DEFAULTS
+from spngd.train.config import OPTIMIZER_DEFAULTS, resolve_config
+from spngd.train.data import load_data
 from spngd.train.models import build_model
 from spngd.train.runfolder import CHECKPOINT
 from tests.train.conftest import SMALL, CliRun, assert_one_line_error, write_image_folder
@@ -171,6 +177,65 @@ def test_data_path_that_is_a_file_or_a_tree_without_val(run_cli: CliRun, tmp_pat
     assert_one_line_error(
         run_cli("train", "--data", str(root), "--out", str(tmp_path / "r2")),
         f"data folder {root} has no val/ folder",
+    )
+
+
+def test_a_corrupt_validation_image_is_found_before_training(
+    run_cli: CliRun, tmp_path: Path
+) -> None:
+    root = write_image_folder(tmp_path / "images", classes=2, per_class=4)
+    bad = root / "val" / "c0" / "3.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    out = tmp_path / "run"
+    argv = ("--batch-size", "4", "--image-size", "8", "--workers", "1", *TINY[2:])
+    result = run_cli("train", "--data", str(root), "--out", str(out), *argv, "--epochs", "1")
+    assert_one_line_error(result, f"cannot decode image {bad}", "remove or replace it")
+    assert not (out / "metrics.jsonl").exists() or "step" not in (out / "metrics.jsonl").read_text()
+    # (a pass is two steps: found after the first pass, step 1 would have been logged)
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A small PNG whose header claims ``width`` x ``height`` pixels."""
+    buffer = io.BytesIO()
+    Image.new("L", (4, 4)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    data[16:24] = struct.pack(">II", width, height)  # IHDR's width and height
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))  # and its checksum
+    return bytes(data)
+
+
+def test_image_folders_as_people_have_them(run_cli: CliRun, tmp_path: Path) -> None:
+    """JPEGs named ``.JPEG`` (ImageNet's), grayscale, palette and RGBA images, and images in
+    a class folder's subfolders all count; an empty class folder and a decompression bomb
+    are one-line errors."""
+    root = write_image_folder(tmp_path / "images", classes=2, per_class=2)
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 256, (12, 15, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(root / "train" / "c0" / "n01.JPEG", format="JPEG")
+    Image.fromarray(pixels[:, :, 0]).save(root / "train" / "c1" / "gray.png")
+    Image.fromarray(pixels).convert("P").save(root / "val" / "c0" / "palette.png")
+    Image.fromarray(pixels).convert("RGBA").save(root / "val" / "c1" / "alpha.png")
+    (root / "train" / "c1" / "more").mkdir()
+    Image.fromarray(pixels).save(root / "train" / "c1" / "more" / "nested.jpg")
+    config = resolve_config({"data": str(root), "device": "cpu", "image_size": 8})
+    data = load_data(config)
+    assert (len(data.train), len(data.val)) == (7, 6)
+    assert [data.train[i][0].shape for i in range(7)] == [(3, 8, 8)] * 7
+    assert [data.val[i][0].shape for i in range(6)] == [(3, 8, 8)] * 6
+    (root / "train" / "c2").mkdir()
+    assert_one_line_error(
+        run_cli("train", "--data", str(root), "--out", str(tmp_path / "r1"), *TINY),
+        f"class folder {root / 'train' / 'c2'} holds no .jpg/.jpeg/.png images",
+    )
+    (root / "train" / "c2").rmdir()
+    bomb = root / "val" / "c0" / "bomb.png"
+    bomb.write_bytes(_png_claiming(20000, 20000))  # 400 megapixels: past Pillow's bomb limit
+    out = tmp_path / "r2"
+    argv = ("--batch-size", "4", "--image-size", "8", "--workers", "0", *TINY[2:])
+    assert_one_line_error(
+        run_cli("train", "--data", str(root), "--out", str(out), *argv),
+        f"cannot decode image {bomb}",
+        "decompression bomb",
     )
 
 

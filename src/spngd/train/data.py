@@ -125,7 +125,7 @@ class ImageFiles(Dataset):
         try:
             with Image.open(path) as image:
                 pixels = np.array(image.convert("RGB"))
-        except (OSError, UnidentifiedImageError, ValueError) as error:
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as error:
             reason = str(error).replace(str(path), "").strip(" :'\"") or type(error).__name__
             raise UserError(
                 f"cannot decode image {path} ({reason}); remove or replace it"
@@ -245,7 +245,8 @@ def _cifar10(folder: str) -> tuple[Split, Split, float]:
 
 
 def _image_folder(root: Path, train_tf: Transform, eval_tf: Transform) -> DataBundle:
-    """``train/CLASS/*`` and ``val/CLASS/*``; classes are the sorted training subfolders."""
+    """``train/CLASS/**`` and ``val/CLASS/**`` (images in a class folder's subfolders count
+    too); classes are the sorted training subfolders, each holding at least one image."""
     classes = sorted(entry.name for entry in os.scandir(root / "train") if entry.is_dir())
     if not classes:
         raise UserError(f"{root / 'train'} has no class folders (expected train/CLASS/*.jpg|png)")
@@ -258,12 +259,15 @@ def _image_folder(root: Path, train_tf: Transform, eval_tf: Transform) -> DataBu
         unknown = [name for name in folders if name not in index]
         if unknown:
             raise UserError(f"{root / split} has classes not in train/: {', '.join(unknown[:5])}")
-        samples = [
-            (Path(entry.path), index[name])
-            for name in folders
-            for entry in sorted(os.scandir(root / split / name), key=lambda e: e.name)
-            if entry.is_file() and entry.name.lower().endswith(IMAGE_EXTENSIONS)
-        ]
+        samples = []
+        for name in folders:
+            found = _images_under(root / split / name)
+            if split == "train" and not found:
+                raise UserError(
+                    f"class folder {root / split / name} holds no .jpg/.jpeg/.png images; "
+                    "remove it (an empty class would be one no example teaches)"
+                )
+            samples.extend((path, index[name]) for path in found)
         if not samples:
             raise UserError(f"{root / split} holds no .jpg/.jpeg/.png images")
         splits.append(samples)
@@ -272,6 +276,16 @@ def _image_folder(root: Path, train_tf: Transform, eval_tf: Transform) -> DataBu
         val=ImageFiles(splits[1], eval_tf),
         num_classes=len(classes),
         in_channels=3,
+    )
+
+
+def _images_under(folder: Path) -> list[Path]:
+    """Image files in ``folder`` and its subfolders (links followed), sorted by path."""
+    return sorted(
+        Path(directory) / name
+        for directory, _, names in os.walk(folder, followlinks=True)
+        for name in names
+        if name.lower().endswith(IMAGE_EXTENSIONS)
     )
 
 

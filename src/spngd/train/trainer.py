@@ -27,7 +27,7 @@ from spngd.refresh import AdaptiveRefresh
 from spngd.timing import seconds_since
 from spngd.train.augment import RunningMixup, soft_targets
 from spngd.train.config import TrainConfig
-from spngd.train.data import load_data, make_loaders
+from spngd.train.data import ImageFiles, load_data, make_loaders
 from spngd.train.errors import TrainingStoppedError, UserError, brief_reason
 from spngd.train.models import build_model
 from spngd.train.plots import plot_runs
@@ -258,6 +258,11 @@ class Trainer:
         self.train_loader, self.val_loader = make_loaders(
             self.data, config, self.rank, self.world_size
         )
+        if isinstance(self.data.val, ImageFiles):
+            # Decode every validation image now, not after the first pass over the training
+            # set: a bad file there would otherwise cost a pass (an hour on ImageNet).
+            for _ in self.val_loader:
+                pass
         self.model = build_model(
             config.model, self.data.num_classes, config.zero_init_residual, self.data.in_channels
         ).to(self.device)
