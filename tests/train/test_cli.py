@@ -156,7 +156,7 @@ def test_empty_data_folder(run_cli: CliRun, tmp_path: Path) -> None:
     (tmp_path / "val" / "cat").mkdir(parents=True)
     assert_one_line_error(
         run_cli("train", "--data", str(tmp_path), "--out", str(tmp_path / "r")),
-        f"{tmp_path / 'train'} holds no .jpg/.jpeg/.png images",
+        f"class folder {tmp_path / 'train' / 'cat'} holds no .jpg/.jpeg/.png images",
     )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ from spngd.train.config import DEFAULTS, OPTIMIZER_DEFAULTS, resolve_config, res
 from spngd.train.errors import UserError
 from spngd.train.models import build_model
 from spngd.train.trainer import make_optimizer
+from tests.train.conftest import write_image_folder
 
 
 def test_defaults_resolve_to_concrete_values() -> None:
@@ -123,3 +126,21 @@ def test_damping_form_reaches_the_optimizer() -> None:
         opt = make_optimizer(model, resolve_config({"device": "cpu", "damping_form": form}))
         forms = {block.damping_form for block in opt.curvature.values() if hasattr(block, "G")}
         assert forms == {form}
+
+
+def test_a_data_folder_is_saved_absolute_so_the_run_resumes_from_anywhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = write_image_folder(tmp_path / "images")
+    monkeypatch.chdir(tmp_path)
+    saved = resolve_config({"data": "images", "device": "cpu"}).to_dict()
+    assert saved["data"] == str(root)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert resume_config(saved, {}).data == str(root)
+    assert resume_config(saved, {"data": str(root) + "/"}).data == str(root)
+    monkeypatch.chdir(tmp_path)
+    assert resume_config(saved, {"data": "./images"}).data == str(root)
+    with pytest.raises(UserError, match=r"--data digits differs from the saved run's"):
+        resume_config(saved, {"data": "digits"})

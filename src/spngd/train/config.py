@@ -268,7 +268,7 @@ def resolve_config(options: Mapping[str, Any]) -> TrainConfig:
     if unknown:
         raise UserError(f"unknown option(s): {', '.join(sorted(unknown))}")
     values = dict(DEFAULTS)
-    values["data"] = options.get("data", DEFAULTS["data"])
+    values["data"] = absolute_data(options.get("data", DEFAULTS["data"]))
     values.update(DATA_DEFAULTS[data_kind(values["data"])])
     values["workers"] = min(values["workers"], os.cpu_count() or 1)
     preset = recipe_settings(options.get("recipe"))
@@ -280,6 +280,7 @@ def resolve_config(options: Mapping[str, Any]) -> TrainConfig:
         preset = {k: v for k, v in preset.items() if k not in OPTIMIZER_DEFAULTS[optimizer]}
     values.update(preset)
     values.update(options)
+    values["data"] = absolute_data(values["data"])
     values["optimizer"] = optimizer
     values.setdefault("lr_decay_end", values["epochs"])
     if values.get("device") is None:
@@ -287,6 +288,15 @@ def resolve_config(options: Mapping[str, Any]) -> TrainConfig:
     if values.get("out") is None:
         values["out"] = os.path.join("runs", datetime.now().strftime("%Y%m%d-%H%M%S"))
     return TrainConfig(**values)
+
+
+def absolute_data(data: str) -> str:
+    """``--data`` as saved in a run: a folder as an absolute path (so that the run resumes
+    from any directory, and the same folder compares equal however it was written); the
+    embedded sets by name."""
+    if data in ("digits", "synthetic"):
+        return data
+    return os.path.abspath(os.path.expanduser(data))
 
 
 RESUME_FIXED = ("data", "model", "zero_init_residual", "optimizer", "recipe", "batch_size", "seed")
@@ -300,6 +310,8 @@ def resume_config(saved: Mapping[str, Any], options: Mapping[str, Any]) -> Train
     Options not given keep their saved values (``--epochs`` alone does not move the saved
     ``--lr-decay-end``); changing one of :data:`RESUME_FIXED` is a UserError.
     """
+    saved = {**saved, "data": absolute_data(saved.get("data", DEFAULTS["data"]))}
+    options = {**options, **({"data": absolute_data(options["data"])} if "data" in options else {})}
     for name in RESUME_FIXED:
         if name in options and options[name] != saved.get(name):
             raise UserError(
