@@ -374,3 +374,39 @@ def test_a_step_reads_the_device_once_whatever_the_number_of_layers() -> None:
             assert backward_reads == [] and len(step_reads) == 1, (backward_reads, step_reads)
         counts = opt.stats()["total"]
         assert counts["stats_computed"] > 0 and counts["stats_skipped"] > 0
+
+
+def test_a_state_dict_of_a_model_with_other_layer_sizes_is_refused_and_changes_nothing() -> None:
+    torch.manual_seed(0)
+    small = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    wide = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))  # same names
+    opts = {}
+    for name, model in (("small", small), ("wide", wide)):
+        opts[name] = SPNGD(model, lr=0.1)
+        x = torch.randn(8, model[0].in_features)
+        opts[name].zero_grad()
+        F.cross_entropy(model(x), torch.randint(0, 3, (8,))).backward()
+        opts[name].step()
+    before = copy.deepcopy(opts["wide"].state_dict())
+    with pytest.raises(
+        ValueError, match=r"saved A of '0' has shape \(1, 5, 5\); this layer's is \(1, 7, 7\)"
+    ):
+        opts["wide"].load_state_dict(opts["small"].state_dict())
+    state = opts["small"].state_dict()
+    del state["curvature"]
+    with pytest.raises(ValueError, match=r"saved momentum of parameter 0 has shape \(5, 4\)"):
+        opts["wide"].load_state_dict(state)
+    after = opts["wide"].state_dict()
+    assert after["step"] == before["step"]
+    for a, b in zip(_flat(after), _flat(before), strict=True):
+        assert torch.equal(a, b)
+
+
+def _flat(state: object) -> list[torch.Tensor]:
+    if isinstance(state, torch.Tensor):
+        return [state]
+    if isinstance(state, dict):
+        return [t for key in sorted(state, key=str) for t in _flat(state[key])]
+    if isinstance(state, list | tuple):
+        return [t for item in state for t in _flat(item)]
+    return []

@@ -384,6 +384,7 @@ class SPNGD(Optimizer):
             )  # fmt: skip
             skipped = self._settle(pending, nonfinite(), loss_scaled=hasattr(self, "found_inf"))
         if skipped:
+            exchange.settle()
             return loss
         preconditioned = {
             p: update
@@ -393,6 +394,7 @@ class SPNGD(Optimizer):
         plans = {name: self._plan(name, block, self._step + 1) for name, block in owned.items()}
         with times.measure("result communication"):
             preconditioned, plans = exchange.gather(directions, preconditioned, plans)
+            exchange.settle()
         for block in self.curvature.values():
             for p in block.params:
                 if p in preconditioned:
@@ -658,6 +660,18 @@ class SPNGD(Optimizer):
             state["mc_generator"] = self._mc_generator.get_state()
         return state
 
+    def _check_momentum_shapes(self, state_dict: dict[str, Any]) -> None:
+        """A ValueError when a saved momentum buffer does not have its parameter's shape
+        (torch's own loading checks only the number of parameters)."""
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, saved in state_dict.get("state", {}).items():
+            buffer = saved.get("momentum_buffer")
+            if buffer is not None and index < len(params) and buffer.shape != params[index].shape:
+                raise ValueError(
+                    f"the saved momentum of parameter {index} has shape {tuple(buffer.shape)}; "
+                    f"the parameter's is {tuple(params[index].shape)}"
+                )
+
     def _load_mc_generator(self, state: torch.Tensor) -> None:
         """Restore the MC sampling generator; a state saved from another device's kind of
         generator cannot be, so the labels are then drawn afresh (seeded from it)."""
@@ -680,16 +694,20 @@ class SPNGD(Optimizer):
         curvature = state_dict.pop("curvature", {})
         refresh = state_dict.pop("refresh", None)
         step = state_dict.pop("step", 0)
-        self.guard.pop_state(state_dict)
         mc_state = state_dict.pop("mc_generator", None)
-        if mc_state is not None and self._mc_generator is not None:
-            self._load_mc_generator(mc_state)
         unknown = set(curvature) - set(self.curvature)
         if unknown:
             raise ValueError(
                 "state_dict has curvature for modules this optimizer does not "
                 f"precondition: {sorted(unknown)}"
             )
+        for name, block_state in curvature.items():
+            self.curvature[name].check_state_dict(block_state)
+        self._check_momentum_shapes(state_dict)
+        # checked: from here on nothing is refused, so a refused state changes nothing
+        self.guard.pop_state(state_dict)
+        if mc_state is not None and self._mc_generator is not None:
+            self._load_mc_generator(mc_state)
         super().load_state_dict(state_dict)
         for name, block_state in curvature.items():
             self.curvature[name].load_state_dict(block_state)

@@ -11,6 +11,7 @@ import signal
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -355,3 +356,32 @@ def test_console_script_exit_status_and_stderr(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert result.stderr == "spngd: error: --batch-size must be a positive integer, got 0\n"
+
+
+def test_sigterm_stops_the_run_with_one_line_and_status_143(tmp_path: Path) -> None:
+    """A scheduler's (or torchrun's) SIGTERM: like Ctrl-C, one line, the checkpoint kept."""
+    out = tmp_path / "run"
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "spngd.train.cli",
+            "train",
+            "--out",
+            str(out),
+            "--epochs",
+            "3",
+            *SMALL,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not (out / CHECKPOINT).exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 143
+    assert stderr == "spngd: terminated (SIGTERM)\n"
+    assert torch.load(out / CHECKPOINT)["step"] > 0

@@ -70,6 +70,14 @@ class CurvatureBlock(ABC):
         per-example Fisher scale."""
 
     @abstractmethod
+    def statistic_shape(self, index: int) -> tuple[int, ...]:
+        """Shape of statistic ``statistic_names[index]``."""
+
+    statistic_symmetric: bool = False
+    """Whether the statistics are symmetric matrices in their last two dimensions (then
+    only their upper triangles need to travel)."""
+
+    @abstractmethod
     def compute_inverse(self, damping: float) -> tuple[torch.Tensor, ...]:
         """Damped inverse of ``self.factors``; raises FactorizationError on failure."""
 
@@ -300,7 +308,20 @@ class CurvatureBlock(ABC):
             "inverse_uses": self.inverse_uses,
         }
 
+    def check_state_dict(self, state: dict[str, object]) -> None:
+        """A ValueError when a saved statistic does not have this block's shape (a model
+        with the same layer names but other sizes)."""
+        for index, factor in enumerate(state["factors"]):  # type: ignore[arg-type]
+            expected = self.statistic_shape(index)
+            if factor is not None and tuple(factor.shape) != expected:
+                raise ValueError(
+                    f"the saved {self.statistic_names[index]} of {self.name!r} has shape "
+                    f"{tuple(factor.shape)}; this layer's is {expected}"
+                )
+
     def load_state_dict(self, state: dict[str, object]) -> None:
+        """Restore :meth:`state_dict`'s values (checked by :meth:`check_state_dict`) onto
+        the parameters' device."""
         device = self.params[0].device
         self.factors = list(_to_device(state["factors"], device))  # type: ignore[call-overload]
         self.inverse = _to_device(state["inverse"], device)  # type: ignore[arg-type]

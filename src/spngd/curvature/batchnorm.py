@@ -34,6 +34,9 @@ class BatchNormBlock(CurvatureBlock):
         """``(C, 3)`` running Fisher entries ``(f_gg, f_gb, f_bb)`` per channel."""
         return self.factors[0]
 
+    def statistic_shape(self, index: int) -> tuple[int, ...]:
+        return (self.channels, 3)
+
     def compute_statistic(
         self, index: int, inputs: torch.Tensor, grad_output: torch.Tensor
     ) -> torch.Tensor:

@@ -98,6 +98,12 @@ class KroneckerBlock(CurvatureBlock):
         super().load_state_dict(state)
         self.eigen[:] = [None, None]
 
+    statistic_symmetric = True
+
+    def statistic_shape(self, index: int) -> tuple[int, ...]:
+        dim = self.a_dim if index == 0 else self.g_dim
+        return (self.groups, dim, dim)
+
     @property
     def A(self) -> torch.Tensor | None:
         return self.factors[0]

@@ -4,7 +4,7 @@ flat triangle-packed communication buffers, and the communication stages."""
 from __future__ import annotations
 
 from spngd.distributed.assignment import STRATEGIES, BlockShape, assign_blocks, rank_loads
-from spngd.distributed.exchange import DistributedConfig
+from spngd.distributed.exchange import DistributedConfig, RankFailureError
 from spngd.distributed.packing import (
     COMM_DTYPES,
     FlatPacker,
@@ -20,6 +20,7 @@ __all__ = [
     "BlockShape",
     "DistributedConfig",
     "FlatPacker",
+    "RankFailureError",
     "TensorSpec",
     "assign_blocks",
     "packed_numel",

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from spngd.distributed.exchange import RankFailureError, collective_failure, first_sentence
+
 
 def launched_world_size() -> int:
     """Processes ``torchrun`` started (1 without torchrun)."""
@@ -52,7 +54,8 @@ def process_group(device: torch.device, timeout_s: float) -> Iterator[tuple[int,
     collectives failing after ``timeout_s``. A group initialised here is torn down on exit:
     after a clean run the ranks first wait for each other, so that none tears down while
     another still talks to it; after an exception they do not wait for ranks that may be
-    gone.
+    gone. A collective that failed because a peer is gone (DDP's gradient all-reduce
+    included) comes out as a :class:`RankFailureError`.
     """
     created = launched_world_size() > 1 and not dist.is_initialized()
     if created:
@@ -64,9 +67,12 @@ def process_group(device: torch.device, timeout_s: float) -> Iterator[tuple[int,
             dist.init_process_group("gloo", timeout=timeout)
     try:
         yield current()
-    except BaseException:
+    except BaseException as error:
+        reason = rank_failure(error)
         if created:
             dist.destroy_process_group()
+        if reason is not None and not isinstance(error, RankFailureError):
+            raise collective_failure("a collective (DDP's, or another)", error) from error
         raise
     if created:
         dist.barrier()
@@ -88,3 +94,29 @@ def gather_all(local: Any) -> list[Any]:
     out: list[Any] = [None] * world_size
     dist.all_gather_object(out, local)
     return out
+
+
+TRANSPORT_FAILURES = (
+    "gloo",
+    "NCCL",
+    "Connection reset",
+    "Connection closed",
+    "timed out",
+    "Timeout",
+)
+"""Words in the messages of the plain RuntimeErrors torch raises when a collective fails
+because a peer is gone (gloo's transport errors are not ``torch.distributed.DistError``)."""
+
+
+def rank_failure(error: BaseException) -> str | None:
+    """When ``error`` comes from a collective that failed because another rank died or
+    stalled (SPNGD's own, or DDP's gradient all-reduce), the first sentence of its message;
+    None for any other error."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    message = first_sentence(error)
+    if isinstance(error, RankFailureError | dist.DistError):
+        return message
+    if isinstance(error, RuntimeError) and any(word in message for word in TRANSPORT_FAILURES):
+        return message
+    return None

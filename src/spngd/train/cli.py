@@ -10,6 +10,7 @@ one line ``spngd: warning: ...`` each.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import types
 import typing
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from spngd.distributed import launch
+from spngd.distributed.exchange import RankFailureError
 from spngd.train.config import (
     DEFAULTS,
     OPTIMIZER_DEFAULTS,
@@ -30,7 +32,7 @@ from spngd.train.config import (
     resolve_config,
     resume_config,
 )
-from spngd.train.errors import TrainingStoppedError, UserError
+from spngd.train.errors import Terminated, TrainingStoppedError, UserError
 from spngd.train.runfolder import (
     RunFolder,
     SilentRunFolder,
@@ -187,8 +189,13 @@ def _show_warning(
     print(f"spngd: warning: {message}", file=sys.stderr)
 
 
+def _terminate(signum: int, frame: types.FrameType | None) -> NoReturn:
+    raise Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``spngd`` console script; returns the exit status."""
+    previous_handler = signal.signal(signal.SIGTERM, _terminate)
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
@@ -204,6 +211,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("spngd: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("spngd: terminated (SIGTERM)", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    except RankFailureError as error:
+        first_line = str(error).strip().splitlines()[0].removeprefix("SPNGD: ")
+        print(f"spngd: error: {first_line}", file=sys.stderr)
+        return TRAINING_STOPPED
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
     return 0
 
 

@@ -31,3 +31,8 @@ class TrainingStoppedError(Exception):
     ``spngd`` prints ``spngd: error: <message>`` and exits with status 3; the message names
     the last good checkpoint, which was not overwritten, to resume from.
     """
+
+
+class Terminated(BaseException):
+    """The process received SIGTERM (a scheduler's or torchrun's stop): like Ctrl-C, the
+    run stops where it is, its last checkpoint kept."""
