@@ -385,3 +385,34 @@ def test_sigterm_stops_the_run_with_one_line_and_status_143(tmp_path: Path) -> N
     assert process.returncode == 143
     assert stderr == "spngd: terminated (SIGTERM)\n"
     assert torch.load(out / CHECKPOINT)["step"] > 0
+
+
+def test_small_mistakes_are_one_clear_line(run_cli: CliRun, tmp_path: Path) -> None:
+    status, _, stderr = run_cli("train", "--no-such-flag")
+    assert (status, stderr) == (2, "spngd: error: unrecognized arguments: --no-such-flag\n")
+    assert_one_line_error(run_cli("train", "--out", "", *TINY), "--out must be a folder name")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    assert_one_line_error(
+        run_cli("train", "--out", str(a_file), *TINY), f"--out {a_file} is a file, not a folder"
+    )
+    assert_one_line_error(
+        run_cli("compare", "--sgd-lr", "-1", "--out", str(tmp_path / "c")),
+        "--sgd-lr must be >= 0, got -1.0",
+    )
+    (tmp_path / "c" / "spngd").mkdir(parents=True)
+    (tmp_path / "c" / "spngd" / CHECKPOINT).write_bytes(b"")
+    line = assert_one_line_error(run_cli("compare", "--out", str(tmp_path / "c"), *TINY))
+    assert line.endswith("already holds a run; choose another --out")  # compare cannot resume
+
+
+@pytest.mark.usefixtures("small_digits")
+def test_run_files_get_the_modes_the_umask_gives(run_cli: CliRun, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    previous = os.umask(0o027)
+    try:
+        assert run_cli("train", "--out", str(out), "--epochs", "1", *SMALL)[0] == 0
+    finally:
+        os.umask(previous)
+    modes = {path.name: path.stat().st_mode & 0o777 for path in out.iterdir()}
+    assert set(modes.values()) == {0o640}, modes

@@ -134,7 +134,9 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(
     out = _copy(two_pass_run, tmp_path)
     newest = (out / CHECKPOINT).read_bytes()
     (out / CHECKPOINT).write_bytes(newest[: len(newest) // 2])  # torn, as by a bad disk
-    code, stdout, stderr = run_cli("train", "--resume", "--out", str(out), "--epochs", "3")
+    code, stdout, stderr = run_cli(
+        "train", "--resume", "--out", str(out), "--epochs", "3", "--lr-decay-end", "3"
+    )
     assert code == 0, stderr
     assert stderr.splitlines() == [
         f"spngd: warning: checkpoint {out / CHECKPOINT} is unusable (PytorchStreamReader "
@@ -228,3 +230,27 @@ def test_a_run_stopped_before_its_first_checkpoint_can_be_resumed_or_rerun(
     assert code == 0, stderr
     assert "stopped before its first checkpoint; it is started again" in stderr
     assert [r["step"] for r in _records(rerun)] == [1, 2]
+
+
+def test_resuming_a_finished_run_says_so_and_changes_nothing(
+    run_cli: CliRun, tmp_path: Path, two_pass_run: Path
+) -> None:
+    out = _copy(two_pass_run, tmp_path)
+    before = (out / METRICS).read_text()
+    for _ in range(2):
+        code, _, stderr = run_cli("train", "--resume", "--out", str(out))
+        assert code == 0, stderr
+        assert "is already complete (4 of 4 steps); nothing to train" in stderr
+    assert (out / METRICS).read_text() == before
+
+
+def test_resuming_past_the_saved_decay_end_warns_that_the_rate_stays_zero(
+    run_cli: CliRun, tmp_path: Path, two_pass_run: Path
+) -> None:
+    out = _copy(two_pass_run, tmp_path)
+    code, _, stderr = run_cli("train", "--resume", "--out", str(out), "--epochs", "3")
+    assert code == 0, stderr
+    assert (
+        "spngd: warning: --epochs 3 goes past the saved --lr-decay-end 2: the learning rate "
+        "stays 0 after epoch 2 (give --lr-decay-end to move it)"
+    ) in stderr.splitlines()

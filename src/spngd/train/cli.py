@@ -10,6 +10,7 @@ one line ``spngd: warning: ...`` each.
 from __future__ import annotations
 
 import argparse
+import re
 import signal
 import sys
 import types
@@ -52,7 +53,7 @@ class _Parser(argparse.ArgumentParser):
     """An argument parser whose errors are one line, like every other user error."""
 
     def error(self, message: str) -> NoReturn:
-        raise UserError(f"{self.prog}: {message}")
+        raise UserError(message)
 
 
 def _base_type(annotation: Any) -> type:
@@ -165,9 +166,15 @@ def _run_compare(options: dict[str, Any]) -> None:
     configs = {}
     for optimizer in OPTIMIZERS:
         mine = {key.split(".")[1]: v for key, v in own.items() if key.startswith(f"{optimizer}.")}
-        configs[optimizer] = resolve_config(
-            {**options, **mine, "optimizer": optimizer, "out": str(out / optimizer)}
-        )
+        try:
+            configs[optimizer] = resolve_config(
+                {**options, **mine, "optimizer": optimizer, "out": str(out / optimizer)}
+            )
+        except UserError as error:  # name the flag the user gave: --sgd-lr, not --lr
+            message = str(error)
+            for name in mine:
+                message = re.sub(rf"^{flag(name)}\b", f"--{optimizer}-{flag(name)[2:]}", message)
+            raise UserError(message) from None
     results = compare(configs, out)
     for name, result in results.items():
         print(

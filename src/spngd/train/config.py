@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
@@ -151,6 +152,7 @@ class TrainConfig:
             ("max_bad_steps", self.max_bad_steps >= 1, "a positive integer"),
             ("threads", self.threads is None or self.threads >= 1, "a positive integer"),
             ("dist_timeout", 0 < self.dist_timeout < math.inf, "a positive number of seconds"),
+            ("out", self.out.strip() != "", "a folder name"),
         ]
         for name, ok, rule in checks:
             if not ok:
@@ -317,5 +319,15 @@ def resume_config(saved: Mapping[str, Any], options: Mapping[str, Any]) -> Train
             raise UserError(
                 f"--resume: {flag(name)} {options[name]} differs from the saved run's "
                 f"{saved.get(name)!r}; a resumed run keeps {', '.join(map(flag, RESUME_FIXED))}"
+            )
+    if "epochs" in options and "lr_decay_end" not in options:
+        decay_end = saved.get("lr_decay_end", saved.get("epochs"))
+        if decay_end is not None and options["epochs"] > decay_end:
+            warnings.warn(
+                f"--epochs {options['epochs']:g} goes past the saved --lr-decay-end "
+                f"{decay_end:g}: the learning rate stays 0 after epoch {decay_end:g} (give "
+                "--lr-decay-end to move it)",
+                RuntimeWarning,
+                stacklevel=2,
             )
     return resolve_config({**saved, **options})

@@ -58,6 +58,7 @@ def atomic_write(
     leaves it behind, and :class:`RunFolder` removes it when the run resumes.
     """
     fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMPORARY)
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 -> what open() would have made
     try:
         with os.fdopen(fd, "wb") as file:
             write(file)
@@ -76,6 +77,13 @@ def atomic_write(
         os.fsync(directory)
     finally:
         os.close(directory)
+
+
+def _umask() -> int:
+    """The process's file-creation mask (reading it means setting it: set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 @dataclass(frozen=True)
@@ -157,8 +165,8 @@ def find_checkpoint(folder: Path) -> Checkpoint:
 
 
 class RunFolder:
-    """Creates the run folder (refusing one that holds a run, unless resuming it) and writes
-    its files.
+    """Creates the run folder (refusing one that holds a run, unless resuming it, or one
+    that is a file) and writes its files, readable as the umask allows.
 
     Resuming from ``resume``: newer checkpoints that did not load are renamed to
     ``NAME.bad`` (so that the next save does not rotate one into ``checkpoint.prev.pt``,
@@ -167,8 +175,15 @@ class RunFolder:
     :attr:`history`) and is appended to.
     """
 
-    def __init__(self, path: str | os.PathLike[str], resume: Checkpoint | None = None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        resume: Checkpoint | None = None,
+        resumable: bool = True,
+    ) -> None:
         self.path = Path(path)
+        if self.path.exists() and not self.path.is_dir():
+            raise UserError(f"--out {self.path} is a file, not a folder")
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryFile(dir=self.path):
@@ -181,8 +196,8 @@ class RunFolder:
         if resume is None:
             if holds_checkpoint(self.path):
                 raise UserError(
-                    f"output folder {self.path} already holds a run; choose another --out "
-                    "(or --resume it)"
+                    f"output folder {self.path} already holds a run; choose another --out"
+                    + (" (or --resume it)" if resumable else "")
                 )
             if (self.path / METRICS).exists():
                 warnings.warn(

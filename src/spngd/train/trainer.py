@@ -317,6 +317,14 @@ class Trainer:
                 RuntimeWarning,
                 stacklevel=2,
             )
+        if self.step >= self.total_steps:
+            warnings.warn(
+                f"the run in {self.config.out} is already complete ({self.step} of "
+                f"{self.total_steps} steps); nothing to train (give a larger --epochs to go on)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return
         self.log(
             {
                 "kind": "resume",
@@ -534,7 +542,7 @@ def compare(configs: dict[str, TrainConfig], out: Path) -> dict[str, RunResult]:
     """Train each labelled config into its run folder; draw all into ``out/compare.png``."""
     results = {}
     for label, config in configs.items():
-        with RunFolder(config.out) as run:
+        with RunFolder(config.out, resumable=False) as run:
             results[label] = train(config, run)
     first = next(iter(configs.values()))
     plot_runs(
