@@ -1,6 +1,6 @@
 """How much SP-NGD's statistics change from step to step, and how much of that is noise.
 
-The adaptive refresh (spec section 6.2) skips a statistic while a fresh estimate stays
+The adaptive refresh skips a statistic while a fresh estimate stays
 within ``alpha`` (relative Frobenius norm, default 0.1) of the one in use. Whether it can
 skip therefore depends on two things this script measures, per kind of statistic (conv and
 Linear ``A`` and ``G``, BatchNorm ``F``):

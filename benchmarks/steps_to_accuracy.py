@@ -12,7 +12,7 @@ reached the target and the accuracy at the end; then SP-NGD's mean steps over th
 SGD's, SP-NGD's mean final accuracy against the best mean final accuracy of any SGD
 learning rate, and adaptive SP-NGD's mean steps over every-step SP-NGD's.
 
-Targets: issue 4, ratio <= 0.5 and final accuracy within 0.5 points; issue 6, adaptive
+Targets: a steps ratio <= 0.5 and final accuracy within 0.5 points; the adaptive
 refresh needs no more than 5% more steps than every-step refresh. glibc's malloc thresholds
 are pinned (the script re-executes itself) and torch uses 1 thread by default: on our 2-core
 machine, shared with other jobs, 2 threads made an SP-NGD step 4-5x slower (about 15 s

@@ -1,4 +1,4 @@
-"""Damped inverses (kept as Cholesky factors) and their fallbacks (spec section 2)."""
+"""Damped inverses (kept as Cholesky factors) and their fallbacks."""
 
 from __future__ import annotations
 

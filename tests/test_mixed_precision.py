@@ -1,4 +1,4 @@
-"""SPNGD with torch.compile, autocast and GradScaler (issue 6 item 3)."""
+"""SPNGD with torch.compile, autocast and GradScaler."""
 
 from __future__ import annotations
 

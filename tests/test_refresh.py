@@ -1,4 +1,4 @@
-"""Adaptive refresh of statistics (spec section 6.2; issue 6 items 1-2)."""
+"""Adaptive refresh of statistics (the specification's rule and the noise rule)."""
 
 from __future__ import annotations
 

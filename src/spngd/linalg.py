@@ -14,7 +14,7 @@ import math
 import torch
 
 MIN_DAMPING = 1e-7
-"""Floor for each factor's damping term (ASDL does the same; spec section 2 [R])."""
+"""Floor for each factor's damping term (ASDL does the same)."""
 
 JITTER_STEPS = (1e-6, 1e-4, 1e-2)
 """Relative jitter (times the mean diagonal) tried when a Cholesky factorisation fails."""
@@ -25,7 +25,8 @@ class FactorizationError(RuntimeError):
 
 
 def pi_correction(A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
-    """Trace-norm pi = sqrt((tr A / d_A) / (tr G / d_G)) per batch entry (spec section 2).
+    """Trace-norm pi = sqrt((tr A / d_A) / (tr G / d_G)) per batch entry (see
+    docs/optimizer.md, Conventions).
 
     Entries where pi is 0, inf or NaN (an all-zero factor) fall back to pi = 1, so the
     damping is still split evenly between the two factors.
@@ -168,8 +169,8 @@ def unit_wise_inverse(F: torch.Tensor, damping: float) -> tuple[torch.Tensor, to
     """Closed-form inverses of the damped 2x2 blocks ``[[f_gg, f_gb], [f_gb, f_bb]] + lam I``.
 
     ``F`` has shape ``(C, 3)`` holding ``(f_gg, f_gb, f_bb)`` per channel; the first result
-    has the same layout holding the entries of each inverse (the paper's unit-wise Fisher,
-    Section 4). The second is a 0-dim bool tensor: whether every block was invertible and
+    has the same layout holding the entries of each inverse (the paper's unit-wise
+    Fisher). The second is a 0-dim bool tensor: whether every block was invertible and
     the result finite (not read here).
     """
     f_gg = F[:, 0] + damping

@@ -3,7 +3,7 @@
 Each step: fold the statistics recorded by the hooks during backward into the running
 factors, refresh the damped inverses, add weight decay to the gradients, precondition
 every supported layer's gradient with its block, then apply momentum SGD (PyTorch
-convention, which equals the authors' Chainer update, spec section 9).
+convention, which equals the authors' Chainer update; see docs/optimizer.md).
 """
 
 from __future__ import annotations
@@ -72,8 +72,8 @@ class SPNGD(Optimizer):
         lr: learning rate.
         momentum: heavy-ball momentum, PyTorch convention (``buf = mu buf + u``).
         damping: Tikhonov damping ``lam`` > 0. Kronecker factors get pi-corrected
-            factored damping with ``lam_eff = max(damping, weight_decay)`` (spec
-            section 2); BatchNorm blocks get ``bn_damping_scale * lam_eff``.
+            factored damping with ``lam_eff = max(damping, weight_decay)``
+            (docs/optimizer.md, Conventions); BatchNorm blocks get ``bn_damping_scale * lam_eff``.
         weight_decay: L2 coefficient, added to the gradient before preconditioning
             (the paper's recipe uses none; it also floors the damping, as in the
             authors' code).

@@ -1,4 +1,4 @@
-"""Brute-force reference implementations of the SP-NGD curvature math (spec sections 2-4).
+"""Brute-force reference implementations of the SP-NGD curvature math.
 
 Everything here is computed from first principles (explicit per-example loops, ``unfold``,
 ``torch.kron`` and ``torch.func`` per-example gradients) and never touches ``spngd`` internals.
@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.func import grad, vmap
 from torch.nn.functional import cross_entropy, unfold
 
-# Tolerances (relative Frobenius error), spec section 11 / agreed test contract.
+# Tolerances (relative Frobenius error) of the brute-force comparisons.
 FACTOR_TOL = 1e-6
 UPDATE_TOL = 1e-5
 
@@ -121,7 +121,7 @@ def per_example_layer_data(
 def full_batch_layer_data(
     model: nn.Module, module: nn.Module, x: Tensor, targets: Tensor
 ) -> LayerData:
-    """Full-batch backward of the mean loss: g = n * grad_output (spec section 2)."""
+    """Full-batch backward of the mean loss: g = n * grad_output."""
     a, out, _, loss = _run_with_hook(model, module, x, targets, "mean")
     (go,) = torch.autograd.grad(loss, out)
     return LayerData(a=a, g=x.shape[0] * go.detach())
@@ -144,7 +144,7 @@ def linear_factors(data: LayerData, bias: bool) -> tuple[Tensor, Tensor]:
     """A, G of a Linear layer by explicit loops over examples i and positions t.
 
     A = (1/n) sum_{i,t} abar_{i,t} abar_{i,t}^T, G = (1/(n T)) sum_{i,t} g_{i,t} g_{i,t}^T.
-    For a 2-D input T = 1 (plain spec section 2).
+    For a 2-D input T = 1.
     """
     n = data.a.shape[0]
     d_in, d_out = data.a.shape[-1], data.g.shape[-1]
@@ -323,7 +323,7 @@ def bn_update(Fc: Tensor, g_gamma: Tensor, g_beta: Tensor, lam_bn: float) -> tup
 def assert_no_rescale_confound(new_weight: Tensor) -> None:
     """Guard: the expected new weight stays below the weight-rescaling bound sqrt(2 d_out).
 
-    Spec section 9 shrinks W after the update when ||W||_F > sqrt(2 d_out); the tests choose
+    Weight rescaling shrinks W after the update when ||W||_F > sqrt(2 d_out); the tests choose
     settings where that cannot trigger, so the parameter change is exactly U.
     """
     bound = math.sqrt(2 * new_weight.shape[0])

@@ -1,4 +1,4 @@
-"""Brute-force checks of the unit-wise BatchNorm Fisher block (spec sections 4 and 11.5).
+"""Brute-force checks of the unit-wise BatchNorm Fisher block.
 
 Per-example BN gradients: x_hat is computed once from the batch (batch mean, biased variance,
 module eps) and held fixed; torch.func.vmap(grad(...)) then differentiates, per example,
@@ -146,7 +146,7 @@ def test_bn_update_equals_2x2_solve(kind: str, kappa: float | None) -> None:
     lam_bn = (DEFAULT_BN_KAPPA if kappa is None else kappa) * LAM
     exp_g, exp_b = bn_update(Fc, grads[f"{idx}.weight"], grads[f"{idx}.bias"], lam_bn)
 
-    # the closed-form 2x2 inverse of spec section 4 agrees with torch.linalg.inv
+    # the closed-form 2x2 inverse agrees with torch.linalg.inv
     fgg, fgb, fbb = Fc[:, 0] + lam_bn, Fc[:, 1], Fc[:, 2] + lam_bn
     D = fgg * fbb - fgb**2
     closed = torch.stack([torch.stack([fbb, -fgb], -1), torch.stack([-fgb, fgg], -1)], -2)
@@ -170,7 +170,7 @@ def test_bn_update_equals_2x2_solve(kind: str, kappa: float | None) -> None:
 def test_mixed_conv_bn_linear_model() -> None:
     """Conv -> BN -> Tanh -> Flatten -> Linear, all trainable: every block and update matches.
 
-    With BN downstream the conv's g is n * grad_output of the full batch (spec section 2), which
+    With BN downstream the conv's g is n * grad_output of the full batch, which
     includes the batch-statistics coupling; the brute force uses exactly that.
     """
     torch.manual_seed(0)

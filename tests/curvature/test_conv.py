@@ -1,4 +1,4 @@
-"""Brute-force checks of the Conv2d KFC block, grouped/depthwise too (spec sections 3, 11.1-3)."""
+"""Brute-force checks of the Conv2d KFC block, grouped/depthwise too."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Empirical vs Monte-Carlo Fisher: both match their brute-force definitions (spec section 1).
+"""Empirical vs Monte-Carlo Fisher: both match their brute-force definitions.
 
 MC protocol (test contract): after the forward and before ``loss.backward()`` call
 ``labels = opt.sample_fisher(logits)``; the statistics then use gradients of the mean
@@ -70,7 +70,7 @@ def _model(kind: str) -> tuple[nn.Sequential, Tensor, Tensor]:
 def _expected_stats(ref: nn.Sequential, x: Tensor, labels: Tensor) -> dict[str, dict[str, Tensor]]:
     """Brute-force statistics of every block of ``ref`` computed against ``labels``.
 
-    g is n * grad_output of the mean CE against ``labels`` (full batch, spec section 2); for
+    g is n * grad_output of the mean CE against ``labels`` (full batch); for
     the model without BN this equals the per-example loop (checked in test_conv.py).
     """
     out: dict[str, dict[str, Tensor]] = {}

@@ -1,4 +1,4 @@
-"""Brute-force checks of the Linear K-FAC block (spec sections 2 and 11.1-11.2)."""
+"""Brute-force checks of the Linear K-FAC block."""
 
 from __future__ import annotations
 
@@ -106,7 +106,7 @@ def test_linear_update_equals_kron_solve(bias: bool, seq_input: bool) -> None:
         A, G = linear_factors(per_example_layer_data(ref, lin, x, y), bias)
         gmat = linear_grad_matrix(grads[f"{name}.weight"], grads.get(f"{name}.bias"))
         U = kron_solve(A, G, gmat, LAM)
-        # spec 11.1: the explicit Kronecker solve equals G_d^{-1} grad A_d^{-1}
+        # the explicit Kronecker solve equals G_d^{-1} grad A_d^{-1}
         A_d, G_d = damped_factors(A, G, LAM)
         factored = torch.linalg.solve(G_d, gmat) @ torch.linalg.inv(A_d)
         assert rel_err(U, factored) < 1e-10
@@ -164,7 +164,7 @@ def test_gradient_identity(bias: bool, seq_input: bool) -> None:
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 def test_single_example_fisher_is_kron(bias: bool) -> None:
-    """N = 1, empirical Fisher: vec(g abar^T) vec(g abar^T)^T == G kron A (spec 11.2)."""
+    """N = 1, empirical Fisher: vec(g abar^T) vec(g abar^T)^T == G kron A."""
     model = _mlp(bias, seq_input=False)
     x, y = _batch(False, n=1)
     grads = reference_grads(model, x, y)

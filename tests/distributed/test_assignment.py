@@ -1,4 +1,4 @@
-"""Placement of curvature blocks on ranks by a cost model (spec section 8), no processes."""
+"""Placement of curvature blocks on ranks by a cost model, no processes."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""A dead rank stops the others with a clear error; checkpoints move across world sizes
-(issue 5 item 7)."""
+"""A dead rank stops the others with a clear error; checkpoints move across world sizes."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Triangle packing and flat communication buffers (spec section 7), no processes."""
+"""Triangle packing and flat communication buffers, no processes."""
 
 from __future__ import annotations
 
@@ -183,7 +183,7 @@ def test_pack_errors() -> None:
 
 
 def test_resnet50_volumes() -> None:
-    """Spec section 8 table: floats per step for ResNet-50 (FC with bias, bias-free convs)."""
+    """Floats per step for ResNet-50 (FC with bias, bias-free convs)."""
     model = build_model("resnet50", 1000)
     gradients = FlatPacker([TensorSpec(p.shape) for p in model.parameters()])
     assert gradients.numel == 25_557_032

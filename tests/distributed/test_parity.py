@@ -1,4 +1,4 @@
-"""Distributed SPNGD equals single-process SPNGD on the concatenated batch (issue 5 item 5).
+"""Distributed SPNGD equals single-process SPNGD on the concatenated batch.
 
 Each rank normalises its own share in BatchNorm (no SyncBN), so the single-process
 reference runs the same shares as micro-batches with ``accumulation_steps = world size``:

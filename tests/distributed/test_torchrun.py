@@ -1,4 +1,4 @@
-"""``spngd train`` under torchrun (issue 5 item 1): two gloo ranks, rank 0 writes the run."""
+"""``spngd train`` under torchrun: two gloo ranks, rank 0 writes the run."""
 
 from __future__ import annotations
 

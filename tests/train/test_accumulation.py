@@ -1,4 +1,4 @@
-"""Gradient accumulation through the training step (issue 4 item 6)."""
+"""Gradient accumulation through the training step."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tensor augmentation: crops, flips, running mixup (spec check 12) and label smoothing."""
+"""Tensor augmentation: crops, flips, running mixup and label smoothing."""
 
 from __future__ import annotations
 

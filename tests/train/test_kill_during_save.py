@@ -1,4 +1,4 @@
-"""SIGKILL at random moments while checkpoints are saved (issue 7 item 2): every time, the
+"""SIGKILL at random moments while checkpoints are saved: every time, the
 resume logic finds the newest completed checkpoint, intact, and temporary files do not pile up."""
 
 from __future__ import annotations

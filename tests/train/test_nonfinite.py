@@ -1,4 +1,4 @@
-"""NaN and inf in ``spngd train`` (issue 7 item 3), injected: steps are skipped and counted,
+"""NaN and inf in ``spngd train``, injected: steps are skipped and counted,
 too many in a row stop the run with one line, and the last good checkpoint survives."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``spngd train --resume`` (issue 7 item 2): an interrupted run continues exactly, from the
+"""``spngd train --resume``: an interrupted run continues exactly, from the
 newest usable checkpoint, and a resume that cannot work is a one-line error."""
 
 from __future__ import annotations

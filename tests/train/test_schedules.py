@@ -1,4 +1,4 @@
-"""LR, momentum and damping schedules (spec section 9, acceptance check 10)."""
+"""LR, momentum and damping schedules (the authors' recipe)."""
 
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def test_warmup_is_linear_and_counts_the_step_itself() -> None:
 
 
 def test_momentum_reproduces_the_chainer_update_with_adjust_momentum() -> None:
-    """Chainer: v = mu_t v - lr_t g, mu_t = mu lr_t/lr_{t-1} when the rate falls (spec 9).
+    """Chainer: v = mu_t v - lr_t g, mu_t = mu lr_t/lr_{t-1} when the rate falls.
 
     The trainer's PyTorch-form SGD with ``Schedule.momentum_at`` must give the same
     parameters through warm-up, constant rate and polynomial decay.

@@ -1,8 +1,9 @@
 """Kronecker-factored (K-FAC) blocks: the part shared by Linear and Conv2d.
 
 The Fisher of a weight ``W`` (``d_G x d_A``, bias as the last column) is approximated by
-``G ⊗ A`` per group (spec sections 2-3). With pi-corrected factored Tikhonov damping the
-preconditioned gradient is ``(G + sqrt(lam)/pi I)^-1 grad (A + pi sqrt(lam) I)^-1``.
+``G ⊗ A`` per group (K-FAC for Linear, KFC for convolutions; docs/optimizer.md,
+Conventions). With pi-corrected factored Tikhonov damping the preconditioned gradient is
+``(G + sqrt(lam)/pi I)^-1 grad (A + pi sqrt(lam) I)^-1``.
 
 Two damping forms (``damping_form``):
 

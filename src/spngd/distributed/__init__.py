@@ -1,4 +1,4 @@
-"""Distributed SP-NGD (spec sections 7-8): placement of curvature blocks on ranks,
+"""Distributed SP-NGD (hybrid data and model parallelism): placement of curvature blocks on ranks,
 flat triangle-packed communication buffers, and the communication stages."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Placement of curvature blocks on ranks (spec section 8, "Layer assignment").
+"""Placement of curvature blocks on ranks (model parallelism of the curvature work).
 
 Every Fisher block has one owner rank that inverts it and preconditions its gradient. The
 placement must be identical on every rank, so it is a pure function of the block shapes and
@@ -6,9 +6,9 @@ the world size; re-balancing after a change of world size is calling it again.
 
 Two strategies:
 
-* ``"lpt"`` [R]: greedy longest-processing-time on an estimated inversion + preconditioning
-  cost; the largest block goes first to the least-loaded rank.
-* ``"equal_count"`` [C]: contiguous equal-count chunks, ``np.array_split(range(L), P)``, the
+* ``"lpt"`` (this project's choice): greedy longest-processing-time on an estimated
+  inversion + preconditioning cost; the largest block goes first to the least-loaded rank.
+* ``"equal_count"``: contiguous equal-count chunks, ``np.array_split(range(L), P)``, the
   rule of the authors' chainerkfac, kept for parity with the reference.
 """
 

@@ -1,4 +1,4 @@
-"""Communication stages of hybrid data/model parallel SP-NGD (spec section 8).
+"""Communication stages of hybrid data/model parallel SP-NGD.
 
 Per step: (1) every rank's statistics (only those refreshed this step), and its gradients
 when the model is not wrapped in DistributedDataParallel, are summed onto each block's

@@ -1,4 +1,4 @@
-"""Flat communication buffers for the curvature collectives (spec section 7).
+"""Flat communication buffers for the curvature collectives.
 
 Symmetric factors (``A``, ``G``, a BatchNorm Fisher) travel as their upper triangle
 including the diagonal, ``d(d+1)/2`` of ``d^2`` entries, and all tensors of one collective

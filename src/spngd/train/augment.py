@@ -92,7 +92,7 @@ def soft_targets(labels: torch.Tensor, num_classes: int, smoothing: float = 0.0)
 
 
 class RunningMixup:
-    """The authors' running mixup (spec section 9).
+    """The authors' running mixup (their released training script).
 
     Each example is mixed with the same row of the *previous mixed* batch:
     ``x = lam x + (1 - lam) x_prev``, ``t = lam t + (1 - lam) t_prev`` with

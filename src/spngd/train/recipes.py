@@ -1,11 +1,11 @@
 """The paper's ImageNet recipe per batch size, as ``--recipe`` presets.
 
-Values: spec section 9, table "Per-batch-size hyper-parameters", taken from the authors'
+Values: the paper's per-batch-size hyper-parameters, taken from the authors'
 ResNet-50-D configs (tyohei/chainerkfac ``examples/imagenet/configs/*.json``). Common to all
 rows: no warm-up (the rate is held until ``e_start``), polynomial decay to 0 at ``e_end``, no
 weight decay, no label smoothing, no running average of statistics (``cov_ema_decay`` 1.0),
 BatchNorm damping x16, weights rescaling, running mixup for all epochs. The TPAMI paper's own
-ResNet-50 values are unconfirmed (spec section 12, item 4).
+ResNet-50 values are unconfirmed.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Per-step hyperparameters from the fractional epoch: learning rate, momentum, damping.
 
 Everything is re-evaluated every optimizer step from ``e = step * batch_size / train_size``
-(spec section 9), so a schedule does not depend on how the data is cut into passes.
+(as the authors' configs do), so a schedule does not depend on how the data is cut into passes.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def warmup_factor(epoch: float, warmup_epochs: float) -> float:
 def geometric_damping(epoch: float, damping: float, start: float | None, epochs: float) -> float:
     """Damping moving log-linearly from ``start`` to ``damping`` over ``epochs``, then constant.
 
-    ``start=None`` keeps ``damping`` constant, as the authors' configs do (spec section 9).
+    ``start=None`` keeps ``damping`` constant, as the authors' configs do.
     """
     if start is None or epoch >= epochs:
         return damping
