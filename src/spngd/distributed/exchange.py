@@ -5,7 +5,9 @@ when the model is not wrapped in DistributedDataParallel, are summed onto each b
 owner rank — one bucketed ``reduce`` per owner, all in flight at once (reduce-scatter
 style); (2) owners invert and precondition their blocks (in the optimizer); (3) every
 owner's preconditioned gradients, with the refresh decisions for the next step, are
-all-gathered. Symmetric factors travel as packed upper triangles in ``comm_dtype``.
+all-gathered, and every rank (the owner too) applies them as received; (4) with gloo, a
+barrier ends the step (:meth:`DistributedExchange.settle`). Symmetric factors travel as
+packed upper triangles in ``comm_dtype``.
 
 :class:`LocalExchange` is the single-process case: rank 0 owns everything and nothing
 moves, so the optimizer runs one code path.

@@ -113,8 +113,8 @@ class FlatPacker:
     ) -> torch.Tensor:
         """Cast ``tensors`` to the communication ``dtype`` into one flat buffer.
 
-        ``out``: a 1-D tensor of ``numel`` entries and that dtype to write into, e.g. one
-        rank's slice of a padded reduce-scatter buffer; a new buffer otherwise. Values
+        ``out``: a 1-D tensor of ``numel`` entries and that dtype to write into, e.g. this
+        rank's part of a padded all-gather buffer; a new buffer otherwise. Values
         outside the range of a 16-bit ``dtype`` become infinite.
         """
         if dtype not in COMM_DTYPES:
