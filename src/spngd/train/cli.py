@@ -24,6 +24,8 @@ from typing import Any, NoReturn
 from spngd.distributed import launch
 from spngd.distributed.exchange import RankFailureError
 from spngd.train.config import (
+    COMPARE_DEFAULTS,
+    COMPARE_OPTIMIZER_DEFAULTS,
     DEFAULTS,
     OPTIMIZER_DEFAULTS,
     OPTIMIZERS,
@@ -63,23 +65,27 @@ def _base_type(annotation: Any) -> type:
     return annotation
 
 
-def _default_text(name: str) -> str:
+def _default_text(name: str, defaults: dict[str, Any]) -> str:
     """`` (default: ...)`` for options whose default is fixed or set per optimizer."""
-    if DEFAULTS.get(name) is not None:
-        return f" (default: {DEFAULTS[name]})"
+    if defaults.get(name) is not None:
+        return f" (default: {defaults[name]})"
     if name in OPTIMIZER_DEFAULTS["spngd"]:
         values = ", ".join(f"{opt} {OPTIMIZER_DEFAULTS[opt][name]:g}" for opt in OPTIMIZERS)
         return f" (default: {values})"
     return ""
 
 
-def _add_config_options(parser: argparse.ArgumentParser, skip: Sequence[str] = ()) -> None:
+def _add_config_options(
+    parser: argparse.ArgumentParser,
+    skip: Sequence[str] = (),
+    defaults: dict[str, Any] = DEFAULTS,
+) -> None:
     hints = typing.get_type_hints(TrainConfig)
     for field in fields(TrainConfig):
         if field.name in skip:
             continue
         kind = _base_type(hints[field.name])
-        help_text = field.metadata["help"] + _default_text(field.name)
+        help_text = field.metadata["help"] + _default_text(field.name, defaults)
         options: dict[str, Any] = {"help": help_text, "default": argparse.SUPPRESS}
         if kind is bool:
             options["action"] = argparse.BooleanOptionalAction
@@ -110,8 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train with SGD and with SP-NGD into OUT/sgd and OUT/spngd; draw both "
         "runs into OUT/compare.png.",
     )
-    _add_config_options(compare, skip=("optimizer", *PER_OPTIMIZER))
+    _add_config_options(
+        compare, skip=("optimizer", *PER_OPTIMIZER), defaults={**DEFAULTS, **COMPARE_DEFAULTS}
+    )
     for optimizer in OPTIMIZERS:
+        own = {**OPTIMIZER_DEFAULTS[optimizer], **COMPARE_OPTIMIZER_DEFAULTS[optimizer]}
         for name in PER_OPTIMIZER:
             compare.add_argument(
                 f"--{optimizer}-{name.replace('_', '-')}",
@@ -119,8 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                 type=float,
                 default=argparse.SUPPRESS,
                 metavar="X",
-                help=f"{name.replace('_', ' ')} of the {optimizer} run "
-                f"(default: {OPTIMIZER_DEFAULTS[optimizer][name]:g})",
+                help=f"{name.replace('_', ' ')} of the {optimizer} run (default: {own[name]:g})",
             )
     return parser
 
@@ -162,10 +170,14 @@ def _run_compare(options: dict[str, Any]) -> None:
     if launch.launched_world_size() > 1:
         raise UserError("spngd compare runs in one process; under torchrun use spngd train")
     own = {key: options.pop(key) for key in list(options) if "." in key}
+    options = {**COMPARE_DEFAULTS, **options}
     out = Path(resolve_config(options).out)
     configs = {}
     for optimizer in OPTIMIZERS:
-        mine = {key.split(".")[1]: v for key, v in own.items() if key.startswith(f"{optimizer}.")}
+        mine = {
+            **COMPARE_OPTIMIZER_DEFAULTS[optimizer],
+            **{key.split(".")[1]: v for key, v in own.items() if key.startswith(f"{optimizer}.")},
+        }
         try:
             configs[optimizer] = resolve_config(
                 {**options, **mine, "optimizer": optimizer, "out": str(out / optimizer)}
