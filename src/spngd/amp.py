@@ -18,4 +18,10 @@ def inverse_loss_scale(
     if scaler is None or not scaler.is_enabled():
         return None
     scale = scaler.scale(torch.ones((), dtype=torch.float32, device=like.device))
-    return scale.double().reciprocal().to(like.dtype)
+    return reciprocal(scale).to(like.dtype)
+
+
+def reciprocal(scale: torch.Tensor) -> torch.Tensor:
+    """``1 / scale`` in float32, through float64 as ``GradScaler.unscale_`` takes it (exact
+    for the power-of-two scales a GradScaler uses)."""
+    return scale.double().reciprocal().float()

@@ -98,11 +98,13 @@ class StatisticsCapture:
         which stays on the device (:func:`spngd.amp.inverse_loss_scale`).
         """
         grad = grad.detach().to(statistics_dtype(grad))
-        factor: float | torch.Tensor = 1.0 if self._sampling else self.grad_scale
+        factor: float | torch.Tensor = 1.0 if self._sampling else float(self.grad_scale)
         inverse_scale = inverse_loss_scale(self.grad_scaler, grad)
         if inverse_scale is not None:
             factor = inverse_scale * factor
-        return grad if isinstance(factor, float) and factor == 1.0 else grad * factor
+        if isinstance(factor, float) and factor == 1.0:
+            return grad  # nothing to rescale: no copy of the gradient
+        return grad * factor
 
     def record_sampled(self, loss: torch.Tensor, inputs: list[torch.Tensor]) -> None:
         """Backpropagate a sampled-label ``loss`` (MC Fisher) to ``inputs`` to record

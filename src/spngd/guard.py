@@ -19,14 +19,16 @@ class NonFiniteGradientError(RuntimeError):
     """Too many consecutive steps had NaN or inf gradients."""
 
 
-def any_nonfinite(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+def any_nonfinite(
+    grads: Sequence[torch.Tensor], device: torch.device | None = None
+) -> torch.Tensor:
     """``1.0`` if any gradient entry is NaN or inf, else ``0.0`` (a 0-dim float tensor).
 
     One fused norm over all gradients (NaN or inf if any entry is) instead of a check and
     a host sync per tensor: this runs every step.
     """
     if not grads:
-        return torch.zeros(())
+        return torch.zeros((), device=device)
     return (~torch.isfinite(torch.nn.utils.get_total_norm(grads))).float()
 
 

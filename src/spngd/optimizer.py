@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim import Optimizer
 
+from spngd import amp
 from spngd.capture import StatisticsCapture
 from spngd.curvature import CurvatureBlock, make_block
 from spngd.curvature.kronecker import DAMPING_FORMS, KroneckerBlock, update_inverses
@@ -103,7 +104,9 @@ class SPNGD(Optimizer):
             which unscales the gradients and skips an overflowing step on all ranks.
         max_bad_steps: a step whose gradients contain NaN or inf is skipped (parameters,
             momentum and curvature untouched) with a warning; after this many such steps
-            in a row ``step()`` raises :class:`NonFiniteGradientError`.
+            in a row ``step()`` raises :class:`NonFiniteGradientError`. Under
+            ``GradScaler.step`` such a step is an overflow the scaler answers by lowering
+            its scale: skipped silently and not counted.
         distributed: communication settings when ``torch.distributed`` is initialised
             with more than one rank (default ``DistributedConfig()``). Each layer's
             statistics are reduced to one owner rank, which inverts and preconditions it;
@@ -193,6 +196,8 @@ class SPNGD(Optimizer):
             "SPNGD", max_bad_steps, advice="Lower the learning rate or raise the damping"
         )
         self._step = 0
+        self._device = next(iter(self.param_groups[0]["params"])).device
+        """Where the parameters are (the first one's device): the step's flags live there."""
         self.times = StageTimes()
         self._exchange = make_exchange(
             self.curvature,
@@ -216,8 +221,7 @@ class SPNGD(Optimizer):
         # state needed to draw the same labels again; seeded from torch's global RNG.
         self._mc_generator: torch.Generator | None = None
         if fisher == "mc":
-            device = next(iter(self.param_groups[0]["params"])).device
-            self._mc_generator = torch.Generator(device=device)
+            self._mc_generator = torch.Generator(device=self._device)
             self._mc_generator.manual_seed(int(torch.randint(2**62, (1,)).item()))
 
     # -- construction ---------------------------------------------------------------------
@@ -350,9 +354,9 @@ class SPNGD(Optimizer):
         loss_scale: torch.Tensor | None = getattr(self, "grad_scale", None)
         with times.measure("checks"):
             present = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-            nonfinite = exchange.any_rank(any_nonfinite(present))
+            nonfinite = exchange.any_rank(any_nonfinite(present, self._device))
         if loss_scale is not None:
-            torch._foreach_mul_(present, loss_scale.double().reciprocal().float())
+            torch._foreach_mul_(present, amp.reciprocal(loss_scale))
         self._warn_if_no_statistics()
         grads = {
             p: p.grad for group in self.param_groups for p in group["params"] if p.grad is not None
@@ -413,10 +417,12 @@ class SPNGD(Optimizer):
         """Seconds spent in each stage of SP-NGD's work since construction, in step order:
         ``statistics A``/``G``/``F`` (in the hooks, during backward), ``checks``
         (non-finite gradients), ``statistics and gradient communication``, ``refresh test``
-        (finiteness and distances of fresh statistics, interval bookkeeping), ``inversion``,
-        ``preconditioning`` (with the updates' finiteness check), ``result communication``
-        and ``update`` (momentum SGD). This rank's figures; with one process the two
-        communication stages only move statistics out of the hooks' buffers."""
+        (distances of fresh statistics, the step's one read of all checks, interval
+        bookkeeping), ``inversion``, ``preconditioning``, ``result communication`` and
+        ``update`` (momentum SGD). This rank's figures, host time: on a GPU the read in
+        ``refresh test`` also waits for the inversion and preconditioning issued before it.
+        With one process the two communication stages only move statistics out of the
+        hooks' buffers."""
         return self.times.snapshot()
 
     def _fold(self, owned: dict[str, CurvatureBlock], arrived: dict[str, Statistics]) -> _Measured:
@@ -496,7 +502,7 @@ class SPNGD(Optimizer):
             block = owned[name]
             block.restore(pending.before_fold[name])
             if recorded.get(name, True):
-                block.drop_nonfinite()
+                block.warn_nonfinite_statistics()
             damping = self._block_damping(name)
             if block.ready and block.inverse_damping != damping:
                 block.update_inverse(damping)
@@ -695,6 +701,9 @@ class SPNGD(Optimizer):
         refresh = state_dict.pop("refresh", None)
         step = state_dict.pop("step", 0)
         mc_state = state_dict.pop("mc_generator", None)
+        counters = {
+            key: state_dict.pop(key) for key in self.guard.state_dict() if key in state_dict
+        }
         unknown = set(curvature) - set(self.curvature)
         if unknown:
             raise ValueError(
@@ -704,11 +713,10 @@ class SPNGD(Optimizer):
         for name, block_state in curvature.items():
             self.curvature[name].check_state_dict(block_state)
         self._check_momentum_shapes(state_dict)
-        # checked: from here on nothing is refused, so a refused state changes nothing
-        self.guard.pop_state(state_dict)
+        super().load_state_dict(state_dict)  # checks its groups before changing anything
+        self.guard.pop_state(counters)
         if mc_state is not None and self._mc_generator is not None:
             self._load_mc_generator(mc_state)
-        super().load_state_dict(state_dict)
         for name, block_state in curvature.items():
             self.curvature[name].load_state_dict(block_state)
         if refresh is not None:

@@ -10,9 +10,11 @@ from spngd.distributed.launch import launched_world_size, rank_device
 
 
 def _torchrun(monkeypatch: pytest.MonkeyPatch, world: int, local_world: int, local: int) -> None:
+    """What torchrun sets, on a machine with 4 GPUs."""
     monkeypatch.setenv("WORLD_SIZE", str(world))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world))
     monkeypatch.setenv("LOCAL_RANK", str(local))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
 
 
 @pytest.mark.parametrize(
@@ -45,3 +47,9 @@ def test_one_gpu_named_for_several_processes_of_a_machine_is_refused(
     _torchrun(monkeypatch, 2, 2, 1)
     with pytest.raises(ValueError, match="would put every process of this machine on one GPU"):
         rank_device(torch.device("cuda:0"))
+
+
+def test_more_processes_than_gpus_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    _torchrun(monkeypatch, 8, 8, 5)
+    with pytest.raises(ValueError, match="LOCAL_RANK is 5 but the machine has 4 GPU"):
+        rank_device(torch.device("cuda"))

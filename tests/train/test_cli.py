@@ -229,6 +229,7 @@ def test_image_folders_as_people_have_them(run_cli: CliRun, tmp_path: Path) -> N
     Image.fromarray(pixels).convert("RGBA").save(root / "val" / "c1" / "alpha.png")
     (root / "train" / "c1" / "more").mkdir()
     Image.fromarray(pixels).save(root / "train" / "c1" / "more" / "nested.jpg")
+    (root / "train" / "c1" / "more" / "loop").symlink_to(root / "train" / "c1")  # ends
     config = resolve_config({"data": str(root), "device": "cpu", "image_size": 8})
     data = load_data(config)
     assert (len(data.train), len(data.val)) == (7, 6)

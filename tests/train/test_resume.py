@@ -219,6 +219,7 @@ def test_a_run_stopped_before_its_first_checkpoint_can_be_resumed_or_rerun(
     code, stdout, stderr = run_cli("train", "--resume", "--out", str(out), "--lr", "0.01")
     assert code == 0, stderr
     assert "holds no checkpoint (the run stopped before its first one): it starts again" in stderr
+    assert len(stderr.strip().splitlines()) == 1  # one warning, not one more from the folder
     assert "4 steps" in stdout and [r["step"] for r in _records(out)] == [1, 2, 3, 4]
     saved = json.loads((out / "config.json").read_text())
     assert (saved["lr"], saved["epochs"]) == (0.01, 2)
@@ -236,12 +237,12 @@ def test_resuming_a_finished_run_says_so_and_changes_nothing(
     run_cli: CliRun, tmp_path: Path, two_pass_run: Path
 ) -> None:
     out = _copy(two_pass_run, tmp_path)
-    before = (out / METRICS).read_text()
+    before = {name: (out / name).read_bytes() for name in (METRICS, "config.json", "plot.png")}
     for _ in range(2):
-        code, _, stderr = run_cli("train", "--resume", "--out", str(out))
+        code, _, stderr = run_cli("train", "--resume", "--out", str(out), "--lr", "0.5")
         assert code == 0, stderr
         assert "is already complete (4 of 4 steps); nothing to train" in stderr
-    assert (out / METRICS).read_text() == before
+    assert {name: (out / name).read_bytes() for name in before} == before
 
 
 def test_resuming_past_the_saved_decay_end_warns_that_the_rate_stays_zero(

@@ -158,3 +158,16 @@ def test_micro_batches_are_prepared_one_at_a_time_just_before_their_forward() ->
     result = train_step(model, opt, micro, rescale=False, prepare=prepare)
     assert events == ["prepare", "forward"] * 3
     assert result.examples == 12
+
+
+def test_a_trainer_under_torchrun_without_the_process_group_is_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Each process would otherwise train alone, all writing the same run folder."""
+    from spngd.train.runfolder import SilentRunFolder
+    from spngd.train.trainer import Trainer
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    config = resolve_config({"device": "cpu", "out": str(tmp_path / "run")})
+    with pytest.raises(UserError, match="under torchrun a Trainer needs the process group"):
+        Trainer(config, SilentRunFolder(config.out))

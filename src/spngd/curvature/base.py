@@ -172,7 +172,7 @@ class CurvatureBlock(ABC):
 
         Several pairs (gradient accumulation over micro-batches, or a module called more
         than once) are averaged, as if each were a separate micro-batch. Finiteness is
-        checked by the optimizer for all blocks at once (:meth:`drop_nonfinite`).
+        checked by the optimizer for all blocks at once, with the step's other checks.
         """
         if self._pending is None:
             self.fresh_noise = [None] * len(self.statistic_names)
@@ -184,7 +184,7 @@ class CurvatureBlock(ABC):
         self.clear_pending()
         return mean
 
-    def drop_nonfinite(self) -> None:
+    def warn_nonfinite_statistics(self) -> None:
         """Warn (once) that this block's fresh statistics held NaN or inf and were dropped:
         the previous factors and inverse stay in use."""
         self.warn_once(

@@ -21,7 +21,9 @@ Two damping forms (``damping_form``):
   (kfac-pytorch's default), applied in the factors' eigenbases:
   ``Q_G [(Q_G^T grad Q_A) / (lambda_G lambda_A^T + lam)] Q_A^T``. Each factor's
   eigendecomposition is recomputed only when that factor is refreshed; a new damping
-  recomputes the scaling alone (``inverse`` holds ``(Q_A, Q_G, scaling)``).
+  recomputes the scaling alone (``inverse`` holds ``(Q_A, Q_G, scaling)``). On CUDA
+  ``torch.linalg.eigh`` reads its status on the host: each batched eigendecomposition
+  waits for the device once.
 
 Subclasses say how ``A`` and ``G`` come from a layer's input and output gradient, and how
 the parameters' gradients map to and from the ``(groups, d_G, d_A)`` matrix.
@@ -224,6 +226,7 @@ def update_inverses(
     parts: dict[int, list[torch.Tensor | None]] = {i: [None, None] for i in damped}
     valid: dict[int, list[torch.Tensor]] = {}
     failed: set[int] = set()
+    written: set[tuple[int, int]] = set()
     for (form, *_), entries in by_size.items():
         matrices = [matrix for _, _, matrix in entries]
         if form == "factored":
@@ -241,8 +244,14 @@ def update_inverses(
                 parts[index][which] = result  # type: ignore[assignment]
             else:
                 due[index][0].eigen[which] = result  # type: ignore[attr-defined]
+                written.add((index, which))
     proposals: list[tuple[CurvatureBlock, float, torch.Tensor]] = []
     for index, (block, damping) in enumerate(due):
+        if index in failed:  # recomputed, and checked, one factor at a time
+            block.eigen[:] = [  # type: ignore[attr-defined]
+                None if (index, which) in written else entry
+                for which, entry in enumerate(block.eigen)  # type: ignore[attr-defined]
+            ]
         if index in failed or not block.ready:
             block.update_inverse(damping)
         elif isinstance(block, KroneckerBlock):

@@ -430,14 +430,20 @@ class DistributedExchange:
     def _gather_entries(
         self, preconditioned: dict[torch.Tensor, torch.Tensor], plans: dict[str, list[bool]]
     ) -> list[torch.Tensor]:
-        entries = []
-        for name in self.owned_by[self.rank]:
-            block = self.blocks[name]
-            valid = all(p in preconditioned for p in block.params)
-            header = [float(valid), 0.0, *map(float, plans[name])]
-            entries.append(torch.tensor(header, device=block.params[0].device))
+        names = self.owned_by[self.rank]
+        valid = {name: all(p in preconditioned for p in self.blocks[name].params) for name in names}
+        rows = [[float(valid[name]), 0.0, *map(float, plans[name])] for name in names]
+        # all headers in one copy to the device (one per block would wait for it each time)
+        flat = torch.tensor([value for row in rows for value in row])
+        if self.device.type == "cuda":
+            flat = flat.pin_memory()
+        headers = flat.to(self.device, non_blocking=True).split([len(row) for row in rows])
+        entries: list[torch.Tensor] = []
+        for name, header in zip(names, headers, strict=True):
+            entries.append(header)
             entries.extend(
-                preconditioned[p] if valid else torch.zeros_like(p) for p in block.params
+                preconditioned[p] if valid[name] else torch.zeros_like(p)
+                for p in self.blocks[name].params
             )
         return entries
 

@@ -36,6 +36,11 @@ def rank_device(requested: torch.device) -> torch.device:
         return requested
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if requested.index is None:
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(
+                f"this process's LOCAL_RANK is {local_rank} but the machine has "
+                f"{torch.cuda.device_count()} GPU(s); start at most that many per machine"
+            )
         return torch.device("cuda", local_rank)
     if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
         raise ValueError(
@@ -60,11 +65,14 @@ def process_group(device: torch.device, timeout_s: float) -> Iterator[tuple[int,
     created = launched_world_size() > 1 and not dist.is_initialized()
     if created:
         timeout = datetime.timedelta(seconds=timeout_s)
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-            dist.init_process_group("nccl", timeout=timeout, device_id=device)
-        else:
-            dist.init_process_group("gloo", timeout=timeout)
+        try:
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+                dist.init_process_group("nccl", timeout=timeout, device_id=device)
+            else:
+                dist.init_process_group("gloo", timeout=timeout)
+        except (RuntimeError, ValueError) as error:  # a rendezvous that fails or times out
+            raise collective_failure("setting up the process group", error) from error
     try:
         yield current()
     except BaseException as error:
@@ -75,7 +83,11 @@ def process_group(device: torch.device, timeout_s: float) -> Iterator[tuple[int,
             raise collective_failure("a collective (DDP's, or another)", error) from error
         raise
     if created:
-        dist.barrier()
+        try:
+            dist.barrier()
+        except RuntimeError as error:  # a peer gone after its last collective
+            dist.destroy_process_group()
+            raise collective_failure("ending the run", error) from error
         dist.destroy_process_group()
 
 

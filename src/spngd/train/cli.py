@@ -10,6 +10,7 @@ one line ``spngd: warning: ...`` each.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import signal
 import sys
@@ -135,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run_train(options: dict[str, Any]) -> None:
     checkpoint = None
+    restarting = False  # --resume of a run stopped before its first checkpoint
     if options.pop("resume"):
         if "out" not in options:
             raise UserError("--resume needs --out, the run folder to continue")
@@ -148,6 +150,7 @@ def _run_train(options: dict[str, Any]) -> None:
                 stacklevel=2,
             )
             config = resume_config(saved, options)
+            restarting = True
         else:
             checkpoint = find_checkpoint(folder)
             config = resume_config(checkpoint.payload["config"], options)
@@ -156,7 +159,7 @@ def _run_train(options: dict[str, Any]) -> None:
     device = device_of_this_rank(config)
     with launch.process_group(device, config.dist_timeout) as (rank, world_size):
         folder = RunFolder if rank == 0 else SilentRunFolder  # rank 0 writes the run
-        with folder(config.out, checkpoint) as run:
+        with folder(config.out, checkpoint, restarting=restarting) as run:
             result = train(config, run, checkpoint)
     if rank == 0:
         ranks = f" on {world_size} ranks" if world_size > 1 else ""
@@ -208,7 +211,14 @@ def _show_warning(
     print(f"spngd: warning: {message}", file=sys.stderr)
 
 
+_MAIN_PROCESS = os.getpid()
+
+
 def _terminate(signum: int, frame: types.FrameType | None) -> NoReturn:
+    """SIGTERM: stop the run like Ctrl-C. DataLoader workers (forked with this handler,
+    and signalled too when a scheduler stops the whole process group) leave quietly."""
+    if os.getpid() != _MAIN_PROCESS:
+        os._exit(128 + signal.SIGTERM)
     raise Terminated
 
 

@@ -280,13 +280,17 @@ def _image_folder(root: Path, train_tf: Transform, eval_tf: Transform) -> DataBu
 
 
 def _images_under(folder: Path) -> list[Path]:
-    """Image files in ``folder`` and its subfolders (links followed), sorted by path."""
-    return sorted(
-        Path(directory) / name
-        for directory, _, names in os.walk(folder, followlinks=True)
-        for name in names
-        if name.lower().endswith(IMAGE_EXTENSIONS)
-    )
+    """Image files in ``folder`` and its subfolders (links followed, each folder once, so a
+    link loop ends), sorted by path."""
+    found, seen = [], set()
+    for directory, subfolders, names in os.walk(folder, followlinks=True):
+        identity = (os.stat(directory).st_dev, os.stat(directory).st_ino)
+        if identity in seen:
+            subfolders.clear()
+            continue
+        seen.add(identity)
+        found += [Path(directory) / n for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
+    return sorted(found)
 
 
 def make_loaders(

@@ -180,6 +180,7 @@ class RunFolder:
         path: str | os.PathLike[str],
         resume: Checkpoint | None = None,
         resumable: bool = True,
+        restarting: bool = False,
     ) -> None:
         self.path = Path(path)
         if self.path.exists() and not self.path.is_dir():
@@ -199,7 +200,7 @@ class RunFolder:
                     f"output folder {self.path} already holds a run; choose another --out"
                     + (" (or --resume it)" if resumable else "")
                 )
-            if (self.path / METRICS).exists():
+            if (self.path / METRICS).exists() and not restarting:
                 warnings.warn(
                     f"output folder {self.path} holds a run stopped before its first "
                     "checkpoint; it is started again",
@@ -288,7 +289,12 @@ class RunFolder:
 class SilentRunFolder:
     """What ranks other than 0 of a distributed run write: nothing (rank 0 writes the run)."""
 
-    def __init__(self, path: str | os.PathLike[str], resume: Checkpoint | None = None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        resume: Checkpoint | None = None,
+        restarting: bool = False,
+    ) -> None:
         self.path = Path(path)
         self.history: list[dict[str, Any]] = []
 

@@ -254,6 +254,11 @@ class Trainer:
         self.config, self.run = config, run
         self.device = device_of_this_rank(config)
         self.rank, self.world_size = launch.current()
+        if launch.launched_world_size() > 1 and self.world_size == 1:
+            raise UserError(
+                "under torchrun a Trainer needs the process group: run it inside "
+                "spngd.distributed.launch.process_group (spngd train does)"
+            )
         self.data = load_data(config)
         self.train_loader, self.val_loader = make_loaders(
             self.data, config, self.rank, self.world_size
@@ -360,6 +365,8 @@ class Trainer:
         Too many non-finite steps in a row, or a model holding NaN or inf at a checkpoint,
         raise :class:`TrainingStoppedError`; the last good checkpoint stays as it was.
         """
+        if self.step >= self.total_steps:  # a finished run resumed: nothing to write
+            return RunResult(self.records, self.step, self.val_accuracy, self.train_time)
         self.run.write_config(self.config.to_dict())
         start = time.perf_counter() - self.wall_time
         progress = self.config.progress and self.rank == 0
