@@ -318,7 +318,7 @@ def test_nonfinite_gradient_skips_the_step_and_too_many_stop_training() -> None:
     params = [p.detach().clone() for p in model.parameters()]
     factors = [f.clone() for f in opt.curvature["conv"].factors]
     momentum = opt.state[model.fc.weight]["momentum_buffer"].clone()
-    step = opt._step
+    step = opt.steps_taken
     for attempt in (1, 2):
         image, token, y = _batch(seed=50 + attempt)
         opt.zero_grad()
@@ -331,9 +331,9 @@ def test_nonfinite_gradient_skips_the_step_and_too_many_stop_training() -> None:
     for before, after in zip(factors, opt.curvature["conv"].factors, strict=True):
         torch.testing.assert_close(after, before, rtol=0, atol=0)
     torch.testing.assert_close(opt.state[model.fc.weight]["momentum_buffer"], momentum)
-    assert opt._step == step and opt.guard.skipped_steps == 2
+    assert opt.steps_taken == step and opt.skipped_steps == 2
     _train(model, opt, 1, seed=60)  # a good step resets the run of bad ones
-    assert opt.guard.bad_steps_in_a_row == 0 and opt.guard.skipped_steps == 2
+    assert not opt.last_step_skipped and opt.skipped_steps == 2
     image, token, y = _batch(seed=70)
     with pytest.raises(NonFiniteGradientError, match="3 steps in a row had NaN or inf"):
         for _ in range(3):

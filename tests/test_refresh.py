@@ -45,7 +45,7 @@ def _refresh_steps(
     """Run ``steps`` steps; return, per statistic key, the steps at which it was computed."""
     seen: dict[tuple[str, int], list[int]] = {}
     for _ in range(steps):
-        step = opt._step
+        step = opt.steps_taken
         for name, block in opt.curvature.items():
             for i, wanted in enumerate(block.wanted):
                 if wanted:
@@ -94,7 +94,7 @@ def test_a_shift_of_the_input_distribution_is_caught_within_the_cap() -> None:
     opt = SPNGD(model, lr=0.0, refresh=AdaptiveRefresh(max_interval=cap, warmup_steps=2))
     _refresh_steps(opt, model, 40, batch_seed=1)
     assert all(interval == cap for interval in opt.refresh.interval.values())
-    shift = opt._step
+    shift = opt.steps_taken
     seen = _refresh_steps(opt, model, cap + 2, batch_seed=2, scale=10.0)
     for key, steps in seen.items():
         assert steps[0] < shift + cap, key  # refreshed again within the cap

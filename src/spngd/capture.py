@@ -56,7 +56,7 @@ class StatisticsCapture:
         self.grad_scaler = grad_scaler
         self.times = times
         self.on_recorded = on_recorded
-        self.recorded_since_step = 0
+        self._recorded = 0
         self._sampling = False
         self._handles: list[RemovableHandle] = [
             block.module.register_forward_hook(self._forward_hook(block)) for block in blocks
@@ -82,12 +82,17 @@ class StatisticsCapture:
                     return
                 recorded = True
                 block.accumulate(saved_input, self._unscaled(grad), self.times)
-                self.recorded_since_step += 1
+                self._recorded += 1
                 self.on_recorded(block.name)
 
             output.register_hook(on_output_grad)
 
         return hook
+
+    def take_recorded_count(self) -> int:
+        """Pairs recorded since the last call (the optimizer's check that statistics came)."""
+        count, self._recorded = self._recorded, 0
+        return count
 
     def _unscaled(self, grad: torch.Tensor) -> torch.Tensor:
         """The output gradient of the unscaled mean loss, in the statistics dtype.

@@ -329,7 +329,7 @@ class SPNGD(Optimizer):
         for block in self.curvature.values():
             block.clear_pending()
         self._exchange.reset()
-        self._capture.recorded_since_step = 0
+        self._capture.take_recorded_count()
 
     # -- the step -------------------------------------------------------------------------
     @torch.no_grad()
@@ -412,6 +412,21 @@ class SPNGD(Optimizer):
         for name, block in self.curvature.items():
             block.wanted = plans[name]
         return loss
+
+    @property
+    def steps_taken(self) -> int:
+        """Steps applied so far (skipped ones not counted); also ``state_dict()["step"]``."""
+        return self._step
+
+    @property
+    def last_step_skipped(self) -> bool:
+        """Whether the last ``step()`` was skipped for NaN or inf gradients."""
+        return self.guard.bad_steps_in_a_row > 0
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for NaN or inf gradients so far (not those a GradScaler skips)."""
+        return self.guard.skipped_steps
 
     def stage_seconds(self) -> dict[str, float]:
         """Seconds spent in each stage of SP-NGD's work since construction, in step order:
@@ -557,8 +572,7 @@ class SPNGD(Optimizer):
 
     def _warn_if_no_statistics(self) -> None:
         wanted = any(any(block.wanted) for block in self.curvature.values())
-        recorded = self._capture.recorded_since_step
-        self._capture.recorded_since_step = 0
+        recorded = self._capture.take_recorded_count()
         if wanted and not recorded and not self._warned_no_statistics:
             self._warned_no_statistics = True
             hint = (

@@ -117,8 +117,8 @@ def _nan_on_one_rank(rank: int, world_size: int, out: str) -> None:
     torch.save(
         {
             "params": [p.detach() for p in model.parameters()],
-            "skipped": opt.guard.skipped_steps,
-            "step": opt._step,
+            "skipped": opt.skipped_steps,
+            "step": opt.steps_taken,
         },
         Path(out) / f"rank{rank}.pt",
     )

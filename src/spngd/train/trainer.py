@@ -107,7 +107,7 @@ def train_step(
         examples += len(images)
     forward_backward = time.perf_counter() - start
     optimizer.step()
-    if optimizer.guard.bad_steps_in_a_row:  # this step was skipped
+    if optimizer.last_step_skipped:
         with torch.no_grad():
             for buffer, saved in zip(model.buffers(), buffers, strict=True):
                 buffer.copy_(saved)
@@ -162,6 +162,16 @@ class GuardedSGD(torch.optim.SGD):
         if not self.guard.skip(bool(any_nonfinite(grads))):
             super().step()
         return loss
+
+    @property
+    def last_step_skipped(self) -> bool:
+        """Whether the last ``step()`` was skipped for NaN or inf gradients (as SPNGD's)."""
+        return self.guard.bad_steps_in_a_row > 0
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for NaN or inf gradients so far (as SPNGD's)."""
+        return self.guard.skipped_steps
 
     def state_dict(self) -> dict[str, Any]:
         """Torch's SGD state plus the skipped-step counters (as SPNGD's state dict has)."""
@@ -474,7 +484,7 @@ class Trainer:
             "train_accuracy": sum(r.correct for r in results) / sum(r.examples for r in results),
             "val_loss": self.val_loss,
             "val_accuracy": self.val_accuracy,
-            "skipped_steps": self.optimizer.guard.skipped_steps,
+            "skipped_steps": self.optimizer.skipped_steps,
             "forward_backward_seconds": round(sum(r.forward_backward_seconds for r in results), 6),
         }
         if isinstance(self.optimizer, SPNGD):
