@@ -410,3 +410,26 @@ def _flat(state: object) -> list[torch.Tensor]:
     if isinstance(state, list | tuple):
         return [t for item in state for t in _flat(item)]
     return []
+
+
+def test_a_state_dict_that_is_not_spngd_s_is_refused() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    opt = SPNGD(model, lr=0.1)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.5)
+    with pytest.raises(ValueError, match="not an SPNGD state dict: its param groups lack"):
+        opt.load_state_dict(sgd.state_dict())
+    with pytest.raises(ValueError, match="not an optimizer state dict"):
+        opt.load_state_dict({})
+    assert opt.param_groups[0]["lr"] == 0.1
+
+
+def test_an_empty_batch_records_nothing_and_steps() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    opt = SPNGD(model, lr=0.1)
+    opt.zero_grad()
+    model(torch.randn(0, 4)).sum().backward()
+    opt.step()
+    assert all(block.factors == [None, None] for block in opt.curvature.values())
+    assert all(torch.isfinite(p).all() for p in model.parameters())

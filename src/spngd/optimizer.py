@@ -710,6 +710,16 @@ class SPNGD(Optimizer):
             generator.manual_seed(int(state.to(torch.int64).sum()))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s state; a ValueError, with nothing changed, for one
+        that is not an SPNGD state dict or does not fit this model."""
+        groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+        if not isinstance(groups, list) or "state" not in state_dict:
+            raise ValueError("not an optimizer state dict (no 'state' and 'param_groups')")
+        missing = {key for group in groups for key in self.defaults if key not in group}
+        if missing:
+            raise ValueError(
+                f"not an SPNGD state dict: its param groups lack {', '.join(sorted(missing))}"
+            )
         state_dict = dict(state_dict)
         curvature = state_dict.pop("curvature", {})
         refresh = state_dict.pop("refresh", None)

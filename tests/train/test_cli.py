@@ -31,7 +31,7 @@ from spngd.train.config import (
 )
 from spngd.train.data import load_data
 from spngd.train.models import build_model
-from spngd.train.runfolder import CHECKPOINT
+from spngd.train.runfolder import CHECKPOINT, RunFolder
 from tests.train.conftest import SMALL, CliRun, assert_one_line_error, write_image_folder
 
 TINY = ("--epochs", "0.05", "--no-progress", "--device", "cpu")
@@ -428,3 +428,31 @@ def test_run_files_get_the_modes_the_umask_gives(run_cli: CliRun, tmp_path: Path
         os.umask(previous)
     modes = {path.name: path.stat().st_mode & 0o777 for path in out.iterdir()}
     assert set(modes.values()) == {0o640}, modes
+
+
+def test_a_run_folder_in_use_by_another_process_is_refused(run_cli: CliRun, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    first = RunFolder(out)  # as a running spngd holds it
+    try:
+        assert_one_line_error(
+            run_cli("train", "--out", str(out), *TINY),
+            f"output folder {out} is in use by another spngd process",
+        )
+    finally:
+        first.close()
+    assert not (out / ".lock").exists()
+
+
+def test_a_run_file_the_file_system_refuses_is_one_line(tmp_path: Path) -> None:
+    """config.json past a real file size limit: one line, status 2."""
+    out = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-m", "spngd.train.cli", "train", "--out", str(out), *TINY],
+        capture_output=True,
+        text=True,
+        preexec_fn=_file_size_limit(200),
+    )
+    assert_one_line_error(
+        (done.returncode, done.stdout, done.stderr),
+        f"cannot write {out / 'config.json'} (File too large); the last checkpoint is kept",
+    )

@@ -70,6 +70,11 @@ def test_precedence_recipe_over_defaults_and_options_over_recipe() -> None:
         ({"refresh_warmup_steps": -1}, "--refresh-warmup-steps must be >= 0, got -1"),
         ({"inverse_interval": 0, "stat_interval": 1}, "--inverse-interval must be >= 1, got 0"),
         ({"inverse_interval": 10}, "--inverse-interval needs --stat-interval"),
+        ({"seed": 10**23}, "--seed must be in 0..2**63-1"),
+        ({"device": "meta"}, "--device meta: spngd trains on cpu or cuda"),
+        ({"image_size": 100_000}, "--image-size must be in 1..4096"),
+        ({"warmup_epochs": float("inf")}, "--warmup-epochs must be finite"),
+        ({"weight_decay": float("inf")}, "--weight-decay must be finite"),
     ],
 )
 def test_bad_values_are_user_errors_naming_the_flag(

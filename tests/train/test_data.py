@@ -93,8 +93,20 @@ def test_cifar10_batches_are_detected_and_loaded(tmp_path: Path) -> None:
         ),
         (lambda batch: [batch[b"data"], batch[b"labels"]], "not a CIFAR-10 batch (a pickled list"),
         (lambda batch: {**batch, b"data": batch[b"data"][:, :100]}, "malformed CIFAR-10 batch"),
+        (lambda batch: {**batch, b"data": batch[b"data"] * 1000.0}, "pixels are float64"),
+        (lambda batch: {**batch, b"labels": [2**70] * 6}, "malformed CIFAR-10 batch"),
+        (lambda batch: {b"data": batch[b"data"][:0], b"labels": []}, "holds no images"),
     ],
-    ids=["fewer-labels", "label-15", "label-minus-1", "a-list", "short-images"],
+    ids=[
+        "fewer-labels",
+        "label-15",
+        "label-minus-1",
+        "a-list",
+        "short-images",
+        "float-pixels",
+        "huge-labels",
+        "empty",
+    ],
 )
 def test_a_malformed_cifar_batch_is_a_one_line_error(
     tmp_path: Path, damage: Callable[[dict], object], message: str

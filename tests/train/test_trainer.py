@@ -82,6 +82,7 @@ def test_checkpoint_is_replaced_atomically_keeping_the_previous_one_and_kept_on_
     with pytest.raises(UserError, match=r"No space left on device.*previous checkpoint is kept"):
         run.save_checkpoint({"step": 3})
     monkeypatch.undo()
+    run.close()
     assert torch.load(tmp_path / "run" / CHECKPOINT)["step"] == 2
     assert torch.load(tmp_path / "run" / PREVIOUS)["step"] == 1
     assert {p.name for p in (tmp_path / "run").iterdir()} == {

@@ -101,6 +101,8 @@ class CurvatureBlock(ABC):
         """Add the ``wanted`` statistics of one forward/backward pair (called from the
         hooks), each timed as stage ``statistics <name>``; with ``measure_noise``, also
         their sampling noise (:meth:`statistic_and_noise`)."""
+        if inputs.dim() > 1 and inputs.shape[0] == 0:
+            return  # an empty batch tells nothing about the curvature
         stats: list[torch.Tensor | None] = []
         noises: list[torch.Tensor | None] = []
         # A backward inside autocast would run the products below in half precision.

@@ -214,6 +214,13 @@ def _show_warning(
 _MAIN_PROCESS = os.getpid()
 
 
+def _quiet_worker_shutdown() -> None:
+    """After Ctrl-C or SIGTERM to the whole process group the DataLoader workers are gone
+    too; the loaders' clean-up would report each one ("Exception ignored in ... worker
+    killed by signal"). The run is stopping: nothing of that is news."""
+    sys.unraisablehook = lambda unraisable: None
+
+
 def _terminate(signum: int, frame: types.FrameType | None) -> NoReturn:
     """SIGTERM: stop the run like Ctrl-C. DataLoader workers (forked with this handler,
     and signalled too when a scheduler stops the whole process group) leave quietly."""
@@ -238,9 +245,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"spngd: error: {error}", file=sys.stderr)
         return TRAINING_STOPPED
     except KeyboardInterrupt:
+        _quiet_worker_shutdown()
         print("spngd: interrupted", file=sys.stderr)
         return 130
     except Terminated:
+        _quiet_worker_shutdown()
         print("spngd: terminated (SIGTERM)", file=sys.stderr)
         return 128 + signal.SIGTERM
     except RankFailureError as error:

@@ -146,7 +146,8 @@ class TrainConfig:
             ("mixup_alpha", self.mixup_alpha >= 0, ">= 0"),
             ("mixup_off_epoch", self.mixup_off_epoch is None or self.mixup_off_epoch >= 0, ">= 0"),
             ("label_smoothing", 0 <= self.label_smoothing < 1, "in [0, 1)"),
-            ("image_size", self.image_size >= 1, "a positive integer"),
+            ("image_size", 1 <= self.image_size <= MAX_IMAGE_SIZE, f"in 1..{MAX_IMAGE_SIZE}"),
+            ("seed", 0 <= self.seed < 2**63, "in 0..2**63-1"),
             ("workers", self.workers >= 0, ">= 0"),
             ("eval_every_steps", self.eval_every_steps >= 0, ">= 0"),
             ("max_bad_steps", self.max_bad_steps >= 1, "a positive integer"),
@@ -167,7 +168,7 @@ class TrainConfig:
             raise UserError("--inverse-interval needs --stat-interval (fixed intervals)")
         if self.damping_start is not None and self.damping_decay_epochs <= 0:
             raise UserError("--damping-start needs --damping-decay-epochs > 0")
-        for name in ("epochs", "lr", "damping", "lr_decay_end"):
+        for name in ("epochs", "lr", "damping", "lr_decay_end", "warmup_epochs", "weight_decay"):
             if not math.isfinite(getattr(self, name)):
                 raise UserError(f"{flag(name)} must be finite, got {getattr(self, name)}")
 
@@ -184,11 +185,17 @@ def recipe_settings(name: str | None) -> dict[str, Any]:
     return RECIPES[name].settings()
 
 
+MAX_IMAGE_SIZE = 4096
+"""Largest ``--image-size``: far above ImageNet's 224, far below what fills a machine."""
+
+
 def _check_device(device: str) -> None:
     try:
         kind = torch.device(device).type
     except RuntimeError:
         raise UserError(f"--device {device!r} is not a torch device (cpu, cuda, cuda:N)") from None
+    if kind not in ("cpu", "cuda"):
+        raise UserError(f"--device {device}: spngd trains on cpu or cuda")
     if kind == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {device}: CUDA is not available on this machine")
 

@@ -226,9 +226,16 @@ def _cifar10(folder: str) -> tuple[Split, Split, float]:
                 "dict with data and labels)"
             )
         try:
-            data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-            labels = np.asarray(batch[b"labels"], dtype=np.int64).reshape(-1)
-        except (TypeError, ValueError) as error:
+            raw_data, raw_labels = np.asarray(batch[b"data"]), np.asarray(batch[b"labels"])
+            if raw_data.size == 0:
+                raise UserError(f"{path} holds no images")
+            if raw_data.dtype != np.uint8:
+                raise ValueError(f"pixels are {raw_data.dtype}, not uint8")
+            if not np.issubdtype(raw_labels.dtype, np.integer):
+                raise ValueError(f"labels are {raw_labels.dtype}, not integers")
+            data = raw_data.reshape(-1, 3, 32, 32)
+            labels = raw_labels.astype(np.int64).reshape(-1)
+        except (TypeError, ValueError, OverflowError) as error:
             raise UserError(f"{path}: malformed CIFAR-10 batch ({brief_reason(error)})") from None
         if len(labels) != len(data):
             raise UserError(f"{path} holds {len(data)} images but {len(labels)} labels")
@@ -246,7 +253,16 @@ def _cifar10(folder: str) -> tuple[Split, Split, float]:
 
 def _image_folder(root: Path, train_tf: Transform, eval_tf: Transform) -> DataBundle:
     """``train/CLASS/**`` and ``val/CLASS/**`` (images in a class folder's subfolders count
-    too); classes are the sorted training subfolders, each holding at least one image."""
+    too); classes are the sorted training subfolders, each holding at least one image. A
+    folder that cannot be read is a UserError, not a silently smaller data set."""
+    try:
+        return _scan_image_folder(root, train_tf, eval_tf)
+    except OSError as error:
+        where = error.filename or root
+        raise UserError(f"cannot read {where} ({error.strerror or error})") from None
+
+
+def _scan_image_folder(root: Path, train_tf: Transform, eval_tf: Transform) -> DataBundle:
     classes = sorted(entry.name for entry in os.scandir(root / "train") if entry.is_dir())
     if not classes:
         raise UserError(f"{root / 'train'} has no class folders (expected train/CLASS/*.jpg|png)")
@@ -283,7 +299,7 @@ def _images_under(folder: Path) -> list[Path]:
     """Image files in ``folder`` and its subfolders (links followed, each folder once, so a
     link loop ends), sorted by path."""
     found, seen = [], set()
-    for directory, subfolders, names in os.walk(folder, followlinks=True):
+    for directory, subfolders, names in os.walk(folder, onerror=_raise, followlinks=True):
         identity = (os.stat(directory).st_dev, os.stat(directory).st_ino)
         if identity in seen:
             subfolders.clear()
@@ -291,6 +307,10 @@ def _images_under(folder: Path) -> list[Path]:
         seen.add(identity)
         found += [Path(directory) / n for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
     return sorted(found)
+
+
+def _raise(error: OSError) -> None:
+    raise error
 
 
 def make_loaders(

@@ -10,11 +10,12 @@ for ``--resume``.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import tempfile
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -27,6 +28,8 @@ from spngd.train.plots import plot_runs
 
 CONFIG, METRICS, PLOT = "config.json", "metrics.jsonl", "plot.png"
 CHECKPOINT, PREVIOUS = "checkpoint.pt", "checkpoint.prev.pt"
+LOCK = ".lock"
+"""Held (``flock``) by the process writing the run, so that a second one is refused."""
 TEMPORARY = ".tmp"
 """Suffix of :func:`atomic_write`'s temporary files (``.NAME.RANDOM.tmp``)."""
 SET_ASIDE = ".bad"
@@ -183,16 +186,31 @@ class RunFolder:
         restarting: bool = False,
     ) -> None:
         self.path = Path(path)
-        if self.path.exists() and not self.path.is_dir():
-            raise UserError(f"--out {self.path} is a file, not a folder")
         try:
+            if self.path.exists() and not self.path.is_dir():
+                raise UserError(f"--out {self.path} is a file, not a folder")
             self.path.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryFile(dir=self.path):
                 pass
+            self._lock = open(self.path / LOCK, "a")  # held until close()
         except OSError as error:
             raise UserError(
                 f"output folder {self.path} is not writable ({error.strerror or error})"
             ) from None
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock.close()
+            raise UserError(
+                f"output folder {self.path} is in use by another spngd process"
+            ) from None
+        try:
+            self._open(resume, resumable, restarting)
+        except BaseException:
+            self._release()
+            raise
+
+    def _open(self, resume: Checkpoint | None, resumable: bool, restarting: bool) -> None:
         self.history: list[dict[str, Any]] = []
         if resume is None:
             if holds_checkpoint(self.path):
@@ -211,8 +229,10 @@ class RunFolder:
             self._set_aside(resume)
             for leftover in self.path.glob(f".*{TEMPORARY}"):
                 leftover.unlink(missing_ok=True)
-            self.history = self._keep_metrics(resume.step)
-        self._metrics = open(self.path / METRICS, "a" if resume else "w", buffering=1)
+            with self._writing(METRICS):
+                self.history = self._keep_metrics(resume.step)
+        with self._writing(METRICS):
+            self._metrics = open(self.path / METRICS, "a" if resume else "w", buffering=1)
 
     def _set_aside(self, resume: Checkpoint) -> None:
         for path, reason in resume.rejected:
@@ -229,27 +249,67 @@ class RunFolder:
             )
 
     def _keep_metrics(self, step: int) -> list[dict[str, Any]]:
-        """Cut ``metrics.jsonl`` after the last record up to ``step`` (and before a line torn
-        by a crash); return the records kept."""
+        """Cut ``metrics.jsonl`` after the last record up to ``step`` (a last line torn by a
+        crash goes too); return the records kept. A line that is not a record (edited by
+        hand?) is kept as it is, with one warning: nothing the user wrote is lost."""
         try:
-            lines = (self.path / METRICS).read_text().splitlines()
+            lines = (self.path / METRICS).read_text(errors="surrogateescape").splitlines()
         except FileNotFoundError:
             lines = []
         kept: list[dict[str, Any]] = []
-        for line in lines:
+        kept_lines: list[str] = []
+        odd: list[int] = []
+        for number, line in enumerate(lines, start=1):
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError:
+            except ValueError:
+                record = None
+            record_step = record.get("step") if isinstance(record, dict) else None
+            if not isinstance(record_step, int):
+                if number == len(lines):
+                    break  # torn by a crash while it was written
+                if line.strip():
+                    odd.append(number)
+                    kept_lines.append(line)
+                continue
+            if record_step > step:
                 break
-            if record["step"] > step:
-                break
-            kept.append(record)
-        text = "".join(line + "\n" for line in lines[: len(kept)])
-        atomic_write(self.path / METRICS, lambda file: file.write(text.encode()))
+            kept.append(record)  # type: ignore[arg-type]
+            kept_lines.append(line)
+        if odd:
+            warnings.warn(
+                f"{self.path / METRICS}: line(s) {', '.join(map(str, odd[:5]))} are not "
+                "records; kept as they are",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        text = "".join(line + "\n" for line in kept_lines)
+        atomic_write(
+            self.path / METRICS, lambda file: file.write(text.encode(errors="surrogateescape"))
+        )
         return kept
 
+    @contextlib.contextmanager
+    def _writing(self, name: str) -> Iterator[None]:
+        """A failed write of a run file (a full disk, a lost permission) is a UserError."""
+        try:
+            yield
+        except OSError as error:
+            raise UserError(
+                f"cannot write {self.path / name} ({error.strerror or error}); the last "
+                "checkpoint is kept"
+            ) from None
+
     def close(self) -> None:
-        self._metrics.close()
+        try:
+            with self._writing(METRICS):
+                self._metrics.close()
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        (self.path / LOCK).unlink(missing_ok=True)
+        self._lock.close()
 
     def __enter__(self) -> RunFolder:
         return self
@@ -259,11 +319,13 @@ class RunFolder:
 
     def write_config(self, config: Mapping[str, Any]) -> None:
         text = json.dumps(dict(config), indent=2) + "\n"
-        atomic_write(self.path / CONFIG, lambda file: file.write(text.encode()))
+        with self._writing(CONFIG):
+            atomic_write(self.path / CONFIG, lambda file: file.write(text.encode()))
 
     def log(self, record: Mapping[str, Any]) -> None:
         """Append one JSON line to ``metrics.jsonl`` (flushed, so it can be followed live)."""
-        self._metrics.write(json.dumps(dict(record)) + "\n")
+        with self._writing(METRICS):
+            self._metrics.write(json.dumps(dict(record)) + "\n")
 
     def save_checkpoint(self, payload: Mapping[str, Any]) -> None:
         """Replace ``checkpoint.pt`` atomically, the old one becoming ``checkpoint.prev.pt``;
@@ -283,7 +345,8 @@ class RunFolder:
             ) from None
 
     def plot(self, records: Sequence[Mapping[str, Any]], title: str) -> None:
-        plot_runs({"": records}, self.path / PLOT, title)
+        with self._writing(PLOT):
+            plot_runs({"": records}, self.path / PLOT, title)
 
 
 class SilentRunFolder:
