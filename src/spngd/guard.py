@@ -76,3 +76,19 @@ class NonFiniteGuard:
         """Restore the counters from an optimizer state dict, taking their entries out."""
         self.skipped_steps = state.pop("skipped_steps", 0)
         self.bad_steps_in_a_row = state.pop("bad_steps_in_a_row", 0)
+
+
+class GuardedSteps:
+    """What an optimizer with a :class:`NonFiniteGuard` (its ``guard``) says of its skips."""
+
+    guard: NonFiniteGuard
+
+    @property
+    def last_step_skipped(self) -> bool:
+        """Whether the last ``step()`` was skipped for NaN or inf gradients."""
+        return self.guard.bad_steps_in_a_row > 0
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for NaN or inf gradients so far (not those a GradScaler skips)."""
+        return self.guard.skipped_steps

@@ -25,7 +25,7 @@ from spngd.capture import StatisticsCapture
 from spngd.curvature import CurvatureBlock, make_block
 from spngd.curvature.kronecker import DAMPING_FORMS, KroneckerBlock, update_inverses
 from spngd.distributed.exchange import DistributedConfig, Statistics, make_exchange
-from spngd.guard import NonFiniteGuard, any_nonfinite
+from spngd.guard import GuardedSteps, NonFiniteGuard, any_nonfinite
 from spngd.refresh import AdaptiveRefresh, RefreshPolicy, relative_changes
 from spngd.timing import StageTimes
 
@@ -59,7 +59,7 @@ class _Pending:
     results: list[tuple[CurvatureBlock, list[torch.Tensor], list[torch.Tensor]]]
 
 
-class SPNGD(Optimizer):
+class SPNGD(GuardedSteps, Optimizer):
     """Scalable and Practical Natural Gradient Descent (Osawa et al., TPAMI 2020).
 
     Linear and Conv2d layers are preconditioned with Kronecker-factored curvature
@@ -417,16 +417,6 @@ class SPNGD(Optimizer):
     def steps_taken(self) -> int:
         """Steps applied so far (skipped ones not counted); also ``state_dict()["step"]``."""
         return self._step
-
-    @property
-    def last_step_skipped(self) -> bool:
-        """Whether the last ``step()`` was skipped for NaN or inf gradients."""
-        return self.guard.bad_steps_in_a_row > 0
-
-    @property
-    def skipped_steps(self) -> int:
-        """Steps skipped for NaN or inf gradients so far (not those a GradScaler skips)."""
-        return self.guard.skipped_steps
 
     def stage_seconds(self) -> dict[str, float]:
         """Seconds spent in each stage of SP-NGD's work since construction, in step order:

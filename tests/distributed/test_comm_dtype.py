@@ -12,31 +12,19 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from spngd import SPNGD
 from spngd.distributed import DistributedConfig
 from tests.distributed.harness import run_workers
+from tests.small_models import conv_bn_net
 
 STEPS = 6
 LOCAL_BATCH = 8
 
 
-def _model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 6, 3, padding=1),
-        nn.BatchNorm2d(6),
-        nn.ReLU(inplace=True),
-        nn.Conv2d(6, 4, 3, stride=2),
-        nn.Flatten(),
-        nn.Linear(4 * 16, 3),
-    )
-
-
 def _worker(rank: int, world_size: int, out: str, comm_dtype: torch.dtype) -> None:
-    model = _model()
+    model = conv_bn_net()
     ddp = DistributedDataParallel(model)
     opt = SPNGD(ddp, lr=0.1, damping=1e-3, distributed=DistributedConfig(comm_dtype=comm_dtype))
     gen = torch.Generator().manual_seed(rank)
@@ -59,7 +47,7 @@ def test_replicas_stay_bit_identical(
 ) -> None:
     run_workers(_worker, world_size, str(tmp_path), comm_dtype)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world_size)]
-    initial = [p.detach() for p in _model().parameters()]
+    initial = [p.detach() for p in conv_bn_net().parameters()]
     for result in results[1:]:
         for got, want in zip(result, results[0], strict=True):
             assert torch.equal(got, want)

@@ -7,32 +7,20 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from spngd import SPNGD
 from spngd.distributed import DistributedConfig
 from tests.distributed.harness import run_workers
+from tests.small_models import conv_bn_net
 
 STEPS = 4
 LOCAL_BATCH = 8
 SCALE = 2.0**8
 
 
-def _model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 6, 3, padding=1),
-        nn.BatchNorm2d(6),
-        nn.ReLU(inplace=True),
-        nn.Conv2d(6, 4, 3, stride=2),
-        nn.Flatten(),
-        nn.Linear(4 * 16, 3),
-    )
-
-
 def _worker(rank: int, world_size: int, out: str, wrap: bool, overflow_step: int) -> None:
-    model = _model()
+    model = conv_bn_net()
     net = DistributedDataParallel(model) if wrap else model
     scaler = torch.amp.GradScaler("cpu", init_scale=SCALE)
     opt = SPNGD(
@@ -71,7 +59,7 @@ def test_unwrapped_overlap_update_equals_the_ddp_update_under_a_grad_scaler(
     run_workers(_worker, 2, str(tmp_path / "ddp"), True, -1)
     run_workers(_worker, 2, str(tmp_path / "unwrapped"), False, -1)
     ddp, unwrapped = _load(tmp_path / "ddp"), _load(tmp_path / "unwrapped")
-    start = [p.detach() for p in _model().parameters()]
+    start = [p.detach() for p in conv_bn_net().parameters()]
     for got, want, p0 in zip(
         unwrapped[0]["history"][-1], ddp[0]["history"][-1], start, strict=True
     ):

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from spngd.distributed import launch
-from spngd.guard import NonFiniteGradientError, NonFiniteGuard, any_nonfinite
+from spngd.guard import GuardedSteps, NonFiniteGradientError, NonFiniteGuard, any_nonfinite
 from spngd.optimizer import SPNGD
 from spngd.refresh import AdaptiveRefresh
 from spngd.timing import seconds_since
@@ -131,7 +131,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> tupl
     return loss / count, correct / count
 
 
-class GuardedSGD(torch.optim.SGD):
+class GuardedSGD(GuardedSteps, torch.optim.SGD):
     """Momentum SGD that, like SPNGD, skips a step whose gradients hold NaN or inf.
 
     The skipped step leaves parameters and momentum untouched and warns; after
@@ -162,16 +162,6 @@ class GuardedSGD(torch.optim.SGD):
         if not self.guard.skip(bool(any_nonfinite(grads))):
             super().step()
         return loss
-
-    @property
-    def last_step_skipped(self) -> bool:
-        """Whether the last ``step()`` was skipped for NaN or inf gradients (as SPNGD's)."""
-        return self.guard.bad_steps_in_a_row > 0
-
-    @property
-    def skipped_steps(self) -> int:
-        """Steps skipped for NaN or inf gradients so far (as SPNGD's)."""
-        return self.guard.skipped_steps
 
     def state_dict(self) -> dict[str, Any]:
         """Torch's SGD state plus the skipped-step counters (as SPNGD's state dict has)."""
