@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -456,3 +457,26 @@ def test_a_run_file_the_file_system_refuses_is_one_line(tmp_path: Path) -> None:
         (done.returncode, done.stdout, done.stderr),
         f"cannot write {out / 'config.json'} (File too large); the last checkpoint is kept",
     )
+
+
+def test_docs_cli_lists_every_option_and_only_real_ones() -> None:
+    """docs/cli.md's option table cannot drift from the parser: every config field's flag is
+    in it, and every flag it names exists."""
+    from dataclasses import fields
+
+    from spngd.train.cli import build_parser
+    from spngd.train.config import TrainConfig, flag
+
+    text = (Path(__file__).parents[2] / "docs" / "cli.md").read_text()
+    table = text[text.index("## Options") : text.index("## Data")]
+    named = set(re.findall(r"`(--[a-z0-9-]+)", table))
+    parser = build_parser()
+    real = {
+        option
+        for commands in parser._subparsers._group_actions  # type: ignore[union-attr]
+        for sub in commands.choices.values()
+        for action in sub._actions
+        for option in action.option_strings
+    }
+    assert {flag(field.name) for field in fields(TrainConfig)} <= named
+    assert named <= real, named - real
