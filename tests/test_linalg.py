@@ -81,23 +81,34 @@ def test_unit_wise_inverse_matches_linalg_inv() -> None:
 
 
 def test_batched_inversion_equals_one_block_at_a_time() -> None:
-    """Same-sized factors of several layers share one Cholesky call, with equal results;
-    a block whose batched inversion fails retries alone."""
+    """Same-sized factors of several layers share one Cholesky call: each block's factors
+    reproduce its damped factors built independently (explicit pi and identity, float64),
+    and the proposals' validity flags say which factorisations held: a block whose factor
+    holds NaN comes back invalid, for the optimizer to take the fallback path."""
     from torch import nn
 
     from spngd.curvature import LinearBlock
     from spngd.curvature.kronecker import update_inverses
+    from tests.curvature._bruteforce import damped_factors
 
     torch.manual_seed(0)
-    blocks = [LinearBlock(f"fc{i}", nn.Linear(6, 4).double()) for i in range(3)]
+    blocks = [LinearBlock(f"fc{i}", nn.Linear(6, 4).double()) for i in range(4)]
     for block in blocks:
         block.factors = [_spd(7, 10 + int(block.name[-1])), _spd(4, 20 + int(block.name[-1]))]
     blocks[2].factors[0] = torch.zeros(1, 7, 7, dtype=torch.float64)  # pi falls back to 1
-    update_inverses([(block, 1e-3) for block in blocks])
-    for block in blocks:
-        expected = block.compute_inverse(1e-3)
-        for got, want in zip(block.inverse, expected, strict=True):
-            torch.testing.assert_close(got, want)
+    blocks[3].factors[1] = torch.full((1, 4, 4), float("nan"), dtype=torch.float64)
+    proposals = update_inverses([(block, 1e-3) for block in blocks])
+    valid = {block.name: bool(flag) for block, _, flag in proposals}
+    assert valid == {"fc0": True, "fc1": True, "fc2": True, "fc3": False}
+    for block in blocks[:3]:
+        A, G = block.factors[0][0], block.factors[1][0]
+        if not A.any():  # pi = 1 for an all-zero factor
+            A_d, G_d = damped_factors(A, G, 1e-3, use_pi=False)
+        else:
+            A_d, G_d = damped_factors(A, G, 1e-3)
+        lower_a, lower_g = block.inverse
+        torch.testing.assert_close(lower_a[0] @ lower_a[0].T, A_d, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(lower_g[0] @ lower_g[0].T, G_d, rtol=1e-10, atol=1e-12)
         assert block.inverse_damping == 1e-3
 
 
@@ -125,8 +136,9 @@ def test_a_reused_inverse_is_formed_once_and_agrees_with_the_solves() -> None:
     third = block.precondition(grads)  # A at use ceil(7 / 4) = 2
     formed = block.formed_inverse
     assert formed[0] is not None and formed[1] is g_formed
-    assert block.precondition(grads) is not None and block.formed_inverse is formed
-    for later in (second, third):
+    fourth = block.precondition(grads)
+    assert block.formed_inverse is formed  # formed once, then reused
+    for later in (second, third, fourth):
         for a, b in zip(first, later, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     # against the explicit Kronecker solve of the damped factors

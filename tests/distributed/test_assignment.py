@@ -45,15 +45,18 @@ def test_costs() -> None:
 
 
 @pytest.mark.parametrize(
-    "kwargs",
+    ("kwargs", "message"),
     [
-        {"kind": "diagonal", "a_dim": 3, "g_dim": 3},
-        {"kind": "kronecker", "a_dim": 0, "g_dim": 3},
-        {"kind": "kronecker", "a_dim": 3, "g_dim": 3, "groups": 0},
+        ({"kind": "diagonal", "a_dim": 3, "g_dim": 3}, "x: kind must be"),
+        ({"kind": "kronecker", "a_dim": 0, "g_dim": 3}, "x: a_dim, g_dim and groups must be >= 1"),
+        (
+            {"kind": "kronecker", "a_dim": 3, "g_dim": 3, "groups": 0},
+            "x: a_dim, g_dim and groups must be >= 1",
+        ),
     ],
 )
-def test_block_shape_validation(kwargs: dict) -> None:
-    with pytest.raises(ValueError, match="x"):
+def test_block_shape_validation(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
         BlockShape("x", **kwargs)
 
 
@@ -141,12 +144,17 @@ def test_resnet50_lpt_beats_equal_count(resnet50_shapes: list[BlockShape]) -> No
 
 
 def test_rebalance_on_world_size_change(resnet50_shapes: list[BlockShape]) -> None:
+    """Re-assigning for another world size balances again: the busiest rank carries at most
+    the even share plus the largest block (the greedy rule's bound), for 2 and 3 ranks."""
     total = sum(s.cost for s in resnet50_shapes)
+    largest = max(s.cost for s in resnet50_shapes)
     for world_size in (2, 3):
         owners = assign_blocks(resnet50_shapes, world_size)
         assert len(owners) == len(resnet50_shapes)
         assert set(owners) == set(range(world_size))
-        assert sum(rank_loads(resnet50_shapes, owners, world_size)) == total
+        loads = rank_loads(resnet50_shapes, owners, world_size)
+        assert max(loads) <= total / world_size + largest
+        assert max(loads) < 1.05 * total / world_size  # many blocks: close to even
 
 
 def test_empty_and_invalid() -> None:
