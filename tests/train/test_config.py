@@ -11,7 +11,7 @@ from spngd.refresh import AdaptiveRefresh
 from spngd.train.config import DEFAULTS, OPTIMIZER_DEFAULTS, resolve_config, resume_config
 from spngd.train.errors import UserError
 from spngd.train.models import build_model
-from spngd.train.trainer import make_optimizer
+from spngd.train.optimizers import make_optimizer
 from tests.train.conftest import write_image_folder
 
 

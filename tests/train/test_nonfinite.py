@@ -15,9 +15,10 @@ from spngd.train import trainer as trainer_module
 from spngd.train.augment import soft_targets
 from spngd.train.config import resolve_config
 from spngd.train.models import build_model
+from spngd.train.optimizers import make_optimizer
 from spngd.train.plots import moving_average
 from spngd.train.runfolder import CHECKPOINT, METRICS, PREVIOUS
-from spngd.train.trainer import Batch, Trainer, make_optimizer, train_step
+from spngd.train.trainer import Batch, Trainer, train_step
 from tests.train.conftest import SMALL, CliRun, assert_one_line_error
 
 pytestmark = pytest.mark.usefixtures("small_digits")

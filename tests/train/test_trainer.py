@@ -14,8 +14,9 @@ from spngd.train.augment import soft_targets
 from spngd.train.config import resolve_config
 from spngd.train.errors import UserError
 from spngd.train.models import build_model
+from spngd.train.optimizers import make_optimizer, rescale_weights
 from spngd.train.runfolder import CHECKPOINT, PREVIOUS, RunFolder
-from spngd.train.trainer import Trainer, make_optimizer, rescale_weights, train_step
+from spngd.train.trainer import Trainer, train_step
 
 
 def _bounded(model: nn.Module) -> list[tuple[float, float]]:

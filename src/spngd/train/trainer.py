@@ -21,37 +21,21 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from spngd.distributed import launch
-from spngd.guard import GuardedSteps, NonFiniteGradientError, NonFiniteGuard, any_nonfinite
+from spngd.guard import NonFiniteGradientError
 from spngd.optimizer import SPNGD
-from spngd.refresh import AdaptiveRefresh
 from spngd.timing import seconds_since
 from spngd.train.augment import RunningMixup, soft_targets
 from spngd.train.config import TrainConfig
 from spngd.train.data import ImageFiles, load_data, make_loaders
 from spngd.train.errors import TrainingStoppedError, UserError, brief_reason
 from spngd.train.models import build_model
+from spngd.train.optimizers import GuardedSGD, make_optimizer, rescale_weights
 from spngd.train.plots import plot_runs
 from spngd.train.runfolder import Checkpoint, RunFolder, SilentRunFolder, all_finite
 from spngd.train.schedules import Schedule
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 """Images and soft targets (one probability row per image)."""
-
-RESCALED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-@torch.no_grad()
-def rescale_weights(model: nn.Module) -> None:
-    """Shrink every conv and Linear weight to Frobenius norm at most ``sqrt(2 d_out)``.
-
-    ``W <- W min(1, sqrt(2 d_out) / (||W||_F + 1e-9))``, as the authors' code does: the
-    expected norm of a He-initialised weight. Biases and BatchNorm parameters are left alone.
-    """
-    for module in model.modules():
-        if isinstance(module, RESCALED):
-            weight = module.weight
-            bound = math.sqrt(2.0 * weight.shape[0])
-            weight.mul_((bound / (weight.norm() + 1e-9)).clamp(max=1.0))
 
 
 @dataclass(frozen=True)
@@ -129,84 +113,6 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> tupl
         count += len(labels)
     model.train()
     return loss / count, correct / count
-
-
-class GuardedSGD(GuardedSteps, torch.optim.SGD):
-    """Momentum SGD that, like SPNGD, skips a step whose gradients hold NaN or inf.
-
-    The skipped step leaves parameters and momentum untouched and warns; after
-    ``max_bad_steps`` such steps in a row ``step()`` raises :class:`NonFiniteGradientError`,
-    so the trainer stops both optimizers the same way (:class:`spngd.guard.NonFiniteGuard`).
-    Under DDP the gradients are already averaged, so every rank skips the same steps.
-    """
-
-    def __init__(
-        self,
-        params: Iterable[torch.Tensor],
-        lr: float,
-        momentum: float,
-        weight_decay: float,
-        max_bad_steps: int = 10,
-    ) -> None:
-        super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-        self.guard = NonFiniteGuard("SGD", max_bad_steps, advice="Lower the learning rate")
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
-        """Torch's SGD step, or a skipped and counted one if a gradient is NaN or inf."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if not self.guard.skip(bool(any_nonfinite(grads))):
-            super().step()
-        return loss
-
-    def state_dict(self) -> dict[str, Any]:
-        """Torch's SGD state plus the skipped-step counters (as SPNGD's state dict has)."""
-        return {**super().state_dict(), **self.guard.state_dict()}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
-        self.guard.pop_state(state_dict)
-        super().load_state_dict(state_dict)
-
-
-def make_optimizer(model: nn.Module, config: TrainConfig) -> SPNGD | GuardedSGD:
-    """SPNGD (accumulating statistics over ``config.accumulate`` micro-batches) or SGD, both
-    skipping steps with NaN or inf gradients up to ``config.max_bad_steps`` in a row."""
-    if config.optimizer == "sgd":
-        return GuardedSGD(
-            model.parameters(),
-            lr=config.lr,
-            momentum=config.momentum,
-            weight_decay=config.weight_decay,
-            max_bad_steps=config.max_bad_steps,
-        )
-    return SPNGD(
-        model,
-        lr=config.lr,
-        momentum=config.momentum,
-        damping=config.damping,
-        weight_decay=config.weight_decay,
-        stat_decay=config.stat_decay,
-        fisher=config.fisher,
-        damping_form=config.damping_form,
-        stat_interval=config.stat_interval,
-        inverse_interval=config.inverse_interval,
-        refresh=AdaptiveRefresh(
-            alpha=config.refresh_alpha,
-            rule=config.refresh_rule,  # type: ignore[arg-type]
-            noise_margin=config.refresh_noise_margin,
-            grow=config.refresh_grow,  # type: ignore[arg-type]
-            shrink=config.refresh_shrink,  # type: ignore[arg-type]
-            max_interval=config.refresh_max_interval,
-            warmup_steps=config.refresh_warmup_steps,
-        ),
-        accumulation_steps=config.accumulate,
-        max_bad_steps=config.max_bad_steps,
-    )
 
 
 def _groups(loader: Iterable[Any], size: int) -> Iterator[list[Any]]:
