@@ -1,7 +1,8 @@
-"""SPNGD trains a small BatchNorm CNN faster than tuned SGD (issue item 8f)."""
+"""SPNGD trains a small BatchNorm CNN faster than tuned SGD."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -54,6 +55,7 @@ def _final_loss(make_optimizer: object, lr: float) -> float:
     return final if torch.isfinite(torch.tensor(final)) else float("inf")
 
 
+@pytest.mark.filterwarnings("ignore:SPNGD. no curvature statistics were recorded")
 def test_spngd_reaches_lower_loss_than_sgd_in_the_same_steps() -> None:
     sgd = min(
         _final_loss(lambda m, lr: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9), lr)
@@ -63,5 +65,16 @@ def test_spngd_reaches_lower_loss_than_sgd_in_the_same_steps() -> None:
         _final_loss(lambda m, lr: SPNGD(m, lr=lr, momentum=0.9, damping=1e-3), lr)
         for lr in (0.01, 0.03, 0.1, 0.3)
     )
-    print(f"final loss after {STEPS} steps: SGD {sgd:.4f}, SPNGD {spngd:.4f}")
-    assert spngd < sgd
+
+    def without_curvature(model: nn.Module, lr: float) -> SPNGD:
+        opt = SPNGD(model, lr=lr, momentum=0.9, damping=1e-3)
+        opt.remove_hooks()  # no statistics: plain momentum SGD through SPNGD's own step
+        return opt
+
+    hookless = min(_final_loss(without_curvature, lr) for lr in (0.03, 0.1, 0.3, 1.0))
+    print(
+        f"after {STEPS} steps: SGD {sgd:.4f}, SPNGD {spngd:.4f}, without curvature {hookless:.4f}"
+    )
+    # measured: SGD 0.43, SP-NGD 0.06; a margin that SGD-like steps cannot meet
+    assert spngd < 0.5 * sgd
+    assert spngd < 0.5 * hookless
