@@ -352,15 +352,14 @@ class SPNGD(GuardedSteps, Optimizer):
         times = self.times
         # Set by GradScaler.step for this call: the loss scale the gradients still carry.
         loss_scale: torch.Tensor | None = getattr(self, "grad_scale", None)
-        with times.measure("checks"):
-            present = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-            nonfinite = exchange.any_rank(any_nonfinite(present, self._device))
-        if loss_scale is not None:
-            torch._foreach_mul_(present, amp.reciprocal(loss_scale))
-        self._warn_if_no_statistics()
         grads = {
             p: p.grad for group in self.param_groups for p in group["params"] if p.grad is not None
         }
+        with times.measure("checks"):
+            nonfinite = exchange.any_rank(any_nonfinite(list(grads.values()), self._device))
+        if loss_scale is not None:
+            torch._foreach_mul_(list(grads.values()), amp.reciprocal(loss_scale))
+        self._warn_if_no_statistics()
         if any(g.is_sparse for g in grads.values()):
             raise RuntimeError("SPNGD does not support sparse gradients")
         with times.measure("statistics and gradient communication"):
@@ -473,15 +472,14 @@ class SPNGD(GuardedSteps, Optimizer):
         """
         measured, owned, results = pending.measured, pending.owned, pending.results
         updates = [u for _, _, block_updates in results for u in block_updates]
-        update_flag = any_nonfinite(updates) if updates else None
         read = [
             nonfinite,
             *measured.tensors,
             *pending.contributors.values(),
             *(valid for _, _, valid in pending.proposals),
-            *([update_flag] if update_flag is not None else []),
+            any_nonfinite(updates, self._device),
         ]
-        values = iter(torch.stack([v.reshape(()).double() for v in read]).tolist() if read else [])
+        values = iter(torch.stack([v.reshape(()).double() for v in read]).tolist())
         if next(values) > 0:
             for name, saved in pending.before_inversion.items():
                 if name not in pending.arrived:
@@ -498,7 +496,7 @@ class SPNGD(GuardedSteps, Optimizer):
         noise_of = {key: next(values) for key in measured.noisy}
         recorded = {name: next(values) > 0 for name in pending.contributors}
         valid = [next(values) > 0 for _ in pending.proposals]
-        updates_bad = update_flag is not None and next(values) > 0
+        updates_bad = next(values) > 0
 
         redo: set[str] = set()
         for name in pending.arrived:

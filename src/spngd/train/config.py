@@ -293,7 +293,7 @@ def resolve_config(options: Mapping[str, Any]) -> TrainConfig:
     if unknown:
         raise UserError(f"unknown option(s): {', '.join(sorted(unknown))}")
     values = dict(DEFAULTS)
-    values["data"] = absolute_data(options.get("data", DEFAULTS["data"]))
+    values["data"] = options.get("data", DEFAULTS["data"])
     values.update(DATA_DEFAULTS[data_kind(values["data"])])
     values["workers"] = min(values["workers"], os.cpu_count() or 1)
     preset = recipe_settings(options.get("recipe"))

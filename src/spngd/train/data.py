@@ -300,7 +300,8 @@ def _images_under(folder: Path) -> list[Path]:
     link loop ends), sorted by path."""
     found, seen = [], set()
     for directory, subfolders, names in os.walk(folder, onerror=_raise, followlinks=True):
-        identity = (os.stat(directory).st_dev, os.stat(directory).st_ino)
+        status = os.stat(directory)
+        identity = (status.st_dev, status.st_ino)
         if identity in seen:
             subfolders.clear()
             continue

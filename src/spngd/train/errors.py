@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from spngd.distributed.exchange import first_sentence
+
 
 class UserError(Exception):
     """A bad option, missing or unreadable data, or an unusable output folder.
@@ -17,12 +19,9 @@ class UserError(Exception):
         super().__init__(last_line.removeprefix(f"{__name__}.{type(self).__qualname__}: "))
 
 
-def brief_reason(error: BaseException) -> str:
-    """The first sentence of an exception's first line (torch's load and state-dict
-    messages run on for many lines), or its type's name when it has no message; for the
-    parenthesis of a one-line error."""
-    lines = str(error).strip().splitlines()
-    return lines[0].split(". ")[0] if lines else type(error).__name__
+# The first sentence of an exception's first line, or its type's name (torch's load and
+# state-dict messages run on for many lines): for the parenthesis of a one-line error.
+brief_reason = first_sentence
 
 
 class TrainingStoppedError(Exception):
