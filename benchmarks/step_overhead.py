@@ -108,9 +108,10 @@ PEERS = {
 }
 
 
-SPNGD_SETTINGS: dict[str, dict[str, int]] = {
+SPNGD_SETTINGS: dict[str, dict[str, object]] = {
     "SPNGD every step": {"stat_interval": 1},
     "SPNGD adaptive": {},
+    "SPNGD adaptive, factored": {"damping_form": "factored"},
     "SPNGD fixed 10/100": {"stat_interval": 10, "inverse_interval": 100},
 }
 CONTENDERS = ("SGD", *SPNGD_SETTINGS, *PEERS)
@@ -134,7 +135,7 @@ class Timing:
     adaptive_warmup: int = ADAPTIVE_WARMUP
 
     def warmup_of(self, contender: str) -> int:
-        if contender == "SPNGD adaptive":
+        if contender.startswith("SPNGD adaptive"):
             return max(self.warmup, self.adaptive_warmup)
         return self.warmup
 

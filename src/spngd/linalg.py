@@ -46,15 +46,22 @@ def add_to_diagonal(matrix: torch.Tensor, value: torch.Tensor | float) -> torch.
     return matrix + value * eye
 
 
+def kronecker_dampings(
+    A: torch.Tensor, G: torch.Tensor, damping: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pi-corrected dampings ``pi sqrt(lam)`` of ``A`` and ``sqrt(lam)/pi`` of ``G``,
+    one per batch entry, each at least :data:`MIN_DAMPING`."""
+    pi = pi_correction(A, G)
+    root = math.sqrt(damping)
+    return torch.clamp(pi * root, min=MIN_DAMPING), torch.clamp(root / pi, min=MIN_DAMPING)
+
+
 def damped_kronecker_factors(
     A: torch.Tensor, G: torch.Tensor, damping: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The pi-damped factors ``A + pi sqrt(lam) I`` and ``G + sqrt(lam)/pi I`` (new tensors:
     damping is never written into the running statistics)."""
-    pi = pi_correction(A, G)
-    root = math.sqrt(damping)
-    damping_a = torch.clamp(pi * root, min=MIN_DAMPING)
-    damping_g = torch.clamp(root / pi, min=MIN_DAMPING)
+    damping_a, damping_g = kronecker_dampings(A, G, damping)
     return add_to_diagonal(A, damping_a), add_to_diagonal(G, damping_g)
 
 

@@ -62,7 +62,7 @@ class _Pending:
 class SPNGD(GuardedSteps, Optimizer):
     """Scalable and Practical Natural Gradient Descent (Osawa et al., TPAMI 2020).
 
-    Linear and Conv2d layers are preconditioned with Kronecker-factored curvature
+    Linear, Conv1d and Conv2d layers are preconditioned with Kronecker-factored curvature
     (K-FAC; grouped and depthwise convolutions per group), BatchNorm layers with the
     unit-wise 2x2 Fisher per channel; every other parameter gets momentum SGD on its
     raw gradient. ``describe()`` lists what each module gets.
@@ -88,10 +88,13 @@ class SPNGD(GuardedSteps, Optimizer):
         bn_damping_scale: the BatchNorm damping multiplier kappa (16, what the authors'
             released script uses).
         damping_form: how Linear and Conv layers are damped. ``"factored"`` (the paper's):
-            ``(G + sqrt(lam)/pi I)^-1 grad (A + pi sqrt(lam) I)^-1`` with Cholesky factors;
-            ``"kronecker"``: the exact ``(G ⊗ A + lam I)^-1`` in the factors'
-            eigenbases, where refreshing one factor leaves the other's decomposition
-            alone (see :mod:`spngd.curvature.kronecker` for the costs of each).
+            ``(G + sqrt(lam)/pi I)^-1 grad (A + pi sqrt(lam) I)^-1`` with Cholesky factors,
+            pi from the current factors at every inversion; ``"factored-keep-a"``
+            (default): the same, but pi is recomputed only when ``A`` is refreshed, so a
+            refresh of ``G`` alone keeps ``A``'s factorisation; ``"kronecker"``: the exact
+            ``(G ⊗ A + lam I)^-1`` in the factors' eigenbases, where refreshing one factor
+            leaves the other's decomposition alone (see :mod:`spngd.curvature.kronecker`
+            for the costs of each).
         stat_interval: ``None`` (default) refreshes each statistic by SP-NGD's adaptive
             rule (see :mod:`spngd.refresh`); an int ``k`` computes all statistics every
             ``k`` steps (1: every step).
@@ -273,8 +276,8 @@ class SPNGD(GuardedSteps, Optimizer):
                 self._block_group[label] = min(groups)
         if not self.curvature:
             warnings.warn(
-                "SPNGD: the model has no trainable Linear, Conv2d or BatchNorm layer; every "
-                "parameter gets plain momentum SGD",
+                "SPNGD: the model has no trainable Linear, Conv1d, Conv2d or BatchNorm layer; "
+                "every parameter gets plain momentum SGD",
                 UserWarning,
                 stacklevel=3,
             )

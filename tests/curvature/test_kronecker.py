@@ -120,3 +120,98 @@ def test_kronecker_damping_resumes_exactly_from_a_state_dict() -> None:
 def test_unknown_damping_form_is_rejected() -> None:
     with pytest.raises(ValueError, match="damping_form must be one of"):
         SPNGD(_model(), lr=0.1, damping_form="diagonal")
+
+
+def _factored_expected(
+    block: KroneckerBlock, weight_grad: Tensor, bias_grad: Tensor, lam: float, damping_a: Tensor
+) -> Tensor:
+    """Per group, ``solve(kron(G + lam/d_A I, A + d_A I), vec(grad))`` for the given ``d_A``."""
+    matrix = block.gradient_matrix([weight_grad, bias_grad])
+    out = torch.empty_like(matrix)
+    for g in range(block.groups):
+        A, G = block.factors[0][g], block.factors[1][g]  # type: ignore[index]
+        a_damped = A + damping_a[g] * torch.eye(A.shape[0], dtype=A.dtype)
+        g_damped = G + lam / damping_a[g] * torch.eye(G.shape[0], dtype=G.dtype)
+        big = torch.kron(g_damped, a_damped)
+        out[g] = torch.linalg.solve(big, matrix[g].flatten()).reshape(matrix[g].shape)
+    return out
+
+
+def _pi_damping(block: KroneckerBlock, lam: float) -> Tensor:
+    """``pi sqrt(lam)`` from the block's current factors, computed here from traces."""
+    A, G = block.factors  # type: ignore[misc]
+    mean_a = torch.diagonal(A, dim1=-2, dim2=-1).mean(-1)
+    mean_g = torch.diagonal(G, dim1=-2, dim2=-1).mean(-1)
+    return torch.sqrt(mean_a / mean_g) * lam**0.5
+
+
+def test_keep_a_refreshes_g_alone_against_a_s_kept_factorisation_and_damping() -> None:
+    """``factored-keep-a`` (the default): a step that refreshes only G keeps A's Cholesky
+    factor and its damping ``d_A`` and damps the new G by ``lam / d_A``, exactly; a refresh
+    of A computes pi from the current factors again."""
+    model = _model()
+    opt = SPNGD(model, lr=1.0, momentum=0.0, damping=LAM, stat_interval=1)
+    _plain_step(model, opt, seed=0)
+    kept = {name: (block.inverse[0], block.a_damping) for name, block in opt.curvature.items()}
+    for block in opt.curvature.values():
+        block.wanted = [False, True]
+    change = _plain_step(model, opt, seed=1)
+    for name, block in opt.curvature.items():
+        lower_a, damping_a = kept[name]
+        assert block.inverse[0] is lower_a and block.a_damping is damping_a
+        assert rel_err(_pi_damping(block, LAM), damping_a) > 1e-3  # pi has moved with G
+        want = _factored_expected(
+            block, change[f"grad {name}.weight"], change[f"grad {name}.bias"], LAM, damping_a
+        )
+        got = block.gradient_matrix([change[f"{name}.weight"], change[f"{name}.bias"]])
+        assert rel_err(got, want) < 1e-10, name
+    for block in opt.curvature.values():
+        block.wanted = [True, False]
+    change = _plain_step(model, opt, seed=2)
+    for name, block in opt.curvature.items():
+        assert block.inverse[0] is not kept[name][0]
+        torch.testing.assert_close(block.a_damping, _pi_damping(block, LAM), rtol=1e-12, atol=0)
+        want = _factored_expected(
+            block,
+            change[f"grad {name}.weight"],
+            change[f"grad {name}.bias"],
+            LAM,
+            block.a_damping,
+        )
+        got = block.gradient_matrix([change[f"{name}.weight"], change[f"{name}.bias"]])
+        assert rel_err(got, want) < 1e-10, name
+
+
+def test_the_paper_s_factored_damping_refactorises_both_when_g_alone_is_refreshed() -> None:
+    model = _model()
+    opt = SPNGD(model, lr=1.0, momentum=0.0, damping=LAM, stat_interval=1, damping_form="factored")
+    _plain_step(model, opt, seed=0)
+    kept = {name: block.inverse[0] for name, block in opt.curvature.items()}
+    for block in opt.curvature.values():
+        block.wanted = [False, True]
+    change = _plain_step(model, opt, seed=1)
+    for name, block in opt.curvature.items():
+        assert block.inverse[0] is not kept[name]
+        damping_a = _pi_damping(block, LAM)
+        want = _factored_expected(
+            block, change[f"grad {name}.weight"], change[f"grad {name}.bias"], LAM, damping_a
+        )
+        got = block.gradient_matrix([change[f"{name}.weight"], change[f"{name}.bias"]])
+        assert rel_err(got, want) < 1e-10, name
+
+
+def test_keep_a_resumes_exactly_from_a_state_dict() -> None:
+    """The kept damping of A travels in the state dict: a resumed optimizer refreshing G
+    alone takes the same step as the original."""
+    model = _model()
+    opt = SPNGD(model, lr=1.0, momentum=0.0, damping=LAM, stat_interval=1)
+    _plain_step(model, opt, seed=0)
+    twin = _model()
+    twin.load_state_dict(model.state_dict())
+    resumed = SPNGD(twin, lr=1.0, momentum=0.0, damping=LAM, stat_interval=1)
+    resumed.load_state_dict(opt.state_dict())
+    for block in (*opt.curvature.values(), *resumed.curvature.values()):
+        block.wanted = [False, True]
+    first, second = _plain_step(model, opt, seed=1), _plain_step(twin, resumed, seed=1)
+    for name, value in first.items():
+        torch.testing.assert_close(second[name], value, rtol=1e-12, atol=1e-14)

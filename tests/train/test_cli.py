@@ -178,7 +178,7 @@ def test_data_path_that_is_a_file_or_a_tree_without_val(run_cli: CliRun, tmp_pat
     file.write_bytes(b"")
     assert_one_line_error(
         run_cli("train", "--data", str(file)),
-        f"--data {file} is not a folder (nor 'digits' or 'synthetic')",
+        f"--data {file} is not a folder (nor 'digits', 'mnist1d[:SIZE]' or 'synthetic')",
     )
     root = write_image_folder(tmp_path / "images", classes=2, per_class=1)
     (root / "val" / "c9").mkdir()

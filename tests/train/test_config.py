@@ -60,7 +60,7 @@ def test_precedence_recipe_over_defaults_and_options_over_recipe() -> None:
         ({"refresh_rule": "fast"}, "--refresh-rule must be noise or spec, got 'fast'"),
         (
             {"damping_form": "diagonal"},
-            "--damping-form must be factored or kronecker, got 'diagonal'",
+            "--damping-form must be one of factored-keep-a, factored, kronecker, got 'diagonal'",
         ),
         ({"refresh_noise_margin": -0.5}, "--refresh-noise-margin must be >= 0, got -0.5"),
         ({"refresh_noise_margin": float("nan")}, "--refresh-noise-margin must be >= 0, got nan"),

@@ -6,10 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from spngd.train.models import MODEL_NAMES, ResidualBlock, build_model
+from spngd.train.models import MODEL_NAMES, ResidualBlock, build_model, spatial_dims
 
 IMAGENET_MODELS = ("resnet18", "resnet34", "resnet50")
 CIFAR_MODELS = ("resnet20", "resnet32", "resnet56")
+SEQUENCE_MODELS = ("resnet8-1d", "resnet20-1d")
 
 
 def _num_params(model: nn.Module) -> int:
@@ -26,7 +27,26 @@ def _seed() -> None:
 
 
 def test_model_names() -> None:
-    assert MODEL_NAMES == IMAGENET_MODELS + CIFAR_MODELS
+    assert MODEL_NAMES == IMAGENET_MODELS + CIFAR_MODELS + SEQUENCE_MODELS
+    assert [spatial_dims(name) for name in MODEL_NAMES] == [2] * 6 + [1] * 2
+
+
+@pytest.mark.parametrize("name", SEQUENCE_MODELS)
+def test_sequence_models_are_the_cifar_layout_in_one_dimension(name: str) -> None:
+    """Conv1d and BatchNorm1d where the image model has Conv2d and BatchNorm2d, with the
+    same channels and kernel sizes."""
+    model = build_model(name, num_classes=10, in_channels=1)
+    kinds = {type(m) for m in model.modules()}
+    assert {nn.Conv1d, nn.BatchNorm1d} <= kinds and not {nn.Conv2d, nn.BatchNorm2d} & kinds
+    if name == "resnet20-1d":
+        image = build_model("resnet20", num_classes=10, in_channels=1)
+        shapes_1d = [m.weight.shape for m in model.modules() if isinstance(m, nn.Conv1d)]
+        shapes_2d = [m.weight.shape for m in image.modules() if isinstance(m, nn.Conv2d)]
+        assert shapes_1d == [shape[:-1] for shape in shapes_2d]
+    with torch.no_grad():
+        out = model(torch.randn(4, 1, 40))
+    assert out.shape == (4, 10) and torch.isfinite(out).all()
+    assert len(_blocks(model)) == (3 if name == "resnet8-1d" else 9)
 
 
 @pytest.mark.parametrize(

@@ -43,19 +43,36 @@ class Conv2dBlock(KroneckerBlock):
 
     def __init__(self, name: str, module: nn.Conv2d) -> None:
         super().__init__(name, module)
+        self._set_geometry(
+            module,
+            module.kernel_size,  # type: ignore[arg-type]
+            module.stride,  # type: ignore[arg-type]
+            module.padding,  # type: ignore[arg-type]
+            module.dilation,  # type: ignore[arg-type]
+        )
+
+    def _set_geometry(
+        self,
+        module: nn.Conv1d | nn.Conv2d,
+        kernel_size: Pair,
+        stride: Pair,
+        padding: Pair | str,
+        dilation: Pair,
+    ) -> None:
+        """The 2-D geometry the statistics are computed with, and the factor sizes."""
         self.groups = module.groups
-        self.kernel_size: Pair = module.kernel_size  # type: ignore[assignment]
-        self.stride: Pair = module.stride  # type: ignore[assignment]
-        self.dilation: Pair = module.dilation  # type: ignore[assignment]
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.dilation = dilation
         self.in_per_group = module.in_channels // module.groups
         self.out_per_group = module.out_channels // module.groups
-        kh, kw = self.kernel_size
+        kh, kw = kernel_size
         self.a_dim = self.in_per_group * kh * kw + int(self.has_bias)
         self.g_dim = self.out_per_group
         # Zero padding given as a symmetric pair goes to the patch code directly; any other
         # padding ('same' with an odd total, reflect, circular, ...) is applied explicitly.
-        symmetric = isinstance(module.padding, tuple) and module.padding_mode == "zeros"
-        self.padding: Pair = module.padding if symmetric else (0, 0)  # type: ignore[assignment]
+        symmetric = isinstance(padding, tuple) and module.padding_mode == "zeros"
+        self.padding: Pair = padding if symmetric else (0, 0)  # type: ignore[assignment]
         self.explicit_pad = None if symmetric else module._reversed_padding_repeated_twice
         self.pad_mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
 

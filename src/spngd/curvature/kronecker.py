@@ -1,22 +1,25 @@
-"""Kronecker-factored (K-FAC) blocks: the part shared by Linear and Conv2d.
+"""Kronecker-factored (K-FAC) blocks: the part shared by Linear and the convolutions.
 
 The Fisher of a weight ``W`` (``d_G x d_A``, bias as the last column) is approximated by
 ``G ⊗ A`` per group (K-FAC for Linear, KFC for convolutions; docs/optimizer.md,
 Conventions). With pi-corrected factored Tikhonov damping the preconditioned gradient is
 ``(G + sqrt(lam)/pi I)^-1 grad (A + pi sqrt(lam) I)^-1``.
 
-Two damping forms (``damping_form``):
+Three damping forms (``damping_form``):
 
-- ``"factored"`` (default, the paper's): the two damped factors' inverses are kept as their
-  Cholesky factors (``inverse`` holds ``(L_A, L_G)``). The first gradients after a
-  refresh are preconditioned by triangular solves (cheap when statistics are refreshed
-  every step); an inverse used often enough is formed once, as ``L^-T L^-1``, and applied
-  by matrix products from then on (a product is several times faster than the solves).
-  A refresh of either factor refactorises both, since pi moves both dampings: on CPU a
-  symmetric eigendecomposition costs 13-17x a Cholesky factorisation at
-  ``d = 145..1153``, so keeping the factors' eigendecompositions (where a new damping is a
-  diagonal change) would pay only for a factor refreshed less than about once in six of
-  its layer's inversions.
+- ``"factored-keep-a"`` (default) and ``"factored"`` (the paper's): the two damped factors'
+  inverses are kept as their Cholesky factors (``inverse`` holds ``(L_A, L_G)``). The first
+  gradients after a refresh are preconditioned by triangular solves (cheap when statistics
+  are refreshed every step); an inverse used often enough is formed once, as
+  ``L^-T L^-1``, and applied by matrix products from then on. With ``"factored"``, a
+  refresh of either factor refactorises both, since pi moves both dampings. With
+  ``"factored-keep-a"``, pi (so ``A``'s damping ``d_A = pi sqrt(lam)``) is recomputed only
+  when ``A`` is refreshed: a refresh of ``G`` alone factorises ``G + (lam / d_A) I`` and
+  keeps ``A``'s Cholesky factor and formed inverse, so the product of the dampings is still
+  ``lam``. ``A`` is the large factor of a convolution (``C_in k^2``), refreshed far less
+  often than ``G``, and its factorisation and formed inverse dominate the inversion cost.
+  On CPU a symmetric eigendecomposition (where a new damping would be a diagonal change)
+  costs 13-17x a Cholesky factorisation at ``d = 145..1153``.
 - ``"kronecker"``: the exact damping of the Kronecker product, ``(G ⊗ A + lam I)^-1``
   (kfac-pytorch's default), applied in the factors' eigenbases:
   ``Q_G [(Q_G^T grad Q_A) / (lambda_G lambda_A^T + lam)] Q_A^T``. Each factor's
@@ -31,22 +34,31 @@ the parameters' gradients map to and from the ``(groups, d_G, d_A)`` matrix.
 
 from __future__ import annotations
 
+import math
 from abc import abstractmethod
 
 import torch
 
 from spngd.curvature.base import CurvatureBlock
 from spngd.linalg import (
+    MIN_DAMPING,
+    add_to_diagonal,
     batched_cholesky,
     batched_eigh,
-    damped_kronecker_cholesky,
-    damped_kronecker_factors,
     inverse_from_cholesky,
+    kronecker_dampings,
+    robust_cholesky,
     robust_eigh,
 )
 
-DAMPING_FORMS = ("factored", "kronecker")
-"""The damping forms of Kronecker blocks; the first is the default."""
+DAMPING_FORMS = ("factored-keep-a", "factored", "kronecker")
+"""The damping forms of Kronecker blocks (module docstring); the first is the default."""
+
+FORM_AFTER = 3.0
+"""Forming a damped factor's inverse from its Cholesky factor costs about this times
+``d / k`` what one product with it saves over two triangular solves (``d`` its size, ``k``
+the other factor's): measured 2.9 at ``d, k = 4609, 512``, 1.8 at 1153, 128 and 2.1 at
+513, 2048 on 2 CPU threads, where forming costs 5-10x the factorisation."""
 
 
 class KroneckerBlock(CurvatureBlock):
@@ -56,15 +68,21 @@ class KroneckerBlock(CurvatureBlock):
     statistic_names = ("A", "G")
     halves_combine = True
     damping_form: str = DAMPING_FORMS[0]
-    """``"factored"`` or ``"kronecker"`` (module docstring); set before the first inverse."""
+    """One of :data:`DAMPING_FORMS` (module docstring); set before the first inverse."""
 
-    restorable = (*CurvatureBlock.restorable, "eigen")
+    restorable = (*CurvatureBlock.restorable, "eigen", "a_damping", "a_earlier_uses")
 
     def __init__(self, name: str, module: torch.nn.Module) -> None:
         super().__init__(name, module)
         self.eigen: list[tuple[torch.Tensor, torch.Tensor] | None] = [None, None]
         """Kronecker damping: per factor, ``(eigenvalues, eigenvectors)`` of its current
         value (None until computed, and again whenever the factor changes)."""
+        self.a_damping: torch.Tensor | None = None
+        """Factored dampings: the damping (one per group) in the Cholesky factor of ``A`` in
+        use; None until one is computed, and again whenever ``A`` changes."""
+        self.a_earlier_uses = 0
+        """Gradients preconditioned with the Cholesky factor of ``A`` in use under earlier
+        inverses (it is kept when only ``G`` is refactorised)."""
 
     a_dim: int
     """Size of ``A`` per group (input features x kernel, +1 with a bias)."""
@@ -89,17 +107,30 @@ class KroneckerBlock(CurvatureBlock):
 
     @property
     def inverse_kind(self) -> str:  # type: ignore[override]
-        return "cholesky" if self.damping_form == "factored" else "eigen-kronecker"
+        return "eigen-kronecker" if self.damping_form == "kronecker" else "cholesky"
 
     def update_factors(self, fresh: tuple[torch.Tensor | None, ...], stat_decay: float) -> None:
         super().update_factors(fresh, stat_decay)
         for i, new in enumerate(fresh):
             if new is not None:
                 self.eigen[i] = None
+        if fresh[0] is not None:
+            self.a_damping = None
+
+    def state_dict(self) -> dict[str, object]:
+        a_damping = None if self.a_damping is None else self.a_damping.cpu()
+        return {
+            **super().state_dict(),
+            "a_damping": a_damping,
+            "a_earlier_uses": self.a_earlier_uses,
+        }
 
     def load_state_dict(self, state: dict[str, object]) -> None:
         super().load_state_dict(state)
         self.eigen[:] = [None, None]
+        a_damping = state.get("a_damping")
+        self.a_damping = None if a_damping is None else a_damping.to(self.params[0].device)  # type: ignore[attr-defined]
+        self.a_earlier_uses = state.get("a_earlier_uses", 0)  # type: ignore[assignment]
 
     statistic_symmetric = True
 
@@ -123,9 +154,10 @@ class KroneckerBlock(CurvatureBlock):
         return self.g_factor(grad_output, self.batch_size(inputs))
 
     def compute_inverse(self, damping: float) -> tuple[torch.Tensor, ...]:
-        A, G = self.factors  # type: ignore[misc]
-        if self.damping_form == "factored":
-            return damped_kronecker_cholesky(A, G, damping)
+        if self.damping_form != "kronecker":
+            a_damped, g_damped = self.damped_factors(damping)
+            lower_a = self.inverse[0] if a_damped is None else robust_cholesky(a_damped)  # type: ignore[index]
+            return lower_a, robust_cholesky(g_damped)
         for i, factor in enumerate(self.factors):
             if self.eigen[i] is None:
                 self.eigen[i] = robust_eigh(factor)  # type: ignore[arg-type]
@@ -137,9 +169,38 @@ class KroneckerBlock(CurvatureBlock):
         scaling = 1.0 / (values_g[:, :, None] * values_a[:, None, :] + damping)
         return vectors_a, vectors_g, scaling
 
-    def damped_factors(self, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def damped_factors(self, damping: float) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The factored dampings' ``A + d_A I`` and ``G + d_G I`` (new tensors), with
+        ``d_A d_G = lam``, and ``d_A`` noted in :attr:`a_damping`.
+
+        ``d_A = pi sqrt(lam)`` from the current factors, except that with
+        ``"factored-keep-a"`` and an ``A`` unchanged since its Cholesky factor in use was
+        computed (at the same ``lam``), ``d_A`` stays and ``A`` is None: that factor is kept.
+        """
         A, G = self.factors  # type: ignore[misc]
-        return damped_kronecker_factors(A, G, damping)
+        if (
+            self.damping_form == "factored-keep-a"
+            and self.a_damping is not None
+            and self.inverse is not None
+            and self.inverse_damping == damping
+        ):
+            damping_g = torch.clamp(damping / self.a_damping, min=MIN_DAMPING)
+            return None, add_to_diagonal(G, damping_g)
+        damping_a, damping_g = kronecker_dampings(A, G, damping)  # type: ignore[arg-type]
+        self.a_damping = damping_a
+        return add_to_diagonal(A, damping_a), add_to_diagonal(G, damping_g)  # type: ignore[arg-type]
+
+    def set_inverse(self, inverse: tuple[torch.Tensor, ...], damping: float) -> None:
+        """As the base class; a Cholesky factor kept from the inverse in use keeps its
+        formed inverse too."""
+        kept = [old is new for old, new in zip(self.inverse or (), inverse, strict=False)]
+        formed = self.formed_inverse
+        self.a_earlier_uses = self.a_earlier_uses + self.inverse_uses if kept[:1] == [True] else 0
+        super().set_inverse(inverse, damping)
+        if self.damping_form != "kronecker" and formed is not None and any(kept):
+            self.formed_inverse = tuple(  # type: ignore[assignment]
+                f if k else None for f, k in zip(formed, kept, strict=False)
+            )
 
     def apply_inverse(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
         if self.damping_form == "kronecker":
@@ -156,19 +217,21 @@ class KroneckerBlock(CurvatureBlock):
 
     def _apply_factor(self, which: int, rhs: torch.Tensor) -> torch.Tensor:
         """``X^-1 rhs`` for damped factor ``which`` (0: ``A``, 1: ``G``) from its Cholesky
-        factor: by two triangular solves until those have cost about what forming the
-        inverse costs, then by products with the inverse, formed once.
+        factor: by two triangular solves until what products with the inverse would have
+        saved has reached what forming it costs, then by products with the inverse, formed
+        once.
 
-        Forming ``L^-T L^-1`` costs about ``d^3`` and saves about ``d^2 k`` per use (``k``
-        the other factor's size), so the inverse is formed at use ``ceil(d / k)``: ``G``
-        (small) at its second use, ``A`` of a 3x3 convolution after about nine. Inverses
-        that are refreshed every step or two are never formed.
+        Forming ``L^-T L^-1`` costs about ``d^3`` and a product saves about ``d^2 k`` over
+        the solves (``k`` the other factor's size), so the inverse is formed at use
+        ``ceil(FORM_AFTER * d / k)``: ``G`` (small) at its second use, ``A`` of a 3x3
+        convolution after about 27. Inverses refreshed more often are never formed.
         """
         lower = self.inverse[which]  # type: ignore[index]
         formed = list(self.formed_inverse or (None, None))
         if formed[which] is None:
             size, other = lower.shape[-1], rhs.shape[-1]
-            if self.inverse_uses < max(1, -(-size // other)):
+            uses = self.inverse_uses + (self.a_earlier_uses if which == 0 else 0)
+            if uses < max(1, math.ceil(FORM_AFTER * size / other)):
                 return torch.cholesky_solve(rhs.to(lower.dtype), lower)
             formed[which] = inverse_from_cholesky(lower)
             self.formed_inverse = tuple(formed)  # type: ignore[assignment]
@@ -215,21 +278,24 @@ def update_inverses(
     for index, (block, damping) in enumerate(due):
         if not (isinstance(block, KroneckerBlock) and block.ready):
             continue
-        if block.damping_form == "factored":
-            damped[index] = block.damped_factors(damping)
-            to_factorise = list(enumerate(damped[index]))
+        if block.damping_form != "kronecker":
+            damped[index] = block.damped_factors(damping)  # type: ignore[assignment]
+            to_factorise = [(i, f) for i, f in enumerate(damped[index]) if f is not None]
         else:
             to_factorise = [(i, f) for i, f in enumerate(block.factors) if block.eigen[i] is None]
         for which, matrix in to_factorise:
-            key = (block.damping_form, matrix.shape[-1], matrix.dtype, matrix.device)
+            key = (block.inverse_kind, matrix.shape[-1], matrix.dtype, matrix.device)
             by_size.setdefault(key, []).append((index, which, matrix))
-    parts: dict[int, list[torch.Tensor | None]] = {i: [None, None] for i in damped}
+    parts: dict[int, list[torch.Tensor | None]] = {
+        i: [due[i][0].inverse[0] if damped[i][0] is None else None, None]  # type: ignore[index]
+        for i in damped
+    }
     valid: dict[int, list[torch.Tensor]] = {}
     failed: set[int] = set()
     written: set[tuple[int, int]] = set()
     for (form, *_), entries in by_size.items():
         matrices = [matrix for _, _, matrix in entries]
-        if form == "factored":
+        if form == "cholesky":
             lowers, good = batched_cholesky(matrices)
             results: list[object] = lowers
         else:

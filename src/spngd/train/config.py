@@ -22,9 +22,10 @@ import torch
 from spngd.curvature.kronecker import DAMPING_FORMS
 from spngd.optimizer import FISHER_TYPES
 from spngd.refresh import GROW_RULES, RULES, SHRINK_RULES, AdaptiveRefresh
+from spngd.train import mnist1d
 from spngd.train.data import data_kind
 from spngd.train.errors import UserError
-from spngd.train.models import MODEL_NAMES
+from spngd.train.models import MODEL_NAMES, spatial_dims
 from spngd.train.recipes import RECIPES
 
 OPTIMIZERS = ("spngd", "sgd")
@@ -39,7 +40,10 @@ def _help(text: str) -> Any:
 class TrainConfig:
     """Everything one training run uses; ``config.json`` in the run folder is this record."""
 
-    data: str = _help("'digits' (embedded), 'synthetic', a CIFAR-10 or an ImageFolder folder")
+    data: str = _help(
+        "'digits' (embedded), 'mnist1d' or 'mnist1d:SIZE' (generated), 'synthetic', a CIFAR-10 "
+        "or an ImageFolder folder"
+    )
     model: str = _help(f"one of {', '.join(MODEL_NAMES)}")
     zero_init_residual: bool = _help("start each residual block's last BatchNorm gamma at 0")
     optimizer: str = _help("spngd or sgd")
@@ -114,7 +118,11 @@ class TrainConfig:
             ("model", self.model in MODEL_NAMES, f"one of {', '.join(MODEL_NAMES)}"),
             ("optimizer", self.optimizer in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
             ("fisher", self.fisher in FISHER_TYPES, f"one of {', '.join(FISHER_TYPES)}"),
-            ("damping_form", self.damping_form in DAMPING_FORMS, " or ".join(DAMPING_FORMS)),
+            (
+                "damping_form",
+                self.damping_form in DAMPING_FORMS,
+                f"one of {', '.join(DAMPING_FORMS)}",
+            ),
             ("crop", self.crop in CROPS, f"one of {', '.join(CROPS)}"),
             ("epochs", self.epochs > 0, "> 0"),
             ("batch_size", self.batch_size >= 1, "a positive integer"),
@@ -160,6 +168,11 @@ class TrainConfig:
                 raise UserError(f"{flag(name)} must be {rule}, got {getattr(self, name)!r}")
         recipe_settings(self.recipe)
         _check_device(self.device)
+        sequences = mnist1d.is_named(self.data)
+        if spatial_dims(self.model) != (1 if sequences else 2):
+            one_d = ", ".join(name for name in MODEL_NAMES if spatial_dims(name) == 1)
+            wanted = f"a 1-D model ({one_d})" if sequences else "an image model"
+            raise UserError(f"--model {self.model} does not fit --data {self.data}: use {wanted}")
         if self.batch_size % self.accumulate:
             raise UserError(
                 f"--batch-size {self.batch_size} is not divisible by --accumulate {self.accumulate}"
@@ -283,8 +296,16 @@ DATA_DEFAULTS: dict[str, dict[str, Any]] = {
     "synthetic": {"crop": "pad", "flip": True, "image_size": 32, "workers": 0},
     "cifar10": {"crop": "pad", "flip": True, "image_size": 32, "workers": 2},
     "imagefolder": {"crop": "resized", "flip": True, "image_size": 224, "workers": 8},
+    "mnist1d": {
+        "model": "resnet8-1d",
+        "crop": "none",
+        "flip": False,
+        "image_size": 40,
+        "workers": 0,
+    },
 }
-"""Digits are not mirror-symmetric: no flips. Image folders decode JPEGs: more workers."""
+"""Digits are not mirror-symmetric: no flips. Image folders decode JPEGs: more workers.
+mnist1d's sequences are neither cropped nor flipped (``image_size`` is their length, fixed)."""
 
 
 def resolve_config(options: Mapping[str, Any]) -> TrainConfig:
@@ -319,7 +340,7 @@ def absolute_data(data: str) -> str:
     """``--data`` as saved in a run: a folder as an absolute path (so that the run resumes
     from any directory, and the same folder compares equal however it was written); the
     embedded sets by name."""
-    if data in ("digits", "synthetic"):
+    if data in ("digits", "synthetic") or mnist1d.is_named(data):
         return data
     return os.path.abspath(os.path.expanduser(data))
 

@@ -1,13 +1,16 @@
-"""Data sets and loaders: the embedded digits, synthetic images, CIFAR-10 batches, image folders.
+"""Data sets and loaders: the embedded digits, mnist1d, synthetic images, CIFAR-10 batches,
+image folders.
 
 ``--data`` is ``digits`` (the 8x8 handwritten digits shipped in the package, no network),
+``mnist1d`` or ``mnist1d:N`` (1-D sequences generated offline, :mod:`spngd.train.mnist1d`),
 ``synthetic`` (random images, for timing), a CIFAR-10 python batches directory (found by its
 ``data_batch_1..5`` and ``test_batch`` files), or an ImageFolder tree ``train/CLASS/*.jpg|png``
 plus ``val/CLASS/...``, decoded with Pillow inside the DataLoader workers.
 
-Every data set yields normalized float ``(C, H, W)`` images and integer labels; the
+Every image data set yields normalized float ``(C, H, W)`` images and integer labels; the
 per-image augmentation runs after normalization, so zero padding fills with the mean.
 A file that Pillow cannot decode stops training with a :class:`UserError` naming it.
+mnist1d yields ``(1, 40)`` sequences as generated (already standardized), unaugmented.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from spngd.train import mnist1d
 from spngd.train.augment import (
     Transform,
     pad_crop,
@@ -39,7 +43,7 @@ from spngd.train.errors import UserError, brief_reason
 if TYPE_CHECKING:
     from spngd.train.config import TrainConfig
 
-DATA_KINDS = ("digits", "synthetic", "cifar10", "imagefolder")
+DATA_KINDS = ("digits", "mnist1d", "synthetic", "cifar10", "imagefolder")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 CIFAR_FILES = (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch")
 CIFAR_CLASSES = 10
@@ -55,11 +59,15 @@ def data_kind(spec: str) -> str:
     """Which of :data:`DATA_KINDS` ``--data`` names; raises UserError for an unusable folder."""
     if spec in ("digits", "synthetic"):
         return spec
+    if mnist1d.size_of(spec) is not None:
+        return "mnist1d"
     path = Path(spec)
     if not path.exists():
         raise UserError(f"data folder {spec} does not exist")
     if not path.is_dir():
-        raise UserError(f"--data {spec} is not a folder (nor 'digits' or 'synthetic')")
+        raise UserError(
+            f"--data {spec} is not a folder (nor 'digits', 'mnist1d[:SIZE]' or 'synthetic')"
+        )
     present = [name for name in CIFAR_FILES if (path / name).is_file()]
     if present:
         missing = [name for name in CIFAR_FILES if name not in present]
@@ -82,6 +90,8 @@ class DataBundle:
     val: Dataset
     num_classes: int
     in_channels: int
+    spatial_dims: int = 2
+    """2 for images ``(C, H, W)``, 1 for sequences ``(C, L)``."""
 
 
 class TensorImages(Dataset):
@@ -106,6 +116,19 @@ class TensorImages(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         image = (self.images[index].float() * self.scale - self.mean) / self.std
         return self.transform(image), int(self.labels[index])
+
+
+class TensorSequences(Dataset):
+    """Sequences held in memory as float ``(N, C, L)``, returned as they are."""
+
+    def __init__(self, sequences: torch.Tensor, labels: torch.Tensor) -> None:
+        self.sequences, self.labels = sequences, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.sequences[index], int(self.labels[index])
 
 
 class ImageFiles(Dataset):
@@ -170,6 +193,15 @@ def _resize_square(image: torch.Tensor, size: int) -> torch.Tensor:
 def load_data(config: TrainConfig) -> DataBundle:
     """Build the training and validation sets ``config.data`` names."""
     kind = data_kind(config.data)
+    if kind == "mnist1d":
+        (train_x, train_y), (val_x, val_y) = mnist1d.load(mnist1d.size_of(config.data))  # type: ignore[arg-type]
+        return DataBundle(
+            train=TensorSequences(train_x, train_y),
+            val=TensorSequences(val_x, val_y),
+            num_classes=mnist1d.CLASSES,
+            in_channels=1,
+            spatial_dims=1,
+        )
     train_tf, eval_tf = make_transforms(config, kind)
     if kind == "imagefolder":
         return _image_folder(Path(config.data), train_tf, eval_tf)
