@@ -1,0 +1,70 @@
+"""``benchmarks/batch_scaling.py``: its validation schedule, its grid widening, and a tiny
+study run end to end into a JSON and a PNG."""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).parents[1] / "benchmarks" / "batch_scaling.py"
+
+
+@pytest.fixture(scope="module")
+def bench():  # the script, imported as a module
+    spec = importlib.util.spec_from_file_location("batch_scaling", SCRIPT)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    sys.modules["batch_scaling"] = module
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def test_validation_runs_every_step_to_20_then_every_5_percent(bench) -> None:
+    steps = list(itertools.islice(bench.eval_steps(), 30))
+    assert steps[:20] == list(range(1, 21))
+    assert steps[20:24] == [21, 23, 25, 27]
+    assert all(b == math.ceil(a * 1.05) for a, b in itertools.pairwise(steps[19:]))
+
+
+def test_the_grid_widens_past_an_edge_best_and_flags_a_best_still_there(bench, monkeypatch) -> None:
+    """Steps fall with the learning rate, so the best is always the grid's top edge: the
+    grid grows by one point per widening, each run bounded by the best so far."""
+    tried = []
+
+    def fake_run(name, setting, batch, seed, study, data, model, prune_after=math.inf):
+        tried.append((setting["lr"], prune_after))
+        return bench.Run(name, setting, batch, seed, 100 / setting["lr"], 1.0, 0.9, "target")
+
+    monkeypatch.setattr(bench, "train_run", fake_run)
+    study = bench.Study(batches=(128,), data_size=800, target=0.9)
+    best, on_edge = bench.tune(bench.SGD, 128, study, None, "resnet8-1d", lambda run: None)
+    lrs = [lr for lr, _ in tried]
+    assert lrs == [0.0354, 0.0707, 0.141, 0.283, 0.566, 1.13]  # 4 points, then 2 widenings
+    assert best.setting == {"lr": 1.13} and on_edge
+    assert tried[0][1] == math.inf and tried[1][1] == pytest.approx(100 / 0.0354)
+
+
+def test_a_tiny_study_writes_every_run_and_the_plot(bench, monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("SPNGD_CACHE", str(tmp_path / "cache"))
+    tiny = bench.Study(batches=(64, 256), data_size=1600, target=0.3, max_epochs=2.0, seeds=(0, 1))
+    monkeypatch.setattr(bench, "QUICK", tiny)
+    monkeypatch.setattr(bench, "pin_malloc", lambda: None)
+    monkeypatch.setattr(
+        sys, "argv", ["batch_scaling.py", "--quick", "--out", str(tmp_path), "--threads", "1"]
+    )
+    bench.main()
+    record = json.loads((tmp_path / "batch_scaling.json").read_text())
+    assert (tmp_path / "batch_scaling.png").read_bytes()[:4] == b"\x89PNG"
+    names = {"SGD", "AdamW", "SP-NGD", "SP-NGD every step"}
+    assert {(r["optimizer"], r["batch"]) for r in record["results"]} == {
+        (name, batch) for name in names for batch in (64, 256)
+    }
+    assert {r["optimizer"] for r in record["runs"]} == names
+    assert all(r["stopped"] in ("target", "cap", "pruned", "diverged") for r in record["runs"])
+    assert set(record["final_accuracies"]) == {"SGD", "AdamW", "SP-NGD"}
+    assert any(line.startswith("at batch 256: SP-NGD / SGD steps") for line in record["report"])
