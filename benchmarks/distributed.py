@@ -39,7 +39,7 @@ from torch.nn.parallel import DistributedDataParallel
 from spngd import SPNGD
 from spngd.curvature import BatchNormBlock, CurvatureBlock, make_block
 from spngd.distributed import DistributedConfig, FlatPacker, TensorSpec, assign_blocks
-from spngd.distributed.assignment import BlockShape
+from spngd.distributed.assignment import BlockCost
 from spngd.distributed.exchange import statistic_spec
 from spngd.timing import seconds_since
 from spngd.train.models import build_model
@@ -96,8 +96,8 @@ def layouts(blocks: dict[str, CurvatureBlock], world_size: int) -> Layouts:
     every bytes-sent model below adds over buckets, so splitting an owner's share into
     several buckets changes nothing.
     """
-    shapes = [BlockShape.from_block(block) for block in blocks.values()]
-    owners = assign_blocks(shapes, world_size, DistributedConfig().assignment)
+    costs = [BlockCost(block.name, block.inversion_cost) for block in blocks.values()]
+    owners = assign_blocks(costs, world_size, DistributedConfig().assignment)
     reduce_specs: list[list[TensorSpec]] = [[] for _ in range(world_size)]
     gather_specs: list[list[TensorSpec]] = [[] for _ in range(world_size)]
     full = packed = grads = 0

@@ -205,7 +205,7 @@ def measure(case: Case, timing: Timing, names: Sequence[str]) -> None:
     for name in steps:
         seconds = run(name, timing.warmup_of(name))
         print(f"  ({name}: {counter[name]} warm-up steps took {seconds:.0f} s)", flush=True)
-    before = {name: opt.stats()["total"] for name, opt in spngd.items()}
+    before = {name: opt.refresh_counts()["total"] for name, opt in spngd.items()}
     stages_before = {name: opt.stage_seconds() for name, opt in spngd.items()}
     totals = dict.fromkeys(steps, 0.0)
     for _ in range(timing.rounds):
@@ -221,7 +221,7 @@ def measure(case: Case, timing: Timing, names: Sequence[str]) -> None:
     for name, seconds in per_step.items():
         share = ""
         if name in spngd:
-            after = spngd[name].stats()["total"]
+            after = spngd[name].refresh_counts()["total"]
             counts = {key: count - before[name].get(key, 0) for key, count in after.items()}
             share = " ".join(f"{what} {s:.0%}" for what, s in computed_shares(counts).items())
         ratio = f"{seconds / per_step['SGD']:>8.2f}" if "SGD" in per_step else f"{'-':>8}"

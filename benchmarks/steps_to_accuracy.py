@@ -96,7 +96,7 @@ def run(options: dict[str, Any], target: float, folder: Path) -> Outcome:
     with RunFolder(folder) as run_folder:
         result = train(config, run_folder)
     reached = [r["step"] for r in result.records if r.get("val_accuracy", 0.0) >= target]
-    counts = [r["optimizer_stats"] for r in result.records if "optimizer_stats" in r]
+    counts = [r["refresh_counts"] for r in result.records if "refresh_counts" in r]
     shares = computed_shares(counts[-1]) if counts else {}
     computed = " ".join(f"{what} {share:.0%}" for what, share in shares.items())
     return Outcome(float(reached[0]) if reached else math.inf, result.val_accuracy, computed)

@@ -168,7 +168,7 @@ def test_adaptive_refresh_under_torch_compile_never_recompiles() -> None:
         opt.zero_grad()
         F.cross_entropy(forward(x), y).backward()
         opt.step()
-        patterns.add(tuple(any(block.wanted) for block in opt.curvature.values()))
+        patterns.add(tuple(any(block.to_compute) for block in opt.curvature.values()))
         frames_after_first_step = frames_after_first_step or counter.frame_count
     assert len(patterns) > 2  # the layers' statistics were switched on and off
     assert counter.frame_count == frames_after_first_step

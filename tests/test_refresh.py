@@ -47,8 +47,8 @@ def _refresh_steps(
     for _ in range(steps):
         step = opt.steps_taken
         for name, block in opt.curvature.items():
-            for i, wanted in enumerate(block.wanted):
-                if wanted:
+            for i, computed in enumerate(block.to_compute):
+                if computed:
                     seen.setdefault((name, i), []).append(step)
         x, y = _batch(step if batch_seed is None else batch_seed, scale)
         _step(model, opt, x, y)
@@ -72,10 +72,11 @@ def test_stationary_problem_grows_intervals_and_skips_work() -> None:
     opt = SPNGD(model, lr=0.0, refresh=AdaptiveRefresh(max_interval=16))
     _refresh_steps(opt, model, 60, batch_seed=1)  # the same batch every step, weights frozen
     assert all(interval == 16 for interval in opt.refresh.interval.values())
-    totals = opt.stats()["total"]
+    totals = opt.refresh_counts()["total"]
     assert totals["stats_skipped"] > totals["stats_computed"]
     assert totals["inverses_skipped"] > totals["inverses_computed"]
-    assert opt.stats()["1"]["stats_computed"] + opt.stats()["1"]["stats_skipped"] == 60
+    layer = opt.refresh_counts()["1"]
+    assert layer["stats_computed"] + layer["stats_skipped"] == 60
     # per statistic: A and G of the conv and the Linear, F of the BatchNorm, 60 steps each
     for statistic, layers in (("A", 2), ("G", 2), ("F", 1)):
         assert totals[f"{statistic}_computed"] + totals[f"{statistic}_skipped"] == 60 * layers
@@ -85,7 +86,7 @@ def test_stationary_problem_grows_intervals_and_skips_work() -> None:
     every_step_model = _model()
     every_step = SPNGD(every_step_model, lr=0.0, stat_interval=1)
     _refresh_steps(every_step, every_step_model, 2, batch_seed=1)
-    assert every_step.stats()["total"]["F_skipped"] == 0  # present although zero
+    assert every_step.refresh_counts()["total"]["F_skipped"] == 0  # present although zero
 
 
 def test_a_shift_of_the_input_distribution_is_caught_within_the_cap() -> None:
@@ -117,8 +118,8 @@ def test_refresh_every_step_equals_the_plain_optimizer() -> None:
         for a, b in zip(models[0].parameters(), model.parameters(), strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
     for opt in opts:
-        assert opt.stats()["total"]["stats_skipped"] == 0
-        assert opt.stats()["total"]["inverses_skipped"] == 0
+        assert opt.refresh_counts()["total"]["stats_skipped"] == 0
+        assert opt.refresh_counts()["total"]["inverses_skipped"] == 0
 
 
 def test_fixed_intervals_compute_statistics_and_inverses_on_schedule() -> None:
@@ -126,7 +127,7 @@ def test_fixed_intervals_compute_statistics_and_inverses_on_schedule() -> None:
     opt = SPNGD(model, lr=0.01, stat_interval=3, inverse_interval=6)
     seen = _refresh_steps(opt, model, 13, batch_seed=None)
     assert all(steps == [0, 3, 6, 9, 12] for steps in seen.values())
-    assert opt.stats()["0"] == {
+    assert opt.refresh_counts()["0"] == {
         "stats_computed": 10,
         "stats_skipped": 16,
         "inverses_computed": 3,
@@ -159,7 +160,7 @@ def test_adaptive_state_survives_a_checkpoint() -> None:
         _step(resumed_model, resumed, *_batch(step))
     for a, b in zip(model.parameters(), resumed_model.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    assert resumed.stats() == opt.stats()
+    assert resumed.refresh_counts() == opt.refresh_counts()
 
 
 def test_a_checkpoint_without_measured_noise_resumes_and_measures_it_again() -> None:
@@ -224,7 +225,7 @@ def _run_stream(
     in_use = None
     computed = []
     for step in range(steps):
-        if not policy.needs(("layer", 0), step):
+        if not policy.is_due(("layer", 0), step):
             continue
         scale = 3.0 if shift_at is not None and step >= shift_at else 1.0
         first, second = scale * half(), scale * half()

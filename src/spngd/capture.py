@@ -63,11 +63,11 @@ class StatisticsCapture:
         ]
 
     def _forward_hook(self, block: CurvatureBlock) -> Callable[..., None]:
-        # Run eagerly under torch.compile: traced, Dynamo would guard on ``block.wanted``
+        # Run eagerly under torch.compile: traced, Dynamo would guard on ``block.to_compute``
         # and recompile whenever the refresh switches a layer's statistics on or off.
         @torch.compiler.disable
         def hook(module: nn.Module, inputs: tuple[object, ...], output: object) -> None:
-            if not (module.training and torch.is_grad_enabled() and any(block.wanted)):
+            if not (module.training and torch.is_grad_enabled() and any(block.to_compute)):
                 return
             if not (inputs and isinstance(inputs[0], torch.Tensor)):
                 return

@@ -8,6 +8,7 @@ checkpoint instead of writing NaNs into it.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -24,12 +25,13 @@ def any_nonfinite(
 ) -> torch.Tensor:
     """``1.0`` if any gradient entry is NaN or inf, else ``0.0`` (a 0-dim float tensor).
 
-    One fused norm over all gradients (NaN or inf if any entry is) instead of a check and
-    a host sync per tensor: this runs every step.
+    One fused max-norm over all gradients (NaN or inf if any entry is) instead of a check
+    and a host sync per tensor: this runs every step. The max-norm, not the 2-norm, whose
+    squares would overflow to inf for finite entries above about 1.8e19 in float32.
     """
     if not grads:
         return torch.zeros((), device=device)
-    return (~torch.isfinite(torch.nn.utils.get_total_norm(grads))).float()
+    return (~torch.isfinite(torch.nn.utils.get_total_norm(grads, norm_type=math.inf))).float()
 
 
 class NonFiniteGuard:
@@ -40,7 +42,9 @@ class NonFiniteGuard:
     """
 
     def __init__(self, name: str, max_bad_steps: int, advice: str) -> None:
-        if not (isinstance(max_bad_steps, int) and max_bad_steps >= 1):
+        if isinstance(max_bad_steps, bool) or not (
+            isinstance(max_bad_steps, int) and max_bad_steps >= 1
+        ):
             raise ValueError(f"max_bad_steps must be an int >= 1, got {max_bad_steps}")
         self.name = name
         self.max_bad_steps = max_bad_steps

@@ -56,24 +56,6 @@ def kronecker_dampings(
     return torch.clamp(pi * root, min=MIN_DAMPING), torch.clamp(root / pi, min=MIN_DAMPING)
 
 
-def damped_kronecker_factors(
-    A: torch.Tensor, G: torch.Tensor, damping: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The pi-damped factors ``A + pi sqrt(lam) I`` and ``G + sqrt(lam)/pi I`` (new tensors:
-    damping is never written into the running statistics)."""
-    damping_a, damping_g = kronecker_dampings(A, G, damping)
-    return add_to_diagonal(A, damping_a), add_to_diagonal(G, damping_g)
-
-
-def damped_kronecker_cholesky(
-    A: torch.Tensor, G: torch.Tensor, damping: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cholesky factors of :func:`damped_kronecker_factors`, with the fallbacks of
-    :func:`robust_cholesky`."""
-    a_damped, g_damped = damped_kronecker_factors(A, G, damping)
-    return robust_cholesky(a_damped), robust_cholesky(g_damped)
-
-
 def batched_cholesky(matrices: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Lower Cholesky factors of many same-shaped ``(b_i, d, d)`` SPD batches in one call.
 

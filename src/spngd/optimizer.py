@@ -219,7 +219,7 @@ class SPNGD(GuardedSteps, Optimizer):
             on_recorded=self._exchange.notify_statistics,
         )
         self._warned_no_statistics = False
-        self._plan_all()
+        self._set_to_compute()
         # MC labels come from the optimizer's own generator, so that a checkpoint holds the
         # state needed to draw the same labels again; seeded from torch's global RNG.
         self._mc_generator: torch.Generator | None = None
@@ -397,9 +397,11 @@ class SPNGD(GuardedSteps, Optimizer):
             for block, _, updates in results
             for p, update in zip(block.params, updates, strict=True)
         }
-        plans = {name: self._plan(name, block, self._step + 1) for name, block in owned.items()}
+        to_compute = {
+            name: self._to_compute(name, block, self._step + 1) for name, block in owned.items()
+        }
         with times.measure("result communication"):
-            preconditioned, plans = exchange.gather(directions, preconditioned, plans)
+            preconditioned, to_compute = exchange.gather(directions, preconditioned, to_compute)
             exchange.settle()
         for block in self.curvature.values():
             for p in block.params:
@@ -412,7 +414,7 @@ class SPNGD(GuardedSteps, Optimizer):
                 self._apply_momentum(group, directions)
         self._step += 1
         for name, block in self.curvature.items():
-            block.wanted = plans[name]
+            block.to_compute = to_compute[name]
         return loss
 
     @property
@@ -562,9 +564,9 @@ class SPNGD(GuardedSteps, Optimizer):
         return results
 
     def _warn_if_no_statistics(self) -> None:
-        wanted = any(any(block.wanted) for block in self.curvature.values())
+        computing = any(any(block.to_compute) for block in self.curvature.values())
         recorded = self._capture.take_recorded_count()
-        if wanted and not recorded and not self._warned_no_statistics:
+        if computing and not recorded and not self._warned_no_statistics:
             self._warned_no_statistics = True
             hint = (
                 " call opt.sample_fisher(logits) before loss.backward()"
@@ -578,16 +580,16 @@ class SPNGD(GuardedSteps, Optimizer):
                 stacklevel=3,
             )
 
-    def _plan_all(self) -> None:
+    def _set_to_compute(self) -> None:
         """Set every block's statistics for the coming step from the refresh policy."""
         for name, block in self.curvature.items():
-            block.wanted = self._plan(name, block, self._step)
+            block.to_compute = self._to_compute(name, block, self._step)
 
-    def _plan(self, name: str, block: CurvatureBlock, step: int) -> list[bool]:
+    def _to_compute(self, name: str, block: CurvatureBlock, step: int) -> list[bool]:
         """Which of ``block``'s statistics the hooks compute at ``step``."""
-        return [self.refresh.needs((name, i), step) for i in range(len(block.statistic_names))]
+        return [self.refresh.is_due((name, i), step) for i in range(len(block.statistic_names))]
 
-    def stats(self) -> dict[str, dict[str, int]]:
+    def refresh_counts(self) -> dict[str, dict[str, int]]:
         """Statistics and inverse computations done and skipped, per layer and in total.
 
         Under ``torch.distributed`` each layer is counted by its owner and the counts are
@@ -737,4 +739,4 @@ class SPNGD(GuardedSteps, Optimizer):
         if refresh is not None:
             self.refresh.load_state_dict(refresh)
         self._step = step
-        self._plan_all()
+        self._set_to_compute()

@@ -171,7 +171,7 @@ class RefreshPolicy:
             and 0.0 <= knobs.alpha < math.inf
         )
 
-    def needs(self, key: Key, step: int) -> bool:
+    def is_due(self, key: Key, step: int) -> bool:
         """Whether statistic ``key`` is computed at optimizer step ``step``."""
         if not self.is_adaptive:
             return step % self.stat_interval == 0  # type: ignore[operator]

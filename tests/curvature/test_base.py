@@ -130,7 +130,7 @@ def test_statistics_are_timed_per_kind() -> None:
         torch.randn(N, 100, dtype=torch.float64), torch.randn(N, 3, dtype=torch.float64), times
     )
     assert set(times.seconds) == {"statistics A", "statistics G"}
-    opt.curvature["3"].wanted = [False, True]
+    opt.curvature["3"].to_compute = [False, True]
     opt.curvature["3"].accumulate(
         torch.randn(N, 100, dtype=torch.float64), torch.randn(N, 3, dtype=torch.float64), times
     )

@@ -80,7 +80,7 @@ def test_refreshing_one_factor_keeps_the_others_eigendecomposition() -> None:
     _plain_step(model, opt, seed=0)
     kept = {name: block.eigen[1] for name, block in opt.curvature.items()}
     for block in opt.curvature.values():
-        block.wanted = [True, False]  # A only: G and its eigendecomposition stay
+        block.to_compute = [True, False]  # A only: G and its eigendecomposition stay
     change = _plain_step(model, opt, seed=1)
     for name, block in opt.curvature.items():
         assert block.eigen[1] is kept[name]
@@ -94,7 +94,7 @@ def test_a_new_damping_rescales_without_a_new_eigendecomposition() -> None:
     _plain_step(model, opt, seed=0)
     kept = {name: list(block.eigen) for name, block in opt.curvature.items()}
     for block in opt.curvature.values():
-        block.wanted = [False, False]
+        block.to_compute = [False, False]
     opt.param_groups[0]["damping"] = 0.2
     change = _plain_step(model, opt, seed=1)
     for name, block in opt.curvature.items():
@@ -111,7 +111,7 @@ def test_kronecker_damping_resumes_exactly_from_a_state_dict() -> None:
     resumed = SPNGD(twin, lr=1.0, momentum=0.0, damping=LAM, damping_form="kronecker")
     resumed.load_state_dict(opt.state_dict())
     for block in (*opt.curvature.values(), *resumed.curvature.values()):
-        block.wanted = [False, True]  # G only: A's eigendecomposition must be recomputed
+        block.to_compute = [False, True]  # G only: A's eigendecomposition must be recomputed
     first, second = _plain_step(model, opt, seed=1), _plain_step(twin, resumed, seed=1)
     for name, value in first.items():
         torch.testing.assert_close(second[name], value, rtol=1e-12, atol=1e-14)
@@ -154,7 +154,7 @@ def test_keep_a_refreshes_g_alone_against_a_s_kept_factorisation_and_damping() -
     _plain_step(model, opt, seed=0)
     kept = {name: (block.inverse[0], block.a_damping) for name, block in opt.curvature.items()}
     for block in opt.curvature.values():
-        block.wanted = [False, True]
+        block.to_compute = [False, True]
     change = _plain_step(model, opt, seed=1)
     for name, block in opt.curvature.items():
         lower_a, damping_a = kept[name]
@@ -166,7 +166,7 @@ def test_keep_a_refreshes_g_alone_against_a_s_kept_factorisation_and_damping() -
         got = block.gradient_matrix([change[f"{name}.weight"], change[f"{name}.bias"]])
         assert rel_err(got, want) < 1e-10, name
     for block in opt.curvature.values():
-        block.wanted = [True, False]
+        block.to_compute = [True, False]
     change = _plain_step(model, opt, seed=2)
     for name, block in opt.curvature.items():
         assert block.inverse[0] is not kept[name][0]
@@ -188,7 +188,7 @@ def test_the_paper_s_factored_damping_refactorises_both_when_g_alone_is_refreshe
     _plain_step(model, opt, seed=0)
     kept = {name: block.inverse[0] for name, block in opt.curvature.items()}
     for block in opt.curvature.values():
-        block.wanted = [False, True]
+        block.to_compute = [False, True]
     change = _plain_step(model, opt, seed=1)
     for name, block in opt.curvature.items():
         assert block.inverse[0] is not kept[name]
@@ -211,7 +211,7 @@ def test_keep_a_resumes_exactly_from_a_state_dict() -> None:
     resumed = SPNGD(twin, lr=1.0, momentum=0.0, damping=LAM, stat_interval=1)
     resumed.load_state_dict(opt.state_dict())
     for block in (*opt.curvature.values(), *resumed.curvature.values()):
-        block.wanted = [False, True]
+        block.to_compute = [False, True]
     first, second = _plain_step(model, opt, seed=1), _plain_step(twin, resumed, seed=1)
     for name, value in first.items():
         torch.testing.assert_close(second[name], value, rtol=1e-12, atol=1e-14)

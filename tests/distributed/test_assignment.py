@@ -8,67 +8,51 @@ import numpy as np
 import pytest
 from torch import nn
 
-from spngd.distributed import STRATEGIES, BlockShape, assign_blocks, rank_loads
+from spngd.curvature import BatchNormBlock
+from spngd.distributed import STRATEGIES, BlockCost, assign_blocks, rank_loads
 from spngd.train.models import build_model
-from tests.distributed.shapes import block_shape
+from tests.distributed.shapes import costs_of, model_blocks, real_block
 
 
-def _unit(cost: int, name: str = "bn") -> BlockShape:
-    """A unit-wise block of the given cost (10 per channel)."""
-    assert cost % 10 == 0
-    return BlockShape(name, "unit_wise", cost // 10, 2)
+def _unit(cost: int, name: str = "bn") -> BlockCost:
+    return BlockCost(name, cost)
 
 
-def _random_shapes(seed: int, count: int) -> list[BlockShape]:
+def _random_shapes(seed: int, count: int) -> list[BlockCost]:
+    """Costs spread like a network's: many small blocks, a few up to 10^9."""
     rng = random.Random(seed)
-    shapes = []
-    for i in range(count):
-        if rng.random() < 0.3:
-            shapes.append(BlockShape(f"bn{i}", "unit_wise", rng.randint(1, 2048), 2))
-        else:
-            a, g, groups = rng.randint(1, 600), rng.randint(1, 600), rng.choice((1, 1, 2, 4))
-            shapes.append(BlockShape(f"conv{i}", "kronecker", a, g, groups))
-    return shapes
+    return [BlockCost(f"b{i}", int(10 ** rng.uniform(1, 9))) for i in range(count)]
 
 
 @pytest.fixture(scope="module")
-def resnet50_shapes() -> list[BlockShape]:
-    model = build_model("resnet50", 1000)
-    shapes = [block_shape(n, m) for n, m in model.named_modules()]
-    return [s for s in shapes if s is not None]
+def resnet50_blocks() -> list:
+    return model_blocks(build_model("resnet50", 1000))
 
 
-def test_costs() -> None:
-    assert BlockShape("fc", "kronecker", 3, 2).cost == 27 + 8 + 2 * 3 * 5
-    assert BlockShape("dw", "kronecker", 9, 1, groups=32).cost == 32 * (729 + 1 + 9 * 10)
-    assert BlockShape("bn", "unit_wise", 64, 2).cost == 640
+@pytest.fixture(scope="module")
+def resnet50_shapes(resnet50_blocks: list) -> list[BlockCost]:
+    return costs_of(resnet50_blocks)
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "message"),
-    [
-        ({"kind": "diagonal", "a_dim": 3, "g_dim": 3}, "x: kind must be"),
-        ({"kind": "kronecker", "a_dim": 0, "g_dim": 3}, "x: a_dim, g_dim and groups must be >= 1"),
-        (
-            {"kind": "kronecker", "a_dim": 3, "g_dim": 3, "groups": 0},
-            "x: a_dim, g_dim and groups must be >= 1",
-        ),
-    ],
-)
-def test_block_shape_validation(kwargs: dict, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        BlockShape("x", **kwargs)
+def test_each_block_kind_declares_its_cost() -> None:
+    """Kronecker: ``d_A^3 + d_G^3 + d_G d_A (d_A + d_G)`` per group; unit-wise BatchNorm:
+    10 per channel; modules without a block have no cost."""
+    assert real_block("fc", nn.Linear(2, 2)).inversion_cost == 27 + 8 + 2 * 3 * 5
+    depthwise = nn.Conv2d(32, 32, 3, groups=32, bias=False)
+    assert real_block("dw", depthwise).inversion_cost == 32 * (729 + 1 + 9 * 10)
+    grouped = nn.Conv2d(8, 6, (3, 2), groups=2)  # d_A = 4 * 6 + 1, d_G = 3, 2 groups
+    assert real_block("c", grouped).inversion_cost == 2 * (25**3 + 27 + 3 * 25 * 28)
+    conv1d = nn.Conv1d(4, 6, 5, bias=False)  # d_A = 20, d_G = 6
+    assert real_block("c1", conv1d).inversion_cost == 8000 + 216 + 6 * 20 * 26
+    assert real_block("bn", nn.BatchNorm2d(64)).inversion_cost == 640
+    assert real_block("b", nn.BatchNorm2d(7, affine=False)) is None
+    assert real_block("r", nn.ReLU()) is None
 
 
-def test_shapes_of_real_blocks() -> None:
-    assert block_shape("fc", nn.Linear(5, 3)) == BlockShape("fc", "kronecker", 6, 3)
-    conv = nn.Conv2d(8, 6, (3, 2), groups=2)
-    assert block_shape("c", conv) == BlockShape("c", "kronecker", 4 * 6 + 1, 3, 2)
-    conv = nn.Conv2d(8, 6, 3, bias=False)
-    assert block_shape("c", conv) == BlockShape("c", "kronecker", 72, 6)
-    assert block_shape("b", nn.BatchNorm2d(7)) == BlockShape("b", "unit_wise", 7, 2)
-    assert block_shape("b", nn.BatchNorm2d(7, affine=False)) is None
-    assert block_shape("r", nn.ReLU()) is None
+@pytest.mark.parametrize("cost", [-1, 2.5, True, None])
+def test_block_cost_validation(cost: object) -> None:
+    with pytest.raises(ValueError, match=f"x: cost must be an integer >= 0, got {cost!r}"):
+        BlockCost("x", cost)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -121,10 +105,12 @@ def test_lpt_classic_bound(seed: int) -> None:
         assert max(loads) <= total / world_size + biggest
 
 
-def test_resnet50_lpt_beats_equal_count(resnet50_shapes: list[BlockShape]) -> None:
+def test_resnet50_lpt_beats_equal_count(
+    resnet50_blocks: list, resnet50_shapes: list[BlockCost]
+) -> None:
     shapes = resnet50_shapes
     assert len(shapes) == 107  # 53 conv + 1 FC + 53 BN
-    assert sum(s.kind == "unit_wise" for s in shapes) == 53
+    assert sum(isinstance(b, BatchNormBlock) for b in resnet50_blocks) == 53
     total = sum(s.cost for s in shapes)
     biggest = max(s.cost for s in shapes)
     assert total == 530_877_872_180
@@ -143,7 +129,7 @@ def test_resnet50_lpt_beats_equal_count(resnet50_shapes: list[BlockShape]) -> No
                 assert lpt == biggest  # optimal: no rank waits longer than the 4608^3 block
 
 
-def test_rebalance_on_world_size_change(resnet50_shapes: list[BlockShape]) -> None:
+def test_rebalance_on_world_size_change(resnet50_shapes: list[BlockCost]) -> None:
     """Re-assigning for another world size balances again: the busiest rank carries at most
     the even share plus the largest block (the greedy rule's bound), for 2 and 3 ranks."""
     total = sum(s.cost for s in resnet50_shapes)

@@ -32,20 +32,20 @@ def _gather_worker(rank: int, world_size: int, out: str) -> None:
     )
     params = {name: block.params for name, block in blocks.items()}
     plain = {p: torch.full_like(p, 0.25) for ps in params.values() for p in ps}
-    preconditioned, plans = {}, {}
+    preconditioned, to_compute = {}, {}
     for name, ps in params.items():
         if exchange.owns(name):
             value = HUGE if name == "huge" else 1 / 3
             preconditioned.update((p, torch.full_like(p, value)) for p in ps)
-            plans[name] = [True, False]
+            to_compute[name] = [True, False]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        gathered, all_plans = exchange.gather(plain, preconditioned, plans)
+        gathered, all_to_compute = exchange.gather(plain, preconditioned, to_compute)
     torch.save(
         {
             "owns huge": exchange.owns("huge"),
             "gathered": {name: [gathered[p] for p in ps] for name, ps in params.items()},
-            "plans": all_plans,
+            "to_compute": all_to_compute,
             "warnings": [str(w.message) for w in caught],
         },
         Path(out) / f"rank{rank}.pt",
@@ -59,7 +59,7 @@ def test_gather_gives_every_rank_the_rounded_values_and_the_plain_ones_where_16_
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     one_third = torch.tensor(1 / 3).to(torch.float16).float()  # what the owner sent
     for result in results:
-        assert result["plans"] == {"small": [True, False], "huge": [True, False]}
+        assert result["to_compute"] == {"small": [True, False], "huge": [True, False]}
         for direction in result["gathered"]["small"]:
             assert torch.equal(direction, torch.full_like(direction, one_third))
         for direction in result["gathered"]["huge"]:
@@ -88,13 +88,14 @@ def _reads_worker(rank: int, world_size: int, out: str, wrap: bool) -> None:
         with counting_host_reads() as step_reads:
             opt.step()
         reads.append((len(backward_reads), len(step_reads)))
-    torch.save({"reads": reads, "stats": opt.stats()["total"]}, Path(out) / f"rank{rank}.pt")
+    counts = opt.refresh_counts()["total"]
+    torch.save({"reads": reads, "stats": counts}, Path(out) / f"rank{rank}.pt")
 
 
 @pytest.mark.parametrize("wrap", [True, False], ids=["ddp", "unwrapped"])
 def test_a_distributed_step_reads_the_device_twice(tmp_path: Path, wrap: bool) -> None:
     """22 blocks on 2 ranks: nothing read during backward; per ``step()`` one read of this
-    rank's checks and one of the headers every owner sent (refresh plans, validity)."""
+    rank's checks and one of the headers every owner sent (refresh to_compute, validity)."""
     run_workers(_reads_worker, 2, str(tmp_path), wrap)
     for rank in range(2):
         result = torch.load(tmp_path / f"rank{rank}.pt")

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+from spngd.curvature import KroneckerBlock
 from spngd.distributed import (
-    BlockShape,
     FlatPacker,
     TensorSpec,
     packed_numel,
@@ -16,7 +16,7 @@ from spngd.distributed import (
 )
 from spngd.distributed.packing import _triu_indices
 from spngd.train.models import build_model
-from tests.distributed.shapes import block_shape
+from tests.distributed.shapes import model_blocks, real_block
 
 
 def _symmetric(*shape: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -190,21 +190,18 @@ def test_resnet50_volumes() -> None:
 
     factors, bn_stored, bn_2x2, bn_full = [], [], [], []
     unpacked = 0
-    for name, module in model.named_modules():
-        shape = block_shape(name, module)
-        if shape is None:
-            continue
-        if shape.kind == "kronecker":
-            for d in (shape.a_dim, shape.g_dim):
-                factors.append(TensorSpec((shape.groups, d, d), symmetric=True))
-                unpacked += shape.groups * d * d
+    for block in model_blocks(model):
+        if isinstance(block, KroneckerBlock):
+            for d in (block.a_dim, block.g_dim):
+                factors.append(TensorSpec((block.groups, d, d), symmetric=True))
+                unpacked += block.groups * d * d
         else:
-            c = shape.a_dim
+            c = block.channels  # type: ignore[attr-defined]
             bn_stored.append(TensorSpec((c, 3)))  # BatchNormBlock's (f_gg, f_gb, f_bb)
             bn_2x2.append(TensorSpec((c, 2, 2), symmetric=True))
             bn_full.append(TensorSpec((2 * c, 2 * c), symmetric=True))  # CVPR'19 variant
-    fc = next(m for m in model.modules() if isinstance(m, nn.Linear))
-    assert block_shape("fc", fc) == BlockShape("fc", "kronecker", 2049, 1000)
+    fc = real_block("fc", next(m for m in model.modules() if isinstance(m, nn.Linear)))
+    assert (fc.a_dim, fc.g_dim, fc.groups) == (2049, 1000, 1)  # type: ignore[union-attr]
     assert len(factors) == 2 * 54 and len(bn_stored) == 53
     assert FlatPacker(factors).numel == 76_967_027
     assert round(unpacked / 1e5) == 1539  # 153.9 M unpacked

@@ -43,5 +43,5 @@ def test_spngd_train_runs_on_two_ranks(tmp_path: Path) -> None:
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     last = records[-1]
     assert last["kind"] == "epoch" and last["val_accuracy"] > 0.5
-    assert last["optimizer_stats"]["stats_computed"] > 0
+    assert last["refresh_counts"]["stats_computed"] > 0
     assert {p.name for p in out.iterdir()} >= {"config.json", "checkpoint.pt", "plot.png"}

@@ -16,7 +16,6 @@ from spngd.train.augment import soft_targets
 from spngd.train.config import resolve_config
 from spngd.train.models import build_model
 from spngd.train.optimizers import make_optimizer
-from spngd.train.plots import moving_average
 from spngd.train.runfolder import CHECKPOINT, METRICS, PREVIOUS
 from spngd.train.trainer import Batch, Trainer, train_step
 from tests.train.conftest import SMALL, CliRun, assert_one_line_error
@@ -142,9 +141,3 @@ def test_a_model_holding_nan_is_not_checkpointed(
         code=3,
     )
     assert torch.load(out / CHECKPOINT)["step"] == 2 and not (out / PREVIOUS).exists()
-
-
-def test_the_loss_curve_leaves_out_skipped_steps() -> None:
-    """A skipped step's NaN loss must not blank the plot's moving average from there on."""
-    curve = moving_average([1.0, 3.0, math.nan, 5.0, math.inf], window=2)
-    assert curve.tolist() == [1.0, 2.0, 3.0, 5.0, 5.0]

@@ -94,7 +94,7 @@ def test_checkpoint_is_replaced_atomically_keeping_the_previous_one_and_kept_on_
     run.close()
 
 
-def test_records_follow_the_schedule_and_carry_optimizer_stats(
+def test_records_follow_the_schedule_and_carry_refresh_counts(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     config = resolve_config(
@@ -116,7 +116,7 @@ def test_records_follow_the_schedule_and_carry_optimizer_stats(
     assert steps[1]["momentum"] == pytest.approx(0.9 * steps[0]["lr"] / steps[1]["lr"])
     epoch = next(r for r in result.records if r["kind"] == "epoch")
     if hasattr(trainer.optimizer, "stats"):
-        assert epoch["optimizer_stats"] == trainer.optimizer.stats()["total"]
+        assert epoch["refresh_counts"] == trainer.optimizer.refresh_counts()["total"]
     assert torch.get_num_threads() == 2
     progress = capsys.readouterr().err
     assert "loss=" in progress and "acc=" in progress and "steps_per_s=" in progress

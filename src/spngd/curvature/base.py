@@ -24,7 +24,7 @@ class CurvatureBlock(ABC):
     A block has one or more statistics (``statistic_names``, e.g. ``A`` and ``G``).
     ``factors`` holds the running value of each (``None`` until first computed) and
     ``inverse`` a tuple of tensors that stand for the damped inverse (what they are is
-    the subclass's ``inverse_kind``). ``wanted`` says which statistics the hooks compute
+    the subclass's ``inverse_kind``). ``to_compute`` says which statistics the hooks compute
     at the current step (set by the refresh policy); a block without an inverse passes
     gradients through.
     """
@@ -43,7 +43,7 @@ class CurvatureBlock(ABC):
         self.module = module
         self.params: list[nn.Parameter] = [p for p in module.parameters(recurse=False)]
         self.factors: list[torch.Tensor | None] = [None] * len(self.statistic_names)
-        self.wanted: list[bool] = [True] * len(self.statistic_names)
+        self.to_compute: list[bool] = [True] * len(self.statistic_names)
         self.inverse: tuple[torch.Tensor, ...] | None = None
         self.inverse_damping: float | None = None
         self.inverse_uses = 0
@@ -89,6 +89,12 @@ class CurvatureBlock(ABC):
     def describe(self) -> str:
         """One line saying how this module is preconditioned."""
 
+    @property
+    @abstractmethod
+    def inversion_cost(self) -> int:
+        """Estimated flops of inverting this block and preconditioning its gradient: what
+        the distributed assignment balances over the ranks."""
+
     @staticmethod
     def batch_size(inputs: torch.Tensor) -> int:
         """Number of examples ``n`` in a layer input; dimension 0 is the batch."""
@@ -98,7 +104,7 @@ class CurvatureBlock(ABC):
     def accumulate(
         self, inputs: torch.Tensor, grad_output: torch.Tensor, times: StageTimes
     ) -> None:
-        """Add the ``wanted`` statistics of one forward/backward pair (called from the
+        """Add the ``to_compute`` statistics of one forward/backward pair (called from the
         hooks), each timed as stage ``statistics <name>``; with ``measure_noise``, also
         their sampling noise (:meth:`statistic_and_noise`)."""
         if inputs.dim() > 1 and inputs.shape[0] == 0:
@@ -109,7 +115,7 @@ class CurvatureBlock(ABC):
         with torch.no_grad(), torch.autocast(inputs.device.type, enabled=False):
             for index, name in enumerate(self.statistic_names):
                 stat = noise = None
-                if self.wanted[index]:
+                if self.to_compute[index]:
                     with times.measure(f"statistics {name}"):
                         if self.measure_noise and self.batch_size(inputs) >= 2:
                             stat, noise = self.statistic_and_noise(index, inputs, grad_output)

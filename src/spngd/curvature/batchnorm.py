@@ -86,6 +86,14 @@ class BatchNormBlock(CurvatureBlock):
         d_beta = inverse[:, 1] * g_gamma + inverse[:, 2] * g_beta
         return [d_gamma.to(grads[0].dtype), d_beta.to(grads[1].dtype)]
 
+    COST_PER_CHANNEL = 10
+    """Closed-form 2x2 inverses and a few multiply-adds per channel: negligible next to
+    any Cholesky factorisation."""
+
+    @property
+    def inversion_cost(self) -> int:
+        return self.COST_PER_CHANNEL * self.channels
+
     def describe(self) -> str:
         return (
             f"{self.kind}: {self.channels} channels x 2x2 Fisher (damping x{self.damping_scale:g})"

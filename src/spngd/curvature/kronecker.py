@@ -134,6 +134,13 @@ class KroneckerBlock(CurvatureBlock):
 
     statistic_symmetric = True
 
+    @property
+    def inversion_cost(self) -> int:
+        """``d_A^3 + d_G^3`` for the two factorisations plus ``d_G d_A (d_A + d_G)`` for
+        ``G^-1 grad A^-1``, per group."""
+        a, g = self.a_dim, self.g_dim
+        return self.groups * (a**3 + g**3 + g * a * (a + g))
+
     def statistic_shape(self, index: int) -> tuple[int, ...]:
         dim = self.a_dim if index == 0 else self.g_dim
         return (self.groups, dim, dim)

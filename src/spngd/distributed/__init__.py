@@ -3,7 +3,7 @@ flat triangle-packed communication buffers, and the communication stages."""
 
 from __future__ import annotations
 
-from spngd.distributed.assignment import STRATEGIES, BlockShape, assign_blocks, rank_loads
+from spngd.distributed.assignment import STRATEGIES, BlockCost, assign_blocks, rank_loads
 from spngd.distributed.exchange import DistributedConfig, RankFailureError
 from spngd.distributed.packing import (
     COMM_DTYPES,
@@ -17,7 +17,7 @@ from spngd.distributed.packing import (
 __all__ = [
     "COMM_DTYPES",
     "STRATEGIES",
-    "BlockShape",
+    "BlockCost",
     "DistributedConfig",
     "FlatPacker",
     "RankFailureError",

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from spngd.amp import inverse_loss_scale
 from spngd.curvature import CurvatureBlock
-from spngd.distributed.assignment import STRATEGIES, BlockShape, assign_blocks
+from spngd.distributed.assignment import STRATEGIES, BlockCost, assign_blocks
 from spngd.distributed.packing import COMM_DTYPES, FlatPacker, TensorSpec
 
 Statistics = tuple[torch.Tensor | None, ...] | None
@@ -89,10 +89,11 @@ class LocalExchange:
         self,
         plain: dict[torch.Tensor, torch.Tensor],
         preconditioned: dict[torch.Tensor, torch.Tensor],
-        plans: dict[str, list[bool]],
+        to_compute: dict[str, list[bool]],
     ) -> tuple[dict[torch.Tensor, torch.Tensor], dict[str, list[bool]]]:
-        """The preconditioned directions and plans as they are (nothing moves)."""
-        return preconditioned, plans
+        """The preconditioned directions and the statistics to compute as they are (nothing
+        moves)."""
+        return preconditioned, to_compute
 
     def collect(self, local: dict[str, Any]) -> list[dict[str, Any]]:
         return [local]
@@ -149,8 +150,8 @@ class DistributedExchange:
         self.factor_dtype = torch.promote_types(
             params[0].dtype if params else torch.float32, torch.float32
         )
-        shapes = [BlockShape.from_block(block) for block in blocks.values()]
-        owners = assign_blocks(shapes, self.world_size, config.assignment)
+        costs = [BlockCost(block.name, block.inversion_cost) for block in blocks.values()]
+        owners = assign_blocks(costs, self.world_size, config.assignment)
         self.owner = dict(zip(blocks, owners, strict=True))
         self.owned_by = [[n for n in blocks if self.owner[n] == r] for r in range(self.world_size)]
         self.micro_batches = micro_batches
@@ -177,7 +178,7 @@ class DistributedExchange:
         for name in reversed(list(self.blocks)):
             block = self.blocks[name]
             phase.append(name)
-            size += sum(statistic_spec(block, i).numel for i in range(len(block.wanted)))
+            size += sum(statistic_spec(block, i).numel for i in range(len(block.to_compute)))
             if size >= self.config.bucket_elements:
                 buckets.extend(self._phase_buckets(phase))
                 phase, size = [], 0
@@ -218,7 +219,7 @@ class DistributedExchange:
 
     def _block_ready(self, name: str) -> bool:
         block = self.blocks[name]
-        stats_in = not any(block.wanted) or self._pairs[name] >= self.micro_batches
+        stats_in = not any(block.to_compute) or self._pairs[name] >= self.micro_batches
         grads_in = not self.average_gradients or all(
             self._grads_in[p] >= self.micro_batches for p in block.params
         )
@@ -257,15 +258,15 @@ class DistributedExchange:
         self._next += 1
 
     def _reduce_specs(self, name: str) -> list[TensorSpec]:
-        """Bucket entries of one block: contributor count, wanted statistics (and their
+        """Bucket entries of one block: contributor count, the statistics computed (and their
         measured noise), gradients."""
         block = self.blocks[name]
         specs = [TensorSpec((1,))]
-        for i, wanted in enumerate(block.wanted):
-            if wanted:
+        for i, computed in enumerate(block.to_compute):
+            if computed:
                 specs.append(statistic_spec(block, i))
         if block.measure_noise:
-            specs.extend(TensorSpec((1,)) for wanted in block.wanted if wanted)
+            specs.extend(TensorSpec((1,)) for computed in block.to_compute if computed)
         if self.average_gradients:
             specs.extend(TensorSpec(tuple(p.shape)) for p in block.params)
         return specs
@@ -281,16 +282,16 @@ class DistributedExchange:
         device = block.params[0].device
         entries = [torch.full((1,), float(fresh is not None), device=device)]
         position = 1
-        for i, wanted in enumerate(block.wanted):
-            if wanted:
+        for i, computed in enumerate(block.to_compute):
+            if computed:
                 stat = fresh[i] if fresh is not None else None
                 if stat is None:
                     stat = torch.zeros(specs[position].shape, device=device)
                 entries.append(stat)
                 position += 1
         if block.measure_noise:
-            for i, wanted in enumerate(block.wanted):
-                if wanted:
+            for i, computed in enumerate(block.to_compute):
+                if computed:
                     noise = block.fresh_noise[i] if fresh is not None else None
                     entries.append(torch.zeros(1, device=device) if noise is None else noise[None])
         if self.average_gradients:
@@ -307,7 +308,7 @@ class DistributedExchange:
         """Owners receive the mean over ranks of their blocks' statistics (and gradients);
         gradients of parameters outside any block are all-reduced when averaging.
 
-        Also returns, per owned block with wanted statistics, how many ranks recorded them
+        Also returns, per owned block with statistics to compute, how many ranks recorded them
         (a 0-dim tensor, not read here: with none, the statistics are zeros, not to be
         used)."""
         while self._next < len(self.buckets):  # whatever backward did not start
@@ -349,22 +350,22 @@ class DistributedExchange:
         count = next(entries).reshape(())
         contributors[name] = count
         divisor = count.clamp(min=1)
-        stats = [next(entries) / divisor if wanted else None for wanted in block.wanted]
+        stats = [next(entries) / divisor if computed else None for computed in block.to_compute]
         if block.measure_noise:
             # The mean of ``count`` ranks' estimates: 1/count of their mean noise.
             block.fresh_noise = [
-                next(entries).reshape(()) / divisor.square() if wanted else None
-                for wanted in block.wanted
+                next(entries).reshape(()) / divisor.square() if computed else None
+                for computed in block.to_compute
             ]
         if self.average_gradients:
             for p in block.params:
                 averaged[p] = (next(entries) / self.world_size).to(p.dtype)
-        return tuple(stats) if any(block.wanted) else None
+        return tuple(stats) if any(block.to_compute) else None
 
-    # -- stage 3: preconditioned gradients and next-step plans to everyone ----------------
+    # -- stage 3: preconditioned gradients and next step's statistics to everyone ---------
     def _gather_specs(self, rank: int) -> list[TensorSpec]:
-        """Per owned block: a header (valid, fell back to the plain gradient, plan), then
-        the parameters' directions."""
+        """Per owned block: a header (valid, fell back to the plain gradient, the statistics
+        to compute next), then the parameters' directions."""
         specs = []
         for name in self.owned_by[rank]:
             block = self.blocks[name]
@@ -376,9 +377,9 @@ class DistributedExchange:
         self,
         plain: dict[torch.Tensor, torch.Tensor],
         preconditioned: dict[torch.Tensor, torch.Tensor],
-        plans: dict[str, list[bool]],
+        to_compute: dict[str, list[bool]],
     ) -> tuple[dict[torch.Tensor, torch.Tensor], dict[str, list[bool]]]:
-        """Every block's preconditioned directions and statistic plans, as every rank
+        """Every block's preconditioned directions and statistics to compute, as every rank
         (the owner included) receives them, so replicas apply identical values.
 
         A block is missing from the directions when its owner left it out (a parameter
@@ -391,7 +392,7 @@ class DistributedExchange:
         own = packers[self.rank]
         send = torch.zeros(max(packer.numel for packer in packers), dtype=dtype, device=self.device)
         if own.numel:
-            own.pack(self._gather_entries(preconditioned, plans), dtype, out=send[: own.numel])
+            own.pack(self._gather_entries(preconditioned, to_compute), dtype, out=send[: own.numel])
             if torch.finfo(dtype).bits < 32:
                 self._plain_where_unrepresentable(send, own, plain, preconditioned)
         received = [torch.empty_like(send) for _ in range(self.world_size)]
@@ -410,11 +411,11 @@ class DistributedExchange:
                 directions.append([next(entries) for _ in self.blocks[name].params])
         values = iter(torch.cat(headers).tolist() if headers else [])
         gathered: dict[torch.Tensor, torch.Tensor] = {}
-        all_plans: dict[str, list[bool]] = {}
+        all_to_compute: dict[str, list[bool]] = {}
         for name, block_directions in zip(names, directions, strict=True):
             block = self.blocks[name]
             valid, fell_back = next(values), next(values)
-            all_plans[name] = [bool(next(values)) for _ in block.statistic_names]
+            all_to_compute[name] = [bool(next(values)) for _ in block.statistic_names]
             if valid:
                 gathered.update(
                     (p, d.to(p.dtype)) for p, d in zip(block.params, block_directions, strict=True)
@@ -425,14 +426,14 @@ class DistributedExchange:
                     f"preconditioned gradient of {name!r} exceeds the range of {dtype}; the "
                     "plain gradient is sent and applied for it instead",
                 )
-        return gathered, all_plans
+        return gathered, all_to_compute
 
     def _gather_entries(
-        self, preconditioned: dict[torch.Tensor, torch.Tensor], plans: dict[str, list[bool]]
+        self, preconditioned: dict[torch.Tensor, torch.Tensor], to_compute: dict[str, list[bool]]
     ) -> list[torch.Tensor]:
         names = self.owned_by[self.rank]
         valid = {name: all(p in preconditioned for p in self.blocks[name].params) for name in names}
-        rows = [[float(valid[name]), 0.0, *map(float, plans[name])] for name in names]
+        rows = [[float(valid[name]), 0.0, *map(float, to_compute[name])] for name in names]
         # all headers in one copy to the device (one per block would wait for it each time)
         flat = torch.tensor([value for row in rows for value in row])
         if self.device.type == "cuda":

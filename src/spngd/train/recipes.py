@@ -59,4 +59,5 @@ RECIPES: dict[str, Recipe] = {
     "imagenet-65k": Recipe(65_536, 61, 4.0e-2, 2, 64.5, 2.9, 0.95, 1.5e-4, 0.6),
     "imagenet-131k": Recipe(131_072, 81, 7.0e-2, 1, 95, 3.0, 0.93, 1.0e-4, 1.0),
 }
-"""Presets by ``--recipe`` name; the number is the batch size N in thousands (2^10)."""
+"""Presets by ``--recipe`` name: the paper's names for the batch sizes (4K is 4,096, 65K is
+65,536, 131K is 131,072)."""

@@ -384,7 +384,7 @@ class Trainer:
             "forward_backward_seconds": round(sum(r.forward_backward_seconds for r in results), 6),
         }
         if isinstance(self.optimizer, SPNGD):
-            record["optimizer_stats"] = self.optimizer.stats()["total"]
+            record["refresh_counts"] = self.optimizer.refresh_counts()["total"]
             spent = seconds_since(stages_before, self.stage_seconds())
             record["stage_seconds"] = {stage: round(s, 6) for stage, s in spent.items()}
         self.log(record)
