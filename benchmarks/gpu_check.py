@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import io
 import os
 import socket
@@ -303,6 +304,11 @@ def _ddp_worker(rank: int, device_type: str, port: int, comm: torch.dtype, out: 
         F.cross_entropy(ddp(x[part].to(device)), y[part].to(device)).backward()
         opt.step()
     torch.save([p.detach().cpu() for p in model.parameters()], f"{out}/rank{rank}.pt")
+    # Free the DDP wrapper before the group goes: torch's DDP + gloo teardown can abort a
+    # rank at exit while a DistributedDataParallel holding the group is alive
+    # (docs/troubleshooting.md).
+    del opt, ddp
+    gc.collect()
     dist.barrier()
     dist.destroy_process_group()
 
