@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 
 from spngd.train.errors import UserError, brief_reason
+from spngd.train.runfolder import atomic_write
 
 NAME = "mnist1d"
 DEFAULT_SIZE = 80_000
@@ -120,9 +120,7 @@ def _write(path: Path, arrays: tuple[np.ndarray, np.ndarray]) -> None:
     """Cache the arrays (atomically); a folder that cannot be written costs only a warning."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as file:
-            np.savez(file, x=arrays[0], y=arrays[1])
-        os.replace(file.name, path)
+        atomic_write(path, lambda file: np.savez(file, x=arrays[0], y=arrays[1]))
     except OSError as error:
         warnings.warn(
             f"mnist1d is not cached ({brief_reason(error)}); set SPNGD_CACHE to a writable "
