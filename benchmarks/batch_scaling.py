@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import subprocess
 import sys
@@ -46,11 +45,11 @@ import torch
 from torch import nn
 from torch.nn.functional import cross_entropy
 
+from pinned_malloc import pin_malloc
 from spngd import SPNGD
 from spngd.train import mnist1d
 from spngd.train.models import build_model
 
-PINNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
 WARMUP_STEPS = 10
 GRID_POINTS = 4
 MAX_WIDENINGS = 2
@@ -472,12 +471,6 @@ def commit() -> str:
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-
-
-def pin_malloc() -> None:
-    """Re-execute this script with glibc's malloc thresholds pinned, unless they are."""
-    if any(os.environ.get(key) != value for key, value in PINNED_MALLOC.items()):
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **PINNED_MALLOC})
 
 
 def markdown_table(record: dict[str, Any]) -> str:

@@ -21,16 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pinned_malloc import pin_malloc
 from spngd import SPNGD
 
-PINNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
 TARGET_GROWTH = 0.10
-
-
-def pin_malloc() -> None:
-    """Re-execute this script with glibc's malloc thresholds pinned, unless they are."""
-    if any(os.environ.get(key) != value for key, value in PINNED_MALLOC.items()):
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **PINNED_MALLOC})
 
 
 def resident_bytes() -> int:

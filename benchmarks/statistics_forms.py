@@ -27,9 +27,7 @@ sibling dominate the times (a 0.2 ms product then takes 30 ms).
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -39,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.grad import conv2d_weight
 
+from pinned_malloc import pin_malloc
 from spngd.curvature import BatchNormBlock, Conv2dBlock, LinearBlock
 from spngd.curvature.batchnorm import (
     _moments_by_dot_products,
@@ -57,7 +56,6 @@ from spngd.curvature.kronecker import append_bias_moments
 from spngd.curvature.linear import gram_form, onednn_product
 from spngd.train.models import build_model
 
-PINNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
 EPS = 1e-5
 MODELS = {
     # name: (model, batch, image size, input channels, classes)
@@ -71,12 +69,6 @@ CHANNELS_LAST_GRAD = "(oneDNN conv on a channels-last grad)"
 channels-last, printed for reference and left out of the fastest."""
 
 Form = Callable[[], torch.Tensor]
-
-
-def pin_malloc() -> None:
-    """Re-execute this script with glibc's malloc thresholds pinned, unless they are."""
-    if any(os.environ.get(key) != value for key, value in PINNED_MALLOC.items()):
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **PINNED_MALLOC})
 
 
 # -- layer shapes ---------------------------------------------------------------------------

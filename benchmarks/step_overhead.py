@@ -29,8 +29,6 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
-import os
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -39,20 +37,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pinned_malloc import pin_malloc
 from spngd import SPNGD
 from spngd.refresh import AdaptiveRefresh, computed_shares
 from spngd.timing import STAGES, seconds_since
 from spngd.train.models import build_model
 
-PINNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
-
 Step = Callable[[torch.Tensor, torch.Tensor], None]
-
-
-def pin_malloc() -> None:
-    """Re-execute this script with glibc's malloc thresholds pinned, unless they are."""
-    if any(os.environ.get(key) != value for key, value in PINNED_MALLOC.items()):
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **PINNED_MALLOC})
 
 
 def optimizer_step(model: nn.Module, opt: torch.optim.Optimizer) -> Step:

@@ -50,9 +50,7 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import statistics
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,23 +58,17 @@ from typing import Any
 
 import torch
 
+from pinned_malloc import pin_malloc
 from spngd.refresh import computed_shares
 from spngd.train.config import resolve_config
 from spngd.train.runfolder import RunFolder
 from spngd.train.trainer import train
 
-PINNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
 SHARED = {"data": "digits", "model": "resnet20", "batch_size": 1024, "device": "cpu"}
 SGD = {"optimizer": "sgd", "warmup_epochs": 2.0, "weight_decay": 5e-4, "momentum": 0.9}
 SPNGD = {"optimizer": "spngd", "lr": 0.4, "damping": 0.3, "momentum": 0.9, "weight_decay": 0.0}
 ADAPTIVE = "sp-ngd"
 EVERY_STEP = "sp-ngd every step"
-
-
-def pin_malloc() -> None:
-    """Re-execute this script with glibc's malloc thresholds pinned, unless they are."""
-    if any(os.environ.get(key) != value for key, value in PINNED_MALLOC.items()):
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **PINNED_MALLOC})
 
 
 @dataclass(frozen=True)

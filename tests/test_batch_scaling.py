@@ -17,6 +17,7 @@ SCRIPT = Path(__file__).parents[1] / "benchmarks" / "batch_scaling.py"
 
 @pytest.fixture(scope="module")
 def bench():  # the script, imported as a module
+    sys.path.insert(0, str(SCRIPT.parent))  # as when run: its sibling modules import
     spec = importlib.util.spec_from_file_location("batch_scaling", SCRIPT)
     module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
     sys.modules["batch_scaling"] = module
