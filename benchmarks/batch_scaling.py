@@ -89,13 +89,14 @@ class Contender:
     """SP-NGD: every learning rate is tried with each of these."""
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def grid(self, batch: int, lo: int, hi: int) -> list[dict[str, float]]:
-        """Grid points ``lo..hi`` (integers around 0) of the learning rate at ``batch``."""
+    def settings(self, batch: int, index: int) -> list[dict[str, float]]:
+        """The settings at learning-rate grid point ``index`` (an integer around 0) at
+        ``batch``: one per damping for SP-NGD."""
         centre = self.base_lr * math.sqrt(batch / 128)
-        lrs = [centre * self.lr_ratio ** (k + 0.5) for k in range(lo, hi + 1)]
+        lr = round_lr(centre * self.lr_ratio ** (index + 0.5))
         if not self.dampings:
-            return [{"lr": round_lr(lr)} for lr in lrs]
-        return [{"lr": round_lr(lr), "damping": d} for lr in lrs for d in self.dampings]
+            return [{"lr": lr}]
+        return [{"lr": lr, "damping": d} for d in self.dampings]
 
     def initial_span(self) -> tuple[int, int]:
         """Learning-rate indices of the first grid: :data:`GRID_POINTS` settings in all."""
@@ -202,14 +203,14 @@ def train_run(
     next_eval = next(schedule)
     seconds, reached, reached_seconds, last = 0.0, math.inf, math.inf, 0.0
 
-    def outcome(step: int, stopped: str) -> Run:
+    def outcome(stopped: str) -> Run:
         if math.isfinite(reached):
             return Run(name, setting, batch, seed, reached, reached_seconds, last, stopped)
         return Run(name, setting, batch, seed, math.inf, seconds, last, stopped)
 
     for step, (x, y) in enumerate(batches(data, batch, seed), start=1):
         if step > prune_after:
-            return outcome(step, "pruned")
+            return outcome("pruned")
         for group in optimizer.param_groups:
             group["lr"] = setting["lr"] * min(1.0, step / WARMUP_STEPS)
         start = time.perf_counter()
@@ -220,7 +221,7 @@ def train_run(
         finite = math.isfinite(loss.item())
         seconds += time.perf_counter() - start
         if not finite:
-            return outcome(step, "diverged")
+            return outcome("diverged")
         if step == next_eval or step == cap:
             last = accuracy(model, data)
             while next_eval <= step:
@@ -228,9 +229,9 @@ def train_run(
             if last >= study.target and not math.isfinite(reached):
                 reached, reached_seconds = float(step), seconds
                 if not to_the_cap:
-                    return outcome(step, "target")
+                    return outcome("target")
         if step == cap:
-            return outcome(step, "cap")
+            return outcome("cap")
     raise AssertionError("unreachable")
 
 
@@ -257,7 +258,7 @@ def tune(
     """The best run at each learning-rate index."""
 
     def try_index(index: int) -> None:
-        for setting in contender.grid(batch, index, index):
+        for setting in contender.settings(batch, index):
             bound = min((r.steps for r in runs.values()), default=math.inf)
             outcome = train_run(
                 contender.name, setting, batch, study.seeds[0], study, data, model, bound
@@ -298,9 +299,7 @@ class Result:
 
     @property
     def seconds(self) -> float:
-        reached = [r.seconds for r in self.runs if math.isfinite(r.steps)]
-        if 2 * len(reached) <= len(self.runs):
-            return math.inf
+        """Median seconds to the target, a run that missed it counting as inf."""
         return statistics.median(
             [r.seconds if math.isfinite(r.steps) else math.inf for r in self.runs]
         )
