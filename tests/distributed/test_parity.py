@@ -74,7 +74,8 @@ def _worker(rank: int, world_size: int, out: str, wrap: bool, settings: dict) ->
         opt.zero_grad()
         F.cross_entropy(net(x[part]), y[part]).backward()
         # with overlap every bucket was started during backward
-        launched = opt._exchange._next == len(opt._exchange.buckets)
+        exchange = opt.preconditioner.exchange
+        launched = exchange.buckets_launched == len(exchange.buckets)
         assert launched == settings["overlap"], (launched, settings)
         opt.step()
     state = opt.state_dict()  # collective: every rank takes part

@@ -165,6 +165,12 @@ class DistributedExchange:
                 for p in block.params:
                     p.register_post_accumulate_grad_hook(self._notify_grad)
 
+    @property
+    def buckets_launched(self) -> int:
+        """How many of :attr:`buckets` this step's reduction has started (with overlap,
+        backward starts each one as soon as its blocks and gradients are in)."""
+        return self._next
+
     def owns(self, name: str) -> bool:
         return self.owner[name] == self.rank
 

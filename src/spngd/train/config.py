@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from spngd.curvature.kronecker import DAMPING_FORMS
-from spngd.optimizer import FISHER_TYPES
+from spngd.preconditioner import FISHER_TYPES
 from spngd.refresh import GROW_RULES, RULES, SHRINK_RULES, AdaptiveRefresh
 from spngd.train import mnist1d
 from spngd.train.data import data_kind

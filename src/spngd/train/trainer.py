@@ -73,7 +73,7 @@ def train_step(
     """
     buffers = [buffer.clone() for buffer in model.buffers()]
     optimizer.zero_grad()
-    sample_fisher = isinstance(optimizer, SPNGD) and optimizer.fisher == "mc"
+    sample_fisher = isinstance(optimizer, SPNGD) and optimizer.preconditioner.fisher == "mc"
     loss_sum, correct, examples = 0.0, 0, 0
     start = time.perf_counter()
     last = len(micro_batches) - 1
