@@ -133,17 +133,23 @@ def main() -> None:
         "--no-every-step", action="store_true", help="skip the every-step SP-NGD contender"
     )
     parser.add_argument("--damping-form", help="SP-NGD's damping form: factored or kronecker")
-    parser.add_argument("--damping", type=float, help="SP-NGD's damping (default 0.3)")
+    parser.add_argument("--damping", type=float, help=f"SP-NGD's damping ({SPNGD['damping']})")
+    parser.add_argument("--spngd-lr", type=float, help=f"SP-NGD's learning rate ({SPNGD['lr']})")
+    parser.add_argument(
+        "--eval-batchnorm", help="validation's BatchNorm statistics: recomputed or running"
+    )
     args = parser.parse_args()
     pin_malloc()
     torch.set_num_threads(args.threads)
     shared = {**SHARED, "epochs": args.epochs, "threads": args.threads}
+    if args.eval_batchnorm is not None:
+        shared["eval_batchnorm"] = args.eval_batchnorm
     contenders = {f"sgd lr={lr:g}": {**shared, **SGD, "lr": lr} for lr in args.sgd_lrs}
     knobs = {
         f"refresh_{knob}": getattr(args, f"refresh_{knob}")
         for knob in ("alpha", "shrink", "rule", "noise_margin", "max_interval", "warmup_steps")
     }
-    knobs |= {"damping_form": args.damping_form, "damping": args.damping}
+    knobs |= {"damping_form": args.damping_form, "damping": args.damping, "lr": args.spngd_lr}
     chosen = {k: v for k, v in knobs.items() if v is not None}
     contenders[ADAPTIVE] = {**shared, **SPNGD, **chosen}
     if not args.no_every_step:

@@ -60,7 +60,10 @@ def small_digits_runs(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     def small(config: TrainConfig) -> DataBundle:
         data = load_data(config)
         return dataclasses.replace(
-            data, train=Subset(data.train, range(64)), val=Subset(data.val, range(64))
+            data,
+            train=Subset(data.train, range(64)),
+            val=Subset(data.val, range(64)),
+            train_as_val=Subset(data.train_as_val, range(64)),
         )
 
     monkeypatch.setattr(trainer, "load_data", small)

@@ -25,6 +25,7 @@ from spngd.refresh import GROW_RULES, RULES, SHRINK_RULES, AdaptiveRefresh
 from spngd.train import mnist1d
 from spngd.train.data import data_kind
 from spngd.train.errors import UserError
+from spngd.train.evaluation import BATCHNORM_STATISTICS
 from spngd.train.models import MODEL_NAMES, spatial_dims
 from spngd.train.recipes import RECIPES
 
@@ -100,6 +101,10 @@ class TrainConfig:
     image_size: int = _help("side of the square training image (default: by data)")
     workers: int = _help("DataLoader worker processes (default: by data)")
     eval_every_steps: int = _help("validate every k steps (0: after each pass over the data)")
+    eval_batchnorm: str = _help(
+        "BatchNorm statistics for validation: 'recomputed' from the last step's training batch "
+        "under the current weights, or 'running' (torch's running averages)"
+    )
     max_bad_steps: int = _help("stop after this many steps in a row with NaN or inf gradients")
     seed: int = _help("random seed (model, shuffling, augmentation)")
     threads: int | None = _help("torch CPU threads (default: torch's choice)")
@@ -124,6 +129,11 @@ class TrainConfig:
                 f"one of {', '.join(DAMPING_FORMS)}",
             ),
             ("crop", self.crop in CROPS, f"one of {', '.join(CROPS)}"),
+            (
+                "eval_batchnorm",
+                self.eval_batchnorm in BATCHNORM_STATISTICS,
+                f"one of {', '.join(BATCHNORM_STATISTICS)}",
+            ),
             ("epochs", self.epochs > 0, "> 0"),
             ("batch_size", self.batch_size >= 1, "a positive integer"),
             ("accumulate", self.accumulate >= 1, "a positive integer"),
@@ -249,6 +259,7 @@ DEFAULTS: dict[str, Any] = {
     "mixup_off_epoch": None,
     "label_smoothing": 0.0,
     "eval_every_steps": 0,
+    "eval_batchnorm": BATCHNORM_STATISTICS[0],
     "max_bad_steps": 10,
     "seed": 0,
     "threads": None,

@@ -88,6 +88,9 @@ class DataBundle:
 
     train: Dataset
     val: Dataset
+    train_as_val: Dataset
+    """The training examples under the validation transform (no augmentation): validation's
+    BatchNorm statistics are computed on them (:mod:`spngd.train.evaluation`)."""
     num_classes: int
     in_channels: int
     spatial_dims: int = 2
@@ -195,9 +198,11 @@ def load_data(config: TrainConfig) -> DataBundle:
     kind = data_kind(config.data)
     if kind == "mnist1d":
         (train_x, train_y), (val_x, val_y) = mnist1d.load(mnist1d.size_of(config.data))  # type: ignore[arg-type]
+        train = TensorSequences(train_x, train_y)
         return DataBundle(
-            train=TensorSequences(train_x, train_y),
+            train=train,
             val=TensorSequences(val_x, val_y),
+            train_as_val=train,
             num_classes=mnist1d.CLASSES,
             in_channels=1,
             spatial_dims=1,
@@ -213,6 +218,7 @@ def load_data(config: TrainConfig) -> DataBundle:
     return DataBundle(
         train=TensorImages(train_x, train_y, scale, mean, std, train_tf),
         val=TensorImages(val_x, val_y, scale, mean, std, eval_tf),
+        train_as_val=TensorImages(train_x, train_y, scale, mean, std, eval_tf),
         num_classes=num_classes,
         in_channels=train_x.shape[1],
     )
@@ -322,6 +328,7 @@ def _scan_image_folder(root: Path, train_tf: Transform, eval_tf: Transform) -> D
     return DataBundle(
         train=ImageFiles(splits[0], train_tf),
         val=ImageFiles(splits[1], eval_tf),
+        train_as_val=ImageFiles(splits[0], eval_tf),
         num_classes=len(classes),
         in_channels=3,
     )

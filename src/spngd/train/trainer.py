@@ -28,6 +28,11 @@ from spngd.train.augment import RunningMixup, soft_targets
 from spngd.train.config import TrainConfig
 from spngd.train.data import ImageFiles, load_data, make_loaders
 from spngd.train.errors import TrainingStoppedError, UserError, brief_reason
+from spngd.train.evaluation import (
+    batchnorm_sample,
+    evaluate,
+    recompute_batchnorm_statistics,
+)
 from spngd.train.models import build_model
 from spngd.train.optimizers import GuardedSGD, make_optimizer, rescale_weights
 from spngd.train.plots import plot_runs
@@ -100,21 +105,6 @@ def train_step(
     return StepResult(loss_sum / len(micro_batches), correct, examples, forward_backward)
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy on ``loader``, in eval mode (running BN statistics)."""
-    model.eval()
-    loss, correct, count = 0.0, 0, 0
-    for images, labels in loader:
-        images, labels = images.to(device), labels.to(device)
-        logits = model(images)
-        loss += F.cross_entropy(logits, labels, reduction="sum").item()
-        correct += int((logits.argmax(1) == labels).sum())
-        count += len(labels)
-    model.train()
-    return loss / count, correct / count
-
-
 def _groups(loader: Iterable[Any], size: int) -> Iterator[list[Any]]:
     """Consecutive groups of ``size`` items; a shorter last group is dropped."""
     group: list[Any] = []
@@ -174,6 +164,14 @@ class Trainer:
             # set: a bad file there would otherwise cost a pass (an hour on ImageNet).
             for _ in self.val_loader:
                 pass
+        self.batchnorm_loader: DataLoader | None = None
+        if config.eval_batchnorm == "recomputed":
+            self.batchnorm_loader = DataLoader(
+                batchnorm_sample(self.data.train_as_val, config.seed),
+                batch_size=self.val_loader.batch_size,
+                num_workers=self.val_loader.num_workers,
+                pin_memory=self.val_loader.pin_memory,
+            )
         self.model = build_model(
             config.model, self.data.num_classes, config.zero_init_residual, self.data.in_channels
         ).to(self.device)
@@ -262,6 +260,9 @@ class Trainer:
         self.run.log(record)
 
     def validate(self) -> dict[str, float]:
+        """Validation loss and accuracy, with BatchNorm statistics per ``--eval-batchnorm``."""
+        if self.batchnorm_loader is not None:
+            recompute_batchnorm_statistics(self.model, self.batchnorm_loader, self.device)
         self.val_loss, self.val_accuracy = evaluate(self.model, self.val_loader, self.device)
         return {"val_loss": self.val_loss, "val_accuracy": self.val_accuracy}
 
