@@ -4,7 +4,9 @@ batch size, for momentum SGD, AdamW and SP-NGD, on mnist1d.
 Every optimizer trains the same model (``resnet8-1d`` unless ``--model``) from the same
 initial weights on the same data order (both drawn from the seed), with the same schedule:
 a linear warm-up over the first :data:`WARMUP_STEPS` steps, then a constant learning rate.
-Validation (all held-out examples, BatchNorm's running statistics) runs on a geometric
+Validation (all held-out examples; BatchNorm statistics recomputed under the current weights
+from a fixed sample of training examples, see :mod:`spngd.train.evaluation`, or with
+``--eval-batchnorm running`` torch's running averages) runs on a geometric
 grid of steps, every step up to 20 and then whenever the step count has grown by 5%, so a
 step count to the target is exact to within 5%; a run stops at the target. Training time
 is the sum of the steps' seconds, validation left out.
@@ -44,10 +46,16 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.functional import cross_entropy
+from torch.utils.data import TensorDataset
 
 from pinned_malloc import pin_malloc
 from spngd import SPNGD
 from spngd.train import mnist1d
+from spngd.train.evaluation import (
+    BATCHNORM_STATISTICS,
+    batchnorm_sample,
+    recompute_batchnorm_statistics,
+)
 from spngd.train.models import build_model
 
 WARMUP_STEPS = 10
@@ -150,6 +158,8 @@ class Data:
     train_y: torch.Tensor
     val_x: torch.Tensor
     val_y: torch.Tensor
+    batchnorm_sample: torch.Tensor | None
+    """Training examples validation's BatchNorm statistics come from (None: running ones)."""
 
 
 def eval_steps() -> Iterator[int]:
@@ -173,6 +183,9 @@ def batches(data: Data, batch: int, seed: int) -> Iterator[tuple[torch.Tensor, t
 
 @torch.no_grad()
 def accuracy(model: nn.Module, data: Data) -> float:
+    if data.batchnorm_sample is not None:
+        sample = data.batchnorm_sample.split(4096)
+        recompute_batchnorm_statistics(model, [(x, None) for x in sample], torch.device("cpu"))
     model.eval()
     correct = sum(
         int((model(x).argmax(1) == y).sum())
@@ -454,9 +467,12 @@ def plot(results: list[Result], study: Study, path: Path) -> None:
     plt.close(figure)
 
 
-def load_study_data(size: int) -> Data:
+def load_study_data(size: int, eval_batchnorm: str = BATCHNORM_STATISTICS[0]) -> Data:
     (train_x, train_y), (val_x, val_y) = mnist1d.load(size)
-    return Data(train_x, train_y, val_x, val_y)
+    sample = None
+    if eval_batchnorm == "recomputed":
+        sample = train_x[batchnorm_sample(TensorDataset(train_x), seed=0).indices]
+    return Data(train_x, train_y, val_x, val_y, sample)
 
 
 def commit() -> str:
@@ -506,6 +522,12 @@ def main() -> None:
     parser.add_argument("--model", default="resnet8-1d")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
+        "--eval-batchnorm",
+        choices=BATCHNORM_STATISTICS,
+        default=BATCHNORM_STATISTICS[0],
+        help="validation's BatchNorm statistics",
+    )
+    parser.add_argument(
         "--table", type=Path, help="print a saved batch_scaling.json as a Markdown table; no runs"
     )
     args = parser.parse_args()
@@ -515,10 +537,11 @@ def main() -> None:
     pin_malloc()
     torch.set_num_threads(args.threads)
     study = QUICK if args.quick else FULL
-    data = load_study_data(study.data_size)
+    data = load_study_data(study.data_size, args.eval_batchnorm)
     print(
         f"{args.model} on mnist1d ({len(data.train_y)} training, {len(data.val_y)} validation "
-        f"examples), batches {list(study.batches)}, {args.threads} threads, commit {commit()}",
+        f"examples), batches {list(study.batches)}, {args.threads} threads, BatchNorm "
+        f"statistics {args.eval_batchnorm} at validation, commit {commit()}",
         flush=True,
     )
     runs: list[Run] = []
@@ -545,6 +568,7 @@ def main() -> None:
         "study": asdict(study),
         "model": args.model,
         "threads": args.threads,
+        "eval_batchnorm": args.eval_batchnorm,
         "results": [
             {
                 **{k: v for k, v in asdict(r).items() if k != "runs"},

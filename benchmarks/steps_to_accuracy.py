@@ -120,7 +120,7 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
-        "--refresh-alpha", type=float, help="adaptive SP-NGD's threshold (default: the spec's)"
+        "--refresh-alpha", type=float, help="adaptive SP-NGD's threshold (default: AdaptiveRefresh's)"
     )
     parser.add_argument("--refresh-shrink", help="adaptive SP-NGD's shrink rule: reset or halve")
     parser.add_argument("--refresh-rule", help="adaptive SP-NGD's rule: noise or spec")

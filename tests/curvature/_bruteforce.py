@@ -281,7 +281,7 @@ def bn_uv_vmap(
     """Per-example grads of loss_i wrt (gamma, beta) with x_hat held fixed (torch.func).
 
     x_hat is computed once from the whole batch; for each example we differentiate
-    gamma, beta -> CE(tail(gamma * x_hat_i + beta), y_i). This is exactly the spec's
+    gamma, beta -> CE(tail(gamma * x_hat_i + beta), y_i). This is exactly the paper's
     convention of ignoring the dependence of the batch statistics on example i.
     ``tail`` is the part of the network after the BN layer (no batch coupling allowed).
     """

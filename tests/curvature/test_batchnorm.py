@@ -3,7 +3,7 @@
 Per-example BN gradients: x_hat is computed once from the batch (batch mean, biased variance,
 module eps) and held fixed; torch.func.vmap(grad(...)) then differentiates, per example,
 gamma, beta -> CE(tail(gamma * x_hat_i + beta), y_i), where ``tail`` is the network after the
-BN layer. This ignores the dependence of the batch statistics on example i, as the spec does,
+BN layer. This ignores the dependence of the batch statistics on example i, as the paper does,
 and is cross-checked against u = sum_t delta x_hat, v = sum_t delta with delta = n * grad_output.
 """
 
