@@ -120,7 +120,7 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
-        "--refresh-alpha", type=float, help="adaptive SP-NGD's threshold (default: AdaptiveRefresh's)"
+        "--refresh-alpha", type=float, help="adaptive SP-NGD's threshold (default 0.1)"
     )
     parser.add_argument("--refresh-shrink", help="adaptive SP-NGD's shrink rule: reset or halve")
     parser.add_argument("--refresh-rule", help="adaptive SP-NGD's rule: noise or spec")
@@ -145,12 +145,13 @@ def main() -> None:
     if args.eval_batchnorm is not None:
         shared["eval_batchnorm"] = args.eval_batchnorm
     contenders = {f"sgd lr={lr:g}": {**shared, **SGD, "lr": lr} for lr in args.sgd_lrs}
-    knobs = {
-        f"refresh_{knob}": getattr(args, f"refresh_{knob}")
+    refresh = {
+        knob: getattr(args, f"refresh_{knob}")
         for knob in ("alpha", "shrink", "rule", "noise_margin", "max_interval", "warmup_steps")
+        if getattr(args, f"refresh_{knob}") is not None
     }
-    knobs |= {"damping_form": args.damping_form, "damping": args.damping, "lr": args.spngd_lr}
-    chosen = {k: v for k, v in knobs.items() if v is not None}
+    knobs = {"damping_form": args.damping_form, "damping": args.damping, "lr": args.spngd_lr}
+    chosen = {k: v for k, v in knobs.items() if v is not None} | {"refresh": refresh}
     contenders[ADAPTIVE] = {**shared, **SPNGD, **chosen}
     if not args.no_every_step:
         contenders[EVERY_STEP] = {**shared, **SPNGD, **chosen, "stat_interval": 1}

@@ -41,8 +41,8 @@ every ``inverse_interval`` steps.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 
@@ -60,36 +60,52 @@ last three count, so the estimate follows the phase of training without being mo
 by one odd batch."""
 
 
+class InvalidSettingError(ValueError):
+    """A setting outside its range: ``setting`` names it, ``rule`` says what it must be."""
+
+    def __init__(self, owner: str, setting: str, rule: str, value: object) -> None:
+        super().__init__(f"{owner}.{setting} must be {rule}, got {value!r}")
+        self.setting, self.rule, self.value = setting, rule, value
+
+
+def _setting(default: object, help_text: str) -> Any:
+    return field(default=default, metadata={"help": help_text})
+
+
 @dataclass(frozen=True, kw_only=True)
 class AdaptiveRefresh:
-    """Knobs of the adaptive rule (see the module docstring for what each does)."""
+    """Knobs of the adaptive rule (the module docstring says what each does); a bad value
+    is an :class:`InvalidSettingError`."""
 
-    alpha: float = 0.1
-    rule: Literal["noise", "spec"] = "noise"
-    noise_margin: float = 1.0
-    grow: Literal["double", "plus1"] = "double"
-    shrink: Literal["reset", "halve"] = "reset"
-    max_interval: int = 32
-    warmup_steps: int = 3
+    alpha: float = _setting(
+        0.1,
+        "threshold on a statistic's relative change d; its interval grows while d is small "
+        "(see rule; negative: every step)",
+    )
+    rule: Literal["noise", "spec"] = _setting(
+        "noise",
+        "when d counts as small, 'noise': d^2 <= alpha^2 + (noise_margin * s)^2 with s the "
+        "statistic's measured batch-to-batch noise, 'spec': d <= alpha",
+    )
+    noise_margin: float = _setting(1.0, "rule 'noise': the margin, in units of the noise")
+    grow: Literal["double", "plus1"] = _setting("double", "interval growth: double or plus1")
+    shrink: Literal["reset", "halve"] = _setting("reset", "interval shrink: reset or halve")
+    max_interval: int = _setting(32, "longest interval in steps")
+    warmup_steps: int = _setting(3, "first steps that always refresh")
 
     def __post_init__(self) -> None:
-        if math.isnan(self.alpha):
-            raise ValueError("refresh alpha must be a number (negative: refresh every step)")
-        if self.rule not in RULES:
-            rules = " or ".join(map(repr, RULES))
-            raise ValueError(f"refresh rule must be {rules}, got {self.rule!r}")
-        if not self.noise_margin >= 0.0:
-            raise ValueError(f"refresh noise_margin must be >= 0, got {self.noise_margin}")
-        if self.grow not in GROW_RULES:
-            rules = " or ".join(map(repr, GROW_RULES))
-            raise ValueError(f"refresh grow must be {rules}, got {self.grow!r}")
-        if self.shrink not in SHRINK_RULES:
-            rules = " or ".join(map(repr, SHRINK_RULES))
-            raise ValueError(f"refresh shrink must be {rules}, got {self.shrink!r}")
-        if self.max_interval < 1:
-            raise ValueError(f"refresh max_interval must be >= 1, got {self.max_interval}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"refresh warmup_steps must be >= 0, got {self.warmup_steps}")
+        checks = [
+            ("alpha", not math.isnan(self.alpha), "a number"),
+            ("rule", self.rule in RULES, " or ".join(RULES)),
+            ("noise_margin", self.noise_margin >= 0.0, ">= 0"),
+            ("grow", self.grow in GROW_RULES, " or ".join(GROW_RULES)),
+            ("shrink", self.shrink in SHRINK_RULES, " or ".join(SHRINK_RULES)),
+            ("max_interval", self.max_interval >= 1, "a positive integer"),
+            ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
+        ]
+        for setting, ok, rule in checks:
+            if not ok:
+                raise InvalidSettingError("AdaptiveRefresh", setting, rule, getattr(self, setting))
 
     def similar(self, change: float, noise: float) -> bool:
         """Whether a relative change ``change`` lets the interval grow, for a key whose

@@ -80,7 +80,7 @@ def _ddp_accumulation_worker(rank: int, world_size: int, out: str) -> None:
 
     ddp.register_comm_hook(None, counting_hook)
     config = resolve_config(
-        {"batch_size": 64, "accumulate": 2, "device": "cpu", "refresh_warmup_steps": 1}
+        {"batch_size": 64, "accumulate": 2, "device": "cpu", "refresh": {"warmup_steps": 1}}
     )
     opt = make_optimizer(ddp, config)
     images, targets = _batches()
@@ -106,7 +106,7 @@ def test_ddp_accumulation_reduces_once_per_step_and_equals_one_process(tmp_path:
     warm-up, so steps that skip statistics are compared too."""
     run_workers(_ddp_accumulation_worker, 2, str(tmp_path))
     config = resolve_config(
-        {"batch_size": 64, "accumulate": 4, "device": "cpu", "refresh_warmup_steps": 1}
+        {"batch_size": 64, "accumulate": 4, "device": "cpu", "refresh": {"warmup_steps": 1}}
     )
     model = _model()
     opt = make_optimizer(model, config)

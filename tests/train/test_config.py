@@ -56,18 +56,21 @@ def test_precedence_recipe_over_defaults_and_options_over_recipe() -> None:
         ({"damping_start": 0.1}, "--damping-start needs --damping-decay-epochs > 0"),
         ({"device": "tpu"}, "--device 'tpu' is not a torch device"),
         ({"epochs": float("inf")}, "--epochs must be finite"),
-        ({"refresh_alpha": float("nan")}, "--refresh-alpha must be a number, got nan"),
-        ({"refresh_rule": "fast"}, "--refresh-rule must be noise or spec, got 'fast'"),
+        ({"refresh": {"alpha": float("nan")}}, "--refresh-alpha must be a number, got nan"),
+        ({"refresh": {"rule": "fast"}}, "--refresh-rule must be noise or spec, got 'fast'"),
         (
             {"damping_form": "diagonal"},
             "--damping-form must be one of factored-keep-a, factored, kronecker, got 'diagonal'",
         ),
-        ({"refresh_noise_margin": -0.5}, "--refresh-noise-margin must be >= 0, got -0.5"),
-        ({"refresh_noise_margin": float("nan")}, "--refresh-noise-margin must be >= 0, got nan"),
-        ({"refresh_shrink": "drop"}, "--refresh-shrink must be reset or halve, got 'drop'"),
-        ({"refresh_grow": "triple"}, "--refresh-grow must be double or plus1, got 'triple'"),
-        ({"refresh_max_interval": 0}, "--refresh-max-interval must be a positive integer"),
-        ({"refresh_warmup_steps": -1}, "--refresh-warmup-steps must be >= 0, got -1"),
+        ({"refresh": {"noise_margin": -0.5}}, "--refresh-noise-margin must be >= 0, got -0.5"),
+        (
+            {"refresh": {"noise_margin": float("nan")}},
+            "--refresh-noise-margin must be >= 0, got nan",
+        ),
+        ({"refresh": {"shrink": "drop"}}, "--refresh-shrink must be reset or halve, got 'drop'"),
+        ({"refresh": {"grow": "triple"}}, "--refresh-grow must be double or plus1, got 'triple'"),
+        ({"refresh": {"max_interval": 0}}, "--refresh-max-interval must be a positive integer"),
+        ({"refresh": {"warmup_steps": -1}}, "--refresh-warmup-steps must be >= 0, got -1"),
         ({"inverse_interval": 0, "stat_interval": 1}, "--inverse-interval must be >= 1, got 0"),
         ({"inverse_interval": 10}, "--inverse-interval needs --stat-interval"),
         ({"seed": 10**23}, "--seed must be in 0..2**63-1"),
@@ -94,35 +97,47 @@ def test_cuda_on_a_machine_without_it_is_a_user_error() -> None:
 def test_refresh_options_reach_the_optimizer_and_old_configs_take_the_defaults() -> None:
     model = build_model("resnet20", num_classes=10)
     knobs = {
-        "refresh_alpha": 0.5,
-        "refresh_rule": "spec",
-        "refresh_noise_margin": 2.0,
-        "refresh_grow": "plus1",
-        "refresh_shrink": "halve",
-        "refresh_max_interval": 8,
-        "refresh_warmup_steps": 3,
+        "alpha": 0.5,
+        "rule": "spec",
+        "noise_margin": 2.0,
+        "grow": "plus1",
+        "shrink": "halve",
+        "max_interval": 8,
+        "warmup_steps": 3,
     }
-    opt = make_optimizer(model, resolve_config({"device": "cpu", **knobs}))
+    config = resolve_config({"device": "cpu", "refresh": knobs})
+    assert config.to_dict()["refresh"] == knobs  # config.json holds them as one setting
+    opt = make_optimizer(model, config)
     assert opt.refresh.stat_interval is None
-    assert opt.refresh.adaptive == AdaptiveRefresh(
-        alpha=0.5,
-        rule="spec",
-        noise_margin=2.0,
-        grow="plus1",
-        shrink="halve",
-        max_interval=8,
-        warmup_steps=3,
-    )
+    assert opt.refresh.adaptive == AdaptiveRefresh(**knobs)  # type: ignore[arg-type]
+    # a knob left out keeps AdaptiveRefresh's default
+    partial = resolve_config({"device": "cpu", "refresh": {"alpha": 0.5}}).refresh
+    assert partial == AdaptiveRefresh(alpha=0.5)
     fixed = resolve_config({"device": "cpu", "stat_interval": 10, "inverse_interval": 100})
     opt = make_optimizer(model, fixed)
     assert (opt.refresh.stat_interval, opt.refresh.inverse_interval) == (10, 100)
     # A run folder written before these options existed resumes with AdaptiveRefresh's
     # defaults.
     saved = resolve_config({"device": "cpu", "out": "runs/old"}).to_dict()
-    for name in (*knobs, "inverse_interval"):
+    for name in ("refresh", "inverse_interval"):
         del saved[name]
     opt = make_optimizer(model, resume_config(saved, {}))
     assert opt.refresh.adaptive == AdaptiveRefresh()
+
+
+def test_resume_keeps_saved_refresh_knobs_the_user_does_not_give() -> None:
+    """Knob by knob: --refresh-alpha on resume leaves the saved --refresh-rule alone, and a
+    config.json with the flat ``refresh_rule``-style entries of older runs still loads."""
+    saved = resolve_config(
+        {"device": "cpu", "out": "runs/old", "refresh": {"rule": "spec", "max_interval": 8}}
+    ).to_dict()
+    resumed = resume_config(saved, {"refresh": {"alpha": 0.5}})
+    assert resumed.refresh == AdaptiveRefresh(alpha=0.5, rule="spec", max_interval=8)
+    flat = {key: value for key, value in saved.items() if key != "refresh"}
+    flat |= {f"refresh_{knob}": value for knob, value in saved["refresh"].items()}
+    assert resume_config(flat, {}).refresh == AdaptiveRefresh(rule="spec", max_interval=8)
+    with pytest.raises(UserError, match=r"unknown option.*--refresh-speed"):
+        resolve_config({"refresh": {"speed": 2}})
 
 
 def test_damping_form_reaches_the_optimizer() -> None:

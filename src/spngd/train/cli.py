@@ -28,6 +28,7 @@ from spngd.train.config import (
     COMPARE_DEFAULTS,
     COMPARE_OPTIMIZER_DEFAULTS,
     DEFAULTS,
+    NESTED,
     OPTIMIZER_DEFAULTS,
     OPTIMIZERS,
     RESUME_FIXED,
@@ -85,15 +86,47 @@ def _add_config_options(
     for field in fields(TrainConfig):
         if field.name in skip:
             continue
-        kind = _base_type(hints[field.name])
+        if field.name in NESTED:
+            _add_nested_options(parser, field.name, NESTED[field.name])
+            continue
         help_text = field.metadata["help"] + _default_text(field.name, defaults)
-        options: dict[str, Any] = {"help": help_text, "default": argparse.SUPPRESS}
-        if kind is bool:
-            options["action"] = argparse.BooleanOptionalAction
+        _add_option(parser, flag(field.name), _base_type(hints[field.name]), help_text)
+
+
+def _add_nested_options(parser: argparse.ArgumentParser, name: str, settings: type) -> None:
+    """``--NAME-KNOB`` for every knob of a settings dataclass, its help and default its own."""
+    hints = typing.get_type_hints(settings)
+    for knob in fields(settings):
+        kind = _base_type(hints[knob.name])
+        if typing.get_origin(kind) is typing.Literal:
+            kind = str
+        help_text = f"{knob.metadata['help']} (default: {knob.default})"
+        option = flag(f"{name}_{knob.name}")
+        _add_option(parser, option, kind, help_text, dest=f"{name}.{knob.name}")
+
+
+def _add_option(
+    parser: argparse.ArgumentParser, option: str, kind: type, help_text: str, **extra: Any
+) -> None:
+    options: dict[str, Any] = {"help": help_text, "default": argparse.SUPPRESS, **extra}
+    if kind is bool:
+        options["action"] = argparse.BooleanOptionalAction
+    else:
+        options["type"] = kind
+        options["metavar"] = {int: "N", float: "X"}.get(kind, "NAME")
+    parser.add_argument(option, **options)
+
+
+def _nest(options: dict[str, Any]) -> dict[str, Any]:
+    """The parsed options with ``refresh.alpha``-style entries gathered into ``refresh``."""
+    nested: dict[str, Any] = {}
+    for key, value in options.items():
+        owner, _, knob = key.partition(".")
+        if owner in NESTED:
+            nested.setdefault(owner, {})[knob] = value
         else:
-            options["type"] = kind
-            options["metavar"] = {int: "N", float: "X"}.get(kind, "NAME")
-        parser.add_argument(flag(field.name), **options)
+            nested[key] = value
+    return nested
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -235,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
-            options = vars(build_parser().parse_args(argv))
+            options = _nest(vars(build_parser().parse_args(argv)))
             command = options.pop("command")
             (_run_train if command == "train" else _run_compare)(options)
     except UserError as error:

@@ -13,7 +13,7 @@ import math
 import os
 import warnings
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from datetime import datetime
 from typing import Any
 
@@ -21,7 +21,7 @@ import torch
 
 from spngd.curvature.kronecker import DAMPING_FORMS
 from spngd.preconditioner import FISHER_TYPES
-from spngd.refresh import GROW_RULES, RULES, SHRINK_RULES, AdaptiveRefresh
+from spngd.refresh import AdaptiveRefresh, InvalidSettingError
 from spngd.train import mnist1d
 from spngd.train.data import data_kind
 from spngd.train.errors import UserError
@@ -67,26 +67,9 @@ class TrainConfig:
     inverse_interval: int | None = _help(
         "SP-NGD inverses every k steps, with --stat-interval (default: with the statistics)"
     )
-    refresh_alpha: float = _help(
-        "SP-NGD adaptive refresh: threshold alpha on a statistic's relative change; its "
-        "interval grows while the change is small (see --refresh-rule; negative: every step)"
+    refresh: AdaptiveRefresh = field(
+        metadata={"help": "SP-NGD's adaptive refresh, one --refresh-* option per knob"}
     )
-    refresh_rule: str = _help(
-        "SP-NGD adaptive refresh: when a relative change d counts as small, 'noise': "
-        "d^2 <= alpha^2 + (margin * s)^2 with s the statistic's measured batch-to-batch noise, "
-        "'spec': d <= alpha"
-    )
-    refresh_noise_margin: float = _help(
-        "SP-NGD adaptive refresh, rule 'noise': the margin, in units of the measured noise"
-    )
-    refresh_grow: str = _help(
-        f"SP-NGD adaptive refresh: interval growth, {' or '.join(GROW_RULES)}"
-    )
-    refresh_shrink: str = _help(
-        f"SP-NGD adaptive refresh: interval shrink, {' or '.join(SHRINK_RULES)}"
-    )
-    refresh_max_interval: int = _help("SP-NGD adaptive refresh: longest interval in steps")
-    refresh_warmup_steps: int = _help("SP-NGD adaptive refresh: first steps that always refresh")
     fisher: str = _help(f"SP-NGD Fisher: {', '.join(FISHER_TYPES)}")
     damping_form: str = _help(
         "SP-NGD damping of Linear and Conv layers: 'factored' (pi-corrected, per factor) or "
@@ -154,13 +137,6 @@ class TrainConfig:
                 self.inverse_interval is None or self.inverse_interval >= 1,
                 ">= 1",
             ),
-            ("refresh_alpha", not math.isnan(self.refresh_alpha), "a number"),
-            ("refresh_rule", self.refresh_rule in RULES, " or ".join(RULES)),
-            ("refresh_noise_margin", self.refresh_noise_margin >= 0, ">= 0"),
-            ("refresh_grow", self.refresh_grow in GROW_RULES, " or ".join(GROW_RULES)),
-            ("refresh_shrink", self.refresh_shrink in SHRINK_RULES, " or ".join(SHRINK_RULES)),
-            ("refresh_max_interval", self.refresh_max_interval >= 1, "a positive integer"),
-            ("refresh_warmup_steps", self.refresh_warmup_steps >= 0, ">= 0"),
             ("mixup_alpha", self.mixup_alpha >= 0, ">= 0"),
             ("mixup_off_epoch", self.mixup_off_epoch is None or self.mixup_off_epoch >= 0, ">= 0"),
             ("label_smoothing", 0 <= self.label_smoothing < 1, "in [0, 1)"),
@@ -245,13 +221,6 @@ DEFAULTS: dict[str, Any] = {
     "stat_decay": 0.0,
     "stat_interval": None,
     "inverse_interval": None,
-    "refresh_alpha": AdaptiveRefresh.alpha,
-    "refresh_rule": AdaptiveRefresh.rule,
-    "refresh_noise_margin": AdaptiveRefresh.noise_margin,
-    "refresh_grow": AdaptiveRefresh.grow,
-    "refresh_shrink": AdaptiveRefresh.shrink,
-    "refresh_max_interval": AdaptiveRefresh.max_interval,
-    "refresh_warmup_steps": AdaptiveRefresh.warmup_steps,
     "fisher": "empirical",
     "damping_form": DAMPING_FORMS[0],
     "rescale_weights": True,
@@ -339,12 +308,50 @@ def resolve_config(options: Mapping[str, Any]) -> TrainConfig:
     values.update(options)
     values["data"] = absolute_data(values["data"])
     values["optimizer"] = optimizer
+    values["refresh"] = refresh_settings(values.get("refresh"))
     values.setdefault("lr_decay_end", values["epochs"])
     if values.get("device") is None:
         values["device"] = "cuda" if torch.cuda.is_available() else "cpu"
     if values.get("out") is None:
         values["out"] = os.path.join("runs", datetime.now().strftime("%Y%m%d-%H%M%S"))
     return TrainConfig(**values)
+
+
+NESTED: dict[str, type] = {"refresh": AdaptiveRefresh}
+"""Config fields that are the library's own settings objects: ``--refresh-alpha`` sets
+``refresh.alpha``. Their defaults and checks are the objects' own."""
+
+
+def refresh_settings(given: AdaptiveRefresh | Mapping[str, Any] | None) -> AdaptiveRefresh:
+    """The adaptive refresh for the ``refresh`` options given (a mapping of knob to value;
+    the knobs left out keep :class:`AdaptiveRefresh`'s defaults); a UserError naming the
+    flag for a bad one."""
+    if isinstance(given, AdaptiveRefresh):
+        return given
+    given = dict(given or {})
+    knobs = {f.name for f in fields(AdaptiveRefresh)}
+    unknown = sorted(set(given) - knobs)
+    if unknown:
+        raise UserError(f"unknown option(s): {', '.join(flag('refresh_' + k) for k in unknown)}")
+    try:
+        return AdaptiveRefresh(**given)
+    except InvalidSettingError as error:
+        raise UserError(
+            f"{flag('refresh_' + error.setting)} must be {error.rule}, got {error.value!r}"
+        ) from None
+
+
+def merged_options(base: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` updated by ``given``, the nested settings (:data:`NESTED`) knob by knob."""
+    merged = {**base, **given}
+    for name in NESTED:
+        if name in base and name in given:
+            merged[name] = {**_as_mapping(base[name]), **_as_mapping(given[name])}
+    return merged
+
+
+def _as_mapping(value: Any) -> dict[str, Any]:
+    return asdict(value) if is_dataclass(value) else dict(value)  # type: ignore[arg-type]
 
 
 def absolute_data(data: str) -> str:
@@ -367,7 +374,10 @@ def resume_config(saved: Mapping[str, Any], options: Mapping[str, Any]) -> Train
     Options not given keep their saved values (``--epochs`` alone does not move the saved
     ``--lr-decay-end``); changing one of :data:`RESUME_FIXED` is a UserError.
     """
-    saved = {**saved, "data": absolute_data(saved.get("data", DEFAULTS["data"]))}
+    saved = {
+        **_nest_flat_refresh(saved),
+        "data": absolute_data(saved.get("data", DEFAULTS["data"])),
+    }
     options = {**options, **({"data": absolute_data(options["data"])} if "data" in options else {})}
     for name in RESUME_FIXED:
         if name in options and options[name] != saved.get(name):
@@ -385,4 +395,14 @@ def resume_config(saved: Mapping[str, Any], options: Mapping[str, Any]) -> Train
                 RuntimeWarning,
                 stacklevel=2,
             )
-    return resolve_config({**saved, **options})
+    return resolve_config(merged_options(saved, options))
+
+
+def _nest_flat_refresh(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """A saved config whose refresh knobs are flat ``refresh_alpha``-style entries, as run
+    folders wrote them before ``refresh`` was one setting, with them nested."""
+    flat = {key: value for key, value in saved.items() if key.startswith("refresh_")}
+    if not flat:
+        return dict(saved)
+    rest = {key: value for key, value in saved.items() if key not in flat}
+    return {**rest, "refresh": {key.removeprefix("refresh_"): v for key, v in flat.items()}}

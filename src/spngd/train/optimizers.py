@@ -12,7 +12,6 @@ from torch import nn
 
 from spngd.guard import GuardedSteps, NonFiniteGuard, any_nonfinite
 from spngd.optimizer import SPNGD
-from spngd.refresh import AdaptiveRefresh
 from spngd.train.config import TrainConfig
 
 RESCALED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -96,15 +95,7 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> SPNGD | GuardedSGD:
         damping_form=config.damping_form,
         stat_interval=config.stat_interval,
         inverse_interval=config.inverse_interval,
-        refresh=AdaptiveRefresh(
-            alpha=config.refresh_alpha,
-            rule=config.refresh_rule,  # type: ignore[arg-type]
-            noise_margin=config.refresh_noise_margin,
-            grow=config.refresh_grow,  # type: ignore[arg-type]
-            shrink=config.refresh_shrink,  # type: ignore[arg-type]
-            max_interval=config.refresh_max_interval,
-            warmup_steps=config.refresh_warmup_steps,
-        ),
+        refresh=config.refresh,
         accumulation_steps=config.accumulate,
         max_bad_steps=config.max_bad_steps,
     )
