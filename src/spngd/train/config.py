@@ -9,6 +9,7 @@ warm-up, weight decay) are SP-NGD's, so an SGD run does not take them.
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import warnings
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 
 from spngd.curvature.kronecker import DAMPING_FORMS
+from spngd.optimizer import SPNGD
 from spngd.preconditioner import FISHER_TYPES
 from spngd.refresh import AdaptiveRefresh, InvalidSettingError
 from spngd.train import mnist1d
@@ -204,6 +206,13 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+SPNGD_DEFAULTS: dict[str, Any] = {
+    name: parameter.default
+    for name, parameter in inspect.signature(SPNGD).parameters.items()
+    if parameter.default is not inspect.Parameter.empty
+}
+"""SPNGD's own defaults (its signature), which the training config takes as they are."""
+
 DEFAULTS: dict[str, Any] = {
     "data": "digits",
     "model": "resnet20",
@@ -215,21 +224,21 @@ DEFAULTS: dict[str, Any] = {
     "accumulate": 1,
     "lr_decay_start": 0.0,
     "lr_decay_power": 2.0,
-    "damping": 1e-3,
+    "damping": SPNGD_DEFAULTS["damping"],
     "damping_start": None,
     "damping_decay_epochs": 0.0,
-    "stat_decay": 0.0,
-    "stat_interval": None,
-    "inverse_interval": None,
-    "fisher": "empirical",
-    "damping_form": DAMPING_FORMS[0],
+    "stat_decay": SPNGD_DEFAULTS["stat_decay"],
+    "stat_interval": SPNGD_DEFAULTS["stat_interval"],
+    "inverse_interval": SPNGD_DEFAULTS["inverse_interval"],
+    "fisher": SPNGD_DEFAULTS["fisher"],
+    "damping_form": SPNGD_DEFAULTS["damping_form"],
     "rescale_weights": True,
     "mixup_alpha": 0.0,
     "mixup_off_epoch": None,
     "label_smoothing": 0.0,
     "eval_every_steps": 0,
     "eval_batchnorm": BATCHNORM_STATISTICS[0],
-    "max_bad_steps": 10,
+    "max_bad_steps": SPNGD_DEFAULTS["max_bad_steps"],
     "seed": 0,
     "threads": None,
     "dist_timeout": 600.0,
@@ -240,9 +249,9 @@ DEFAULTS: dict[str, Any] = {
 OPTIMIZER_DEFAULTS: dict[str, dict[str, Any]] = {
     "spngd": {
         "lr": 0.02,
-        "momentum": 0.9,
+        "momentum": SPNGD_DEFAULTS["momentum"],
         "warmup_epochs": 0.0,
-        "weight_decay": 0.0,
+        "weight_decay": SPNGD_DEFAULTS["weight_decay"],
     },
     "sgd": {
         "lr": 0.05,
