@@ -150,7 +150,7 @@ class SPNGD(GuardedSteps, Optimizer):
         }
         super().__init__(params, defaults)
         group_of = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
-        blocks, self._plain = find_blocks(model, set(group_of), bn_damping_scale)
+        blocks, self._plain = find_blocks(model, set(group_of), bn_damping_scale, damping_form)
         self._block_group = {
             name: self._group_of_block(block, group_of) for name, block in blocks.items()
         }
@@ -170,7 +170,6 @@ class SPNGD(GuardedSteps, Optimizer):
             next(iter(self.param_groups[0]["params"])).device,
             stat_decay=stat_decay,
             fisher=fisher,
-            damping_form=damping_form,
             refresh=RefreshPolicy(stat_interval, inverse_interval, refresh or AdaptiveRefresh()),
             accumulation_steps=accumulation_steps,
             grad_scaler=grad_scaler,

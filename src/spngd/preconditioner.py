@@ -23,7 +23,7 @@ from torch import nn
 
 from spngd.capture import StatisticsCapture
 from spngd.curvature import CurvatureBlock, make_block
-from spngd.curvature.kronecker import KroneckerBlock, update_inverses
+from spngd.curvature.kronecker import update_inverses
 from spngd.distributed.exchange import DistributedConfig, Statistics, make_exchange
 from spngd.guard import any_nonfinite
 from spngd.refresh import RefreshPolicy, relative_changes
@@ -33,11 +33,11 @@ FISHER_TYPES = ("empirical", "mc")
 
 
 def find_blocks(
-    model: nn.Module, optimized: set[int], bn_damping_scale: float
+    model: nn.Module, optimized: set[int], bn_damping_scale: float, damping_form: str
 ) -> tuple[dict[str, CurvatureBlock], dict[str, str]]:
-    """The curvature block of every module whose parameters are all in ``optimized`` (ids)
-    and trainable and its own, by module name; and why each other module with optimized
-    parameters gets momentum SGD instead."""
+    """The curvature block (:func:`~spngd.curvature.make_block`) of every module whose
+    parameters are all in ``optimized`` (ids) and trainable and its own, by module name;
+    and why each other module with optimized parameters gets momentum SGD instead."""
     owners: dict[int, int] = {}
     for module in model.modules():
         for p in module.parameters(recurse=False):
@@ -49,7 +49,7 @@ def find_blocks(
         if not params:
             continue
         label = name or "<model>"
-        block = make_block(label, module, bn_damping_scale)
+        block = make_block(label, module, bn_damping_scale, damping_form)
         kind = type(module).__name__
         if block is None:
             plain[label] = f"momentum SGD ({kind} is not supported)"
@@ -108,7 +108,7 @@ class Preconditioner:
         params: every parameter the optimizer updates (the exchange averages or moves
             their gradients).
         device: where the parameters are: the step's flags live there.
-        stat_decay, fisher, damping_form, accumulation_steps, grad_scaler, distributed:
+        stat_decay, fisher, accumulation_steps, grad_scaler, distributed:
             as :class:`spngd.SPNGD` documents them.
         refresh: when statistics and inverses are computed.
         average_gradients: whether the exchange averages gradients over ranks (the model
@@ -123,7 +123,6 @@ class Preconditioner:
         *,
         stat_decay: float,
         fisher: str,
-        damping_form: str,
         refresh: RefreshPolicy,
         accumulation_steps: int,
         grad_scaler: torch.amp.GradScaler | None,
@@ -137,8 +136,6 @@ class Preconditioner:
         self.refresh = refresh
         for block in blocks.values():
             block.measure_noise = refresh.uses_noise
-            if isinstance(block, KroneckerBlock):
-                block.damping_form = damping_form
         self.times = StageTimes()
         self.exchange = make_exchange(
             blocks,

@@ -8,7 +8,7 @@ from spngd.curvature.base import CurvatureBlock
 from spngd.curvature.batchnorm import BatchNormBlock
 from spngd.curvature.conv import Conv2dBlock
 from spngd.curvature.conv1d import Conv1dBlock
-from spngd.curvature.kronecker import KroneckerBlock
+from spngd.curvature.kronecker import DAMPING_FORMS, KroneckerBlock
 from spngd.curvature.linear import LinearBlock
 
 __all__ = [
@@ -22,14 +22,25 @@ __all__ = [
 ]
 
 
-def make_block(name: str, module: nn.Module, bn_damping_scale: float) -> CurvatureBlock | None:
-    """The curvature block for a supported module kind, or None for any other module."""
+def make_block(
+    name: str,
+    module: nn.Module,
+    bn_damping_scale: float,
+    damping_form: str = DAMPING_FORMS[0],
+) -> CurvatureBlock | None:
+    """The curvature block for a supported module kind, or None for any other module;
+    Kronecker-factored blocks are damped in ``damping_form``, BatchNorm blocks with
+    ``bn_damping_scale`` times the damping."""
+    kronecker: KroneckerBlock
     if isinstance(module, nn.Linear):
-        return LinearBlock(name, module)
-    if isinstance(module, nn.Conv2d):
-        return Conv2dBlock(name, module)
-    if isinstance(module, nn.Conv1d):
-        return Conv1dBlock(name, module)
-    if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine:
+        kronecker = LinearBlock(name, module)
+    elif isinstance(module, nn.Conv2d):
+        kronecker = Conv2dBlock(name, module)
+    elif isinstance(module, nn.Conv1d):
+        kronecker = Conv1dBlock(name, module)
+    elif isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine:
         return BatchNormBlock(name, module, bn_damping_scale)
-    return None
+    else:
+        return None
+    kronecker.damping_form = damping_form
+    return kronecker
