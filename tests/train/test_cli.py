@@ -28,6 +28,7 @@ from spngd.train.cli import PER_OPTIMIZER
 from spngd.train.config import (
     COMPARE_DEFAULTS,
     COMPARE_OPTIMIZER_DEFAULTS,
+    SPNGD_DEFAULTS,
     resolve_config,
 )
 from spngd.train.data import load_data
@@ -146,10 +147,8 @@ def test_compare_trains_both_optimizers_into_one_plot(run_cli: CliRun, tmp_path:
     assert (spngd["lr"], spngd["warmup_epochs"]) == (own_defaults["spngd"]["lr"], 0.02)
     # compare's own defaults: the large-batch regime, validated after every step
     assert (spngd["batch_size"], spngd["epochs"]) == (32, 0.05)  # given
-    assert (spngd["damping"], spngd["eval_every_steps"]) == (
-        COMPARE_DEFAULTS["damping"],
-        COMPARE_DEFAULTS["eval_every_steps"],
-    )
+    assert spngd["eval_every_steps"] == COMPARE_DEFAULTS["eval_every_steps"]
+    assert spngd["damping"] == SPNGD_DEFAULTS["damping"]
     own = {"optimizer", "out", *PER_OPTIMIZER}
     assert {k: v for k, v in sgd.items() if k not in own} == {
         k: v for k, v in spngd.items() if k not in own

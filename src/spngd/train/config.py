@@ -268,17 +268,16 @@ COMPARE_DEFAULTS: dict[str, Any] = {
     "batch_size": 1024,
     "epochs": 40.0,
     "eval_every_steps": 1,
-    "damping": 0.3,
 }
 COMPARE_OPTIMIZER_DEFAULTS: dict[str, dict[str, Any]] = {
-    "spngd": {"lr": 0.4},
+    "spngd": {"lr": 0.025},
     "sgd": {"lr": 0.4, "warmup_epochs": 2.0},
 }
 """What ``spngd compare`` changes from the defaults above: the regime SP-NGD is for, a
 large batch (1,024 of the digits' 1,497 training images per step), validated after every
-step so that the plot shows steps and time to a target. SGD's learning rate and warm-up
-are the best of a grid at this batch (docs/benchmarks.md); SP-NGD's learning rate and
-damping are those of ``benchmarks/steps_to_accuracy.py``."""
+step so that the plot shows steps and time to a target. Both learning rates are the best
+of ``benchmarks/steps_to_accuracy.py``'s screens at this batch (docs/benchmarks.md);
+SP-NGD keeps its default damping."""
 
 DATA_DEFAULTS: dict[str, dict[str, Any]] = {
     "digits": {"crop": "none", "flip": False, "image_size": 8, "workers": 0},
