@@ -62,7 +62,8 @@ def recompute_batchnorm_statistics(
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy on ``loader``, in eval mode (running BN statistics)."""
+    """Mean cross-entropy and accuracy on ``loader``, in eval mode (with the BatchNorm
+    statistics the model holds)."""
     model.eval()
     loss, correct, count = 0.0, 0, 0
     for images, labels in loader:
