@@ -109,7 +109,7 @@ def test_batched_inversion_equals_one_block_at_a_time() -> None:
             A_d, G_d = damped_factors(A, G, 1e-3, use_pi=False)
         else:
             A_d, G_d = damped_factors(A, G, 1e-3)
-        lower_a, lower_g = block.inverse
+        lower_a, lower_g = block.inverse_form
         torch.testing.assert_close(lower_a[0] @ lower_a[0].T, A_d, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(lower_g[0] @ lower_g[0].T, G_d, rtol=1e-10, atol=1e-12)
         assert block.inverse_damping == 1e-3
@@ -136,13 +136,13 @@ def test_a_reused_inverse_is_formed_once_and_agrees_with_the_solves() -> None:
     for use in range(1, 8):
         results.append(block.precondition(grads))
         for which in (0, 1):
-            if block.formed_inverse and block.formed_inverse[which] is not None:
+            if block.explicit_inverse and block.explicit_inverse[which] is not None:
                 formed_at.setdefault(which, use)
     # formed at use ceil(3 d / k): G (d 4, k 7) at use 2, A (d 7, k 4) at use 6
     assert formed_at == {1: 2, 0: 6}
-    formed = block.formed_inverse
+    formed = block.explicit_inverse
     block.precondition(grads)
-    assert block.formed_inverse is formed  # formed once, then reused
+    assert block.explicit_inverse is formed  # formed once, then reused
     first = results[0]
     for later in results[1:]:
         for a, b in zip(first, later, strict=True):
@@ -155,4 +155,4 @@ def test_a_reused_inverse_is_formed_once_and_agrees_with_the_solves() -> None:
     expected = torch.linalg.solve(g_damped[0], matrix) @ torch.linalg.inv(a_damped[0])
     torch.testing.assert_close(torch.cat((first[0], first[1][:, None]), dim=1), expected)
     block.update_inverse(1e-2)  # a new inverse drops the formed one
-    assert block.formed_inverse is None and block.inverse_uses == 0
+    assert block.explicit_inverse is None and block.inverse_uses == 0

@@ -50,15 +50,19 @@ def _train(model: Mixed, opt: torch.optim.Optimizer, steps: int, seed: int = 0) 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"lr": -0.1}, "lr must be >= 0"),
-        ({"damping": 0.0}, "damping must be > 0"),
-        ({"damping": -1e-3}, "damping must be > 0"),
+        ({"lr": -0.1}, "lr must be finite and >= 0"),
+        ({"damping": 0.0}, "damping must be finite and > 0"),
+        ({"damping": -1e-3}, "damping must be finite and > 0"),
         ({"stat_decay": 1.0}, r"stat_decay must be in \[0, 1\)"),
         ({"stat_decay": -0.5}, r"stat_decay must be in \[0, 1\)"),
         ({"fisher": "exact"}, "fisher must be one of"),
         ({"momentum": 1.5}, r"momentum must be in \[0, 1\)"),
-        ({"weight_decay": -1.0}, "weight_decay must be >= 0"),
-        ({"bn_damping_scale": 0.0}, "bn_damping_scale must be > 0"),
+        ({"weight_decay": -1.0}, "weight_decay must be finite and >= 0"),
+        ({"bn_damping_scale": 0.0}, "bn_damping_scale must be finite and > 0"),
+        ({"lr": float("inf")}, "lr must be finite and >= 0, got inf"),
+        ({"damping": float("nan")}, "damping must be finite and > 0, got nan"),
+        ({"damping_form": "diagonal"}, "damping_form must be one of factored-keep-a"),
+        ({"accumulation_steps": 0}, "accumulation_steps must be an int >= 1, got 0"),
     ],
 )
 def test_bad_hyperparameters_name_the_problem(kwargs: dict[str, object], message: str) -> None:
@@ -177,8 +181,8 @@ def test_a_state_dict_holding_explicit_inverses_is_recomputed_not_misread() -> N
     resumed_model = copy.deepcopy(model)
     resumed = SPNGD(resumed_model, lr=0.05, stat_interval=2)
     resumed.load_state_dict(state)
-    assert resumed.curvature["conv"].inverse is None
-    assert resumed.curvature["fc"].inverse is not None
+    assert resumed.curvature["conv"].inverse_form is None
+    assert resumed.curvature["fc"].inverse_form is not None
     # step 1 computes no statistics: the original reuses its inverse, the resumed one
     # recomputes the same from the saved factors
     _train(model, opt, 1, seed=100)
@@ -203,14 +207,14 @@ def test_nonfinite_statistics_keep_the_previous_inverse_with_one_warning() -> No
     opt = SPNGD(model, lr=0.05)
     _train(model, opt, 1)
     block = opt.curvature["conv"]
-    kept_factors, kept_inverse = list(block.factors), block.inverse
+    kept_factors, kept_inverse = list(block.factors), block.inverse_form
     poisoned = (torch.full((1, 10, 10), float("nan")), torch.full((1, 4, 4), float("inf")))
     block.compute_statistic = lambda i, x, g: poisoned[i]  # type: ignore[method-assign]
     with pytest.warns(RuntimeWarning, match="'conv' contain NaN or inf") as caught:
         _train(model, opt, 3, seed=10)
     assert sum("'conv'" in str(w.message) for w in caught) == 1
     assert all(got is kept for got, kept in zip(block.factors, kept_factors, strict=True))
-    assert block.inverse is kept_inverse
+    assert block.inverse_form is kept_inverse
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
@@ -248,12 +252,12 @@ def test_failed_inversion_keeps_the_previous_inverse_or_uses_the_gradient() -> N
     torch.testing.assert_close(model.fc.weight, before - 0.05 * grad)
     _heal_inversion(block)
     _train(model, opt, 1, seed=5)
-    good = block.inverse
+    good = block.inverse_form
     _break_inversion(block)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         _train(model, opt, 2, seed=6)
-    assert block.inverse is good
+    assert block.inverse_form is good
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 

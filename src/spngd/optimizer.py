@@ -9,6 +9,7 @@ convention, which equals the authors' Chainer update; see docs/optimizer.md).
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -24,6 +25,31 @@ from spngd.distributed.exchange import DistributedConfig
 from spngd.guard import GuardedSteps, NonFiniteGuard
 from spngd.preconditioner import FISHER_TYPES, Preconditioner, find_blocks
 from spngd.refresh import AdaptiveRefresh, RefreshPolicy
+from spngd.settings import InvalidSettingError, Rule, check
+
+SETTING_RULES: dict[str, Rule] = {
+    "lr": (lambda v: 0.0 <= v < math.inf, "finite and >= 0"),
+    "momentum": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    "damping": (lambda v: 0.0 < v < math.inf, "finite and > 0"),
+    "weight_decay": (lambda v: 0.0 <= v < math.inf, "finite and >= 0"),
+    "stat_decay": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    "fisher": (lambda v: v in FISHER_TYPES, f"one of {', '.join(FISHER_TYPES)}"),
+    "damping_form": (lambda v: v in DAMPING_FORMS, f"one of {', '.join(DAMPING_FORMS)}"),
+    "bn_damping_scale": (lambda v: 0.0 < v < math.inf, "finite and > 0"),
+    "accumulation_steps": (lambda v: isinstance(v, int) and v >= 1, "an int >= 1"),
+}
+"""The rule of each of SPNGD's scalar settings (a param group's ``lr``, ``momentum``,
+``damping`` and ``weight_decay`` included)."""
+
+
+GROUP_SETTINGS = ("lr", "momentum", "damping", "weight_decay")
+"""The settings a param group may hold."""
+
+
+def check_settings(**values: Any) -> None:
+    """An :class:`~spngd.settings.InvalidSettingError` for the first value SPNGD would
+    refuse (keyword names as :class:`SPNGD` takes them)."""
+    check("SPNGD", values, SETTING_RULES)
 
 
 class SPNGD(GuardedSteps, Optimizer):
@@ -125,16 +151,13 @@ class SPNGD(GuardedSteps, Optimizer):
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"SPNGD needs the model (an nn.Module) first, got {type(model)}")
-        if not 0.0 <= stat_decay < 1.0:
-            raise ValueError(f"stat_decay must be in [0, 1), got {stat_decay}")
-        if fisher not in FISHER_TYPES:
-            raise ValueError(f"fisher must be one of {FISHER_TYPES}, got {fisher!r}")
-        if damping_form not in DAMPING_FORMS:
-            raise ValueError(f"damping_form must be one of {DAMPING_FORMS}, got {damping_form!r}")
-        if not bn_damping_scale > 0.0:
-            raise ValueError(f"bn_damping_scale must be > 0, got {bn_damping_scale}")
-        if not (isinstance(accumulation_steps, int) and accumulation_steps >= 1):
-            raise ValueError(f"accumulation_steps must be an int >= 1, got {accumulation_steps}")
+        check_settings(
+            stat_decay=stat_decay,
+            fisher=fisher,
+            damping_form=damping_form,
+            bn_damping_scale=bn_damping_scale,
+            accumulation_steps=accumulation_steps,
+        )
         if refresh is not None and not isinstance(refresh, AdaptiveRefresh):
             raise TypeError(f"refresh must be an AdaptiveRefresh, got {type(refresh).__name__}")
         wrapped = isinstance(model, nn.parallel.DistributedDataParallel)
@@ -181,17 +204,13 @@ class SPNGD(GuardedSteps, Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        checks = {
-            "lr": group["lr"] >= 0.0,
-            "momentum": 0.0 <= group["momentum"] < 1.0,
-            "damping": group["damping"] > 0.0,
-            "weight_decay": group["weight_decay"] >= 0.0,
-        }
-        rules = {"lr": ">= 0", "momentum": "in [0, 1)", "damping": "> 0", "weight_decay": ">= 0"}
-        for key, ok in checks.items():
-            if not ok:
-                self.param_groups.pop()
-                raise ValueError(f"{key} must be {rules[key]}, got {group[key]}")
+        try:
+            check_settings(
+                **{key: group[key] for key in ("lr", "momentum", "damping", "weight_decay")}
+            )
+        except InvalidSettingError:
+            self.param_groups.pop()
+            raise
 
     def _group_of_block(self, block: CurvatureBlock, group_of: dict[int, int]) -> int:
         """The param group whose damping and weight decay a block uses (a ValueError when

@@ -389,7 +389,7 @@ class Preconditioner:
     def _inverse_due(self, block: CurvatureBlock, damping: float, refreshed: bool) -> bool:
         """Whether an owned block's inverse is recomputed this step."""
         due = (
-            block.inverse is None
+            block.inverse_form is None
             or block.inverse_damping != damping
             or self.refresh.inverse_due(self.steps_taken, refreshed=refreshed)
         )

@@ -41,10 +41,12 @@ every ``inverse_interval`` steps.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 import torch
+
+from spngd.settings import Rule, check
 
 Key = tuple[str, int]
 """A statistic: (layer name, index of the statistic within the layer's block)."""
@@ -60,22 +62,25 @@ last three count, so the estimate follows the phase of training without being mo
 by one odd batch."""
 
 
-class InvalidSettingError(ValueError):
-    """A setting outside its range: ``setting`` names it, ``rule`` says what it must be."""
-
-    def __init__(self, owner: str, setting: str, rule: str, value: object) -> None:
-        super().__init__(f"{owner}.{setting} must be {rule}, got {value!r}")
-        self.setting, self.rule, self.value = setting, rule, value
-
-
 def _setting(default: object, help_text: str) -> Any:
     return field(default=default, metadata={"help": help_text})
+
+
+_RULES: dict[str, Rule] = {
+    "alpha": (lambda v: not math.isnan(v), "a number"),
+    "rule": (lambda v: v in RULES, " or ".join(RULES)),
+    "noise_margin": (lambda v: v >= 0.0, ">= 0"),
+    "grow": (lambda v: v in GROW_RULES, " or ".join(GROW_RULES)),
+    "shrink": (lambda v: v in SHRINK_RULES, " or ".join(SHRINK_RULES)),
+    "max_interval": (lambda v: v >= 1, "a positive integer"),
+    "warmup_steps": (lambda v: v >= 0, ">= 0"),
+}
 
 
 @dataclass(frozen=True, kw_only=True)
 class AdaptiveRefresh:
     """Knobs of the adaptive rule (the module docstring says what each does); a bad value
-    is an :class:`InvalidSettingError`."""
+    is an :class:`~spngd.settings.InvalidSettingError`."""
 
     alpha: float = _setting(
         0.1,
@@ -94,18 +99,7 @@ class AdaptiveRefresh:
     warmup_steps: int = _setting(3, "first steps that always refresh")
 
     def __post_init__(self) -> None:
-        checks = [
-            ("alpha", not math.isnan(self.alpha), "a number"),
-            ("rule", self.rule in RULES, " or ".join(RULES)),
-            ("noise_margin", self.noise_margin >= 0.0, ">= 0"),
-            ("grow", self.grow in GROW_RULES, " or ".join(GROW_RULES)),
-            ("shrink", self.shrink in SHRINK_RULES, " or ".join(SHRINK_RULES)),
-            ("max_interval", self.max_interval >= 1, "a positive integer"),
-            ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
-        ]
-        for setting, ok, rule in checks:
-            if not ok:
-                raise InvalidSettingError("AdaptiveRefresh", setting, rule, getattr(self, setting))
+        check("AdaptiveRefresh", {f.name: getattr(self, f.name) for f in fields(self)}, _RULES)
 
     def similar(self, change: float, noise: float) -> bool:
         """Whether a relative change ``change`` lets the interval grow, for a key whose

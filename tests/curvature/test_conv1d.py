@@ -149,7 +149,7 @@ def test_conv1d_factors_and_update_match_bruteforce(config: tuple, bias: bool) -
     grads = reference_grads(ref, x, y)
 
     opt = make_opt(model, damping=LAM)
-    assert opt.curvature["0"].kind == "K-FAC Conv1d"
+    assert opt.curvature["0"].method == "K-FAC Conv1d"
     before = snapshot(model)
     opt.zero_grad()
     cross_entropy(model(x), y).backward()

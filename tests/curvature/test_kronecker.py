@@ -152,13 +152,13 @@ def test_keep_a_refreshes_g_alone_against_a_s_kept_factorisation_and_damping() -
     model = _model()
     opt = SPNGD(model, lr=1.0, momentum=0.0, damping=LAM, stat_interval=1)
     _plain_step(model, opt, seed=0)
-    kept = {name: (block.inverse[0], block.a_damping) for name, block in opt.curvature.items()}
+    kept = {name: (block.inverse_form[0], block.a_damping) for name, block in opt.curvature.items()}
     for block in opt.curvature.values():
         block.to_compute = [False, True]
     change = _plain_step(model, opt, seed=1)
     for name, block in opt.curvature.items():
         lower_a, damping_a = kept[name]
-        assert block.inverse[0] is lower_a and block.a_damping is damping_a
+        assert block.inverse_form[0] is lower_a and block.a_damping is damping_a
         assert rel_err(_pi_damping(block, LAM), damping_a) > 1e-3  # pi has moved with G
         want = _factored_expected(
             block, change[f"grad {name}.weight"], change[f"grad {name}.bias"], LAM, damping_a
@@ -169,7 +169,7 @@ def test_keep_a_refreshes_g_alone_against_a_s_kept_factorisation_and_damping() -
         block.to_compute = [True, False]
     change = _plain_step(model, opt, seed=2)
     for name, block in opt.curvature.items():
-        assert block.inverse[0] is not kept[name][0]
+        assert block.inverse_form[0] is not kept[name][0]
         torch.testing.assert_close(block.a_damping, _pi_damping(block, LAM), rtol=1e-12, atol=0)
         want = _factored_expected(
             block,
@@ -186,12 +186,12 @@ def test_the_paper_s_factored_damping_refactorises_both_when_g_alone_is_refreshe
     model = _model()
     opt = SPNGD(model, lr=1.0, momentum=0.0, damping=LAM, stat_interval=1, damping_form="factored")
     _plain_step(model, opt, seed=0)
-    kept = {name: block.inverse[0] for name, block in opt.curvature.items()}
+    kept = {name: block.inverse_form[0] for name, block in opt.curvature.items()}
     for block in opt.curvature.values():
         block.to_compute = [False, True]
     change = _plain_step(model, opt, seed=1)
     for name, block in opt.curvature.items():
-        assert block.inverse[0] is not kept[name]
+        assert block.inverse_form[0] is not kept[name]
         damping_a = _pi_damping(block, LAM)
         want = _factored_expected(
             block, change[f"grad {name}.weight"], change[f"grad {name}.bias"], LAM, damping_a

@@ -410,7 +410,7 @@ def test_small_mistakes_are_one_clear_line(run_cli: CliRun, tmp_path: Path) -> N
     )
     assert_one_line_error(
         run_cli("compare", "--sgd-lr", "-1", "--out", str(tmp_path / "c")),
-        "--sgd-lr must be >= 0, got -1.0",
+        "--sgd-lr must be finite and >= 0, got -1.0",
     )
     (tmp_path / "c" / "spngd").mkdir(parents=True)
     (tmp_path / "c" / "spngd" / CHECKPOINT).write_bytes(b"")

@@ -77,7 +77,7 @@ def test_precedence_recipe_over_defaults_and_options_over_recipe() -> None:
         ({"device": "meta"}, "--device meta: spngd trains on cpu or cuda"),
         ({"image_size": 100_000}, "--image-size must be in 1..4096"),
         ({"warmup_epochs": float("inf")}, "--warmup-epochs must be finite"),
-        ({"weight_decay": float("inf")}, "--weight-decay must be finite"),
+        ({"weight_decay": float("inf")}, "--weight-decay must be finite and >= 0, got inf"),
     ],
 )
 def test_bad_values_are_user_errors_naming_the_flag(

@@ -23,20 +23,22 @@ class CurvatureBlock(ABC):
 
     A block has one or more statistics (``statistic_names``, e.g. ``A`` and ``G``).
     ``factors`` holds the running value of each (``None`` until first computed) and
-    ``inverse`` a tuple of tensors that stand for the damped inverse (what they are is
-    the subclass's ``inverse_kind``). ``to_compute`` says which statistics the hooks compute
-    at the current step (set by the refresh policy); a block without an inverse passes
-    gradients through.
+    ``inverse_form`` a tuple of tensors that stand for the damped inverse (the inverse
+    itself, Cholesky factors or eigenbases: the subclass's ``inverse_form_name`` says
+    which). ``to_compute`` says which statistics the hooks compute at the current step (set
+    by the refresh policy); a block without an inverse passes gradients through.
     """
 
-    kind: str = "curvature"
+    method: str = "curvature"
+    """How the block preconditions, as :meth:`describe` names it (``"K-FAC Conv2d"``)."""
     statistic_names: tuple[str, ...] = ()
     halves_combine: bool = False
     """Whether a statistic of the whole batch is the example-weighted mean of those of its
     two halves (true for sums over examples; not for BatchNorm, whose ``x_hat`` uses the
     batch's own mean and variance)."""
-    inverse_kind: str = "inverse"
-    """What ``inverse`` holds: the inverse itself, or e.g. Cholesky factors."""
+    inverse_form_name: str = "inverse"
+    """What ``inverse_form`` holds: ``inverse`` (the inverse itself), ``cholesky`` or
+    ``eigen-kronecker`` (saved in checkpoints as ``inverse_kind``)."""
 
     def __init__(self, name: str, module: nn.Module) -> None:
         self.name = name
@@ -44,13 +46,13 @@ class CurvatureBlock(ABC):
         self.params: list[nn.Parameter] = [p for p in module.parameters(recurse=False)]
         self.factors: list[torch.Tensor | None] = [None] * len(self.statistic_names)
         self.to_compute: list[bool] = [True] * len(self.statistic_names)
-        self.inverse: tuple[torch.Tensor, ...] | None = None
+        self.inverse_form: tuple[torch.Tensor, ...] | None = None
         self.inverse_damping: float | None = None
         self.inverse_uses = 0
-        """Gradients preconditioned with the current ``inverse`` so far."""
-        self.formed_inverse: tuple[torch.Tensor, ...] | None = None
-        """For subclasses that keep ``inverse`` in another form: the inverse formed from it
-        for repeated use (dropped whenever ``inverse`` changes)."""
+        """Gradients preconditioned with the current ``inverse_form`` so far."""
+        self.explicit_inverse: tuple[torch.Tensor, ...] | None = None
+        """For subclasses whose ``inverse_form`` is not the inverse itself: the inverse
+        formed from it for repeated use (dropped whenever ``inverse_form`` changes)."""
         self.measure_noise = False
         """Measure each computed statistic's sampling noise (the adaptive refresh's noise
         rule reads it): see :meth:`statistic_and_noise`."""
@@ -83,7 +85,7 @@ class CurvatureBlock(ABC):
 
     @abstractmethod
     def apply_inverse(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Precondition the gradients of ``self.params`` with ``self.inverse``."""
+        """Precondition the gradients of ``self.params`` with ``self.inverse_form``."""
 
     @abstractmethod
     def describe(self) -> str:
@@ -242,10 +244,10 @@ class CurvatureBlock(ABC):
 
     restorable: tuple[str, ...] = (
         "factors",
-        "inverse",
+        "inverse_form",
         "inverse_damping",
         "inverse_uses",
-        "formed_inverse",
+        "explicit_inverse",
     )
     """The attributes :meth:`save` and :meth:`restore` cover."""
 
@@ -263,10 +265,10 @@ class CurvatureBlock(ABC):
 
     def set_inverse(self, inverse: tuple[torch.Tensor, ...], damping: float) -> None:
         """Put a freshly computed inverse (for ``damping``) in use."""
-        self.inverse = inverse
+        self.inverse_form = inverse
         self.inverse_damping = damping
         self.inverse_uses = 0
-        self.formed_inverse = None
+        self.explicit_inverse = None
 
     def precondition(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
         """Preconditioned gradients, or ``grads`` unchanged when there is no inverse yet.
@@ -275,7 +277,7 @@ class CurvatureBlock(ABC):
         optimizer checks all blocks' results at once and calls :meth:`plain_if_not_finite`
         only when something is wrong.
         """
-        if self.inverse is None:
+        if self.inverse_form is None:
             return grads
         updates = self.apply_inverse(grads)
         self.inverse_uses += 1
@@ -310,8 +312,8 @@ class CurvatureBlock(ABC):
         cpu = torch.device("cpu")
         return {
             "factors": _to_device(self.factors, cpu),
-            "inverse": _to_device(self.inverse, cpu),
-            "inverse_kind": self.inverse_kind,
+            "inverse": _to_device(self.inverse_form, cpu),
+            "inverse_kind": self.inverse_form_name,
             "inverse_damping": self.inverse_damping,
             "inverse_uses": self.inverse_uses,
         }
@@ -332,12 +334,12 @@ class CurvatureBlock(ABC):
         the parameters' device."""
         device = self.params[0].device
         self.factors = list(_to_device(state["factors"], device))  # type: ignore[call-overload]
-        self.inverse = _to_device(state["inverse"], device)  # type: ignore[arg-type]
+        self.inverse_form = _to_device(state["inverse"], device)  # type: ignore[arg-type]
         self.inverse_damping = state["inverse_damping"]  # type: ignore[assignment]
         self.inverse_uses = state.get("inverse_uses", 0)  # type: ignore[assignment]
-        self.formed_inverse = None
-        if state.get("inverse_kind", "inverse") != self.inverse_kind:
-            self.inverse = None  # saved by a version that kept another form: recomputed
+        self.explicit_inverse = None
+        if state.get("inverse_kind", "inverse") != self.inverse_form_name:
+            self.inverse_form = None  # saved by a version that kept another form: recomputed
 
 
 def _to_device(tensors: object, device: torch.device) -> object:

@@ -18,7 +18,7 @@ from spngd.linalg import FactorizationError, unit_wise_inverse
 
 
 class BatchNormBlock(CurvatureBlock):
-    kind = "unit-wise BatchNorm"
+    method = "unit-wise BatchNorm"
     statistic_names = ("F",)
 
     def __init__(
@@ -80,7 +80,7 @@ class BatchNormBlock(CurvatureBlock):
         return valid
 
     def apply_inverse(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
-        (inverse,) = self.inverse  # type: ignore[misc]
+        (inverse,) = self.inverse_form  # type: ignore[misc]
         g_gamma, g_beta = (g.to(inverse.dtype) for g in grads)
         d_gamma = inverse[:, 0] * g_gamma + inverse[:, 1] * g_beta
         d_beta = inverse[:, 1] * g_gamma + inverse[:, 2] * g_beta
@@ -95,9 +95,8 @@ class BatchNormBlock(CurvatureBlock):
         return self.COST_PER_CHANNEL * self.channels
 
     def describe(self) -> str:
-        return (
-            f"{self.kind}: {self.channels} channels x 2x2 Fisher (damping x{self.damping_scale:g})"
-        )
+        fisher = f"{self.channels} channels x 2x2 Fisher (damping x{self.damping_scale:g})"
+        return f"{self.method}: {fisher}"
 
 
 KERNEL_MIN_LOCATIONS = 16

@@ -39,7 +39,7 @@ Pair = tuple[int, int]
 
 
 class Conv2dBlock(KroneckerBlock):
-    kind = "K-FAC Conv2d"
+    method = "K-FAC Conv2d"
 
     def __init__(self, name: str, module: nn.Conv2d) -> None:
         super().__init__(name, module)
@@ -113,7 +113,7 @@ class Conv2dBlock(KroneckerBlock):
 
     def describe(self) -> str:
         per_group = f" per group x {self.groups} groups" if self.groups > 1 else ""
-        return f"{self.kind}: A {self.a_dim}x{self.a_dim}, G {self.g_dim}x{self.g_dim}{per_group}"
+        return f"{self.method}: A {self.a_dim}x{self.a_dim}, G {self.g_dim}x{self.g_dim}{per_group}"
 
 
 # -- patch statistics -------------------------------------------------------------------------

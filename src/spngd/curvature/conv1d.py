@@ -19,7 +19,7 @@ from spngd.curvature.kronecker import KroneckerBlock
 
 
 class Conv1dBlock(Conv2dBlock):
-    kind = "K-FAC Conv1d"
+    method = "K-FAC Conv1d"
 
     def __init__(self, name: str, module: nn.Conv1d) -> None:
         KroneckerBlock.__init__(self, name, module)

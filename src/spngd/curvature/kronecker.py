@@ -106,7 +106,7 @@ class KroneckerBlock(CurvatureBlock):
         """Inverse of :meth:`gradient_matrix`: one tensor per parameter."""
 
     @property
-    def inverse_kind(self) -> str:  # type: ignore[override]
+    def inverse_form_name(self) -> str:  # type: ignore[override]
         return "eigen-kronecker" if self.damping_form == "kronecker" else "cholesky"
 
     def update_factors(self, fresh: tuple[torch.Tensor | None, ...], stat_decay: float) -> None:
@@ -163,7 +163,7 @@ class KroneckerBlock(CurvatureBlock):
     def compute_inverse(self, damping: float) -> tuple[torch.Tensor, ...]:
         if self.damping_form != "kronecker":
             a_damped, g_damped = self.damped_factors(damping)
-            lower_a = self.inverse[0] if a_damped is None else robust_cholesky(a_damped)  # type: ignore[index]
+            lower_a = self.inverse_form[0] if a_damped is None else robust_cholesky(a_damped)  # type: ignore[index]
             return lower_a, robust_cholesky(g_damped)
         for i, factor in enumerate(self.factors):
             if self.eigen[i] is None:
@@ -188,7 +188,7 @@ class KroneckerBlock(CurvatureBlock):
         if (
             self.damping_form == "factored-keep-a"
             and self.a_damping is not None
-            and self.inverse is not None
+            and self.inverse_form is not None
             and self.inverse_damping == damping
         ):
             damping_g = torch.clamp(damping / self.a_damping, min=MIN_DAMPING)
@@ -200,23 +200,23 @@ class KroneckerBlock(CurvatureBlock):
     def set_inverse(self, inverse: tuple[torch.Tensor, ...], damping: float) -> None:
         """As the base class; a Cholesky factor kept from the inverse in use keeps its
         formed inverse too."""
-        kept = [old is new for old, new in zip(self.inverse or (), inverse, strict=False)]
-        formed = self.formed_inverse
+        kept = [old is new for old, new in zip(self.inverse_form or (), inverse, strict=False)]
+        formed = self.explicit_inverse
         self.a_earlier_uses = self.a_earlier_uses + self.inverse_uses if kept[:1] == [True] else 0
         super().set_inverse(inverse, damping)
         if self.damping_form != "kronecker" and formed is not None and any(kept):
-            self.formed_inverse = tuple(  # type: ignore[assignment]
+            self.explicit_inverse = tuple(  # type: ignore[assignment]
                 f if k else None for f, k in zip(formed, kept, strict=False)
             )
 
     def apply_inverse(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
         if self.damping_form == "kronecker":
-            vectors_a, vectors_g, scaling = self.inverse  # type: ignore[misc]
+            vectors_a, vectors_g, scaling = self.inverse_form  # type: ignore[misc]
             matrix = self.gradient_matrix(grads).to(vectors_a.dtype)
             rotated = vectors_g.mT @ matrix @ vectors_a
             update = vectors_g @ (rotated * scaling) @ vectors_a.mT
             return [u.to(g.dtype) for u, g in zip(self.split_matrix(update), grads, strict=True)]
-        lower_a, _ = self.inverse  # type: ignore[misc]
+        lower_a, _ = self.inverse_form  # type: ignore[misc]
         matrix = self.gradient_matrix(grads).to(lower_a.dtype)
         right = self._apply_factor(0, matrix.mT).mT  # grad A^-1 (A is symmetric)
         update = self._apply_factor(1, right)  # G^-1 grad A^-1
@@ -233,15 +233,15 @@ class KroneckerBlock(CurvatureBlock):
         ``ceil(FORM_AFTER * d / k)``: ``G`` (small) at its second use, ``A`` of a 3x3
         convolution after about 27. Inverses refreshed more often are never formed.
         """
-        lower = self.inverse[which]  # type: ignore[index]
-        formed = list(self.formed_inverse or (None, None))
+        lower = self.inverse_form[which]  # type: ignore[index]
+        formed = list(self.explicit_inverse or (None, None))
         if formed[which] is None:
             size, other = lower.shape[-1], rhs.shape[-1]
             uses = self.inverse_uses + (self.a_earlier_uses if which == 0 else 0)
             if uses < max(1, math.ceil(FORM_AFTER * size / other)):
                 return torch.cholesky_solve(rhs.to(lower.dtype), lower)
             formed[which] = inverse_from_cholesky(lower)
-            self.formed_inverse = tuple(formed)  # type: ignore[assignment]
+            self.explicit_inverse = tuple(formed)  # type: ignore[assignment]
         return torch.matmul(formed[which], rhs.to(lower.dtype))
 
     @property
@@ -291,10 +291,10 @@ def update_inverses(
         else:
             to_factorise = [(i, f) for i, f in enumerate(block.factors) if block.eigen[i] is None]
         for which, matrix in to_factorise:
-            key = (block.inverse_kind, matrix.shape[-1], matrix.dtype, matrix.device)
+            key = (block.inverse_form_name, matrix.shape[-1], matrix.dtype, matrix.device)
             by_size.setdefault(key, []).append((index, which, matrix))
     parts: dict[int, list[torch.Tensor | None]] = {
-        i: [due[i][0].inverse[0] if damped[i][0] is None else None, None]  # type: ignore[index]
+        i: [due[i][0].inverse_form[0] if damped[i][0] is None else None, None]  # type: ignore[index]
         for i in damped
     }
     valid: dict[int, list[torch.Tensor]] = {}

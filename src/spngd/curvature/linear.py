@@ -27,7 +27,7 @@ ONEDNN_MIN_WORK = 1 << 24
 
 
 class LinearBlock(KroneckerBlock):
-    kind = "K-FAC Linear"
+    method = "K-FAC Linear"
 
     def __init__(self, name: str, module: nn.Linear) -> None:
         super().__init__(name, module)
@@ -65,7 +65,7 @@ class LinearBlock(KroneckerBlock):
         return [matrix[:, : self.in_features], matrix[:, self.in_features]]
 
     def describe(self) -> str:
-        return f"{self.kind}: A {self.a_dim}x{self.a_dim}, G {self.g_dim}x{self.g_dim}"
+        return f"{self.method}: A {self.a_dim}x{self.a_dim}, G {self.g_dim}x{self.g_dim}"
 
 
 def gram(rows: torch.Tensor, scale: float = 1.0) -> torch.Tensor:

@@ -3,7 +3,7 @@
 Per step: (1) every rank's statistics (only those refreshed this step), and its gradients
 when the model is not wrapped in DistributedDataParallel, are summed onto each block's
 owner rank — one bucketed ``reduce`` per owner, all in flight at once (reduce-scatter
-style); (2) owners invert and precondition their blocks (in the optimizer); (3) every
+style); (2) owners invert and precondition their blocks (in the preconditioner); (3) every
 owner's preconditioned gradients, with the refresh decisions for the next step, are
 all-gathered, and every rank (the owner too) applies them as received; (4) with gloo, a
 barrier ends the step (:meth:`DistributedExchange.settle`). Symmetric factors travel as

@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 
-from spngd.curvature.kronecker import DAMPING_FORMS
-from spngd.optimizer import SPNGD
+from spngd.optimizer import GROUP_SETTINGS, SPNGD, check_settings
 from spngd.preconditioner import FISHER_TYPES
-from spngd.refresh import AdaptiveRefresh, InvalidSettingError
+from spngd.refresh import AdaptiveRefresh
+from spngd.settings import InvalidSettingError
 from spngd.train import mnist1d
 from spngd.train.data import data_kind
 from spngd.train.errors import UserError
@@ -32,6 +32,8 @@ from spngd.train.models import MODEL_NAMES, spatial_dims
 from spngd.train.recipes import RECIPES
 
 OPTIMIZERS = ("spngd", "sgd")
+OPTIMIZER_SETTINGS = (*GROUP_SETTINGS, "stat_decay", "fisher", "damping_form")
+"""Fields that are SPNGD's settings, checked by its rules (``spngd.optimizer.SETTING_RULES``)."""
 CROPS = ("none", "pad", "resized")
 
 
@@ -74,8 +76,9 @@ class TrainConfig:
     )
     fisher: str = _help(f"SP-NGD Fisher: {', '.join(FISHER_TYPES)}")
     damping_form: str = _help(
-        "SP-NGD damping of Linear and Conv layers: 'factored' (pi-corrected, per factor) or "
-        "'kronecker' (exact, (G ⊗ A + damping I)^-1 in the factors' eigenbases)"
+        "SP-NGD damping of Linear and Conv layers: 'factored-keep-a' (pi-corrected per factor, "
+        "pi recomputed when A is refreshed), 'factored' (pi at every inversion) or 'kronecker' "
+        "(exact, (G ⊗ A + damping I)^-1 in the factors' eigenbases)"
     )
     rescale_weights: bool = _help("shrink conv/Linear weights to norm sqrt(2 d_out) each step")
     mixup_alpha: float = _help("running mixup Beta(alpha, alpha) (0: off)")
@@ -107,12 +110,6 @@ class TrainConfig:
         checks: list[tuple[str, bool, str]] = [
             ("model", self.model in MODEL_NAMES, f"one of {', '.join(MODEL_NAMES)}"),
             ("optimizer", self.optimizer in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
-            ("fisher", self.fisher in FISHER_TYPES, f"one of {', '.join(FISHER_TYPES)}"),
-            (
-                "damping_form",
-                self.damping_form in DAMPING_FORMS,
-                f"one of {', '.join(DAMPING_FORMS)}",
-            ),
             ("crop", self.crop in CROPS, f"one of {', '.join(CROPS)}"),
             (
                 "eval_batchnorm",
@@ -122,17 +119,12 @@ class TrainConfig:
             ("epochs", self.epochs > 0, "> 0"),
             ("batch_size", self.batch_size >= 1, "a positive integer"),
             ("accumulate", self.accumulate >= 1, "a positive integer"),
-            ("lr", self.lr >= 0, ">= 0"),
             ("warmup_epochs", self.warmup_epochs >= 0, ">= 0"),
             ("lr_decay_start", self.lr_decay_start >= 0, ">= 0"),
             ("lr_decay_end", self.lr_decay_end > self.lr_decay_start, "> --lr-decay-start"),
             ("lr_decay_power", self.lr_decay_power > 0, "> 0"),
-            ("momentum", 0 <= self.momentum < 1, "in [0, 1)"),
-            ("damping", self.damping > 0, "> 0"),
             ("damping_start", self.damping_start is None or self.damping_start > 0, "> 0"),
             ("damping_decay_epochs", self.damping_decay_epochs >= 0, ">= 0"),
-            ("weight_decay", self.weight_decay >= 0, ">= 0"),
-            ("stat_decay", 0 <= self.stat_decay < 1, "in [0, 1)"),
             ("stat_interval", self.stat_interval is None or self.stat_interval >= 1, ">= 1"),
             (
                 "inverse_interval",
@@ -154,6 +146,10 @@ class TrainConfig:
         for name, ok, rule in checks:
             if not ok:
                 raise UserError(f"{flag(name)} must be {rule}, got {getattr(self, name)!r}")
+        try:  # SPNGD's own rules (SGD's values obey the same ones)
+            check_settings(**{name: getattr(self, name) for name in OPTIMIZER_SETTINGS})
+        except InvalidSettingError as error:
+            raise flag_error(error) from None
         recipe_settings(self.recipe)
         _check_device(self.device)
         sequences = mnist1d.is_named(self.data)
@@ -169,7 +165,7 @@ class TrainConfig:
             raise UserError("--inverse-interval needs --stat-interval (fixed intervals)")
         if self.damping_start is not None and self.damping_decay_epochs <= 0:
             raise UserError("--damping-start needs --damping-decay-epochs > 0")
-        for name in ("epochs", "lr", "damping", "lr_decay_end", "warmup_epochs", "weight_decay"):
+        for name in ("epochs", "lr_decay_end", "warmup_epochs"):
             if not math.isfinite(getattr(self, name)):
                 raise UserError(f"{flag(name)} must be finite, got {getattr(self, name)}")
 
@@ -204,6 +200,11 @@ def _check_device(device: str) -> None:
 def flag(name: str) -> str:
     """The command-line flag of a config field."""
     return "--" + name.replace("_", "-")
+
+
+def flag_error(error: InvalidSettingError, prefix: str = "") -> UserError:
+    """A library setting's error, naming the flag that set it (``prefix`` + its name)."""
+    return UserError(f"{flag(prefix + error.setting)} must be {error.rule}, got {error.value!r}")
 
 
 SPNGD_DEFAULTS: dict[str, Any] = {
@@ -344,9 +345,7 @@ def refresh_settings(given: AdaptiveRefresh | Mapping[str, Any] | None) -> Adapt
     try:
         return AdaptiveRefresh(**given)
     except InvalidSettingError as error:
-        raise UserError(
-            f"{flag('refresh_' + error.setting)} must be {error.rule}, got {error.value!r}"
-        ) from None
+        raise flag_error(error, "refresh_") from None
 
 
 def merged_options(base: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:

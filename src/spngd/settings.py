@@ -1,0 +1,26 @@
+"""Checked settings: each owner states the rule of each of its settings once, and a caller
+that names settings its own way (the CLI's ``--refresh-alpha``) reads which one failed."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+Rule = tuple[Callable[[Any], bool], str]
+"""A test of a value and what it says in words (``"> 0"``)."""
+
+
+class InvalidSettingError(ValueError):
+    """A setting outside its range: ``setting`` names it, ``rule`` says what it must be."""
+
+    def __init__(self, owner: str, setting: str, rule: str, value: object) -> None:
+        super().__init__(f"{owner}.{setting} must be {rule}, got {value!r}")
+        self.setting, self.rule, self.value = setting, rule, value
+
+
+def check(owner: str, values: Mapping[str, Any], rules: Mapping[str, Rule]) -> None:
+    """An :class:`InvalidSettingError` for the first of ``values`` its rule rejects."""
+    for setting, value in values.items():
+        test, rule = rules[setting]
+        if not test(value):
+            raise InvalidSettingError(owner, setting, rule, value)
