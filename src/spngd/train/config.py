@@ -90,8 +90,9 @@ class TrainConfig:
     workers: int = _help("DataLoader worker processes (default: by data)")
     eval_every_steps: int = _help("validate every k steps (0: after each pass over the data)")
     eval_batchnorm: str = _help(
-        "BatchNorm statistics for validation: 'recomputed' from the last step's training batch "
-        "under the current weights, or 'running' (torch's running averages)"
+        "BatchNorm statistics for validation: 'recomputed' before each validation from a fixed "
+        "sample of training examples under the current weights, or 'running' (torch's running "
+        "averages)"
     )
     max_bad_steps: int = _help("stop after this many steps in a row with NaN or inf gradients")
     seed: int = _help("random seed (model, shuffling, augmentation)")
