@@ -14,7 +14,7 @@ import math
 import os
 import warnings
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from typing import Any
 
@@ -318,7 +318,8 @@ def resolve_config(options: Mapping[str, Any]) -> TrainConfig:
     values.update(options)
     values["data"] = absolute_data(values["data"])
     values["optimizer"] = optimizer
-    values["refresh"] = refresh_settings(values.get("refresh"))
+    for name in NESTED:
+        values[name] = nested_settings(name, values.get(name))
     values.setdefault("lr_decay_end", values["epochs"])
     if values.get("device") is None:
         values["device"] = "cuda" if torch.cuda.is_available() else "cpu"
@@ -332,21 +333,20 @@ NESTED: dict[str, type] = {"refresh": AdaptiveRefresh}
 ``refresh.alpha``. Their defaults and checks are the objects' own."""
 
 
-def refresh_settings(given: AdaptiveRefresh | Mapping[str, Any] | None) -> AdaptiveRefresh:
-    """The adaptive refresh for the ``refresh`` options given (a mapping of knob to value;
-    the knobs left out keep :class:`AdaptiveRefresh`'s defaults); a UserError naming the
-    flag for a bad one."""
-    if isinstance(given, AdaptiveRefresh):
-        return given
+def nested_settings(name: str, given: Mapping[str, Any] | None) -> Any:
+    """The settings object of nested field ``name`` (:data:`NESTED`) for the knobs given
+    (those left out keep the object's defaults); a UserError naming the flag
+    (``--NAME-KNOB``) of an unknown or bad one."""
+    settings = NESTED[name]
     given = dict(given or {})
-    knobs = {f.name for f in fields(AdaptiveRefresh)}
-    unknown = sorted(set(given) - knobs)
+    unknown = sorted(set(given) - {f.name for f in fields(settings)})
     if unknown:
-        raise UserError(f"unknown option(s): {', '.join(flag('refresh_' + k) for k in unknown)}")
+        flags = ", ".join(flag(f"{name}_{knob}") for knob in unknown)
+        raise UserError(f"unknown option(s): {flags}")
     try:
-        return AdaptiveRefresh(**given)
+        return settings(**given)
     except InvalidSettingError as error:
-        raise flag_error(error, "refresh_") from None
+        raise flag_error(error, f"{name}_") from None
 
 
 def merged_options(base: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
@@ -354,12 +354,8 @@ def merged_options(base: Mapping[str, Any], given: Mapping[str, Any]) -> dict[st
     merged = {**base, **given}
     for name in NESTED:
         if name in base and name in given:
-            merged[name] = {**_as_mapping(base[name]), **_as_mapping(given[name])}
+            merged[name] = {**base[name], **given[name]}
     return merged
-
-
-def _as_mapping(value: Any) -> dict[str, Any]:
-    return asdict(value) if is_dataclass(value) else dict(value)  # type: ignore[arg-type]
 
 
 def absolute_data(data: str) -> str:
