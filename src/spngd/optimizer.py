@@ -205,9 +205,7 @@ class SPNGD(GuardedSteps, Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
-            check_settings(
-                **{key: group[key] for key in ("lr", "momentum", "damping", "weight_decay")}
-            )
+            check_settings(**{key: group[key] for key in GROUP_SETTINGS})
         except InvalidSettingError:
             self.param_groups.pop()
             raise
