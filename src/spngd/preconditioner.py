@@ -457,7 +457,7 @@ class Preconditioner:
             "refresh": self.refresh.state_dict(),
         }
         curvature: dict[str, object] = {}
-        refresh: dict[str, dict] = {key: {} for key in ("interval", "next_step", "noise", "counts")}
+        refresh: dict[str, dict] = {key: {} for key in local["refresh"]}
         for rank_state in self.exchange.collect_on_first(local):
             curvature.update(rank_state["curvature"])
             for key in refresh:
