@@ -21,6 +21,9 @@ from spngd.train.data import DataBundle
 
 CliRun = Callable[..., tuple[int, str, str]]
 
+TINY = ("--epochs", "0.05", "--no-progress", "--device", "cpu")
+"""CLI options for two steps of 32 on the digits."""
+
 
 def write_image_folder(root: Path, classes: int = 2, per_class: int = 4, size: int = 12) -> Path:
     """``root/train/cK/*.png`` and ``root/val/cK/*.png`` with random RGB images."""

@@ -24,20 +24,19 @@ from PIL import Image
 
 from spngd.optimizer import SPNGD
 from spngd.timing import STAGES
-from spngd.train.cli import PER_OPTIMIZER
 from spngd.train.config import (
-    COMPARE_DEFAULTS,
-    COMPARE_OPTIMIZER_DEFAULTS,
-    SPNGD_DEFAULTS,
     resolve_config,
 )
 from spngd.train.data import load_data
 from spngd.train.models import build_model
 from spngd.train.runfolder import CHECKPOINT, RunFolder
-from tests.train.conftest import SMALL, CliRun, assert_one_line_error, write_image_folder
-
-TINY = ("--epochs", "0.05", "--no-progress", "--device", "cpu")
-"""Two steps of 32 on the digits."""
+from tests.train.conftest import (
+    SMALL,
+    TINY,
+    CliRun,
+    assert_one_line_error,
+    write_image_folder,
+)
 
 
 def test_train_writes_the_run_folder(run_cli: CliRun, tmp_path: Path) -> None:
@@ -129,30 +128,6 @@ def test_epoch_records_hold_the_pass_s_seconds_per_stage(
     for record in (r for r in map(json.loads, lines) if r["kind"] == "epoch"):
         assert "stage_seconds" not in record
         assert 0.0 < record["forward_backward_seconds"] < record["time"]
-
-
-def test_compare_trains_both_optimizers_into_one_plot(run_cli: CliRun, tmp_path: Path) -> None:
-    out = tmp_path / "cmp"
-    code, stdout, stderr = run_cli(
-        "compare", "--out", str(out), *TINY, "--batch-size", "32", "--sgd-lr", "0.3",
-        "--spngd-warmup-epochs", "0.02",
-    )  # fmt: skip
-    assert code == 0, stderr
-    assert "sgd: 2 steps" in stdout and "spngd: 2 steps" in stdout
-    assert (out / "compare.png").stat().st_size > 10_000
-    sgd = json.loads((out / "sgd" / "config.json").read_text())
-    spngd = json.loads((out / "spngd" / "config.json").read_text())
-    own_defaults = COMPARE_OPTIMIZER_DEFAULTS
-    assert (sgd["lr"], sgd["warmup_epochs"]) == (0.3, own_defaults["sgd"]["warmup_epochs"])
-    assert (spngd["lr"], spngd["warmup_epochs"]) == (own_defaults["spngd"]["lr"], 0.02)
-    # compare's own defaults: the large-batch regime, validated after every step
-    assert (spngd["batch_size"], spngd["epochs"]) == (32, 0.05)  # given
-    assert spngd["eval_every_steps"] == COMPARE_DEFAULTS["eval_every_steps"]
-    assert spngd["damping"] == SPNGD_DEFAULTS["damping"]
-    own = {"optimizer", "out", *PER_OPTIMIZER}
-    assert {k: v for k, v in sgd.items() if k not in own} == {
-        k: v for k, v in spngd.items() if k not in own
-    }
 
 
 def test_missing_data_folder(run_cli: CliRun, tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ from typing import Any, NoReturn
 
 from spngd.distributed import launch
 from spngd.distributed.exchange import RankFailureError
+from spngd.train.compare import compare
 from spngd.train.config import (
     COMPARE_DEFAULTS,
     COMPARE_OPTIMIZER_DEFAULTS,
@@ -45,7 +46,7 @@ from spngd.train.runfolder import (
     holds_checkpoint,
     saved_options,
 )
-from spngd.train.trainer import compare, device_of_this_rank, train
+from spngd.train.trainer import device_of_this_rank, train
 
 USER_ERROR = 2
 TRAINING_STOPPED = 3

@@ -35,7 +35,6 @@ from spngd.train.evaluation import (
 )
 from spngd.train.models import build_model
 from spngd.train.optimizers import GuardedSGD, make_optimizer, rescale_weights
-from spngd.train.plots import plot_runs
 from spngd.train.runfolder import Checkpoint, RunFolder, SilentRunFolder, all_finite
 from spngd.train.schedules import Schedule
 
@@ -285,7 +284,7 @@ class Trainer:
                     self.fit_pass(bar, start)
         except NonFiniteGradientError as error:
             raise TrainingStoppedError(f"{error} {self._last_good()}") from None
-        self.run.plot(self.records, _title(self.config))
+        self.run.plot(self.records, run_title(self.config))
         return RunResult(self.records, self.step, self.val_accuracy, self.train_time)
 
     def fit_pass(self, bar: tqdm, start: float) -> None:
@@ -448,20 +447,6 @@ def train(
     return Trainer(config, run, checkpoint).fit()
 
 
-def _title(config: TrainConfig) -> str:
+def run_title(config: TrainConfig) -> str:
+    """The title of a run's plot: model, data and batch."""
     return f"{config.model} on {Path(config.data).name}, batch {config.batch_size}"
-
-
-def compare(configs: dict[str, TrainConfig], out: Path) -> dict[str, RunResult]:
-    """Train each labelled config into its run folder; draw all into ``out/compare.png``."""
-    results = {}
-    for label, config in configs.items():
-        with RunFolder(config.out, resumable=False) as run:
-            results[label] = train(config, run)
-    first = next(iter(configs.values()))
-    plot_runs(
-        {label: result.records for label, result in results.items()},
-        out / "compare.png",
-        f"{' vs '.join(configs)}: {_title(first)}",
-    )
-    return results
