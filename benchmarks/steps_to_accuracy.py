@@ -33,14 +33,15 @@ import argparse
 import math
 import statistics
 import tempfile
-from dataclasses import dataclass
+import typing
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from pinned_malloc import pin_malloc
-from spngd.refresh import computed_shares
+from spngd.refresh import AdaptiveRefresh, computed_shares
 from spngd.train.config import resolve_config
 from spngd.train.runfolder import RunFolder
 from spngd.train.trainer import train
@@ -100,22 +101,24 @@ def main() -> None:
         help="SGD's learning-rate grid (none: compare only the two SP-NGD refresh settings)",
     )
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument(
-        "--refresh-alpha", type=float, help="adaptive SP-NGD's threshold (default 0.1)"
-    )
-    parser.add_argument("--refresh-shrink", help="adaptive SP-NGD's shrink rule: reset or halve")
-    parser.add_argument("--refresh-rule", help="adaptive SP-NGD's rule: noise or spec")
-    parser.add_argument("--refresh-noise-margin", type=float, help="adaptive SP-NGD's margin")
-    parser.add_argument("--refresh-max-interval", type=int, help="adaptive SP-NGD's cap")
-    parser.add_argument(
-        "--refresh-warmup-steps", type=int, help="adaptive SP-NGD's steps that always refresh"
-    )
+    hints = typing.get_type_hints(AdaptiveRefresh)
+    for knob in fields(AdaptiveRefresh):
+        kind = hints[knob.name]
+        parser.add_argument(
+            "--refresh-" + knob.name.replace("_", "-"),
+            dest=f"refresh_{knob.name}",
+            type=kind if kind in (int, float) else str,
+            help=f"adaptive SP-NGD: {knob.metadata['help']} ({knob.default})",
+        )
     parser.add_argument(
         "--no-every-step", action="store_true", help="skip the every-step SP-NGD contender"
     )
     parser.add_argument("--damping-form", help="SP-NGD's damping form: factored or kronecker")
     parser.add_argument("--damping", type=float, help=f"SP-NGD's damping ({SPNGD['damping']})")
     parser.add_argument("--spngd-lr", type=float, help=f"SP-NGD's learning rate ({SPNGD['lr']})")
+    parser.add_argument(
+        "--statistics-examples", type=int, help="SP-NGD's examples per statistic (default: all)"
+    )
     parser.add_argument(
         "--eval-batchnorm", help="validation's BatchNorm statistics: recomputed or running"
     )
@@ -127,11 +130,16 @@ def main() -> None:
         shared["eval_batchnorm"] = args.eval_batchnorm
     contenders = {f"sgd lr={lr:g}": {**shared, **SGD, "lr": lr} for lr in args.sgd_lrs}
     refresh = {
-        knob: getattr(args, f"refresh_{knob}")
-        for knob in ("alpha", "shrink", "rule", "noise_margin", "max_interval", "warmup_steps")
-        if getattr(args, f"refresh_{knob}") is not None
+        knob.name: getattr(args, f"refresh_{knob.name}")
+        for knob in fields(AdaptiveRefresh)
+        if getattr(args, f"refresh_{knob.name}") is not None
     }
-    knobs = {"damping_form": args.damping_form, "damping": args.damping, "lr": args.spngd_lr}
+    knobs = {
+        "damping_form": args.damping_form,
+        "damping": args.damping,
+        "lr": args.spngd_lr,
+        "statistics_examples": args.statistics_examples,
+    }
     chosen = {k: v for k, v in knobs.items() if v is not None} | {"refresh": refresh}
     contenders[ADAPTIVE] = {**shared, **SPNGD, **chosen}
     if not args.no_every_step:

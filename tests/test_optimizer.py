@@ -63,6 +63,8 @@ def _train(model: Mixed, opt: torch.optim.Optimizer, steps: int, seed: int = 0) 
         ({"damping": float("nan")}, "damping must be finite and > 0, got nan"),
         ({"damping_form": "diagonal"}, "damping_form must be one of factored-keep-a"),
         ({"accumulation_steps": 0}, "accumulation_steps must be an int >= 1, got 0"),
+        ({"statistics_examples": 0}, "statistics_examples must be None or an int >= 1, got 0"),
+        ({"statistics_examples": 2.5}, "statistics_examples must be None or an int >= 1"),
     ],
 )
 def test_bad_hyperparameters_name_the_problem(kwargs: dict[str, object], message: str) -> None:

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from spngd.settings import Rule, check
+
 
 class NonFiniteGradientError(RuntimeError):
     """Too many consecutive steps had NaN or inf gradients."""
@@ -34,6 +36,14 @@ def any_nonfinite(
     return (~torch.isfinite(torch.nn.utils.get_total_norm(grads, norm_type=math.inf))).float()
 
 
+GUARD_RULES: dict[str, Rule] = {
+    "max_bad_steps": (
+        lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+        "an int >= 1",
+    ),
+}
+
+
 class NonFiniteGuard:
     """Counts skipped steps and decides when to stop.
 
@@ -42,10 +52,7 @@ class NonFiniteGuard:
     """
 
     def __init__(self, name: str, max_bad_steps: int, advice: str) -> None:
-        if isinstance(max_bad_steps, bool) or not (
-            isinstance(max_bad_steps, int) and max_bad_steps >= 1
-        ):
-            raise ValueError(f"max_bad_steps must be an int >= 1, got {max_bad_steps}")
+        check(name, {"max_bad_steps": max_bad_steps}, GUARD_RULES)
         self.name = name
         self.max_bad_steps = max_bad_steps
         self.advice = advice

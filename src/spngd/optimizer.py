@@ -22,9 +22,9 @@ from spngd import amp
 from spngd.curvature import CurvatureBlock
 from spngd.curvature.kronecker import DAMPING_FORMS
 from spngd.distributed.exchange import DistributedConfig
-from spngd.guard import GuardedSteps, NonFiniteGuard
+from spngd.guard import GUARD_RULES, GuardedSteps, NonFiniteGuard
 from spngd.preconditioner import FISHER_TYPES, Preconditioner, find_blocks
-from spngd.refresh import AdaptiveRefresh, RefreshPolicy
+from spngd.refresh import INTERVAL_RULES, AdaptiveRefresh, RefreshPolicy
 from spngd.settings import InvalidSettingError, Rule, check
 
 SETTING_RULES: dict[str, Rule] = {
@@ -37,9 +37,16 @@ SETTING_RULES: dict[str, Rule] = {
     "damping_form": (lambda v: v in DAMPING_FORMS, f"one of {', '.join(DAMPING_FORMS)}"),
     "bn_damping_scale": (lambda v: 0.0 < v < math.inf, "finite and > 0"),
     "accumulation_steps": (lambda v: isinstance(v, int) and v >= 1, "an int >= 1"),
+    "statistics_examples": (
+        lambda v: v is None or (isinstance(v, int) and v >= 1),
+        "None or an int >= 1",
+    ),
+    **INTERVAL_RULES,
+    **GUARD_RULES,
 }
 """The rule of each of SPNGD's scalar settings (a param group's ``lr``, ``momentum``,
-``damping`` and ``weight_decay`` included)."""
+``damping`` and ``weight_decay`` included; the intervals' and ``max_bad_steps``'s are
+their owners', checked when the refresh policy and the guard are built)."""
 
 
 GROUP_SETTINGS = ("lr", "momentum", "damping", "weight_decay")
@@ -93,6 +100,11 @@ class SPNGD(GuardedSteps, Optimizer):
             ``k`` steps (1: every step).
         inverse_interval: with a fixed ``stat_interval``, recompute inverses every this
             many steps (default: whenever statistics were computed).
+        statistics_examples: take each micro-batch's curvature statistics from at most its
+            first this many examples (``None``: all). The statistics are means over
+            examples, so a random subset estimates the same factors at a fraction of the
+            cost; at large batch that cost otherwise grows with the batch while the
+            preconditioning does not (docs/performance.md measures both).
         refresh: knobs of the adaptive rule (threshold, growth, cap, warm-up).
         grad_scaler: the ``torch.amp.GradScaler`` that scales the loss (mixed precision):
             output gradients are divided by its current scale before statistics are
@@ -142,6 +154,7 @@ class SPNGD(GuardedSteps, Optimizer):
         damping_form: str = DAMPING_FORMS[0],
         stat_interval: int | None = None,
         inverse_interval: int | None = None,
+        statistics_examples: int | None = None,
         refresh: AdaptiveRefresh | None = None,
         accumulation_steps: int = 1,
         grad_scaler: torch.amp.GradScaler | None = None,
@@ -157,6 +170,7 @@ class SPNGD(GuardedSteps, Optimizer):
             damping_form=damping_form,
             bn_damping_scale=bn_damping_scale,
             accumulation_steps=accumulation_steps,
+            statistics_examples=statistics_examples,
         )
         if refresh is not None and not isinstance(refresh, AdaptiveRefresh):
             raise TypeError(f"refresh must be an AdaptiveRefresh, got {type(refresh).__name__}")
@@ -195,6 +209,7 @@ class SPNGD(GuardedSteps, Optimizer):
             fisher=fisher,
             refresh=RefreshPolicy(stat_interval, inverse_interval, refresh or AdaptiveRefresh()),
             accumulation_steps=accumulation_steps,
+            statistics_examples=statistics_examples,
             grad_scaler=grad_scaler,
             distributed=distributed,
             average_gradients=not wrapped,

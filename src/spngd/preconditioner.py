@@ -108,8 +108,8 @@ class Preconditioner:
         params: every parameter the optimizer updates (the exchange averages or moves
             their gradients).
         device: where the parameters are: the step's flags live there.
-        stat_decay, fisher, accumulation_steps, grad_scaler, distributed:
-            as :class:`spngd.SPNGD` documents them.
+        stat_decay, fisher, accumulation_steps, statistics_examples, grad_scaler,
+        distributed: as :class:`spngd.SPNGD` documents them.
         refresh: when statistics and inverses are computed.
         average_gradients: whether the exchange averages gradients over ranks (the model
             is not wrapped in ``DistributedDataParallel``).
@@ -125,6 +125,7 @@ class Preconditioner:
         fisher: str,
         refresh: RefreshPolicy,
         accumulation_steps: int,
+        statistics_examples: int | None,
         grad_scaler: torch.amp.GradScaler | None,
         distributed: DistributedConfig | None,
         average_gradients: bool,
@@ -135,7 +136,7 @@ class Preconditioner:
         self.fisher = fisher
         self.refresh = refresh
         for block in blocks.values():
-            block.measure_noise = refresh.uses_noise
+            block.statistics_examples = statistics_examples
         self.times = StageTimes()
         self.exchange = make_exchange(
             blocks,
@@ -276,8 +277,10 @@ class Preconditioner:
                 else:  # its owner left the block out: no update for it on any rank
                     directions.pop(p, None)
         self.steps_taken += 1
+        measure_noise = self.refresh.measures_noise(self.steps_taken)
         for name, block in self.blocks.items():
             block.to_compute = to_compute[name]
+            block.measure_noise = measure_noise
         return directions
 
     def _fold(self, owned: dict[str, CurvatureBlock], arrived: dict[str, Statistics]) -> _Measured:
@@ -427,9 +430,12 @@ class Preconditioner:
             )
 
     def _set_to_compute(self) -> None:
-        """Set every block's statistics for the coming step from the refresh policy."""
+        """Set every block's statistics (and whether their noise is measured) for the
+        coming step from the refresh policy."""
+        measure_noise = self.refresh.measures_noise(self.steps_taken)
         for name, block in self.blocks.items():
             block.to_compute = self._to_compute(name, block, self.steps_taken)
+            block.measure_noise = measure_noise
 
     def _to_compute(self, name: str, block: CurvatureBlock, step: int) -> list[bool]:
         """Which of ``block``'s statistics the hooks compute at ``step``."""

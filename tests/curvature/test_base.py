@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from spngd import SPNGD
+from spngd import SPNGD, AdaptiveRefresh
 from spngd.curvature import BatchNormBlock
+from spngd.refresh import NOISE_LEAD_STEPS
 from spngd.timing import StageTimes
 from tests.curvature._bruteforce import (
     bn_uv_from_delta,
@@ -18,6 +19,8 @@ from tests.curvature._bruteforce import (
 )
 
 N = 10
+MEASURING = AdaptiveRefresh(warmup_steps=0)
+"""The noise rule without a warm-up: noise is measured from the first step."""
 
 
 def _model() -> nn.Sequential:
@@ -48,7 +51,7 @@ def test_noise_is_the_halves_difference_and_the_statistic_is_unchanged() -> None
     whole = _bruteforce(model, x, y)
     first = _bruteforce(model, x[: N // 2], y[: N // 2])
     second = _bruteforce(model, x[N // 2 :], y[N // 2 :])
-    opt = SPNGD(model, lr=0.0)  # the default adaptive rule measures noise
+    opt = SPNGD(model, lr=0.0, refresh=MEASURING)
     opt.zero_grad()
     F.cross_entropy(model(x), y).backward()
     for name, block in opt.curvature.items():
@@ -66,6 +69,41 @@ def _fresh_noise(opt: SPNGD, name: str) -> list[Tensor]:
     return opt.curvature[name].fresh_noise  # type: ignore[return-value]
 
 
+def test_statistics_of_the_first_examples_are_those_of_a_batch_of_them() -> None:
+    """With ``statistics_examples=k`` the factors are the per-example ones (brute force)
+    of the batch's first ``k`` examples alone, although the loss averaged all ``N``; the
+    noise comes from the halves of those ``k``."""
+    k = 6
+    model = _model()
+    x, y = _batch()
+    subset = _bruteforce(model, x[:k], y[:k])
+    first = _bruteforce(model, x[: k // 2], y[: k // 2])
+    second = _bruteforce(model, x[k // 2 : k], y[k // 2 : k])
+    opt = SPNGD(model, lr=0.0, refresh=MEASURING, statistics_examples=k)
+    F.cross_entropy(model(x), y).backward()
+    for name, block in opt.curvature.items():
+        stats = block.take_pending()
+        for i in range(2):
+            torch.testing.assert_close(stats[i], subset[name][i], rtol=1e-10, atol=1e-12)
+            difference = (first[name][i] - second[name][i]).square().sum()
+            expected = difference / (2 * subset[name][i].square().sum())
+            torch.testing.assert_close(block.fresh_noise[i], expected, rtol=1e-8, atol=0)
+
+
+def test_a_limit_at_or_above_the_batch_changes_nothing() -> None:
+    x, y = _batch()
+    taken = []
+    for limit in (None, N, 4 * N):
+        model = _model()
+        opt = SPNGD(model, lr=0.0, statistics_examples=limit)
+        F.cross_entropy(model(x), y).backward()
+        taken.append([opt.curvature[name].take_pending() for name in ("0", "3")])
+    for other in taken[1:]:
+        for stats, reference in zip(other, taken[0], strict=True):
+            for stat, expected in zip(stats, reference, strict=True):
+                assert torch.equal(stat, expected)
+
+
 def test_accumulated_micro_batches_have_a_kth_of_the_noise() -> None:
     """K micro-batches' statistics are averaged: the mean of K independent estimates has
     1/K of their mean noise, so the block reports (sum of the K noises) / K^2."""
@@ -74,11 +112,11 @@ def test_accumulated_micro_batches_have_a_kth_of_the_noise() -> None:
     alone = []
     for part in parts:
         model = _model()
-        opt = SPNGD(model, lr=0.0)
+        opt = SPNGD(model, lr=0.0, refresh=MEASURING)
         F.cross_entropy(model(x[part]), y[part]).backward()
         alone.append(_fresh_noise(opt, "3"))
     model = _model()
-    opt = SPNGD(model, lr=0.0, accumulation_steps=2)
+    opt = SPNGD(model, lr=0.0, accumulation_steps=2, refresh=MEASURING)
     for part in parts:
         (F.cross_entropy(model(x[part]), y[part]) / 2).backward()
     together = _fresh_noise(opt, "3")
@@ -107,31 +145,50 @@ def test_batchnorm_noise_is_the_halves_difference_with_the_whole_batch_normalisa
     torch.testing.assert_close(noise, expected, rtol=1e-10, atol=0)
 
 
+def test_batchnorm_statistics_of_the_first_examples_normalise_with_them() -> None:
+    """A BatchNorm Fisher from the first ``k`` examples: per-example terms of those, with
+    ``x_hat`` from their own mean and variance and ``delta`` the whole batch's."""
+    torch.manual_seed(0)
+    k = 6
+    bn = nn.BatchNorm2d(4).double()
+    block = BatchNormBlock("bn", bn, 16.0)
+    block.statistics_examples = k
+    x = torch.randn(N, 4, 3, 3, dtype=torch.float64) + 2.0
+    grad_output = torch.randn(N, 4, 3, 3, dtype=torch.float64) / N
+    u, v = bn_uv_from_delta(bn_xhat(bn, x[:k]), N * grad_output[:k])
+    expected = torch.stack((u * u, u * v, v * v), dim=2).mean(0)
+    block.accumulate(x, grad_output, StageTimes())
+    (stat,) = block.take_pending()  # type: ignore[misc]
+    torch.testing.assert_close(stat, expected, rtol=1e-10, atol=0)
+
+
 def test_noise_is_measured_only_where_a_rule_reads_it() -> None:
     for kwargs, measured in (
-        ({}, True),
+        ({"refresh": MEASURING}, True),
         ({"stat_interval": 1}, False),
         ({"refresh": None, "stat_interval": 5}, False),
     ):
         model = _model()
         opt = SPNGD(model, lr=0.0, **kwargs)  # type: ignore[arg-type]
         assert all(block.measure_noise is measured for block in opt.curvature.values())
-    from spngd import AdaptiveRefresh
-
     for knobs in (AdaptiveRefresh(rule="spec"), AdaptiveRefresh(alpha=-1.0)):
         opt = SPNGD(_model(), lr=0.0, refresh=knobs)
         assert not any(block.measure_noise for block in opt.curvature.values())
 
 
-def test_statistics_are_timed_per_kind() -> None:
-    opt = SPNGD(_model(), lr=0.0)
-    times = StageTimes()
-    opt.curvature["3"].accumulate(
-        torch.randn(N, 100, dtype=torch.float64), torch.randn(N, 3, dtype=torch.float64), times
-    )
-    assert set(times.seconds) == {"statistics A", "statistics G"}
-    opt.curvature["3"].to_compute = [False, True]
-    opt.curvature["3"].accumulate(
-        torch.randn(N, 100, dtype=torch.float64), torch.randn(N, 3, dtype=torch.float64), times
-    )
-    assert set(times.seconds) == {"statistics A", "statistics G"}
+def test_noise_is_measured_from_the_last_warmup_steps_on() -> None:
+    """The warm-up's decisions are fixed, so its early steps skip the halves; noise comes
+    with every statistic from ``NOISE_LEAD_STEPS`` steps before the first decision."""
+    warmup = NOISE_LEAD_STEPS + 2
+    model = _model()
+    opt = SPNGD(model, lr=0.01, refresh=AdaptiveRefresh(warmup_steps=warmup))
+    x, y = _batch()
+    measured = []
+    for _ in range(warmup + 1):  # all computed: the warm-up, then the first decision
+        measured.append(opt.curvature["3"].measure_noise)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        noise = opt.curvature["3"].fresh_noise
+        assert all((n is not None) is measured[-1] for n in noise)
+    assert measured == [False] * 2 + [True] * (NOISE_LEAD_STEPS + 1)

@@ -53,6 +53,9 @@ class CurvatureBlock(ABC):
         self.explicit_inverse: tuple[torch.Tensor, ...] | None = None
         """For subclasses whose ``inverse_form`` is not the inverse itself: the inverse
         formed from it for repeated use (dropped whenever ``inverse_form`` changes)."""
+        self.statistics_examples: int | None = None
+        """At most this many examples of each forward/backward pair (its first ones) feed
+        the statistics; None: all (see :meth:`accumulate`)."""
         self.measure_noise = False
         """Measure each computed statistic's sampling noise (the adaptive refresh's noise
         rule reads it): see :meth:`statistic_and_noise`."""
@@ -111,6 +114,7 @@ class CurvatureBlock(ABC):
         their sampling noise (:meth:`statistic_and_noise`)."""
         if inputs.dim() > 1 and inputs.shape[0] == 0:
             return  # an empty batch tells nothing about the curvature
+        inputs, grad_output = self.subsample(inputs, grad_output)
         stats: list[torch.Tensor | None] = []
         noises: list[torch.Tensor | None] = []
         # A backward inside autocast would run the products below in half precision.
@@ -136,6 +140,21 @@ class CurvatureBlock(ABC):
                 for total, new in zip(self._pending_noise, noises, strict=True)
             ]
         self._pending_count += 1
+
+    def subsample(
+        self, inputs: torch.Tensor, grad_output: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``statistics_examples`` examples of a pair, with output gradients
+        rescaled so that each example's gradient is still the whole batch's
+        ``n * grad_output``: the statistics, means over examples, stay unbiased estimates
+        of the same expectations at a fraction of the cost. The loader shuffles, so the
+        first examples are a random sample; the running factors and, with several ranks
+        or micro-batches, the reduction average more of them."""
+        n = self.batch_size(inputs)
+        limit = self.statistics_examples
+        if limit is None or inputs.dim() < 2 or n <= limit:
+            return inputs, grad_output
+        return inputs[:limit], grad_output[:limit] * (n / limit)
 
     def statistic_and_noise(
         self, index: int, inputs: torch.Tensor, grad_output: torch.Tensor

@@ -32,8 +32,24 @@ from spngd.train.models import MODEL_NAMES, spatial_dims
 from spngd.train.recipes import RECIPES
 
 OPTIMIZERS = ("spngd", "sgd")
-OPTIMIZER_SETTINGS = (*GROUP_SETTINGS, "stat_decay", "fisher", "damping_form")
-"""Fields that are SPNGD's settings, checked by its rules (``spngd.optimizer.SETTING_RULES``)."""
+OPTIMIZER_SETTINGS = {
+    **{name: name for name in GROUP_SETTINGS},
+    **{
+        name: name
+        for name in (
+            "stat_decay",
+            "fisher",
+            "damping_form",
+            "stat_interval",
+            "inverse_interval",
+            "statistics_examples",
+            "max_bad_steps",
+        )
+    },
+    "accumulate": "accumulation_steps",
+}
+"""Fields that are SPNGD's settings, each with SPNGD's name for it: checked by its rules
+(``spngd.optimizer.SETTING_RULES``)."""
 CROPS = ("none", "pad", "resized")
 
 
@@ -70,6 +86,10 @@ class TrainConfig:
     stat_interval: int | None = _help("SP-NGD statistics every k steps (default: adaptive)")
     inverse_interval: int | None = _help(
         "SP-NGD inverses every k steps, with --stat-interval (default: with the statistics)"
+    )
+    statistics_examples: int | None = _help(
+        "SP-NGD curvature statistics from at most this many examples of each micro-batch "
+        "(default: all)"
     )
     refresh: AdaptiveRefresh = field(
         metadata={"help": "SP-NGD's adaptive refresh, one --refresh-* option per knob"}
@@ -119,19 +139,12 @@ class TrainConfig:
             ),
             ("epochs", self.epochs > 0, "> 0"),
             ("batch_size", self.batch_size >= 1, "a positive integer"),
-            ("accumulate", self.accumulate >= 1, "a positive integer"),
             ("warmup_epochs", self.warmup_epochs >= 0, ">= 0"),
             ("lr_decay_start", self.lr_decay_start >= 0, ">= 0"),
             ("lr_decay_end", self.lr_decay_end > self.lr_decay_start, "> --lr-decay-start"),
             ("lr_decay_power", self.lr_decay_power > 0, "> 0"),
             ("damping_start", self.damping_start is None or self.damping_start > 0, "> 0"),
             ("damping_decay_epochs", self.damping_decay_epochs >= 0, ">= 0"),
-            ("stat_interval", self.stat_interval is None or self.stat_interval >= 1, ">= 1"),
-            (
-                "inverse_interval",
-                self.inverse_interval is None or self.inverse_interval >= 1,
-                ">= 1",
-            ),
             ("mixup_alpha", self.mixup_alpha >= 0, ">= 0"),
             ("mixup_off_epoch", self.mixup_off_epoch is None or self.mixup_off_epoch >= 0, ">= 0"),
             ("label_smoothing", 0 <= self.label_smoothing < 1, "in [0, 1)"),
@@ -139,7 +152,6 @@ class TrainConfig:
             ("seed", 0 <= self.seed < 2**63, "in 0..2**63-1"),
             ("workers", self.workers >= 0, ">= 0"),
             ("eval_every_steps", self.eval_every_steps >= 0, ">= 0"),
-            ("max_bad_steps", self.max_bad_steps >= 1, "a positive integer"),
             ("threads", self.threads is None or self.threads >= 1, "a positive integer"),
             ("dist_timeout", 0 < self.dist_timeout < math.inf, "a positive number of seconds"),
             ("out", self.out.strip() != "", "a folder name"),
@@ -148,7 +160,7 @@ class TrainConfig:
             if not ok:
                 raise UserError(f"{flag(name)} must be {rule}, got {getattr(self, name)!r}")
         try:  # SPNGD's own rules (SGD's values obey the same ones)
-            check_settings(**{name: getattr(self, name) for name in OPTIMIZER_SETTINGS})
+            check_settings(**{own: getattr(self, name) for name, own in OPTIMIZER_SETTINGS.items()})
         except InvalidSettingError as error:
             raise flag_error(error) from None
         recipe_settings(self.recipe)
@@ -204,8 +216,11 @@ def flag(name: str) -> str:
 
 
 def flag_error(error: InvalidSettingError, prefix: str = "") -> UserError:
-    """A library setting's error, naming the flag that set it (``prefix`` + its name)."""
-    return UserError(f"{flag(prefix + error.setting)} must be {error.rule}, got {error.value!r}")
+    """A library setting's error, naming the flag that set it (``prefix`` + its name, or the
+    field that holds the optimizer setting of that name)."""
+    field_of = {own: name for name, own in OPTIMIZER_SETTINGS.items()}
+    name = prefix + error.setting if prefix else field_of.get(error.setting, error.setting)
+    return UserError(f"{flag(name)} must be {error.rule}, got {error.value!r}")
 
 
 SPNGD_DEFAULTS: dict[str, Any] = {
@@ -232,6 +247,7 @@ DEFAULTS: dict[str, Any] = {
     "stat_decay": SPNGD_DEFAULTS["stat_decay"],
     "stat_interval": SPNGD_DEFAULTS["stat_interval"],
     "inverse_interval": SPNGD_DEFAULTS["inverse_interval"],
+    "statistics_examples": SPNGD_DEFAULTS["statistics_examples"],
     "fisher": SPNGD_DEFAULTS["fisher"],
     "damping_form": SPNGD_DEFAULTS["damping_form"],
     "rescale_weights": True,
