@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from spngd.train.evaluation import (
     BATCHNORM_EXAMPLES,
+    batchnorm_loader,
     batchnorm_sample,
     recompute_batchnorm_statistics,
 )
@@ -53,6 +54,14 @@ def test_the_sample_is_fixed_by_the_seed_and_leaves_the_global_generator_alone()
     assert len(first) == BATCHNORM_EXAMPLES and len(set(first.indices)) == BATCHNORM_EXAMPLES
     small = TensorDataset(torch.arange(10.0), torch.zeros(10))
     assert sorted(batchnorm_sample(small, seed=0).indices) == list(range(10))
+
+
+def test_the_loader_reads_the_sample_as_validation_does() -> None:
+    data = TensorDataset(torch.arange(3000.0), torch.zeros(3000))
+    loader = batchnorm_loader(data, 3, like=DataLoader(data, batch_size=500))
+    values = torch.cat([x for x, _ in loader])
+    assert [len(x) for x, _ in loader] == [500] * 4 + [BATCHNORM_EXAMPLES - 2000]
+    assert values.long().tolist() == batchnorm_sample(data, 3).indices
 
 
 @pytest.mark.usefixtures("small_digits")

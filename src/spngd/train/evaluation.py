@@ -35,6 +35,16 @@ def batchnorm_sample(train_as_val: Dataset, seed: int) -> Subset:
     return Subset(train_as_val, order[:BATCHNORM_EXAMPLES].tolist())
 
 
+def batchnorm_loader(train_as_val: Dataset, seed: int, like: DataLoader) -> DataLoader:
+    """:func:`batchnorm_sample` in batches, read as ``like`` (the validation loader) reads."""
+    return DataLoader(
+        batchnorm_sample(train_as_val, seed),
+        batch_size=like.batch_size,
+        num_workers=like.num_workers,
+        pin_memory=like.pin_memory,
+    )
+
+
 @torch.no_grad()
 def recompute_batchnorm_statistics(
     model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device

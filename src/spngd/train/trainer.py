@@ -29,7 +29,7 @@ from spngd.train.config import TrainConfig
 from spngd.train.data import ImageFiles, load_data, make_loaders
 from spngd.train.errors import TrainingStoppedError, UserError, brief_reason
 from spngd.train.evaluation import (
-    batchnorm_sample,
+    batchnorm_loader,
     evaluate,
     recompute_batchnorm_statistics,
 )
@@ -165,11 +165,8 @@ class Trainer:
                 pass
         self.batchnorm_loader: DataLoader | None = None
         if config.eval_batchnorm == "recomputed":
-            self.batchnorm_loader = DataLoader(
-                batchnorm_sample(self.data.train_as_val, config.seed),
-                batch_size=self.val_loader.batch_size,
-                num_workers=self.val_loader.num_workers,
-                pin_memory=self.val_loader.pin_memory,
+            self.batchnorm_loader = batchnorm_loader(
+                self.data.train_as_val, config.seed, self.val_loader
             )
         self.model = build_model(
             config.model, self.data.num_classes, config.zero_init_residual, self.data.in_channels
