@@ -45,7 +45,9 @@ from spngd.curvature.batchnorm import (
     moment_form,
 )
 from spngd.curvature.conv import (
+    IMAGE_GRAM_MAX_FEATURES,
     _border_rows,
+    _second_moment_by_image_gram,
     _second_moment_by_patches,
     _second_moment_by_shifts,
     channel_moment_form,
@@ -310,6 +312,10 @@ def conv_a_forms(x: torch.Tensor, conv: ConvShape) -> dict[str, Form]:
         forms["patches, oneDNN row blocks"] = lambda: _second_moment_by_patches(
             x, kernel, stride, padding, (1, 1), groups
         )
+        if x[0].numel() <= IMAGE_GRAM_MAX_FEATURES:
+            forms["image Gram"] = lambda: _second_moment_by_image_gram(
+                x, kernel, stride, padding, (1, 1)
+            )
     return forms
 
 

@@ -120,22 +120,31 @@ PATCH_CASES = [
     (6, 7, 6, (1, 1), (2, 2), (0, 0), (1, 1), 3, "channel moment"),
     (72, 5, 5, (1, 1), (2, 1), (0, 0), (1, 1), 1, "channel moment"),
     (8, 7, 9, (3, 3), (1, 1), (1, 1), (1, 1), 1, "shifts, channels-last"),
-    (8, 4, 4, (3, 3), (1, 1), (1, 1), (1, 1), 1, "shifts, channels-last"),  # borders: half
+    (8, 4, 4, (3, 3), (1, 1), (1, 1), (1, 1), 1, "image Gram"),
+    (8, 4, 8, (3, 3), (1, 1), (1, 1), (1, 1), 1, "shifts, channels-last"),  # borders: half
     (8, 8, 9, (3, 3), (1, 1), (2, 2), (2, 2), 1, "shifts, channels-last"),
     (64, 4, 4, (1, 1), (1, 1), (1, 1), (1, 1), 1, "shifts, channels-last"),  # padded 1x1
     (256, 8, 8, (3, 3), (1, 1), (1, 1), (1, 1), 1, "shifts, channels-last"),
     (4, 7, 9, (3, 3), (1, 1), (1, 1), (1, 1), 2, "shifts, channels-last"),
-    (8, 2, 3, (3, 3), (1, 1), (1, 1), (1, 1), 1, "patches, oneDNN row blocks"),
+    (8, 2, 3, (3, 3), (1, 1), (1, 1), (1, 1), 1, "image Gram"),
+    (64, 2, 2, (3, 3), (1, 1), (1, 1), (1, 1), 1, "image Gram"),
+    (5, 3, 3, (3, 3), (2, 2), (1, 1), (1, 1), 1, "image Gram"),
+    (4, 3, 2, (3, 2), (1, 2), (2, 1), (2, 1), 1, "image Gram"),
+    (2, 3, 3, (3, 3), (1, 1), (0, 0), (1, 1), 1, "image Gram"),  # one output position
+    (512, 3, 3, (3, 3), (1, 1), (1, 1), (1, 1), 1, "patches, oneDNN row blocks"),  # C H W > 4096
     (256, 7, 7, (3, 3), (1, 1), (1, 1), (1, 1), 1, "patches, oneDNN row blocks"),
     (8, 9, 8, (3, 3), (2, 2), (1, 1), (1, 1), 1, "patches, oneDNN row blocks"),
-    (3, 11, 10, (7, 7), (2, 2), (3, 3), (1, 1), 1, "patches, oneDNN row blocks"),
+    (3, 11, 10, (7, 7), (2, 2), (3, 3), (1, 1), 1, "image Gram"),
+    (3, 40, 40, (7, 7), (2, 2), (3, 3), (1, 1), 1, "patches, oneDNN row blocks"),
     (12, 9, 9, (3, 2), (3, 2), (0, 1), (2, 1), 1, "patches, oneDNN row blocks"),
     (24, 7, 9, (1, 3), (2, 2), (0, 1), (1, 1), 1, "patches, oneDNN row blocks"),
     (3, 8, 8, (3, 3), (1, 1), (1, 1), (1, 1), 1, "shifts, channels-last"),
-    (1, 8, 8, (3, 3), (1, 1), (1, 1), (1, 1), 1, "patches, one oneDNN product"),
+    (1, 8, 8, (3, 3), (1, 1), (1, 1), (1, 1), 1, "image Gram"),
+    (1, 13, 13, (3, 3), (1, 1), (1, 1), (1, 1), 1, "patches, one oneDNN product"),
     (3, 4, 4, (1, 1), (1, 1), (1, 1), (1, 1), 1, "patches, one oneDNN product"),  # padded 1x1
     (7, 8, 8, (3, 3), (2, 2), (1, 1), (1, 1), 1, "patches, one oneDNN product"),
-    (2, 5, 5, (3, 3), (2, 2), (1, 1), (1, 1), 1, "patches, one oneDNN product"),
+    (2, 5, 5, (3, 3), (2, 2), (1, 1), (1, 1), 1, "image Gram"),
+    (2, 11, 11, (3, 3), (2, 2), (1, 1), (1, 1), 1, "patches, one oneDNN product"),
     (4, 5, 5, (3, 3), (1, 1), (1, 1), (1, 1), 2, "patches, batched BLAS"),
     (4, 8, 3, (3, 3), (1, 1), (1, 1), (1, 1), 4, "patches, batched BLAS"),
     (4, 9, 8, (3, 3), (2, 2), (1, 1), (1, 1), 2, "patches, batched BLAS"),
@@ -182,7 +191,8 @@ def test_conv_a_factor_forms_match_bruteforce(
 
 
 def test_patch_forms_in_float32_stay_accurate() -> None:
-    """The oneDNN row-block products and the channels-last shifts, float32 against float64."""
+    """The oneDNN row-block products, the channels-last shifts and the image Gram, float32
+    against float64."""
     x = torch.relu(_randn(16, 8, 12, 12, seed=4, dtype=torch.float32)) + 1.0
     for kernel, stride, padding, groups in (
         ((3, 3), (2, 2), (1, 1), 1),
@@ -192,6 +202,11 @@ def test_patch_forms_in_float32_stay_accurate() -> None:
         expected = _unfold_second_moment(x.double(), kernel, stride, padding, (1, 1), groups)
         got = patch_second_moment(x, kernel, stride, padding, (1, 1), groups).double()
         assert ((got - expected).norm() / expected.norm()).item() < 1e-5
+    small = torch.relu(_randn(64, 16, 2, 3, seed=5, dtype=torch.float32)) + 1.0
+    assert patch_moment_form((16, 2, 3), (3, 3), (1, 1), (1, 1), (1, 1), 1) == "image Gram"
+    expected = _unfold_second_moment(small.double(), (3, 3), (1, 1), (1, 1), (1, 1), 1)
+    got = patch_second_moment(small, (3, 3), (1, 1), (1, 1), (1, 1), 1).double()
+    assert ((got - expected).norm() / expected.norm()).item() < 1e-5
 
 
 # (rows, features, expected gram form); A adds a bias column when rows <= features

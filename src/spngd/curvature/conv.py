@@ -169,6 +169,8 @@ def patch_second_moment(
     form = patch_moment_form(x.shape[1:], kernel, stride, padding, dilation, groups)
     if form == "channel moment":
         return channel_second_moment(x[:, :, :: stride[0], :: stride[1]], groups)
+    if form == "image Gram":
+        return _second_moment_by_image_gram(x, kernel, stride, padding, dilation)
     if form == "shifts, channels-last":
         x = x.contiguous(memory_format=torch.channels_last)
         return _second_moment_by_shifts(x, kernel, padding, dilation, groups)
@@ -176,6 +178,14 @@ def patch_second_moment(
     return _second_moment_by_patches(x, kernel, stride, padding, dilation, groups, row_blocks)
 
 
+IMAGE_GRAM_MAX_FEATURES = 4096
+"""Largest image ``C H W`` whose Gram matrix (``(C H W)^2`` entries) the "image Gram" form
+builds."""
+IMAGE_GRAM_ADVANTAGE = 2
+"""How many times the multiply-adds of the other forms the image Gram may take and still be
+chosen: one oneDNN product over whole images runs about twice as fast per multiply-add as
+the shifts' and patches' pieces (``(1024, 32, 4, 4)``: 3.4 ms against 5.5 for the shifts,
+at about equal multiply-adds)."""
 ROW_BLOCKS_MIN_FEATURES = 64
 """Patch length ``C kh kw`` from which patches are multiplied in kernel-row blocks."""
 SHIFTS_MIN_FEATURES = 16
@@ -197,6 +207,16 @@ def patch_moment_form(
       (:func:`channel_second_moment`). Against one BLAS product of the patches: 0.17
       against 0.32 at ``(1024, 16, 8, 8)`` stride 2, 31 against 68 at
       ``(32, 1024, 14, 14)``.
+    * ``"image Gram"``: without groups, on small images (at most
+      ``IMAGE_GRAM_MAX_FEATURES`` values), the Gram matrix of whole images gathered into
+      ``A`` per output position (:func:`_second_moment_by_image_gram`): ``(H W)^2``
+      multiply-adds per example and channel pair, against ``H W kh (2 kw - 1)`` for the
+      shifts and ``|T| (kh kw)^2`` for the patches (``(kh + 1) / (2 kh)`` of it by row
+      blocks); chosen up to ``IMAGE_GRAM_ADVANTAGE`` times the form it replaces. On
+      ResNet-20's digits shapes: ``(1024, 64, 2, 2)`` 1.8 against 9.4 by row blocks,
+      ``(1024, 32, 4, 4)`` 3.4 against 5.5 by shifts, stride 2 2.3 against 2.9, the stem
+      ``(1024, 1, 8, 8)`` 0.32 against 2.1; it loses at ``(1024, 16, 8, 8)`` (13 against 6.0
+      by shifts, 10.7 against 4.5 by row blocks at stride 2), where the rule keeps them.
     * ``"shifts, channels-last"``: other stride-1 kernels, by the shift method (module
       docstring) on a channels-last copy of the input, on which oneDNN's convolution
       weight gradients run faster, copy included (``(128, 16, 32, 32)``: 4.0 against 5.1
@@ -219,9 +239,31 @@ def patch_moment_form(
     * ``"patches, batched BLAS"``: the rest, with groups.
     """
     channels, height, width = shape
-    features = channels // groups * kernel[0] * kernel[1]
     if kernel == (1, 1) and padding == (0, 0):
         return "channel moment"
+    form = _products_form(shape, kernel, stride, padding, dilation, groups)
+    if groups == 1 and channels * height * width <= IMAGE_GRAM_MAX_FEATURES:
+        positions = height * width
+        kh, kw = kernel
+        if form == "shifts, channels-last":
+            products = positions * kh * (2 * kw - 1)
+        else:
+            out_h = output_size(height, kh, stride[0], padding[0], dilation[0])
+            locations = out_h * output_size(width, kw, stride[1], padding[1], dilation[1])
+            products = locations * (kh * kw) ** 2
+            if form == "patches, oneDNN row blocks":
+                products = products * (kh + 1) // (2 * kh)
+        if positions**2 <= IMAGE_GRAM_ADVANTAGE * products:
+            return "image Gram"
+    return form
+
+
+def _products_form(
+    shape: tuple[int, ...], kernel: Pair, stride: Pair, padding: Pair, dilation: Pair, groups: int
+) -> str:
+    """The form of a kernel with patches, the image Gram aside."""
+    channels, height, width = shape
+    features = channels // groups * kernel[0] * kernel[1]
     if stride == (1, 1) and (groups > 1 or features >= SHIFTS_MIN_FEATURES):
         missed = max(
             len({r for rows in _border_rows(size, k, p, d) for r in rows}) / size
@@ -376,6 +418,44 @@ def _second_moment_by_patches(
             if second != first:
                 out[:, first, :, :, second, :] = product.permute(3, 2, 1, 0)
     return out.view(1, dim, dim)
+
+
+def _second_moment_by_image_gram(
+    x: torch.Tensor, kernel: Pair, stride: Pair, padding: Pair, dilation: Pair
+) -> torch.Tensor:
+    """Patch second moment (one group) from the Gram matrix of whole images.
+
+    ``A[(c, δ), (c', δ')] = sum_t gram[(c, s_t + δ), (c', s_t + δ')]``, where ``s_t + δ`` is
+    the image position offset ``δ`` reads at output position ``t``; a position in the
+    padding reads a zero row and column appended to the Gram matrix.
+    """
+    n, channels, height, width = x.shape
+    positions = height * width
+    rows = x.reshape(n, channels * positions)
+    gram = onednn_product(rows, rows).view(channels, positions, channels, positions)
+    gram = F.pad(gram, (0, 1, 0, 0, 0, 1))  # index ``positions``: the zero padding
+    read = _read_positions((height, width), kernel, stride, padding, dilation, x.device)
+    offsets = read.shape[1]
+    picked = gram[:, read[:, :, None], :, read[:, None, :]]  # (|T|, δ, δ', c, c')
+    second = picked.sum(0).permute(2, 0, 3, 1)
+    return second.reshape(1, channels * offsets, channels * offsets)
+
+
+def _read_positions(
+    size: Pair, kernel: Pair, stride: Pair, padding: Pair, dilation: Pair, device: torch.device
+) -> torch.Tensor:
+    """``(|T|, kh kw)``: the flat image position each kernel offset reads at each output
+    position, ``H W`` where it reads padding."""
+    (height, width), (kh, kw) = size, kernel
+    out_h = output_size(height, kh, stride[0], padding[0], dilation[0])
+    out_w = output_size(width, kw, stride[1], padding[1], dilation[1])
+    out_rows = torch.arange(out_h, device=device)[:, None, None, None] * stride[0]
+    out_cols = torch.arange(out_w, device=device)[:, None, None] * stride[1]
+    rows = out_rows + torch.arange(kh, device=device)[:, None] * dilation[0] - padding[0]
+    cols = out_cols + torch.arange(kw, device=device) * dilation[1] - padding[1]
+    inside = (rows >= 0) & (rows < height) & (cols >= 0) & (cols < width)
+    flat = torch.where(inside, rows * width + cols, height * width)
+    return flat.reshape(out_h * out_w, kh * kw)
 
 
 def _second_moment_by_shifts(
