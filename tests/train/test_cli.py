@@ -28,6 +28,7 @@ from spngd.train.config import (
     resolve_config,
 )
 from spngd.train.data import load_data
+from spngd.train.errors import UserError
 from spngd.train.models import build_model
 from spngd.train.runfolder import CHECKPOINT, RunFolder
 from tests.train.conftest import (
@@ -128,6 +129,18 @@ def test_epoch_records_hold_the_pass_s_seconds_per_stage(
     for record in (r for r in map(json.loads, lines) if r["kind"] == "epoch"):
         assert "stage_seconds" not in record
         assert 0.0 < record["forward_backward_seconds"] < record["time"]
+
+
+def test_an_optional_setting_takes_none_and_a_bad_value_is_one_line() -> None:
+    from spngd.train.cli import build_parser
+
+    parser = build_parser()
+    given = ["train", "--statistics-examples", "none", "--stat-interval", "5", "--recipe", "None"]
+    options = vars(parser.parse_args(given))
+    assert options["statistics_examples"] is None and options["recipe"] is None
+    assert options["stat_interval"] == 5
+    with pytest.raises(UserError, match="invalid int or 'none' value: 'all'"):
+        parser.parse_args(["train", "--statistics-examples", "all"])
 
 
 def test_missing_data_folder(run_cli: CliRun, tmp_path: Path) -> None:

@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from spngd.refresh import AdaptiveRefresh
-from spngd.train.config import DEFAULTS, OPTIMIZER_DEFAULTS, resolve_config, resume_config
+from spngd.train.config import (
+    DEFAULTS,
+    OPTIMIZER_DEFAULTS,
+    SPNGD_DEFAULTS,
+    resolve_config,
+    resume_config,
+)
 from spngd.train.errors import UserError
 from spngd.train.models import build_model
 from spngd.train.optimizers import make_optimizer
@@ -145,6 +151,23 @@ def test_resume_keeps_saved_refresh_knobs_the_user_does_not_give() -> None:
     assert resume_config(flat, {}).refresh == AdaptiveRefresh(rule="spec", max_interval=8)
     with pytest.raises(UserError, match=r"unknown option.*--refresh-speed"):
         resolve_config({"refresh": {"speed": 2}})
+
+
+def test_statistics_examples_reach_the_blocks_and_old_runs_keep_every_example() -> None:
+    model = build_model("resnet20", num_classes=10)
+    for options, limit in (
+        ({}, SPNGD_DEFAULTS["statistics_examples"]),
+        ({"statistics_examples": None}, None),
+        ({"statistics_examples": 64}, 64),
+    ):
+        opt = make_optimizer(model, resolve_config({"device": "cpu", **options}))
+        assert {block.statistics_examples for block in opt.curvature.values()} == {limit}
+        opt.remove_hooks()
+    # a run folder saved before the setting existed computed statistics from every example
+    saved = resolve_config({"device": "cpu", "out": "runs/old"}).to_dict()
+    del saved["statistics_examples"]
+    assert resume_config(saved, {}).statistics_examples is None
+    assert resume_config(saved, {"statistics_examples": 256}).statistics_examples == 256
 
 
 def test_damping_form_reaches_the_optimizer() -> None:

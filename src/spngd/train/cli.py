@@ -17,7 +17,7 @@ import sys
 import types
 import typing
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, NoReturn
@@ -91,7 +91,22 @@ def _add_config_options(
             _add_nested_options(parser, field.name, NESTED[field.name])
             continue
         help_text = field.metadata["help"] + _default_text(field.name, defaults)
-        _add_option(parser, flag(field.name), _base_type(hints[field.name]), help_text)
+        kind = _base_type(hints[field.name])
+        if isinstance(hints[field.name], types.UnionType):  # ``X | None``: 'none' gives None
+            metavar = _METAVARS.get(kind, "NAME") + "|none"
+            _add_option(parser, flag(field.name), _or_none(kind), help_text, metavar=metavar)
+        else:
+            _add_option(parser, flag(field.name), kind, help_text)
+
+
+def _or_none(kind: type) -> Callable[[str], Any]:
+    """The parser of an optional value: ``kind``, or None for the word ``none``."""
+
+    def parse(text: str) -> Any:
+        return None if text.lower() == "none" else kind(text)
+
+    parse.__name__ = f"{kind.__name__} or 'none'"
+    return parse
 
 
 def _add_nested_options(parser: argparse.ArgumentParser, name: str, settings: type) -> None:
@@ -106,16 +121,19 @@ def _add_nested_options(parser: argparse.ArgumentParser, name: str, settings: ty
         _add_option(parser, option, kind, help_text, dest=f"{name}.{knob.name}")
 
 
+_METAVARS: dict[type, str] = {int: "N", float: "X"}
+
+
 def _add_option(
     parser: argparse.ArgumentParser, option: str, kind: type, help_text: str, **extra: Any
 ) -> None:
-    options: dict[str, Any] = {"help": help_text, "default": argparse.SUPPRESS, **extra}
+    options: dict[str, Any] = {"help": help_text, "default": argparse.SUPPRESS}
     if kind is bool:
         options["action"] = argparse.BooleanOptionalAction
     else:
         options["type"] = kind
-        options["metavar"] = {int: "N", float: "X"}.get(kind, "NAME")
-    parser.add_argument(option, **options)
+        options["metavar"] = _METAVARS.get(kind, "NAME")
+    parser.add_argument(option, **(options | extra))
 
 
 def _nest(options: dict[str, Any]) -> dict[str, Any]:

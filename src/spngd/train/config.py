@@ -89,7 +89,7 @@ class TrainConfig:
     )
     statistics_examples: int | None = _help(
         "SP-NGD curvature statistics from at most this many examples of each micro-batch "
-        "(default: all)"
+        "(none: all)"
     )
     refresh: AdaptiveRefresh = field(
         metadata={"help": "SP-NGD's adaptive refresh, one --refresh-* option per knob"}
@@ -395,6 +395,7 @@ def resume_config(saved: Mapping[str, Any], options: Mapping[str, Any]) -> Train
     ``--lr-decay-end``); changing one of :data:`RESUME_FIXED` is a UserError.
     """
     saved = {
+        "statistics_examples": None,  # runs saved before the setting took every example
         **_nest_flat_refresh(saved),
         "data": absolute_data(saved.get("data", DEFAULTS["data"])),
     }
