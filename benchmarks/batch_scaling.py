@@ -118,7 +118,7 @@ def round_lr(lr: float) -> float:
 
 SGD = Contender("SGD", base_lr=0.1, lr_ratio=2.0)
 ADAMW = Contender("AdamW", base_lr=6e-3, lr_ratio=2.0)
-SPNGD_DEFAULT = Contender("SP-NGD", base_lr=0.1, lr_ratio=2.0, dampings=(0.03, 0.3))
+SPNGD_DEFAULT = Contender("SP-NGD", base_lr=0.1, lr_ratio=2.0, dampings=(0.003, 0.03))
 SPNGD_EVERY_STEP = "SP-NGD every step"
 TUNED = (SGD, ADAMW, SPNGD_DEFAULT)
 
