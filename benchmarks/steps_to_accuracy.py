@@ -117,8 +117,9 @@ def main() -> None:
     parser.add_argument("--damping", type=float, help=f"SP-NGD's damping ({SPNGD['damping']})")
     parser.add_argument("--spngd-lr", type=float, help=f"SP-NGD's learning rate ({SPNGD['lr']})")
     parser.add_argument(
-        "--statistics-examples", type=int, help="SP-NGD's examples per statistic (default: all)"
+        "--statistics-examples", type=int, help="SP-NGD's examples per statistic (1024)"
     )
+    parser.add_argument("--kl-clip", type=float, help="SP-NGD's bound on lr^2 u.g (none)")
     parser.add_argument(
         "--eval-batchnorm", help="validation's BatchNorm statistics: recomputed or running"
     )
@@ -139,6 +140,7 @@ def main() -> None:
         "damping": args.damping,
         "lr": args.spngd_lr,
         "statistics_examples": args.statistics_examples,
+        "kl_clip": args.kl_clip,
     }
     chosen = {k: v for k, v in knobs.items() if v is not None} | {"refresh": refresh}
     contenders[ADAPTIVE] = {**shared, **SPNGD, **chosen}

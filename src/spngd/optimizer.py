@@ -25,7 +25,7 @@ from spngd.distributed.exchange import DistributedConfig
 from spngd.guard import GUARD_RULES, GuardedSteps, NonFiniteGuard
 from spngd.preconditioner import FISHER_TYPES, Preconditioner, find_blocks
 from spngd.refresh import INTERVAL_RULES, AdaptiveRefresh, RefreshPolicy
-from spngd.settings import InvalidSettingError, Rule, check
+from spngd.settings import InvalidSettingError, Rule, check, optional_int_rule
 
 SETTING_RULES: dict[str, Rule] = {
     "lr": (lambda v: 0.0 <= v < math.inf, "finite and >= 0"),
@@ -37,10 +37,8 @@ SETTING_RULES: dict[str, Rule] = {
     "damping_form": (lambda v: v in DAMPING_FORMS, f"one of {', '.join(DAMPING_FORMS)}"),
     "bn_damping_scale": (lambda v: 0.0 < v < math.inf, "finite and > 0"),
     "accumulation_steps": (lambda v: isinstance(v, int) and v >= 1, "an int >= 1"),
-    "statistics_examples": (
-        lambda v: v is None or (isinstance(v, int) and v >= 1),
-        "None or an int >= 1",
-    ),
+    "statistics_examples": optional_int_rule(2),
+    "kl_clip": (lambda v: v is None or 0.0 < v < math.inf, "None or finite and > 0"),
     **INTERVAL_RULES,
     **GUARD_RULES,
 }
@@ -101,13 +99,23 @@ class SPNGD(GuardedSteps, Optimizer):
         inverse_interval: with a fixed ``stat_interval``, recompute inverses every this
             many steps (default: whenever statistics were computed).
         statistics_examples: take each micro-batch's curvature statistics from at most its
-            first this many examples (``None``: all). The statistics are means over
-            examples, so a random subset estimates the same factors at a fraction of the
-            cost, which otherwise grows with the batch while the preconditioning does not.
+            first this many examples (``None``: all), which should then be in random
+            order. The statistics are means over examples, so a random subset estimates
+            the same factors at a fraction of the cost, which otherwise grows with the
+            batch while the preconditioning does not. Each micro-batch (and each rank)
+            contributes its own sample, so with accumulation or several ranks the
+            statistics average more examples than one batch of the same size would take.
             The default 1,024 leaves per-GPU batches of the paper's size untouched and
             took the same steps to the target at 8 and 16 times that batch in 0.8x the
             time (docs/performance.md, which also shows where fewer examples cost steps).
         refresh: knobs of the adaptive rule (threshold, growth, cap, warm-up).
+        kl_clip: bound ``kappa`` on the step's predicted change of the model's output
+            distribution: the preconditioned directions ``u`` are scaled by
+            ``min(1, sqrt(kappa / sum lr^2 u.g))`` over the preconditioned layers (the
+            "KL clipping" of distributed K-FAC). A natural gradient from a Fisher of other
+            examples (a skipped refresh) can be large where the current gradient has
+            directions that Fisher barely saw, at small damping; this bounds those steps
+            (``None``: no bound).
         grad_scaler: the ``torch.amp.GradScaler`` that scales the loss (mixed precision):
             output gradients are divided by its current scale before statistics are
             taken. Call ``scaler.step(opt)`` as usual: it calls :meth:`step` on every rank,
@@ -126,7 +134,8 @@ class SPNGD(GuardedSteps, Optimizer):
         accumulation_steps: backward passes per step (gradient accumulation). Each
             micro-batch's loss is taken to be divided by it, so that the accumulated
             gradient is the mean over the whole batch; statistics are rescaled to match
-            and averaged over the micro-batches, so K steps of batch B equal one of B*K.
+            and averaged over the micro-batches, so K steps of batch B equal one of
+            B*K (with ``statistics_examples`` at least B, or None).
         params: parameters or param groups to optimize (default: every parameter of
             ``model`` that requires grad). Groups may set ``lr``, ``momentum``,
             ``damping`` and ``weight_decay``; the parameters of one layer must share
@@ -158,6 +167,7 @@ class SPNGD(GuardedSteps, Optimizer):
         inverse_interval: int | None = None,
         statistics_examples: int | None = 1024,
         refresh: AdaptiveRefresh | None = None,
+        kl_clip: float | None = None,
         accumulation_steps: int = 1,
         grad_scaler: torch.amp.GradScaler | None = None,
         max_bad_steps: int = 10,
@@ -173,7 +183,9 @@ class SPNGD(GuardedSteps, Optimizer):
             bn_damping_scale=bn_damping_scale,
             accumulation_steps=accumulation_steps,
             statistics_examples=statistics_examples,
+            kl_clip=kl_clip,
         )
+        self.kl_clip = kl_clip
         if refresh is not None and not isinstance(refresh, AdaptiveRefresh):
             raise TypeError(f"refresh must be an AdaptiveRefresh, got {type(refresh).__name__}")
         wrapped = isinstance(model, nn.parallel.DistributedDataParallel)
@@ -190,6 +202,7 @@ class SPNGD(GuardedSteps, Optimizer):
         super().__init__(params, defaults)
         group_of = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
         blocks, self._plain = find_blocks(model, set(group_of), bn_damping_scale, damping_form)
+        self._preconditioned = {p for block in blocks.values() for p in block.params}
         self._block_group = {
             name: self._group_of_block(block, group_of) for name, block in blocks.items()
         }
@@ -310,14 +323,15 @@ class SPNGD(GuardedSteps, Optimizer):
             raise RuntimeError("SPNGD does not support sparse gradients")
         reduced = pre.reduce(grads)
         dampings = {name: self._block_damping(name) for name in self._block_group}
-        directions = pre.precondition(
-            reduced, self._weight_decayed(reduced.grads), dampings, nonfinite, loss_scaled
-        )
+        decayed = self._weight_decayed(reduced.grads)
+        directions = pre.precondition(reduced, decayed, dampings, nonfinite, loss_scaled)
         if not loss_scaled:
             self.guard.skip(directions is None)
         if directions is None:
             return loss
         with pre.times.measure("update"):
+            if self.kl_clip is not None:
+                self._clip(directions, decayed)
             for group in self.param_groups:
                 self._apply_momentum(group, directions)
         return loss
@@ -364,6 +378,32 @@ class SPNGD(GuardedSteps, Optimizer):
                 decayed = list(torch._foreach_add(decayed, params, alpha=group["weight_decay"]))
             directions.update(zip(params, decayed, strict=True))
         return directions
+
+    def _clip(
+        self,
+        directions: dict[torch.Tensor, torch.Tensor],
+        gradients: dict[torch.Tensor, torch.Tensor],
+    ) -> None:
+        """Scale the preconditioned directions so that ``sum lr^2 u.g`` over the
+        preconditioned parameters is at most ``kl_clip`` (new tensors, on the device,
+        unread)."""
+        terms = []
+        clipped: list[torch.Tensor] = []
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p in directions and p in self._preconditioned]
+            if not params:
+                continue
+            dots = torch._foreach_mul(
+                [directions[p] for p in params], [gradients[p] for p in params]
+            )
+            terms.append(torch.stack([d.sum() for d in dots]).sum() * group["lr"] ** 2)
+            clipped.extend(params)
+        if not clipped:
+            return
+        predicted = torch.stack(terms).sum().abs().clamp(min=1e-30)
+        scale = (self.kl_clip / predicted).sqrt().clamp(max=1.0)  # type: ignore[operator]
+        scaled = torch._foreach_mul([directions[p] for p in clipped], scale)
+        directions.update(zip(clipped, scaled, strict=True))
 
     def _apply_momentum(
         self, group: dict[str, Any], directions: dict[torch.Tensor, torch.Tensor]

@@ -12,8 +12,9 @@ What counts as similar is the ``rule``:
 
 - ``"noise"`` (default): ``d^2 <= alpha^2 + (noise_margin * s)^2``, where ``s^2`` is the
   key's *sampling noise*: the expected ``d^2`` between two independent estimates from
-  batches of the same weights. Each block measures it whenever it computes the statistic,
-  from the two halves of its batch (their difference holds no drift; see
+  batches of the same weights. Each block measures it whenever it computes the statistic
+  (from :data:`NOISE_LEAD_STEPS` steps before the warm-up ends), from the two halves of
+  its batch (their difference holds no drift; see
   :meth:`spngd.curvature.base.CurvatureBlock.statistic_and_noise`), and the rule keeps a
   running mean over refreshes. A statistic is then recomputed when it has drifted by more
   than ``alpha`` beyond its noise, not when one batch happens to differ from the last:
@@ -47,7 +48,7 @@ from typing import Any, Literal
 
 import torch
 
-from spngd.settings import Rule, check
+from spngd.settings import Rule, check, optional_int_rule
 
 Key = tuple[str, int]
 """A statistic: (layer name, index of the statistic within the layer's block)."""
@@ -66,8 +67,9 @@ by one odd batch."""
 NOISE_LEAD_STEPS = round(1 / NOISE_WEIGHT)
 """Warm-up steps before the first decision in which the statistics' noise is measured:
 about as many measurements as the running mean weighs, so the first decision reads a mean
-as settled as the later ones. The earlier warm-up steps decide nothing and skip the cost
-(measuring from the two halves of the batch costs up to 1.4x the statistic alone)."""
+of recent noise. The earlier warm-up steps skip the cost (measuring from the two halves of
+the batch costs up to 1.4x the statistic alone); their measurements, of weights far from
+the first decision's, would have weighed about a quarter in its mean."""
 
 
 def _setting(default: object, help_text: str) -> Any:
@@ -75,11 +77,7 @@ def _setting(default: object, help_text: str) -> Any:
 
 
 INTERVAL_RULES: dict[str, Rule] = dict.fromkeys(
-    ("stat_interval", "inverse_interval"),
-    (
-        lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1),
-        "an int >= 1 or None",
-    ),
+    ("stat_interval", "inverse_interval"), optional_int_rule(1)
 )
 """The rule of SPNGD's fixed intervals (None: adaptive, or with the statistics)."""
 
@@ -185,7 +183,8 @@ class RefreshPolicy:
 
     @property
     def uses_noise(self) -> bool:
-        """Whether decisions read the statistics' sampling noise (so blocks measure it)."""
+        """Whether decisions read the statistics' sampling noise (so blocks measure it, see
+        :meth:`measures_noise`)."""
         knobs = self.adaptive
         return (
             self.is_adaptive

@@ -24,3 +24,11 @@ def check(owner: str, values: Mapping[str, Any], rules: Mapping[str, Rule]) -> N
         test, rule = rules[setting]
         if not test(value):
             raise InvalidSettingError(owner, setting, rule, value)
+
+
+def optional_int_rule(minimum: int) -> Rule:
+    """The rule of a setting that is None or an int (not a bool) of at least ``minimum``."""
+    return (
+        lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= minimum),
+        f"an int >= {minimum} or None",
+    )

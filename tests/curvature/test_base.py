@@ -192,3 +192,17 @@ def test_noise_is_measured_from_the_last_warmup_steps_on() -> None:
         noise = opt.curvature["3"].fresh_noise
         assert all((n is not None) is measured[-1] for n in noise)
     assert measured == [False] * 2 + [True] * (NOISE_LEAD_STEPS + 1)
+
+
+def test_statistics_are_timed_per_kind() -> None:
+    opt = SPNGD(_model(), lr=0.0)
+    times = StageTimes()
+    opt.curvature["3"].accumulate(
+        torch.randn(N, 100, dtype=torch.float64), torch.randn(N, 3, dtype=torch.float64), times
+    )
+    assert set(times.seconds) == {"statistics A", "statistics G"}
+    opt.curvature["3"].to_compute = [False, True]
+    opt.curvature["3"].accumulate(
+        torch.randn(N, 100, dtype=torch.float64), torch.randn(N, 3, dtype=torch.float64), times
+    )
+    assert set(times.seconds) == {"statistics A", "statistics G"}

@@ -131,6 +131,8 @@ PATCH_CASES = [
     (5, 3, 3, (3, 3), (2, 2), (1, 1), (1, 1), 1, "image Gram"),
     (4, 3, 2, (3, 2), (1, 2), (2, 1), (2, 1), 1, "image Gram"),
     (2, 3, 3, (3, 3), (1, 1), (0, 0), (1, 1), 1, "image Gram"),  # one output position
+    (64, 1, 10, (1, 3), (1, 1), (0, 1), (1, 1), 1, "image Gram"),  # a Conv1d layer
+    (32, 11, 11, (7, 7), (2, 2), (3, 3), (1, 1), 1, "patches, oneDNN row blocks"),  # gathers
     (512, 3, 3, (3, 3), (1, 1), (1, 1), (1, 1), 1, "patches, oneDNN row blocks"),  # C H W > 4096
     (256, 7, 7, (3, 3), (1, 1), (1, 1), (1, 1), 1, "patches, oneDNN row blocks"),
     (8, 9, 8, (3, 3), (2, 2), (1, 1), (1, 1), 1, "patches, oneDNN row blocks"),

@@ -17,13 +17,15 @@ from torch.nn.parallel import DistributedDataParallel
 
 from spngd import SPNGD, AdaptiveRefresh
 from spngd.distributed import DistributedConfig
+from spngd.refresh import NOISE_LEAD_STEPS
 from tests.distributed.harness import run_workers
 
-STEPS = 6
+STEPS = 8
 LOCAL_BATCH = 8
-REFRESH = AdaptiveRefresh(warmup_steps=2, max_interval=4)
+REFRESH = AdaptiveRefresh(warmup_steps=NOISE_LEAD_STEPS + 1, max_interval=4)
 """A short warm-up, so that the adaptive rule's decisions (from the reduced statistics and
-their measured noise) shape most of the steps compared."""
+their measured noise) shape half the steps compared; noise is measured from the second
+step on, so the statistics' buffers change layout mid-run."""
 
 
 def _model() -> nn.Module:
@@ -139,9 +141,9 @@ def test_distributed_steps_equal_single_process(
     )
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world_size)]
     for result in results:
+        # float32: a micro-batch's gradients are rescaled by K where a rank's are not; over
+        # the steps the preconditioner amplifies that rounding to a few 1e-6
         for got, want in zip(result["params"], expected, strict=True):
-            # float32: a micro-batch's gradients are rescaled by K where a rank's are not;
-            # the preconditioner amplifies that rounding up to about 1e-6
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         assert result["stats"] == reference.refresh_counts()
     if settings["stat_interval"] is None:  # the rule skipped work, identically everywhere
@@ -181,4 +183,4 @@ def test_a_process_group_of_some_ranks_equals_single_process(tmp_path: Path) -> 
     expected, _ = _reference(2, None)
     for rank in (1, 2):
         for got, want in zip(torch.load(tmp_path / f"rank{rank}.pt"), expected, strict=True):
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # as above

@@ -146,13 +146,13 @@ class CurvatureBlock(ABC):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The first ``statistics_examples`` examples of a pair, with output gradients
         rescaled so that each example's gradient is still the whole batch's
-        ``n * grad_output``: the statistics, means over examples, stay unbiased estimates
-        of the same expectations at a fraction of the cost. The loader shuffles, so the
-        first examples are a random sample; the running factors and, with several ranks
-        or micro-batches, the reduction average more of them."""
+        ``n * grad_output``: the statistics, means over examples, estimate the same
+        expectations at a fraction of the cost (a BatchNorm block normalises the sample
+        by the sample's own mean and variance). The first examples of a shuffled batch
+        are a random sample of it."""
         n = self.batch_size(inputs)
         limit = self.statistics_examples
-        if limit is None or inputs.dim() < 2 or n <= limit:
+        if limit is None or n <= limit:
             return inputs, grad_output
         return inputs[:limit], grad_output[:limit] * (n / limit)
 

@@ -3,7 +3,8 @@
 Each channel ``c`` gets a 2x2 Fisher over ``(gamma_c, beta_c)`` built from per-example
 gradients ``u_{i,c} = sum_t delta x_hat`` and ``v_{i,c} = sum_t delta`` with
 ``delta = n * grad_output``; cross-channel terms are dropped. ``x_hat`` is recomputed
-from the layer *input* with the batch's own statistics, so modifying the BN
+from the layer *input* with the batch's own statistics (the sample's, when the
+statistics come from a sample of the batch), so modifying the BN
 output in place afterwards (``out += shortcut``) cannot corrupt it, and ``gamma = 0``
 is harmless. The damping is ``bn_damping_scale * lam`` (default 16).
 """
@@ -47,8 +48,8 @@ class BatchNormBlock(CurvatureBlock):
         self, index: int, inputs: torch.Tensor, grad_output: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The Fisher and its sampling noise at the cost of the Fisher alone: the halves'
-        estimates are means of the same per-example terms (``x_hat`` normalised with the
-        whole batch, as the layer did), so nothing is computed twice."""
+        estimates are means of the same per-example terms (``x_hat`` normalised with all
+        the examples given, not per half), so nothing is computed twice."""
         n = inputs.shape[0]
         terms = self._per_example(inputs, grad_output)
         fisher = terms.mean(0)

@@ -14,9 +14,10 @@ convolution weight-gradient (``k(2k-1)`` shifts of ``C x C`` by symmetry, instea
 ``k^4``), and the few border rows/columns that a given ``δ`` does not visit are subtracted
 exactly, each correlated only at the shifts that matter (with "same" padding, one).
 1x1 convolutions need no patches at all: ``A`` is the channel second moment of the
-(subsampled) input, computed like ``G`` (:func:`channel_second_moment`). Other
-convolutions use channels-last patches, multiplied block by block (kernel rows) in oneDNN
-(:func:`_second_moment_by_patches`).
+(subsampled) input, computed like ``G`` (:func:`channel_second_moment`). On small images
+the Gram matrix of whole images, gathered per output position, beats both
+(:func:`_second_moment_by_image_gram`). Other convolutions use channels-last patches,
+multiplied block by block (kernel rows) in oneDNN (:func:`_second_moment_by_patches`).
 
 The forms and the rules that choose between them were measured on 2 threads of an AMD
 EPYC (Zen 5) CPU, where oneDNN's convolution kernels run about twice as fast as the BLAS
@@ -181,6 +182,9 @@ def patch_second_moment(
 IMAGE_GRAM_MAX_FEATURES = 4096
 """Largest image ``C H W`` whose Gram matrix (``(C H W)^2`` entries) the "image Gram" form
 builds."""
+IMAGE_GRAM_MAX_GATHERED = 2**24
+"""Largest number of values the image Gram gathers (``|T| (C kh kw)^2``, ``|T|`` copies of
+``A``'s size) before summing them over the output positions."""
 IMAGE_GRAM_ADVANTAGE = 2
 """How many times the multiply-adds of the other forms the image Gram may take and still be
 chosen: one oneDNN product over whole images runs about twice as fast per multiply-add as
@@ -208,19 +212,23 @@ def patch_moment_form(
       against 0.32 at ``(1024, 16, 8, 8)`` stride 2, 31 against 68 at
       ``(32, 1024, 14, 14)``.
     * ``"image Gram"``: without groups, on small images (at most
-      ``IMAGE_GRAM_MAX_FEATURES`` values), the Gram matrix of whole images gathered into
-      ``A`` per output position (:func:`_second_moment_by_image_gram`): ``(H W)^2``
-      multiply-adds per example and channel pair, against ``H W kh (2 kw - 1)`` for the
-      shifts and ``|T| (kh kw)^2`` for the patches (``(kh + 1) / (2 kh)`` of it by row
-      blocks); chosen up to ``IMAGE_GRAM_ADVANTAGE`` times the form it replaces. On
+      ``IMAGE_GRAM_MAX_FEATURES`` values, ``IMAGE_GRAM_MAX_GATHERED`` gathered), the Gram
+      matrix of whole images gathered into ``A`` per output position
+      (:func:`_second_moment_by_image_gram`): ``(H W)^2`` multiply-adds per example and
+      channel pair, against ``H W kh (2 kw - 1)`` for the shifts and ``|T| (kh kw)^2``
+      for the patches (``(kh + 1) / (2 kh)`` of it by row blocks); chosen up to
+      ``IMAGE_GRAM_ADVANTAGE`` times the form it replaces. On
       ResNet-20's digits shapes: ``(1024, 64, 2, 2)`` 1.8 against 9.4 by row blocks,
       ``(1024, 32, 4, 4)`` 3.4 against 5.5 by shifts, stride 2 2.3 against 2.9, the stem
       ``(1024, 1, 8, 8)`` 0.32 against 2.1; it loses at ``(1024, 16, 8, 8)`` (13 against 6.0
       by shifts, 10.7 against 4.5 by row blocks at stride 2), where the rule keeps them.
+      A Conv1d layer is an image of height 1: at ``(8192, 64, 1, 10)`` the two are even
+      (47 against 50 ms).
     * ``"shifts, channels-last"``: other stride-1 kernels, by the shift method (module
       docstring) on a channels-last copy of the input, on which oneDNN's convolution
       weight gradients run faster, copy included (``(128, 16, 32, 32)``: 4.0 against 5.1
-      on NCHW; 4 channels per group at ``(32, 128, 28, 28)``: 7.8 against 21). It beats
+      on NCHW; 4 channels per group at ``(32, 128, 28, 28)``: 7.8 against 21). Among the
+      forms below (the small shapes quoted here take the image Gram above), it beats
       every patch form from ``(32, 64, 56, 56)`` (36 against 137) down to 4x4 maps
       (``(1024, 32, 4, 4)``: 4.7 against 6.4) except where its border corrections are
       large against the map: rows or columns some kernel offset misses are more than half
@@ -245,15 +253,16 @@ def patch_moment_form(
     if groups == 1 and channels * height * width <= IMAGE_GRAM_MAX_FEATURES:
         positions = height * width
         kh, kw = kernel
+        out_h = output_size(height, kh, stride[0], padding[0], dilation[0])
+        locations = out_h * output_size(width, kw, stride[1], padding[1], dilation[1])
         if form == "shifts, channels-last":
             products = positions * kh * (2 * kw - 1)
         else:
-            out_h = output_size(height, kh, stride[0], padding[0], dilation[0])
-            locations = out_h * output_size(width, kw, stride[1], padding[1], dilation[1])
             products = locations * (kh * kw) ** 2
             if form == "patches, oneDNN row blocks":
                 products = products * (kh + 1) // (2 * kh)
-        if positions**2 <= IMAGE_GRAM_ADVANTAGE * products:
+        gathered = locations * (channels * kh * kw) ** 2
+        if positions**2 <= IMAGE_GRAM_ADVANTAGE * products and gathered <= IMAGE_GRAM_MAX_GATHERED:
             return "image Gram"
     return form
 
