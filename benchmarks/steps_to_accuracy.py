@@ -119,7 +119,6 @@ def main() -> None:
     parser.add_argument(
         "--statistics-examples", type=int, help="SP-NGD's examples per statistic (1024)"
     )
-    parser.add_argument("--kl-clip", type=float, help="SP-NGD's bound on lr^2 u.g (none)")
     parser.add_argument(
         "--eval-batchnorm", help="validation's BatchNorm statistics: recomputed or running"
     )
@@ -140,7 +139,6 @@ def main() -> None:
         "damping": args.damping,
         "lr": args.spngd_lr,
         "statistics_examples": args.statistics_examples,
-        "kl_clip": args.kl_clip,
     }
     chosen = {k: v for k, v in knobs.items() if v is not None} | {"refresh": refresh}
     contenders[ADAPTIVE] = {**shared, **SPNGD, **chosen}

@@ -38,7 +38,6 @@ SETTING_RULES: dict[str, Rule] = {
     "bn_damping_scale": (lambda v: 0.0 < v < math.inf, "finite and > 0"),
     "accumulation_steps": (lambda v: isinstance(v, int) and v >= 1, "an int >= 1"),
     "statistics_examples": optional_int_rule(2),
-    "kl_clip": (lambda v: v is None or 0.0 < v < math.inf, "None or finite and > 0"),
     **INTERVAL_RULES,
     **GUARD_RULES,
 }
@@ -109,13 +108,6 @@ class SPNGD(GuardedSteps, Optimizer):
             took the same steps to the target at 8 and 16 times that batch in 0.8x the
             time (docs/performance.md, which also shows where fewer examples cost steps).
         refresh: knobs of the adaptive rule (threshold, growth, cap, warm-up).
-        kl_clip: bound ``kappa`` on the step's predicted change of the model's output
-            distribution: the preconditioned directions ``u`` are scaled by
-            ``min(1, sqrt(kappa / sum lr^2 u.g))`` over the preconditioned layers (the
-            "KL clipping" of distributed K-FAC). A natural gradient from a Fisher of other
-            examples (a skipped refresh) can be large where the current gradient has
-            directions that Fisher barely saw, at small damping; this bounds those steps
-            (``None``: no bound).
         grad_scaler: the ``torch.amp.GradScaler`` that scales the loss (mixed precision):
             output gradients are divided by its current scale before statistics are
             taken. Call ``scaler.step(opt)`` as usual: it calls :meth:`step` on every rank,
@@ -167,7 +159,6 @@ class SPNGD(GuardedSteps, Optimizer):
         inverse_interval: int | None = None,
         statistics_examples: int | None = 1024,
         refresh: AdaptiveRefresh | None = None,
-        kl_clip: float | None = None,
         accumulation_steps: int = 1,
         grad_scaler: torch.amp.GradScaler | None = None,
         max_bad_steps: int = 10,
@@ -183,9 +174,7 @@ class SPNGD(GuardedSteps, Optimizer):
             bn_damping_scale=bn_damping_scale,
             accumulation_steps=accumulation_steps,
             statistics_examples=statistics_examples,
-            kl_clip=kl_clip,
         )
-        self.kl_clip = kl_clip
         if refresh is not None and not isinstance(refresh, AdaptiveRefresh):
             raise TypeError(f"refresh must be an AdaptiveRefresh, got {type(refresh).__name__}")
         wrapped = isinstance(model, nn.parallel.DistributedDataParallel)
@@ -202,7 +191,6 @@ class SPNGD(GuardedSteps, Optimizer):
         super().__init__(params, defaults)
         group_of = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
         blocks, self._plain = find_blocks(model, set(group_of), bn_damping_scale, damping_form)
-        self._preconditioned = {p for block in blocks.values() for p in block.params}
         self._block_group = {
             name: self._group_of_block(block, group_of) for name, block in blocks.items()
         }
@@ -323,15 +311,14 @@ class SPNGD(GuardedSteps, Optimizer):
             raise RuntimeError("SPNGD does not support sparse gradients")
         reduced = pre.reduce(grads)
         dampings = {name: self._block_damping(name) for name in self._block_group}
-        decayed = self._weight_decayed(reduced.grads)
-        directions = pre.precondition(reduced, decayed, dampings, nonfinite, loss_scaled)
+        directions = pre.precondition(
+            reduced, self._weight_decayed(reduced.grads), dampings, nonfinite, loss_scaled
+        )
         if not loss_scaled:
             self.guard.skip(directions is None)
         if directions is None:
             return loss
         with pre.times.measure("update"):
-            if self.kl_clip is not None:
-                self._clip(directions, decayed)
             for group in self.param_groups:
                 self._apply_momentum(group, directions)
         return loss
@@ -378,32 +365,6 @@ class SPNGD(GuardedSteps, Optimizer):
                 decayed = list(torch._foreach_add(decayed, params, alpha=group["weight_decay"]))
             directions.update(zip(params, decayed, strict=True))
         return directions
-
-    def _clip(
-        self,
-        directions: dict[torch.Tensor, torch.Tensor],
-        gradients: dict[torch.Tensor, torch.Tensor],
-    ) -> None:
-        """Scale the preconditioned directions so that ``sum lr^2 u.g`` over the
-        preconditioned parameters is at most ``kl_clip`` (new tensors, on the device,
-        unread)."""
-        terms = []
-        clipped: list[torch.Tensor] = []
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p in directions and p in self._preconditioned]
-            if not params:
-                continue
-            dots = torch._foreach_mul(
-                [directions[p] for p in params], [gradients[p] for p in params]
-            )
-            terms.append(torch.stack([d.sum() for d in dots]).sum() * group["lr"] ** 2)
-            clipped.extend(params)
-        if not clipped:
-            return
-        predicted = torch.stack(terms).sum().abs().clamp(min=1e-30)
-        scale = (self.kl_clip / predicted).sqrt().clamp(max=1.0)  # type: ignore[operator]
-        scaled = torch._foreach_mul([directions[p] for p in clipped], scale)
-        directions.update(zip(clipped, scaled, strict=True))
 
     def _apply_momentum(
         self, group: dict[str, Any], directions: dict[torch.Tensor, torch.Tensor]

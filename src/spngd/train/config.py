@@ -43,7 +43,6 @@ OPTIMIZER_SETTINGS = {
             "stat_interval",
             "inverse_interval",
             "statistics_examples",
-            "kl_clip",
             "max_bad_steps",
         )
     },
@@ -91,10 +90,6 @@ class TrainConfig:
     statistics_examples: int | None = _help(
         "SP-NGD curvature statistics from at most this many examples of each micro-batch "
         "(none: all)"
-    )
-    kl_clip: float | None = _help(
-        "SP-NGD: scale each step's preconditioned update so that sum lr^2 u.g (its predicted "
-        "change of the output distribution) stays at most this (none: no bound)"
     )
     refresh: AdaptiveRefresh = field(
         metadata={"help": "SP-NGD's adaptive refresh, one --refresh-* option per knob"}
@@ -253,7 +248,6 @@ DEFAULTS: dict[str, Any] = {
     "stat_interval": SPNGD_DEFAULTS["stat_interval"],
     "inverse_interval": SPNGD_DEFAULTS["inverse_interval"],
     "statistics_examples": SPNGD_DEFAULTS["statistics_examples"],
-    "kl_clip": SPNGD_DEFAULTS["kl_clip"],
     "fisher": SPNGD_DEFAULTS["fisher"],
     "damping_form": SPNGD_DEFAULTS["damping_form"],
     "rescale_weights": True,

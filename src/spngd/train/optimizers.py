@@ -96,7 +96,6 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> SPNGD | GuardedSGD:
         stat_interval=config.stat_interval,
         inverse_interval=config.inverse_interval,
         statistics_examples=config.statistics_examples,
-        kl_clip=config.kl_clip,
         refresh=config.refresh,
         accumulation_steps=config.accumulate,
         max_bad_steps=config.max_bad_steps,
