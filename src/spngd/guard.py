@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from spngd.settings import Rule, check
+from spngd.settings import Rule, check, int_rule
 
 
 class NonFiniteGradientError(RuntimeError):
@@ -36,12 +36,7 @@ def any_nonfinite(
     return (~torch.isfinite(torch.nn.utils.get_total_norm(grads, norm_type=math.inf))).float()
 
 
-GUARD_RULES: dict[str, Rule] = {
-    "max_bad_steps": (
-        lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
-        "an int >= 1",
-    ),
-}
+GUARD_RULES: dict[str, Rule] = {"max_bad_steps": int_rule(1)}
 
 
 class NonFiniteGuard:

@@ -26,9 +26,15 @@ def check(owner: str, values: Mapping[str, Any], rules: Mapping[str, Rule]) -> N
             raise InvalidSettingError(owner, setting, rule, value)
 
 
-def optional_int_rule(minimum: int) -> Rule:
-    """The rule of a setting that is None or an int (not a bool) of at least ``minimum``."""
+def int_rule(minimum: int) -> Rule:
+    """The rule of a setting that is an int (not a bool) of at least ``minimum``."""
     return (
-        lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= minimum),
-        f"an int >= {minimum} or None",
+        lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= minimum,
+        f"an int >= {minimum}",
     )
+
+
+def optional_int_rule(minimum: int) -> Rule:
+    """:func:`int_rule`, or None."""
+    test, rule = int_rule(minimum)
+    return (lambda v: v is None or test(v), f"{rule} or None")
