@@ -277,10 +277,7 @@ class Preconditioner:
                 else:  # its owner left the block out: no update for it on any rank
                     directions.pop(p, None)
         self.steps_taken += 1
-        measure_noise = self.refresh.measures_noise(self.steps_taken)
-        for name, block in self.blocks.items():
-            block.to_compute = to_compute[name]
-            block.measure_noise = measure_noise
+        self._arm(to_compute)
         return directions
 
     def _fold(self, owned: dict[str, CurvatureBlock], arrived: dict[str, Statistics]) -> _Measured:
@@ -430,11 +427,20 @@ class Preconditioner:
             )
 
     def _set_to_compute(self) -> None:
-        """Set every block's statistics (and whether their noise is measured) for the
-        coming step from the refresh policy."""
+        """Set every block's statistics for the coming step from the refresh policy."""
+        self._arm(
+            {
+                name: self._to_compute(name, block, self.steps_taken)
+                for name, block in self.blocks.items()
+            }
+        )
+
+    def _arm(self, to_compute: dict[str, list[bool]]) -> None:
+        """Tell every block which statistics its hooks compute in the coming step, and
+        whether with their noise."""
         measure_noise = self.refresh.measures_noise(self.steps_taken)
         for name, block in self.blocks.items():
-            block.to_compute = self._to_compute(name, block, self.steps_taken)
+            block.to_compute = to_compute[name]
             block.measure_noise = measure_noise
 
     def _to_compute(self, name: str, block: CurvatureBlock, step: int) -> list[bool]:
