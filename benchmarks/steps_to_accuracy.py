@@ -33,8 +33,7 @@ import argparse
 import math
 import statistics
 import tempfile
-import typing
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +41,7 @@ import torch
 
 from pinned_malloc import pin_malloc
 from spngd.refresh import AdaptiveRefresh, computed_shares
+from spngd.train.cli import add_nested_options, nest
 from spngd.train.config import resolve_config
 from spngd.train.runfolder import RunFolder
 from spngd.train.trainer import train
@@ -101,15 +101,7 @@ def main() -> None:
         help="SGD's learning-rate grid (none: compare only the two SP-NGD refresh settings)",
     )
     parser.add_argument("--threads", type=int, default=1)
-    hints = typing.get_type_hints(AdaptiveRefresh)
-    for knob in fields(AdaptiveRefresh):
-        kind = hints[knob.name]
-        parser.add_argument(
-            "--refresh-" + knob.name.replace("_", "-"),
-            dest=f"refresh_{knob.name}",
-            type=kind if kind in (int, float) else str,
-            help=f"adaptive SP-NGD: {knob.metadata['help']} ({knob.default})",
-        )
+    add_nested_options(parser, "refresh", AdaptiveRefresh)  # adaptive SP-NGD's knobs
     parser.add_argument(
         "--no-every-step", action="store_true", help="skip the every-step SP-NGD contender"
     )
@@ -129,11 +121,7 @@ def main() -> None:
     if args.eval_batchnorm is not None:
         shared["eval_batchnorm"] = args.eval_batchnorm
     contenders = {f"sgd lr={lr:g}": {**shared, **SGD, "lr": lr} for lr in args.sgd_lrs}
-    refresh = {
-        knob.name: getattr(args, f"refresh_{knob.name}")
-        for knob in fields(AdaptiveRefresh)
-        if getattr(args, f"refresh_{knob.name}") is not None
-    }
+    refresh = nest(vars(args)).get("refresh", {})
     knobs = {
         "damping_form": args.damping_form,
         "damping": args.damping,

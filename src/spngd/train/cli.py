@@ -88,7 +88,7 @@ def _add_config_options(
         if field.name in skip:
             continue
         if field.name in NESTED:
-            _add_nested_options(parser, field.name, NESTED[field.name])
+            add_nested_options(parser, field.name, NESTED[field.name])
             continue
         help_text = field.metadata["help"] + _default_text(field.name, defaults)
         kind = _base_type(hints[field.name])
@@ -109,7 +109,7 @@ def _or_none(kind: type) -> Callable[[str], Any]:
     return parse
 
 
-def _add_nested_options(parser: argparse.ArgumentParser, name: str, settings: type) -> None:
+def add_nested_options(parser: argparse.ArgumentParser, name: str, settings: type) -> None:
     """``--NAME-KNOB`` for every knob of a settings dataclass, its help and default its own."""
     hints = typing.get_type_hints(settings)
     for knob in fields(settings):
@@ -136,7 +136,7 @@ def _add_option(
     parser.add_argument(option, **(options | extra))
 
 
-def _nest(options: dict[str, Any]) -> dict[str, Any]:
+def nest(options: dict[str, Any]) -> dict[str, Any]:
     """The parsed options with ``refresh.alpha``-style entries gathered into ``refresh``."""
     nested: dict[str, Any] = {}
     for key, value in options.items():
@@ -287,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
-            options = _nest(vars(build_parser().parse_args(argv)))
+            options = nest(vars(build_parser().parse_args(argv)))
             command = options.pop("command")
             (_run_train if command == "train" else _run_compare)(options)
     except UserError as error:
