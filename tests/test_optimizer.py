@@ -63,6 +63,7 @@ def _train(model: Mixed, opt: torch.optim.Optimizer, steps: int, seed: int = 0) 
         ({"damping": float("nan")}, "damping must be finite and > 0, got nan"),
         ({"damping_form": "diagonal"}, "damping_form must be one of factored-keep-a"),
         ({"accumulation_steps": 0}, "accumulation_steps must be an int >= 1, got 0"),
+        ({"accumulation_steps": True}, "accumulation_steps must be an int >= 1, got True"),
         ({"statistics_examples": 1}, "statistics_examples must be an int >= 2 or None, got 1"),
         ({"statistics_examples": True}, "statistics_examples must be an int >= 2 or None"),
     ],

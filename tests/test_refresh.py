@@ -184,7 +184,7 @@ def test_a_checkpoint_without_measured_noise_resumes_and_measures_it_again() -> 
     ("kwargs", "message"),
     [
         ({"stat_interval": 0}, "stat_interval must be an int >= 1"),
-        ({"inverse_interval": 5}, "inverse_interval needs a fixed stat_interval"),
+        ({"inverse_interval": 5}, "inverse_interval must be None without a fixed stat interval"),
         ({"refresh": "fast"}, "refresh must be an AdaptiveRefresh"),
     ],
 )

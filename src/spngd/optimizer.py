@@ -24,8 +24,8 @@ from spngd.curvature.kronecker import DAMPING_FORMS
 from spngd.distributed.exchange import DistributedConfig
 from spngd.guard import GUARD_RULES, GuardedSteps, NonFiniteGuard
 from spngd.preconditioner import FISHER_TYPES, Preconditioner, find_blocks
-from spngd.refresh import INTERVAL_RULES, AdaptiveRefresh, RefreshPolicy
-from spngd.settings import InvalidSettingError, Rule, check, optional_int_rule
+from spngd.refresh import INTERVAL_RULES, AdaptiveRefresh, RefreshPolicy, check_intervals
+from spngd.settings import InvalidSettingError, Rule, check, int_rule, optional_int_rule
 
 SETTING_RULES: dict[str, Rule] = {
     "lr": (lambda v: 0.0 <= v < math.inf, "finite and >= 0"),
@@ -36,7 +36,7 @@ SETTING_RULES: dict[str, Rule] = {
     "fisher": (lambda v: v in FISHER_TYPES, f"one of {', '.join(FISHER_TYPES)}"),
     "damping_form": (lambda v: v in DAMPING_FORMS, f"one of {', '.join(DAMPING_FORMS)}"),
     "bn_damping_scale": (lambda v: 0.0 < v < math.inf, "finite and > 0"),
-    "accumulation_steps": (lambda v: isinstance(v, int) and v >= 1, "an int >= 1"),
+    "accumulation_steps": int_rule(1),
     "statistics_examples": optional_int_rule(2),
     **INTERVAL_RULES,
     **GUARD_RULES,
@@ -54,6 +54,8 @@ def check_settings(**values: Any) -> None:
     """An :class:`~spngd.settings.InvalidSettingError` for the first value SPNGD would
     refuse (keyword names as :class:`SPNGD` takes them)."""
     check("SPNGD", values, SETTING_RULES)
+    if "inverse_interval" in values:
+        check_intervals(values.get("stat_interval"), values["inverse_interval"])
 
 
 class SPNGD(GuardedSteps, Optimizer):

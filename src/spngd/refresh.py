@@ -48,7 +48,7 @@ from typing import Any, Literal
 
 import torch
 
-from spngd.settings import Rule, check, optional_int_rule
+from spngd.settings import InvalidSettingError, Rule, check, optional_int_rule
 
 Key = tuple[str, int]
 """A statistic: (layer name, index of the statistic within the layer's block)."""
@@ -80,6 +80,22 @@ INTERVAL_RULES: dict[str, Rule] = dict.fromkeys(
     ("stat_interval", "inverse_interval"), optional_int_rule(1)
 )
 """The rule of SPNGD's fixed intervals (None: adaptive, or with the statistics)."""
+
+
+def check_intervals(stat_interval: int | None, inverse_interval: int | None) -> None:
+    """An :class:`~spngd.settings.InvalidSettingError` for a bad interval, or for an
+    ``inverse_interval`` under the adaptive rule (whose inverses follow the refreshed
+    statistics)."""
+    check(
+        "SPNGD",
+        {"stat_interval": stat_interval, "inverse_interval": inverse_interval},
+        INTERVAL_RULES,
+    )
+    if inverse_interval is not None and stat_interval is None:
+        raise InvalidSettingError(
+            "SPNGD", "inverse_interval", "None without a fixed stat interval", inverse_interval
+        )
+
 
 _RULES: dict[str, Rule] = {
     "alpha": (lambda v: not math.isnan(v), "a number"),
@@ -161,13 +177,7 @@ class RefreshPolicy:
         inverse_interval: int | None,
         adaptive: AdaptiveRefresh,
     ) -> None:
-        intervals = {"stat_interval": stat_interval, "inverse_interval": inverse_interval}
-        check("SPNGD", intervals, INTERVAL_RULES)
-        if inverse_interval is not None and stat_interval is None:
-            raise ValueError(
-                "inverse_interval needs a fixed stat_interval (with the adaptive "
-                "rule inverses follow the refreshed statistics)"
-            )
+        check_intervals(stat_interval, inverse_interval)
         self.stat_interval = stat_interval
         self.inverse_interval = inverse_interval
         self.adaptive = adaptive

@@ -85,7 +85,10 @@ def test_precedence_recipe_over_defaults_and_options_over_recipe() -> None:
         ({"accumulate": 0}, "--accumulate must be an int >= 1, got 0"),
         ({"max_bad_steps": 0}, "--max-bad-steps must be an int >= 1, got 0"),
         ({"statistics_examples": 0}, "--statistics-examples must be an int >= 2 or None, got 0"),
-        ({"inverse_interval": 10}, "--inverse-interval needs --stat-interval"),
+        (
+            {"inverse_interval": 10},
+            "--inverse-interval must be None without a fixed stat interval, got 10",
+        ),
         ({"seed": 10**23}, "--seed must be in 0..2**63-1"),
         ({"device": "meta"}, "--device meta: spngd trains on cpu or cuda"),
         ({"image_size": 100_000}, "--image-size must be in 1..4096"),

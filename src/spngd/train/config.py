@@ -174,8 +174,6 @@ class TrainConfig:
             raise UserError(
                 f"--batch-size {self.batch_size} is not divisible by --accumulate {self.accumulate}"
             )
-        if self.inverse_interval is not None and self.stat_interval is None:
-            raise UserError("--inverse-interval needs --stat-interval (fixed intervals)")
         if self.damping_start is not None and self.damping_decay_epochs <= 0:
             raise UserError("--damping-start needs --damping-decay-epochs > 0")
         for name in ("epochs", "lr_decay_end", "warmup_epochs"):
