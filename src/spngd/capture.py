@@ -81,7 +81,7 @@ class StatisticsCapture:
                 if recorded or (self.sampled_only and not self._sampling):
                     return
                 recorded = True
-                block.accumulate(saved_input, self._unscaled(grad), self.times)
+                block.accumulate(saved_input, grad.detach(), self.times, self._grad_factor(grad))
                 self._recorded += 1
                 self.on_recorded(block.name)
 
@@ -94,22 +94,17 @@ class StatisticsCapture:
         count, self._recorded = self._recorded, 0
         return count
 
-    def _unscaled(self, grad: torch.Tensor) -> torch.Tensor:
-        """The output gradient of the unscaled mean loss, in the statistics dtype.
+    def _grad_factor(self, grad: torch.Tensor) -> float | torch.Tensor:
+        """What turns ``grad`` into the output gradient of the unscaled mean loss.
 
-        Promoted first, so that a half-precision gradient's small values survive the
-        rescaling. The ordinary backward's loss was divided by ``grad_scale``; the sampled
-        loss of :meth:`record_sampled` was not. Both carry the GradScaler's loss scale,
-        which stays on the device (:func:`spngd.amp.inverse_loss_scale`).
+        The ordinary backward's loss was divided by ``grad_scale``; the sampled loss of
+        :meth:`record_sampled` was not. Both carry the GradScaler's loss scale, which stays
+        on the device (:func:`spngd.amp.inverse_loss_scale`), in the statistics dtype.
         """
-        grad = grad.detach().to(statistics_dtype(grad))
         factor: float | torch.Tensor = 1.0 if self._sampling else float(self.grad_scale)
-        inverse_scale = inverse_loss_scale(self.grad_scaler, grad)
-        if inverse_scale is not None:
-            factor = inverse_scale * factor
-        if isinstance(factor, float) and factor == 1.0:
-            return grad  # nothing to rescale: no copy of the gradient
-        return grad * factor
+        like = grad.new_empty((), dtype=statistics_dtype(grad))
+        inverse_scale = inverse_loss_scale(self.grad_scaler, like)
+        return factor if inverse_scale is None else inverse_scale * factor
 
     def record_sampled(self, loss: torch.Tensor, inputs: list[torch.Tensor]) -> None:
         """Backpropagate a sampled-label ``loss`` (MC Fisher) to ``inputs`` to record

@@ -107,14 +107,20 @@ class CurvatureBlock(ABC):
 
     # -- statistics -----------------------------------------------------------------------
     def accumulate(
-        self, inputs: torch.Tensor, grad_output: torch.Tensor, times: StageTimes
+        self,
+        inputs: torch.Tensor,
+        grad_output: torch.Tensor,
+        times: StageTimes,
+        grad_factor: float | torch.Tensor = 1.0,
     ) -> None:
         """Add the ``to_compute`` statistics of one forward/backward pair (called from the
         hooks), each timed as stage ``statistics <name>``; with ``measure_noise``, also
-        their sampling noise (:meth:`statistic_and_noise`)."""
+        their sampling noise (:meth:`statistic_and_noise`). ``grad_factor`` turns the
+        output gradient into that of the unscaled mean loss (see
+        :class:`spngd.capture.StatisticsCapture`)."""
         if inputs.dim() > 1 and inputs.shape[0] == 0:
             return  # an empty batch tells nothing about the curvature
-        inputs, grad_output = self.subsample(inputs, grad_output)
+        inputs, grad_output = self.subsample(inputs, grad_output, grad_factor)
         stats: list[torch.Tensor | None] = []
         noises: list[torch.Tensor | None] = []
         # A backward inside autocast would run the products below in half precision.
@@ -142,19 +148,26 @@ class CurvatureBlock(ABC):
         self._pending_count += 1
 
     def subsample(
-        self, inputs: torch.Tensor, grad_output: torch.Tensor
+        self, inputs: torch.Tensor, grad_output: torch.Tensor, grad_factor: float | torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first ``statistics_examples`` examples of a pair, with output gradients
-        rescaled so that each example's gradient is still the whole batch's
-        ``n * grad_output``: the statistics, means over examples, estimate the same
-        expectations at a fraction of the cost (a BatchNorm block normalises the sample
-        by the sample's own mean and variance). The first examples of a shuffled batch
-        are a random sample of it."""
+        """The first ``statistics_examples`` examples of a pair, output gradients in the
+        statistics dtype, multiplied by ``grad_factor`` and rescaled so that each example's
+        gradient is still the whole batch's ``n * grad_output``: the statistics, means over
+        examples, estimate the same expectations at a fraction of the cost (a BatchNorm
+        block normalises the sample by the sample's own mean and variance). The first
+        examples of a shuffled batch are a random sample of it. Only the sample is copied.
+        """
         n = self.batch_size(inputs)
         limit = self.statistics_examples
-        if limit is None or n <= limit:
-            return inputs, grad_output
-        return inputs[:limit], grad_output[:limit] * (n / limit)
+        if limit is not None and n > limit:
+            inputs, grad_output = inputs[:limit], grad_output[:limit]
+            grad_factor = grad_factor * (n / limit)
+        # Promoted before the product, so that a half-precision gradient's small values
+        # survive the rescaling.
+        grad_output = grad_output.to(statistics_dtype(grad_output))
+        if isinstance(grad_factor, float) and grad_factor == 1.0:
+            return inputs, grad_output  # nothing to rescale: no copy of the gradient
+        return inputs, grad_output * grad_factor
 
     def statistic_and_noise(
         self, index: int, inputs: torch.Tensor, grad_output: torch.Tensor
