@@ -159,15 +159,19 @@ class CurvatureBlock(ABC):
         """
         n = self.batch_size(inputs)
         limit = self.statistics_examples
-        if limit is not None and n > limit:
+        sampled = limit is not None and n > limit
+        if sampled:
             inputs, grad_output = inputs[:limit], grad_output[:limit]
-            grad_factor = grad_factor * (n / limit)
-        # Promoted before the product, so that a half-precision gradient's small values
-        # survive the rescaling.
+        # Promoted before the products, so that a half-precision gradient's small values
+        # survive the rescaling. Unscaled first and rescaled for the sample second: a
+        # micro-batch's gradient, scaled down by the accumulation, then gives bit for bit
+        # the statistics of the same gradient unscaled (a rank's own, under DDP).
         grad_output = grad_output.to(statistics_dtype(grad_output))
-        if isinstance(grad_factor, float) and grad_factor == 1.0:
-            return inputs, grad_output  # nothing to rescale: no copy of the gradient
-        return inputs, grad_output * grad_factor
+        if not (isinstance(grad_factor, float) and grad_factor == 1.0):
+            grad_output = grad_output * grad_factor
+        if sampled:
+            grad_output = grad_output * (n / limit)
+        return inputs, grad_output
 
     def statistic_and_noise(
         self, index: int, inputs: torch.Tensor, grad_output: torch.Tensor
