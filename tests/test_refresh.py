@@ -208,12 +208,14 @@ def _run_stream(
     noise: float,
     shift_at: int | None = None,
     changes: list[float] | None = None,
+    errors: list[float] | None = None,
 ) -> list[int]:
     """Feed ``policy`` a synthetic statistic: a fixed SPD matrix plus independent noise of
     relative size ``noise`` in each half of every batch (the fresh estimate is their mean,
     its measured noise their difference, as the blocks measure it), scaled x3 from
-    ``shift_at`` on. Returns the steps it was computed at; appends each relative change
-    to ``changes``."""
+    ``shift_at`` on, folded into the statistic in use with the policy's weight. Returns
+    the steps it was computed at; appends each relative change to ``changes`` and each
+    step's relative error of the statistic in use to ``errors``."""
     gen = torch.Generator().manual_seed(0)
     base = torch.randn(16, 16, generator=gen)
     base = base @ base.T + 16 * torch.eye(16)
@@ -225,9 +227,11 @@ def _run_stream(
     in_use = None
     computed = []
     for step in range(steps):
+        scale = 3.0 if shift_at is not None and step >= shift_at else 1.0
+        if errors is not None and in_use is not None:
+            errors.append(((in_use - scale * base).norm() / (scale * base).norm()).item())
         if not policy.is_due(("layer", 0), step):
             continue
-        scale = 3.0 if shift_at is not None and step >= shift_at else 1.0
         first, second = scale * half(), scale * half()
         fresh = (first + second) / 2
         measured = ((first - second).square().sum() / (2 * fresh.square().sum())).item()
@@ -237,8 +241,9 @@ def _run_stream(
             change = change_tensor.item()
             if changes is not None:
                 changes.append(change)
+        weight = policy.fresh_weight(("layer", 0))
+        in_use = fresh if in_use is None else in_use + weight * (fresh - in_use)
         policy.observe(("layer", 0), step, change, measured)
-        in_use = fresh
         computed.append(step)
     return computed
 
@@ -273,6 +278,35 @@ def test_noise_rule_catches_a_real_shift_within_the_cap() -> None:
     assert after[1] == after[0] + 1
     # Then, the noise being what it was, the interval grows back to the cap.
     assert policy.interval[("layer", 0)] == 16
+
+
+def test_pooling_averages_the_estimates_while_their_changes_stay_small() -> None:
+    knobs = AdaptiveRefresh(alpha=0.1, rule="spec", warmup_steps=2)
+    policy = RefreshPolicy(None, None, knobs)
+    key = ("layer", 0)
+    weights = []
+    for step, change in [(0, None), (1, 0.5), (2, 0.05), (4, 0.05), (8, 0.05), (16, 0.5)]:
+        weights.append(policy.fresh_weight(key))
+        policy.observe(key, step, change, None)
+    # warm-up: replace; a small change: the estimates so far pool (1/2, 1/3); a large one
+    # restarts the pool, so the estimate after it replaces the statistic
+    assert weights == [1.0, 1.0, 1.0, 1 / 2, 1 / 3, 1 / 4]
+    assert policy.fresh_weight(key) == 1.0
+    latest = RefreshPolicy(None, None, AdaptiveRefresh(alpha=0.1, rule="spec", pool=False))
+    for step in range(5):
+        latest.observe(key, step, 0.05, None)
+        assert latest.fresh_weight(key) == 1.0
+
+
+def test_pooling_a_noisy_stationary_statistic_cuts_its_error() -> None:
+    errors: dict[bool, list[float]] = {}
+    for pool in (True, False):
+        policy = RefreshPolicy(None, None, AdaptiveRefresh(max_interval=4, pool=pool))
+        errors[pool] = []
+        _run_stream(policy, 200, 0.5, errors=errors[pool])
+    # 47 estimates pooled after the warm-up: their mean's error about 1/7 of one estimate's
+    late = slice(100, None)
+    assert sum(errors[True][late]) < 0.3 * sum(errors[False][late])
 
 
 def test_noise_rule_on_a_noiseless_stream_is_the_spec_rule() -> None:

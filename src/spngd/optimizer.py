@@ -78,8 +78,10 @@ class SPNGD(GuardedSteps, Optimizer):
             (the paper's recipe uses none; it also floors the damping, as in the
             authors' code).
         stat_decay: weight of the *old* statistics in the running average
-            ``X = stat_decay X_old + (1 - stat_decay) X_new``. The default 0 uses the
-            current batch's statistics only, as the paper's ImageNet configs do.
+            ``X = stat_decay X_old + (1 - stat_decay) X_new``. The default 0 takes no
+            running average, as the paper's ImageNet configs do: a refreshed statistic is
+            the current batch's, or, while the adaptive refresh finds its changes small,
+            the mean of its estimates since (``AdaptiveRefresh.pool``).
         fisher: ``"empirical"`` (statistics from the ordinary backward with the
             training labels; no extra pass) or ``"mc"`` (one label sampled per example
             from the model's softmax; call :meth:`sample_fisher` with the logits before

@@ -26,7 +26,7 @@ from spngd.curvature import CurvatureBlock, make_block
 from spngd.curvature.kronecker import update_inverses
 from spngd.distributed.exchange import DistributedConfig, Statistics, make_exchange
 from spngd.guard import any_nonfinite
-from spngd.refresh import RefreshPolicy, relative_changes
+from spngd.refresh import Key, RefreshPolicy, relative_changes
 from spngd.timing import StageTimes
 
 FISHER_TYPES = ("empirical", "mc")
@@ -300,8 +300,16 @@ class Preconditioner:
         norms = torch._foreach_norm([arrived[name][i] for name, i in keys]) if keys else []  # type: ignore[index, misc]
         noises = [owned[name].fresh_noise[i] for name, i in noisy]
         for name, stats in arrived.items():
-            owned[name].update_factors(stats, self.stat_decay)  # type: ignore[arg-type]
+            weights = tuple(self._fresh_weight((name, i)) for i in range(len(stats)))  # type: ignore[arg-type]
+            owned[name].update_factors(stats, weights)  # type: ignore[arg-type]
         return _Measured(keys, compared, noisy, [*norms, *changes, *noises])  # type: ignore[list-item]
+
+    def _fresh_weight(self, key: Key) -> float:
+        """A fresh estimate's share in its statistic: ``1 - stat_decay`` with a running
+        average, else the refresh policy's (1, or its pooling weight)."""
+        if self.stat_decay > 0.0:
+            return 1.0 - self.stat_decay
+        return self.refresh.fresh_weight(key)
 
     def _settle(
         self,

@@ -120,6 +120,7 @@ def test_refresh_options_reach_the_optimizer_and_old_configs_take_the_defaults()
         "shrink": "halve",
         "max_interval": 8,
         "warmup_steps": 3,
+        "pool": False,
     }
     config = resolve_config({"device": "cpu", "refresh": knobs})
     assert config.to_dict()["refresh"] == knobs  # config.json holds them as one setting

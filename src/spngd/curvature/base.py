@@ -239,20 +239,22 @@ class CurvatureBlock(ABC):
             "previous inverse stays in use (plain gradient if there is none)",
         )
 
-    def update_factors(self, fresh: tuple[torch.Tensor | None, ...], stat_decay: float) -> None:
-        """Fold fresh statistics into the running factors (``None`` entries are kept).
-
-        ``factor <- stat_decay * factor + (1 - stat_decay) * fresh``; a first value is
-        taken as it is (no identity initialisation, so no bias).
+    def update_factors(
+        self, fresh: tuple[torch.Tensor | None, ...], weights: tuple[float, ...]
+    ) -> None:
+        """Fold fresh statistics into the factors in use (``None`` entries are kept):
+        ``factor <- (1 - w) * factor + w * fresh`` with each statistic's weight ``w`` (the
+        running average's ``1 - stat_decay``, or the refresh's pooling weight); a first
+        value is taken as it is (no identity initialisation, so no bias).
         """
-        for i, new in enumerate(fresh):
+        for i, (new, weight) in enumerate(zip(fresh, weights, strict=True)):
             if new is None:
                 continue
             old = self.factors[i]
-            if old is None or stat_decay == 0.0:
+            if old is None or weight == 1.0:
                 self.factors[i] = new
             else:
-                self.factors[i] = old.mul(stat_decay).add_(new, alpha=1.0 - stat_decay)
+                self.factors[i] = old.mul(1.0 - weight).add_(new, alpha=weight)
 
     # -- inverse and preconditioning ------------------------------------------------------
     def update_inverse(self, damping: float) -> None:

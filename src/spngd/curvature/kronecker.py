@@ -109,8 +109,10 @@ class KroneckerBlock(CurvatureBlock):
     def inverse_form_name(self) -> str:  # type: ignore[override]
         return "eigen-kronecker" if self.damping_form == "kronecker" else "cholesky"
 
-    def update_factors(self, fresh: tuple[torch.Tensor | None, ...], stat_decay: float) -> None:
-        super().update_factors(fresh, stat_decay)
+    def update_factors(
+        self, fresh: tuple[torch.Tensor | None, ...], weights: tuple[float, ...]
+    ) -> None:
+        super().update_factors(fresh, weights)
         for i, new in enumerate(fresh):
             if new is not None:
                 self.eigen[i] = None
