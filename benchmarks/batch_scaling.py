@@ -15,8 +15,9 @@ Tuning, per batch size and optimizer, on seed 0: a grid of :data:`GRID_POINTS` s
 per optimizer (learning rates for SGD and AdamW, two learning rates by two dampings for
 SP-NGD), centred by each optimizer's scaling rule: the centre is ``lr(128) * (B / 128)^p``
 with the square-root rule ``p = 1/2`` for SGD and AdamW, and ``p = 0`` for SP-NGD, whose
-best learning rate does not grow with the batch (docs/benchmarks.md). When the best point lies on the grid's edge, the grid is widened by one point beyond it,
-up to :data:`MAX_WIDENINGS` times; a best point still on the edge is flagged in the table.
+best learning rate does not grow with the batch (docs/benchmarks.md). When the best point
+lies on the grid's edge, the grid is widened by one point beyond it, up to
+:data:`MAX_WIDENINGS` times; a best point still on the edge is flagged in the table.
 A tuning run stops once it needs more steps than the best run so far (it cannot win). The
 best setting then runs with seeds 1 and 2: steps and times are medians of three seeds.
 SP-NGD's every-step refresh (``stat_interval=1``) runs with the best setting of its default
