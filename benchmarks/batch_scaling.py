@@ -520,7 +520,7 @@ def markdown_table(record: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument(
         "--quick", action="store_true", help="two batch sizes, one seed, 20,000 examples"
     )
