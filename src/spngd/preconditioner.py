@@ -283,7 +283,7 @@ class Preconditioner:
     def _fold(self, owned: dict[str, CurvatureBlock], arrived: dict[str, Statistics]) -> _Measured:
         """Fold the arrived statistics into the owned blocks' factors, and start (on the
         device, unread) what the refresh test needs: every fresh statistic's norm (NaN or
-        inf when any entry is), its relative change against the value it replaces, and its
+        inf when any entry is), its relative change against the value in use, and its
         measured noise. :meth:`_settle` reads them, with the step's other checks."""
         keys = [
             (name, i)
@@ -459,8 +459,8 @@ class Preconditioner:
         """Statistics and inverse computations done and skipped, per layer and in total,
         collected from every rank (all ranks call this together)."""
         counts: dict[str, dict[str, int]] = {}
-        for rank_counts in self.exchange.collect(self.refresh.counts):
-            counts.update(rank_counts)
+        for rank_state in self.exchange.collect(self.refresh.state_dict(self.exchange.owns)):
+            counts.update(rank_state["counts"])  # type: ignore[arg-type]
         return RefreshPolicy.summarize(counts)
 
     # -- checkpointing --------------------------------------------------------------------
@@ -474,7 +474,7 @@ class Preconditioner:
                 for name, block in self.blocks.items()
                 if self.exchange.owns(name)
             },
-            "refresh": self.refresh.state_dict(),
+            "refresh": self.refresh.state_dict(self.exchange.owns),
         }
         curvature: dict[str, object] = {}
         refresh: dict[str, dict] = {key: {} for key in local["refresh"]}

@@ -52,6 +52,7 @@ all statistics every ``k`` steps and inverses every ``inverse_interval`` steps.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
@@ -182,8 +183,9 @@ def relative_changes(
 class RefreshPolicy:
     """Decides, per statistic key and step, whether to compute; counts what was done.
 
-    State is identical on every rank as long as every rank observes the same (globally
-    reduced) statistics, so decisions never diverge.
+    Under torch.distributed a layer's keys are observed and decided by the rank that owns
+    the layer, which sends the decisions with its results; other ranks' copies of them
+    (loaded from a checkpoint) go stale, so the state is read per owner (:meth:`state_dict`).
     """
 
     def __init__(
@@ -281,14 +283,20 @@ class RefreshPolicy:
         report["total"] = {name: sum(c.get(name, 0) for c in counts.values()) for name in names}
         return report
 
-    def state_dict(self) -> dict[str, object]:
-        return {
-            "interval": dict(self.interval),
-            "next_step": dict(self.next_step),
-            "noise": dict(self.noise),
-            "pooled": dict(self.pooled),
-            "counts": {layer: dict(c) for layer, c in self.counts.items()},
+    def state_dict(self, layers: Callable[[str], bool] = lambda layer: True) -> dict[str, object]:
+        """The policy's state for the layers ``layers`` accepts (under torch.distributed,
+        the ones this rank owns: only their owner keeps a layer's state up to date)."""
+        keyed = {
+            name: {key: value for key, value in entries.items() if layers(key[0])}
+            for name, entries in (
+                ("interval", self.interval),
+                ("next_step", self.next_step),
+                ("noise", self.noise),
+                ("pooled", self.pooled),
+            )
         }
+        counts = {layer: dict(c) for layer, c in self.counts.items() if layers(layer)}
+        return {**keyed, "counts": counts}
 
     def load_state_dict(self, state: dict[str, object]) -> None:
         self.interval = dict(state["interval"])  # type: ignore[call-overload]

@@ -6,6 +6,7 @@ import os
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -101,6 +102,41 @@ def test_resume_on_a_different_number_of_ranks(tmp_path: Path) -> None:
     final = torch.load(tmp_path / "final.pt")
     for got, want in zip(final, _reference(), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def _refresh_state_worker(
+    rank: int, world_size: int, out: str, steps: range, checkpoint: str | None, saved: str
+) -> None:
+    """Train ``steps`` (from ``checkpoint`` when given), then save what the checkpoint and
+    the counts report of the refresh policy."""
+    model = _model()
+    opt = _optimizer(model)
+    if checkpoint is not None:
+        state = torch.load(Path(out) / checkpoint)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+    _train(model, opt, steps, rank, world_size)
+    refresh, counts = opt.state_dict()["refresh"], opt.refresh_counts()
+    if rank == 0:
+        torch.save({"refresh": refresh, "counts": counts}, Path(out) / saved)
+
+
+def test_a_checkpoint_after_a_resume_takes_each_layers_refresh_state_from_its_owner(
+    tmp_path: Path,
+) -> None:
+    """After a resume every rank holds every layer's refresh state, but only the layer's
+    owner keeps it up to date: a later checkpoint and the counts must read the owner's."""
+    out = str(tmp_path)
+    run_workers(_first_run, 2, out)
+    run_workers(_refresh_state_worker, 2, out, range(3, 12), "ckpt.pt", "resumed.pt")
+    run_workers(_refresh_state_worker, 2, out, range(12), None, "straight.pt")
+    resumed, straight = (torch.load(tmp_path / name) for name in ("resumed.pt", "straight.pt"))
+    assert straight["counts"]["total"]["stats_skipped"] > 0  # decisions after the resume
+    assert resumed["counts"] == straight["counts"]
+    for name in ("interval", "next_step", "pooled"):
+        assert resumed["refresh"][name] == straight["refresh"][name], name
+    noise = straight["refresh"]["noise"]
+    assert resumed["refresh"]["noise"] == pytest.approx(noise, rel=1e-5)
 
 
 def _nan_on_one_rank(rank: int, world_size: int, out: str) -> None:
