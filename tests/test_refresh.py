@@ -298,6 +298,35 @@ def test_pooling_averages_the_estimates_while_their_changes_stay_small() -> None
         assert latest.fresh_weight(key) == 1.0
 
 
+def test_a_change_after_pooling_is_replaced_the_next_step_whatever_the_shrink() -> None:
+    knobs = AdaptiveRefresh(alpha=0.1, rule="spec", shrink="halve", warmup_steps=0)
+    policy = RefreshPolicy(None, None, knobs)
+    key = ("layer", 0)
+    step = 0
+    policy.observe(key, step, None, None)
+    while policy.interval[key] < 8:  # similar estimates: the interval grows, the pool too
+        step = policy.next_step[key]
+        policy.observe(key, step, 0.05, None)
+    assert policy.fresh_weight(key) < 1.0
+    step = policy.next_step[key]
+    policy.observe(key, step, 0.5, None)  # folded in as one of a pool, then found changed
+    assert policy.interval[key] == 4  # halved, but the mixture is replaced at once
+    assert policy.next_step[key] == step + 1 and policy.fresh_weight(key) == 1.0
+
+
+def test_only_adaptive_pooling_weighs_estimates() -> None:
+    key = ("layer", 0)
+    state = {"interval": {key: 8}, "next_step": {key: 40}, "noise": {}, "pooled": {key: 3}}
+    policies = [
+        RefreshPolicy(None, None, AdaptiveRefresh(pool=False)),
+        RefreshPolicy(5, None, AdaptiveRefresh()),
+        RefreshPolicy(None, None, AdaptiveRefresh()),
+    ]
+    for policy in policies:  # e.g. resumed from a pooling run's checkpoint
+        policy.load_state_dict({**state, "counts": {}})
+    assert [policy.fresh_weight(key) for policy in policies] == [1.0, 1.0, 1 / 4]
+
+
 def test_pooling_a_noisy_stationary_statistic_cuts_its_error() -> None:
     errors: dict[bool, list[float]] = {}
     for pool in (True, False):

@@ -236,7 +236,9 @@ class RefreshPolicy:
 
     def fresh_weight(self, key: Key) -> float:
         """The share of a fresh estimate of ``key`` in the statistic it updates: ``1 / (n + 1)``
-        while the statistic in use averages ``n`` estimates (``pool``), else 1."""
+        while the statistic in use averages ``n`` estimates (adaptive, ``pool``), else 1."""
+        if not (self.is_adaptive and self.adaptive.pool):
+            return 1.0
         return 1.0 / (self.pooled.get(key, 0) + 1)
 
     def observe(self, key: Key, step: int, change: float | None, noise: float | None) -> None:
@@ -248,15 +250,19 @@ class RefreshPolicy:
         if noise is not None:
             mean = self.noise.get(key)
             self.noise[key] = noise if mean is None else mean + NOISE_WEIGHT * (noise - mean)
-        interval, pooled = self.interval.get(key, 1), 0
+        interval, pooled, next_step = self.interval.get(key, 1), 0, None
         if change is not None and step >= self.adaptive.warmup_steps:
             similar = self.adaptive.similar(change, self.noise.get(key, 0.0))
             interval = self.adaptive.grown(interval) if similar else self.adaptive.shrunk(interval)
             if similar and self.adaptive.pool:
                 pooled = self.pooled.get(key, 0) + 1
+            elif self.fresh_weight(key) < 1.0:
+                # The estimate that showed the change joined the pool as one of several:
+                # the next step's estimate replaces the mixture.
+                next_step = step + 1
         self.interval[key] = interval
         self.pooled[key] = pooled
-        self.next_step[key] = step + interval
+        self.next_step[key] = step + interval if next_step is None else next_step
 
     def inverse_due(self, step: int, refreshed: bool) -> bool:
         """Whether a layer whose statistics were (not) refreshed at ``step`` re-inverts."""
