@@ -35,9 +35,12 @@ What counts as similar is the ``rule``:
 
 What a fresh estimate does to the statistic in use ``X``: with ``pool`` (the default),
 while the changes count as small ``X`` is the mean of the estimates since the last change
-that did not (a fresh one joins with weight ``1 / (n + 1)``), so the statistic a long
-interval keeps is not one batch's noise but the mean of several; a change that does not
-count as small restarts the pool, and the next estimate replaces ``X``. The warm-up's
+that did not (a fresh one joins with weight ``1 / (n + 1)``, at least ``1 /``
+:data:`MAX_POOLED`), so the statistic a long interval keeps is not one batch's noise but
+the mean of several; a change that does not count as small restarts the pool, and the
+next step's estimate replaces ``X``. The change is measured against the pooled ``X``,
+whose noise is below one estimate's: the noise rule's ``s^2`` then leaves a little more
+room for drift. The warm-up's
 estimates replace ``X``. Without ``pool`` (the specification's reading) each fresh estimate
 replaces ``X``. With ``stat_decay > 0`` the running average replaces both. On mnist1d at
 batch 128 (ten seeds, ``benchmarks/batch_scaling.py``'s runs), pooling took a median 72
@@ -72,6 +75,12 @@ NOISE_WEIGHT = 0.3
 """Weight of a new measurement in the running mean of a key's sampling noise: about the
 last three count, so the estimate follows the phase of training without being moved much
 by one odd batch."""
+
+
+MAX_POOLED = 8
+"""The most estimates a pooled statistic weighs alike; later ones join with weight 1/8, so
+over a long run of small changes the statistic follows the last few refreshes (about
+eight) rather than every estimate since the warm-up."""
 
 
 NOISE_LEAD_STEPS = round(1 / NOISE_WEIGHT)
@@ -255,7 +264,7 @@ class RefreshPolicy:
             similar = self.adaptive.similar(change, self.noise.get(key, 0.0))
             interval = self.adaptive.grown(interval) if similar else self.adaptive.shrunk(interval)
             if similar and self.adaptive.pool:
-                pooled = self.pooled.get(key, 0) + 1
+                pooled = min(self.pooled.get(key, 0) + 1, MAX_POOLED - 1)
             elif self.fresh_weight(key) < 1.0:
                 # The estimate that showed the change joined the pool as one of several:
                 # the next step's estimate replaces the mixture.

@@ -164,8 +164,9 @@ class CurvatureBlock(ABC):
             inputs, grad_output = inputs[:limit], grad_output[:limit]
         # Promoted before the products, so that a half-precision gradient's small values
         # survive the rescaling. Unscaled first and rescaled for the sample second: a
-        # micro-batch's gradient, scaled down by the accumulation, then gives bit for bit
-        # the statistics of the same gradient unscaled (a rank's own, under DDP).
+        # micro-batch's gradient, scaled down by the accumulation, then meets the sample's
+        # factor as the same gradient unscaled (a rank's own, under DDP) does, bit for bit
+        # where the accumulation is a power of two.
         grad_output = grad_output.to(statistics_dtype(grad_output))
         if not (isinstance(grad_factor, float) and grad_factor == 1.0):
             grad_output = grad_output * grad_factor
