@@ -40,12 +40,12 @@ that did not (a fresh one joins with weight ``1 / (n + 1)``, at least ``1 /``
 the mean of several; a change that does not count as small restarts the pool, and the
 next step's estimate replaces ``X``. The change is measured against the pooled ``X``,
 whose noise is below one estimate's: the noise rule's ``s^2`` then leaves a little more
-room for drift. The warm-up's
-estimates replace ``X``. Without ``pool`` (the specification's reading) each fresh estimate
-replaces ``X``. With ``stat_decay > 0`` the running average replaces both. On mnist1d at
-batch 128 (ten seeds, ``benchmarks/batch_scaling.py``'s runs), pooling took a median 72
-steps to 97% where the latest estimate took 87 and every-step refresh 84.5; on the digits
-at batch 1,024 the steps were those of the latest estimate on nine seeds of ten.
+room for drift. The warm-up's estimates replace ``X``. Without ``pool`` (the
+specification's reading) each fresh estimate replaces ``X``. With ``stat_decay > 0`` the
+running average replaces both. On mnist1d at batch 128 (ten seeds,
+``benchmarks/batch_scaling.py``'s runs) pooling took a median 72 steps to 97% where the
+latest estimate took 87 and every-step refresh 84.5; on the digits at batch 1,024 it took
+the latest estimate's steps on nine seeds of ten (docs/performance.md).
 
 A layer's inverse is recomputed when any of its statistics was refreshed (pi couples the
 two Kronecker factors) or its damping changed. Fixed mode (``stat_interval=k``) computes
