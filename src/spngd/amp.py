@@ -6,10 +6,12 @@ import torch
 
 
 def inverse_loss_scale(
-    scaler: torch.amp.GradScaler | None, like: torch.Tensor
+    scaler: torch.amp.GradScaler | None,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor | None:
-    """``1 / scale`` of ``scaler`` as a 0-dim tensor in ``like``'s dtype and device, or
-    None without an enabled scaler.
+    """``1 / scale`` of ``scaler`` as a 0-dim tensor of ``dtype`` on ``device``, or None
+    without an enabled scaler.
 
     ``scaler.scale`` of a one stays on the device, where ``get_scale()`` would read the
     scale to the host; the reciprocal is taken in float64, as ``GradScaler.unscale_``
@@ -17,8 +19,8 @@ def inverse_loss_scale(
     """
     if scaler is None or not scaler.is_enabled():
         return None
-    scale = scaler.scale(torch.ones((), dtype=torch.float32, device=like.device))
-    return reciprocal(scale).to(like.dtype)
+    scale = scaler.scale(torch.ones((), dtype=torch.float32, device=device))
+    return reciprocal(scale).to(dtype)
 
 
 def reciprocal(scale: torch.Tensor) -> torch.Tensor:

@@ -102,8 +102,7 @@ class StatisticsCapture:
         on the device (:func:`spngd.amp.inverse_loss_scale`), in the statistics dtype.
         """
         factor: float | torch.Tensor = 1.0 if self._sampling else float(self.grad_scale)
-        like = grad.new_empty((), dtype=statistics_dtype(grad))
-        inverse_scale = inverse_loss_scale(self.grad_scaler, like)
+        inverse_scale = inverse_loss_scale(self.grad_scaler, grad.device, statistics_dtype(grad))
         return factor if inverse_scale is None else inverse_scale * factor
 
     def record_sampled(self, loss: torch.Tensor, inputs: list[torch.Tensor]) -> None:

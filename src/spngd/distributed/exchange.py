@@ -247,7 +247,7 @@ class DistributedExchange:
         dtype = self.config.comm_dtype
         unscale = None
         if during_backward and self.average_gradients:
-            unscale = inverse_loss_scale(self.grad_scaler, torch.ones((), device=self.device))
+            unscale = inverse_loss_scale(self.grad_scaler, self.device)
         specs, tensors = [], []
         for name in bucket.names:
             block = self.blocks[name]
