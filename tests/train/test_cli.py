@@ -24,6 +24,7 @@ from PIL import Image
 
 from spngd.optimizer import SPNGD
 from spngd.timing import STAGES
+from spngd.train.cli import build_parser
 from spngd.train.config import (
     resolve_config,
 )
@@ -132,8 +133,6 @@ def test_epoch_records_hold_the_pass_s_seconds_per_stage(
 
 
 def test_an_optional_setting_takes_none_and_a_bad_value_is_one_line() -> None:
-    from spngd.train.cli import build_parser
-
     parser = build_parser()
     given = ["train", "--statistics-examples", "none", "--stat-interval", "5", "--recipe", "None"]
     options = vars(parser.parse_args(given))
@@ -450,8 +449,6 @@ def test_docs_cli_lists_every_option_and_only_real_ones() -> None:
     """docs/cli.md's option table cannot drift from the parser: every option of ``spngd
     train`` (each config field's, each refresh knob's) is in it, and every flag it names
     exists."""
-    from spngd.train.cli import build_parser
-
     text = (Path(__file__).parents[2] / "docs" / "cli.md").read_text()
     table = text[text.index("## Options") : text.index("## Data")]
     named = set(re.findall(r"`(--[a-z0-9-]+)", table))
