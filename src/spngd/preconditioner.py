@@ -459,8 +459,8 @@ class Preconditioner:
         """Statistics and inverse computations done and skipped, per layer and in total,
         collected from every rank (all ranks call this together)."""
         counts: dict[str, dict[str, int]] = {}
-        for rank_state in self.exchange.collect(self.refresh.state_dict(self.exchange.owns)):
-            counts.update(rank_state["counts"])  # type: ignore[arg-type]
+        for rank_counts in self.exchange.collect(self.refresh.counts_of(self.exchange.owns)):
+            counts.update(rank_counts)
         return RefreshPolicy.summarize(counts)
 
     # -- checkpointing --------------------------------------------------------------------

@@ -310,8 +310,11 @@ class RefreshPolicy:
                 ("pooled", self.pooled),
             )
         }
-        counts = {layer: dict(c) for layer, c in self.counts.items() if layers(layer)}
-        return {**keyed, "counts": counts}
+        return {**keyed, "counts": self.counts_of(layers)}
+
+    def counts_of(self, layers: Callable[[str], bool]) -> dict[str, dict[str, int]]:
+        """The counts of the layers ``layers`` accepts (see :meth:`state_dict`)."""
+        return {layer: dict(c) for layer, c in self.counts.items() if layers(layer)}
 
     def load_state_dict(self, state: dict[str, object]) -> None:
         self.interval = dict(state["interval"])  # type: ignore[call-overload]
