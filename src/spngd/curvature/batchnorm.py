@@ -145,10 +145,6 @@ def moment_form(locations: int) -> str:
     return "centred dot products"
 
 
-KERNEL_MIN_LOCATIONS = 16
-"""Locations per pair from which :func:`per_example_moments` uses the BatchNorm kernel."""
-
-
 def _moments_by_dot_products(
     x: torch.Tensor, delta: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
