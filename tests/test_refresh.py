@@ -1,4 +1,4 @@
-"""Adaptive refresh of statistics (the specification's rule and the noise rule)."""
+"""Adaptive refresh of statistics (the ``"spec"`` rule and the noise rule)."""
 
 from __future__ import annotations
 

@@ -20,8 +20,8 @@ What counts as similar is the ``rule``:
   than ``alpha`` beyond its noise, not when one batch happens to differ from the last:
   replacing a stale estimate by a fresh one that is no closer to the truth buys nothing.
   At the batch sizes one machine runs, ``G`` and BatchNorm ``F`` differ by 20-60% between
-  two batches of the same weights (``benchmarks/statistics_drift.py``), so the spec rule
-  below recomputes them on nearly every step.
+  two batches of the same weights (``benchmarks/statistics_drift.py``), so the ``"spec"``
+  rule below recomputes them on nearly every step.
   ``noise_margin = 1`` and ``warmup_steps = 10`` were chosen on
   ``benchmarks/steps_to_accuracy.py`` (ResNet-20, the digits at batch 1,024, ten seeds;
   docs/performance.md has the tables): a margin of 1 took 0.99x the steps to 97% of
@@ -30,19 +30,20 @@ What counts as similar is the ``rule``:
   the steps of every-step refresh and 10 took 0.95x, with 31-49% of the statistics
   computed over 88 steps: early in training the weights move too fast for intervals to
   grow.
-- ``"spec"``: ``d <= alpha``, comparing raw per-batch estimates; it suits batches so large
+- ``"spec"``: ``d <= alpha``, comparing raw per-batch estimates (the paper's stale
+  statistics as they are commonly read); it suits batches so large
   that their noise is far below ``alpha`` (the paper's 32,768 and more).
 
 What a fresh estimate does to the statistic in use ``X``: with ``pool`` (the default),
 while the changes count as small ``X`` is the mean of the estimates since the last change
 that did not (a fresh one joins with weight ``1 / (n + 1)``, at least ``1 /``
 :data:`MAX_POOLED`), so the statistic a long interval keeps is not one batch's noise but
-the mean of several; a change that does not count as small restarts the pool, and the
-next step's estimate replaces ``X``. The change is measured against the pooled ``X``,
-whose noise is below one estimate's: the noise rule's ``s^2`` then leaves a little more
-room for drift. The warm-up's estimates replace ``X``. Without ``pool`` (the
-specification's reading) each fresh estimate replaces ``X``. With ``stat_decay > 0`` the
-running average replaces both. On mnist1d at batch 128 (ten seeds,
+the mean of several; a change that does not count as small restarts the pool, and the next
+step's estimate replaces ``X``. The change is measured against the pooled ``X``, whose
+noise is below one estimate's: the noise rule's ``s^2`` then leaves a little more room for
+drift. The warm-up's estimates replace ``X``. Without ``pool`` (as under the ``"spec"``
+rule's reading of the paper) each fresh estimate replaces ``X``. With ``stat_decay > 0``
+the running average replaces both. On mnist1d at batch 128 (ten seeds,
 ``benchmarks/batch_scaling.py``'s runs) pooling took a median 72 steps to 97% where the
 latest estimate took 87 and every-step refresh 84.5; on the digits at batch 1,024 it took
 the latest estimate's steps on nine seeds of ten (docs/performance.md).

@@ -145,7 +145,7 @@ def test_segments_address_single_tensors() -> None:
 
 
 def test_pack_into_padded_buffer() -> None:
-    """Two rank buckets in one equal-length-padded buffer, as for ``reduce_scatter_tensor``."""
+    """Two rank buckets in one equal-length-padded buffer, as an all-gather takes them."""
     specs, tensors = _mixed()
     buckets = [FlatPacker(specs[:2]), FlatPacker(specs[2:])]
     parts = [tensors[:2], tensors[2:]]

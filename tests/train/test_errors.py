@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from spngd.train.errors import UserError, brief_reason
+from spngd.train.errors import UserError
 
 
 def test_a_user_error_from_a_dataloader_worker_keeps_its_message_only() -> None:
@@ -16,9 +16,3 @@ def test_a_user_error_from_a_dataloader_worker_keeps_its_message_only() -> None:
     )
     assert str(UserError(worker_traceback)) == "cannot decode image a.png (truncated); remove it"
     assert str(UserError("plain message")) == "plain message"
-
-
-def test_brief_reason_is_the_first_sentence_of_the_first_line() -> None:
-    error = RuntimeError("unexpected pos 1234 vs 1000. More detail follows.\nline two")
-    assert brief_reason(error) == "unexpected pos 1234 vs 1000"
-    assert brief_reason(OSError()) == "OSError"

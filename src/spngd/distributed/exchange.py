@@ -2,12 +2,12 @@
 
 Per step: (1) every rank's statistics (only those refreshed this step), and its gradients
 when the model is not wrapped in DistributedDataParallel, are summed onto each block's
-owner rank — one bucketed ``reduce`` per owner, all in flight at once (reduce-scatter
-style); (2) owners invert and precondition their blocks (in the preconditioner); (3) every
-owner's preconditioned gradients, with the refresh decisions for the next step, are
-all-gathered, and every rank (the owner too) applies them as received; (4) with gloo, a
-barrier ends the step (:meth:`DistributedExchange.settle`). Symmetric factors travel as
-packed upper triangles in ``comm_dtype``.
+owner rank — one bucketed ``reduce`` per owner, all in flight at once; (2) owners invert
+and precondition their blocks (in the preconditioner); (3) every owner's preconditioned
+gradients, with the refresh decisions for the next step, are all-gathered, and every rank
+(the owner too) applies them as received; (4) with gloo, a barrier ends the step
+(:meth:`DistributedExchange.settle`). Symmetric factors travel as packed upper triangles
+in ``comm_dtype``.
 
 :class:`LocalExchange` is the single-process case: rank 0 owns everything and nothing
 moves, so the optimizer runs one code path.
@@ -27,6 +27,7 @@ from spngd.amp import inverse_loss_scale
 from spngd.curvature import CurvatureBlock
 from spngd.distributed.assignment import STRATEGIES, BlockCost, assign_blocks
 from spngd.distributed.packing import COMM_DTYPES, FlatPacker, TensorSpec
+from spngd.messages import first_sentence
 
 Statistics = tuple[torch.Tensor | None, ...] | None
 
@@ -582,9 +583,3 @@ def collective_failure(what: str, error: BaseException) -> RankFailureError:
         f"SPNGD: {what} with the other ranks failed; a rank has probably died or stalled "
         f"past the process group's timeout ({first_sentence(error)})"
     )
-
-
-def first_sentence(error: BaseException) -> str:
-    """The first sentence of ``error``'s first line, or its type's name."""
-    lines = str(error).strip().splitlines()
-    return lines[0].split(". ")[0] if lines else type(error).__name__

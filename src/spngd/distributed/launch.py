@@ -17,7 +17,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from spngd.distributed.exchange import RankFailureError, collective_failure, first_sentence
+from spngd.distributed.exchange import RankFailureError, collective_failure
+from spngd.messages import first_sentence
 
 
 def launched_world_size() -> int:

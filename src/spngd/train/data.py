@@ -29,6 +29,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from spngd.messages import first_sentence
 from spngd.train import mnist1d
 from spngd.train.augment import (
     Transform,
@@ -38,7 +39,7 @@ from spngd.train.augment import (
     resize,
     resize_center_crop,
 )
-from spngd.train.errors import UserError, brief_reason
+from spngd.train.errors import UserError
 
 if TYPE_CHECKING:
     from spngd.train.config import TrainConfig
@@ -257,7 +258,9 @@ def _cifar10(folder: str) -> tuple[Split, Split, float]:
             with open(path, "rb") as file:
                 batch = pickle.load(file, encoding="bytes")
         except Exception as error:  # unpickling a damaged file can raise anything
-            raise UserError(f"cannot read CIFAR-10 batch {path} ({brief_reason(error)})") from None
+            raise UserError(
+                f"cannot read CIFAR-10 batch {path} ({first_sentence(error)})"
+            ) from None
         if not (isinstance(batch, dict) and b"data" in batch and b"labels" in batch):
             raise UserError(
                 f"{path} is not a CIFAR-10 batch (a pickled {type(batch).__name__}; expected a "
@@ -274,7 +277,7 @@ def _cifar10(folder: str) -> tuple[Split, Split, float]:
             data = raw_data.reshape(-1, 3, 32, 32)
             labels = raw_labels.astype(np.int64).reshape(-1)
         except (TypeError, ValueError, OverflowError) as error:
-            raise UserError(f"{path}: malformed CIFAR-10 batch ({brief_reason(error)})") from None
+            raise UserError(f"{path}: malformed CIFAR-10 batch ({first_sentence(error)})") from None
         if len(labels) != len(data):
             raise UserError(f"{path} holds {len(data)} images but {len(labels)} labels")
         outside = labels[(labels < 0) | (labels >= CIFAR_CLASSES)]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from spngd.distributed.exchange import first_sentence
-
 
 class UserError(Exception):
     """A bad option, missing or unreadable data, or an unusable output folder.
@@ -17,11 +15,6 @@ class UserError(Exception):
         # the traceback's last line is ``spngd.train.errors.UserError: <message>``.
         last_line = message.strip().splitlines()[-1]
         super().__init__(last_line.removeprefix(f"{__name__}.{type(self).__qualname__}: "))
-
-
-# The first sentence of an exception's first line, or its type's name (torch's load and
-# state-dict messages run on for many lines): for the parenthesis of a one-line error.
-brief_reason = first_sentence
 
 
 class TrainingStoppedError(Exception):

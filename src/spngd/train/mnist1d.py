@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from spngd.train.errors import UserError, brief_reason
+from spngd.messages import first_sentence
+from spngd.train.errors import UserError
 from spngd.train.runfolder import atomic_write
 
 NAME = "mnist1d"
@@ -85,7 +86,8 @@ def generate(size: int) -> tuple[np.ndarray, np.ndarray]:
         from mnist1d.data import get_dataset_args, make_dataset
     except ImportError as error:
         raise UserError(
-            f"--data mnist1d needs the mnist1d package ({brief_reason(error)}); pip install mnist1d"
+            f"--data mnist1d needs the mnist1d package ({first_sentence(error)}); "
+            "pip install mnist1d"
         ) from None
     args = get_dataset_args()
     args.num_samples = size
@@ -109,7 +111,7 @@ def _read(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
             return x, y
         reason = f"arrays of shapes {x.shape} and {y.shape}"
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as error:
-        reason = brief_reason(error)
+        reason = first_sentence(error)
     warnings.warn(
         f"generating {path.name} again: the cached copy is unusable ({reason})", stacklevel=3
     )
@@ -123,7 +125,7 @@ def _write(path: Path, arrays: tuple[np.ndarray, np.ndarray]) -> None:
         atomic_write(path, lambda file: np.savez(file, x=arrays[0], y=arrays[1]))
     except OSError as error:
         warnings.warn(
-            f"mnist1d is not cached ({brief_reason(error)}); set SPNGD_CACHE to a writable "
+            f"mnist1d is not cached ({first_sentence(error)}); set SPNGD_CACHE to a writable "
             "folder to skip generating it each run",
             stacklevel=3,
         )

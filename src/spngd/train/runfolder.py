@@ -23,7 +23,8 @@ from typing import IO, Any
 import torch
 
 from spngd.guard import any_nonfinite
-from spngd.train.errors import UserError, brief_reason
+from spngd.messages import first_sentence
+from spngd.train.errors import UserError
 from spngd.train.plots import plot_runs
 
 CONFIG, METRICS, PLOT = "config.json", "metrics.jsonl", "plot.png"
@@ -141,7 +142,7 @@ def saved_options(folder: Path) -> dict[str, Any] | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as error:
-        reason = brief_reason(error)
+        reason = first_sentence(error)
         raise UserError(f"--resume: cannot read {folder / CONFIG} ({reason})") from None
 
 
@@ -157,7 +158,7 @@ def find_checkpoint(folder: Path) -> Checkpoint:
         except FileNotFoundError:
             rejected.append((path, "missing"))
         except Exception as error:  # any failure to load makes the file unusable
-            rejected.append((path, brief_reason(error)))
+            rejected.append((path, first_sentence(error)))
     if all(reason == "missing" for _, reason in rejected):
         raise UserError(
             f"--resume: {folder} holds no checkpoint ({CHECKPOINT} is written after each pass "

@@ -22,12 +22,13 @@ from tqdm import tqdm
 
 from spngd.distributed import launch
 from spngd.guard import NonFiniteGradientError
+from spngd.messages import first_sentence
 from spngd.optimizer import SPNGD
 from spngd.timing import seconds_since
 from spngd.train.augment import RunningMixup, soft_targets
 from spngd.train.config import TrainConfig
 from spngd.train.data import ImageFiles, load_data, make_loaders
-from spngd.train.errors import TrainingStoppedError, UserError, brief_reason
+from spngd.train.errors import TrainingStoppedError, UserError
 from spngd.train.evaluation import (
     batchnorm_loader,
     evaluate,
@@ -200,7 +201,7 @@ class Trainer:
             self.optimizer.load_state_dict(payload["optimizer"])
         except (RuntimeError, ValueError, KeyError) as error:
             raise UserError(
-                f"checkpoint {checkpoint.path} does not fit this run ({brief_reason(error)})"
+                f"checkpoint {checkpoint.path} does not fit this run ({first_sentence(error)})"
             ) from None
         for group in self.optimizer.param_groups:  # the one setting the schedule leaves alone
             group["weight_decay"] = self.config.weight_decay
