@@ -36,7 +36,9 @@ def _pair() -> tuple[nn.Linear, nn.Linear]:
 
 def test_guarded_sgd_steps_as_torch_sgd_and_skips_a_non_finite_step() -> None:
     guarded_model, plain_model = _pair()
-    guarded = GuardedSGD(guarded_model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    guarded = GuardedSGD(
+        guarded_model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4, max_bad_steps=10
+    )
     plain = torch.optim.SGD(plain_model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     x = torch.randn(5, 3)
     for _ in range(3):
@@ -62,11 +64,13 @@ def test_guarded_sgd_steps_as_torch_sgd_and_skips_a_non_finite_step() -> None:
 
 def test_guarded_sgd_state_carries_its_counters() -> None:
     model, twin = _pair()
-    opt = GuardedSGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.0)
+    opt = GuardedSGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.0, max_bad_steps=10)
     opt.guard.skipped_steps, opt.guard.bad_steps_in_a_row = 4, 1
     state = opt.state_dict()
     assert (state["skipped_steps"], state["bad_steps_in_a_row"]) == (4, 1)
-    restored = GuardedSGD(twin.parameters(), lr=0.1, momentum=0.9, weight_decay=0.0)
+    restored = GuardedSGD(
+        twin.parameters(), lr=0.1, momentum=0.9, weight_decay=0.0, max_bad_steps=10
+    )
     restored.load_state_dict(state)
     assert restored.skipped_steps == 4 and restored.last_step_skipped
     assert "skipped_steps" in state  # the caller's dict is left whole

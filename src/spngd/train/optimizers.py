@@ -46,7 +46,7 @@ class GuardedSGD(GuardedSteps, torch.optim.SGD):
         lr: float,
         momentum: float,
         weight_decay: float,
-        max_bad_steps: int = 10,
+        max_bad_steps: int,
     ) -> None:
         super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
         self.guard = NonFiniteGuard("SGD", max_bad_steps, advice="Lower the learning rate")
