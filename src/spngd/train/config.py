@@ -130,7 +130,6 @@ class TrainConfig:
     def __post_init__(self) -> None:
         checks: list[tuple[str, bool, str]] = [
             ("model", self.model in MODEL_NAMES, f"one of {', '.join(MODEL_NAMES)}"),
-            ("optimizer", self.optimizer in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
             ("crop", self.crop in CROPS, f"one of {', '.join(CROPS)}"),
             (
                 "eval_batchnorm",
@@ -163,6 +162,7 @@ class TrainConfig:
             check_settings(**{own: getattr(self, name) for name, own in OPTIMIZER_SETTINGS.items()})
         except InvalidSettingError as error:
             raise flag_error(error) from None
+        check_optimizer(self.optimizer)
         recipe_settings(self.recipe)
         _check_device(self.device)
         sequences = mnist1d.is_named(self.data)
@@ -191,6 +191,13 @@ def recipe_settings(name: str | None) -> dict[str, Any]:
     if name not in RECIPES:
         raise UserError(f"unknown recipe {name!r}; valid: {', '.join(RECIPES)}")
     return RECIPES[name].settings()
+
+
+def check_optimizer(name: str) -> None:
+    """A UserError unless ``name`` is one of :data:`OPTIMIZERS` (checked before its defaults
+    are looked up, and by the config itself)."""
+    if name not in OPTIMIZERS:
+        raise UserError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
 
 
 MAX_IMAGE_SIZE = 4096
@@ -323,8 +330,7 @@ def resolve_config(options: Mapping[str, Any]) -> TrainConfig:
     values["workers"] = min(values["workers"], os.cpu_count() or 1)
     preset = recipe_settings(options.get("recipe"))
     optimizer = options.get("optimizer", preset.get("optimizer", DEFAULTS["optimizer"]))
-    if optimizer not in OPTIMIZER_DEFAULTS:
-        raise UserError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
+    check_optimizer(optimizer)
     values.update(OPTIMIZER_DEFAULTS[optimizer])
     if optimizer != preset.get("optimizer", optimizer):
         preset = {k: v for k, v in preset.items() if k not in OPTIMIZER_DEFAULTS[optimizer]}
