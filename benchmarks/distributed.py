@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import socket
 import sys
@@ -37,10 +38,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from spngd import SPNGD
-from spngd.curvature import BatchNormBlock, CurvatureBlock, make_block
+from spngd.curvature import CurvatureBlock
 from spngd.distributed import DistributedConfig, FlatPacker, TensorSpec, assign_blocks
 from spngd.distributed.assignment import BlockCost
-from spngd.distributed.exchange import statistic_spec
+from spngd.distributed.exchange import gather_specs, reduce_specs, statistic_spec
 from spngd.timing import seconds_since
 from spngd.train.models import build_model
 
@@ -62,57 +63,40 @@ class Layouts:
 
     reduce: list[int]  # statistics bucket reduced onto each owner (packed, with counts)
     gather: list[int]  # preconditioned-gradient buffer of each owner (unpadded)
-    full_factors: int  # every factor unpacked: A, G d x d per group; BN C x 2 x 2
+    full_factors: int  # every statistic unpacked: A, G d x d per group; BN (C, 3)
     packed_factors: int  # conv/FC triangles + BN (C, 3), no counts
     gradients: int  # every parameter of a curvature block
 
 
 def curvature_blocks(model: nn.Module) -> dict[str, CurvatureBlock]:
-    """SPNGD's blocks for ``model``, in SPNGD's order (``named_modules``)."""
-    blocks = {}
-    for name, module in model.named_modules():
-        label = name or "<model>"
-        block = make_block(label, module, 16.0)
-        if block is not None:
-            blocks[label] = block
-    return blocks
-
-
-def full_numel(block: CurvatureBlock) -> int:
-    """Entries of every statistic of ``block`` unpacked (BN: a full 2x2 per channel)."""
-    if isinstance(block, BatchNormBlock):
-        return block.channels * 4
-    groups, a, g = block.groups, block.a_dim, block.g_dim  # type: ignore[attr-defined]
-    return groups * (a * a + g * g)
+    """SPNGD's blocks for ``model`` at its defaults (the learning rate plays no part)."""
+    return SPNGD(model, lr=0.1).curvature
 
 
 def layouts(blocks: dict[str, CurvatureBlock], world_size: int) -> Layouts:
-    """The exchange's bucket layouts on a refresh step under DDP (no gradients reduced).
-
-    Mirrors ``DistributedExchange._reduce_specs`` (a contributor count, then every statistic
-    via ``statistic_spec``, then one noise scalar per statistic when the block measures it)
-    and ``_gather_specs`` (a valid-flag + plan header, then the parameters), with the owners
-    from ``assign_blocks`` under the default config. The per-owner totals are what counts:
+    """The exchange's bucket layouts on a refresh step under DDP (no gradients reduced):
+    each block's ``reduce_specs`` and ``gather_specs``, with the owners from
+    ``assign_blocks`` under the default config. The per-owner totals are what counts:
     every bytes-sent model below adds over buckets, so splitting an owner's share into
     several buckets changes nothing.
     """
     costs = [BlockCost(block.name, block.inversion_cost) for block in blocks.values()]
     owners = assign_blocks(costs, world_size, DistributedConfig().assignment)
-    reduce_specs: list[list[TensorSpec]] = [[] for _ in range(world_size)]
-    gather_specs: list[list[TensorSpec]] = [[] for _ in range(world_size)]
+    reduce: list[list[TensorSpec]] = [[] for _ in range(world_size)]
+    gather: list[list[TensorSpec]] = [[] for _ in range(world_size)]
     full = packed = grads = 0
     for block, owner in zip(blocks.values(), owners, strict=True):
+        block.to_compute = [True] * len(block.statistic_names)
+        block.measure_noise = True
+        reduce[owner] += reduce_specs(block, average_gradients=False)
+        gather[owner] += gather_specs(block)
         stats = [statistic_spec(block, i) for i in range(len(block.statistic_names))]
-        noises = [TensorSpec((1,)) for _ in stats] if block.measure_noise else []
-        reduce_specs[owner] += [TensorSpec((1,)), *stats, *noises]
-        gather_specs[owner].append(TensorSpec((1 + len(block.statistic_names),)))
-        gather_specs[owner] += [TensorSpec(tuple(p.shape)) for p in block.params]
-        full += full_numel(block)
+        full += sum(math.prod(spec.shape) for spec in stats)
         packed += sum(spec.numel for spec in stats)
         grads += sum(p.numel() for p in block.params)
     return Layouts(
-        reduce=[FlatPacker(specs).numel for specs in reduce_specs],
-        gather=[FlatPacker(specs).numel for specs in gather_specs],
+        reduce=[FlatPacker(specs).numel for specs in reduce],
+        gather=[FlatPacker(specs).numel for specs in gather],
         full_factors=full,
         packed_factors=packed,
         gradients=grads,
@@ -161,9 +145,9 @@ def communication_volume(worlds: list[int]) -> None:
         f"placement '{DistributedConfig().assignment}'; gradients averaged by DDP"
     )
     print("elements per step (independent of the world size):")
-    print(f"  statistics, full (A, G d x d; BN C x 2 x 2)        {base.full_factors:>13,}")
+    print(f"  statistics, full (A, G d x d; BN (C, 3))           {base.full_factors:>13,}")
     print(f"  statistics, packed (triangles; BN (C, 3))         {base.packed_factors:>13,}")
-    print(f"    + a contributor count per block (reduce buckets) {sum(base.reduce):>12,}")
+    print(f"    + per block a count and noise scalars (reduce)   {sum(base.reduce):>12,}")
     print(f"  preconditioned gradients + per-block headers      {sum(base.gather):>13,}")
     print(f"  gradients of the preconditioned layers            {base.gradients:>13,}")
     print("bytes-sent models (per rank; B = buffer bytes, P = world size):")

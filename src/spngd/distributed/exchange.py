@@ -254,7 +254,7 @@ class DistributedExchange:
             block = self.blocks[name]
             fresh = block.take_pending()
             self._launched[name] = True
-            block_specs = self._reduce_specs(name)
+            block_specs = reduce_specs(block, self.average_gradients)
             specs.extend(block_specs)
             tensors.extend(self._reduce_entries(name, fresh, block_specs, unscale))
         bucket.packer = FlatPacker(specs)
@@ -263,20 +263,6 @@ class DistributedExchange:
             bucket.buffer, group_dst=bucket.owner, group=self.group, async_op=True
         )
         self._next += 1
-
-    def _reduce_specs(self, name: str) -> list[TensorSpec]:
-        """Bucket entries of one block: contributor count, the statistics computed (and their
-        measured noise), gradients."""
-        block = self.blocks[name]
-        specs = [TensorSpec((1,))]
-        for i, computed in enumerate(block.to_compute):
-            if computed:
-                specs.append(statistic_spec(block, i))
-        if block.measure_noise:
-            specs.extend(TensorSpec((1,)) for computed in block.to_compute if computed)
-        if self.average_gradients:
-            specs.extend(TensorSpec(tuple(p.shape)) for p in block.params)
-        return specs
 
     def _reduce_entries(
         self,
@@ -395,7 +381,12 @@ class DistributedExchange:
         of all blocks are read from the device once.
         """
         dtype = self.config.comm_dtype
-        packers = [FlatPacker(self._gather_specs(r)) for r in range(self.world_size)]
+        packers = [
+            FlatPacker(
+                [spec for name in self.owned_by[r] for spec in gather_specs(self.blocks[name])]
+            )
+            for r in range(self.world_size)
+        ]
         own = packers[self.rank]
         send = torch.zeros(max(packer.numel for packer in packers), dtype=dtype, device=self.device)
         if own.numel:
@@ -560,6 +551,27 @@ def make_exchange(
 def statistic_spec(block: CurvatureBlock, index: int) -> TensorSpec:
     """Layout of statistic ``index`` of ``block`` in a communication buffer."""
     return TensorSpec(block.statistic_shape(index), symmetric=block.statistic_symmetric)
+
+
+def reduce_specs(block: CurvatureBlock, average_gradients: bool) -> list[TensorSpec]:
+    """A block's entries in its owner's reduced bucket: the contributor count, the
+    statistics to compute this step (and their measured noise), and, where SPNGD averages
+    them, the gradients."""
+    specs = [TensorSpec((1,))]
+    computed = [i for i, due in enumerate(block.to_compute) if due]
+    specs.extend(statistic_spec(block, i) for i in computed)
+    if block.measure_noise:
+        specs.extend(TensorSpec((1,)) for _ in computed)
+    if average_gradients:
+        specs.extend(TensorSpec(tuple(p.shape)) for p in block.params)
+    return specs
+
+
+def gather_specs(block: CurvatureBlock) -> list[TensorSpec]:
+    """A block's entries in its owner's gathered buffer: a header (valid, fell back to the
+    plain gradient, the statistics to compute next), then the parameters' directions."""
+    header = TensorSpec((2 + len(block.statistic_names),))
+    return [header, *(TensorSpec(tuple(p.shape)) for p in block.params)]
 
 
 def wait_all(works: list[Any], what: str) -> None:
