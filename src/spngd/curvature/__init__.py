@@ -12,6 +12,7 @@ from spngd.curvature.kronecker import DAMPING_FORMS, KroneckerBlock
 from spngd.curvature.linear import LinearBlock
 
 __all__ = [
+    "BLOCK_KINDS",
     "BatchNormBlock",
     "Conv1dBlock",
     "Conv2dBlock",
@@ -22,25 +23,26 @@ __all__ = [
 ]
 
 
+BLOCK_KINDS: tuple[type[CurvatureBlock], ...] = (
+    LinearBlock,
+    Conv2dBlock,
+    Conv1dBlock,
+    BatchNormBlock,
+)
+"""The registered layer kinds: a new kind is a block module and one entry here."""
+
+
 def make_block(
     name: str,
     module: nn.Module,
     bn_damping_scale: float,
     damping_form: str = DAMPING_FORMS[0],
 ) -> CurvatureBlock | None:
-    """The curvature block for a supported module kind, or None for any other module;
-    Kronecker-factored blocks are damped in ``damping_form``, BatchNorm blocks with
-    ``bn_damping_scale`` times the damping."""
-    kronecker: KroneckerBlock
-    if isinstance(module, nn.Linear):
-        kronecker = LinearBlock(name, module)
-    elif isinstance(module, nn.Conv2d):
-        kronecker = Conv2dBlock(name, module)
-    elif isinstance(module, nn.Conv1d):
-        kronecker = Conv1dBlock(name, module)
-    elif isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine:
-        return BatchNormBlock(name, module, bn_damping_scale)
-    else:
-        return None
-    kronecker.damping_form = damping_form
-    return kronecker
+    """The curvature block of the first registered kind (:data:`BLOCK_KINDS`) whose module
+    types ``module`` is an instance of, or None for any other module; Kronecker-factored
+    blocks are damped in ``damping_form``, BatchNorm blocks with ``bn_damping_scale`` times
+    the damping."""
+    for kind in BLOCK_KINDS:
+        if isinstance(module, kind.module_types):
+            return kind.for_module(name, module, bn_damping_scale, damping_form)
+    return None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import warnings
 from abc import ABC, abstractmethod
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -31,6 +32,9 @@ class CurvatureBlock(ABC):
 
     method: str = "curvature"
     """How the block preconditions, as :meth:`describe` names it (``"K-FAC Conv2d"``)."""
+    module_types: ClassVar[tuple[type[nn.Module], ...]] = ()
+    """The module classes this kind preconditions (:func:`spngd.curvature.make_block` looks
+    a module up in each registered kind's)."""
     statistic_names: tuple[str, ...] = ()
     halves_combine: bool = False
     """Whether a statistic of the whole batch is the example-weighted mean of those of its
@@ -39,6 +43,15 @@ class CurvatureBlock(ABC):
     inverse_form_name: str = "inverse"
     """What ``inverse_form`` holds: ``inverse`` (the inverse itself), ``cholesky`` or
     ``eigen-kronecker`` (saved in checkpoints as ``inverse_kind``)."""
+
+    @classmethod
+    @abstractmethod
+    def for_module(
+        cls, name: str, module: nn.Module, bn_damping_scale: float, damping_form: str
+    ) -> CurvatureBlock | None:
+        """This kind's block for ``module`` (an instance of one of :attr:`module_types`),
+        set up with the settings that concern the kind, or None where the kind cannot
+        precondition this module."""
 
     def __init__(self, name: str, module: nn.Module) -> None:
         self.name = name

@@ -20,7 +20,18 @@ from spngd.linalg import FactorizationError, unit_wise_inverse
 
 class BatchNormBlock(CurvatureBlock):
     method = "unit-wise BatchNorm"
+    module_types = (nn.modules.batchnorm._BatchNorm,)
     statistic_names = ("F",)
+
+    @classmethod
+    def for_module(
+        cls, name: str, module: nn.Module, bn_damping_scale: float, damping_form: str
+    ) -> BatchNormBlock | None:
+        """The block of an affine BatchNorm (one without ``gamma`` and ``beta`` has no
+        parameters to precondition)."""
+        if not module.affine:  # type: ignore[union-attr]
+            return None
+        return cls(name, module, bn_damping_scale)  # type: ignore[arg-type]
 
     def __init__(
         self, name: str, module: nn.modules.batchnorm._BatchNorm, damping_scale: float

@@ -72,6 +72,14 @@ class KroneckerBlock(CurvatureBlock):
 
     restorable = (*CurvatureBlock.restorable, "eigen", "a_damping", "a_earlier_uses")
 
+    @classmethod
+    def for_module(
+        cls, name: str, module: torch.nn.Module, bn_damping_scale: float, damping_form: str
+    ) -> KroneckerBlock:
+        block = cls(name, module)
+        block.damping_form = damping_form
+        return block
+
     def __init__(self, name: str, module: torch.nn.Module) -> None:
         super().__init__(name, module)
         self.eigen: list[tuple[torch.Tensor, torch.Tensor] | None] = [None, None]

@@ -28,6 +28,7 @@ ONEDNN_MIN_WORK = 1 << 24
 
 class LinearBlock(KroneckerBlock):
     method = "K-FAC Linear"
+    module_types = (nn.Linear,)
 
     def __init__(self, name: str, module: nn.Linear) -> None:
         super().__init__(name, module)
