@@ -18,3 +18,12 @@ def conv_bn_net() -> nn.Module:
         nn.Flatten(),
         nn.Linear(4 * 16, 3),
     )
+
+
+def deep_conv_bn_net(pairs: int) -> nn.Module:
+    """``2 * pairs + 2`` curvature blocks: conv, then ``pairs`` x (conv, BatchNorm), Linear."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = [nn.Conv2d(3, 4, 3, padding=1)]
+    for _ in range(pairs):
+        layers += [nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(4 * 36, 3))

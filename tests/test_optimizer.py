@@ -12,6 +12,7 @@ from torch import nn
 
 from spngd import SPNGD
 from spngd.linalg import FactorizationError
+from tests.small_models import deep_conv_bn_net
 
 
 class Mixed(nn.Module):
@@ -351,22 +352,13 @@ def test_nonfinite_gradient_skips_the_step_and_too_many_stop_training() -> None:
                 opt.step()
 
 
-def _deep_model(pairs: int) -> nn.Module:
-    """``2 * pairs + 2`` curvature blocks: conv, then ``pairs`` x (conv, BatchNorm), Linear."""
-    torch.manual_seed(0)
-    layers: list[nn.Module] = [nn.Conv2d(3, 4, 3, padding=1)]
-    for _ in range(pairs):
-        layers += [nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()]
-    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(4 * 36, 3))
-
-
 def test_a_step_reads_the_device_once_whatever_the_number_of_layers() -> None:
     """Refresh and non-refresh steps alike: nothing read during backward, one read (all the
     step's checks together) per ``step()``, for 14 and 26 blocks."""
     from tests.host_reads import counting_host_reads
 
     for pairs in (6, 12):
-        model = _deep_model(pairs)
+        model = deep_conv_bn_net(pairs)
         opt = SPNGD(model, lr=0.05)
         assert len(opt.curvature) == 2 * pairs + 2
         gen = torch.Generator().manual_seed(1)

@@ -73,9 +73,9 @@ def _reads_worker(rank: int, world_size: int, out: str, wrap: bool) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     from tests.host_reads import counting_host_reads
-    from tests.test_optimizer import _deep_model
+    from tests.small_models import deep_conv_bn_net
 
-    model = _deep_model(10)
+    model = deep_conv_bn_net(10)
     net = DistributedDataParallel(model) if wrap else model
     opt = SPNGD(net, lr=0.05, distributed=DistributedConfig(bucket_elements=500))
     gen = torch.Generator().manual_seed(rank)

@@ -12,22 +12,22 @@ import torch.nn.functional as F
 
 from spngd import SPNGD
 from tests.distributed.harness import run_workers, start_workers
-from tests.distributed.test_parity import (
+from tests.distributed.parity_case import (
     LOCAL_BATCH,
-    _global_batch,
-    _model,
-    _optimizer,
     ghost_batch_step,
+    global_batch,
+    parity_model,
+    parity_optimizer,
 )
 
 
 def _dying_worker(rank: int, world_size: int, out: str) -> None:
-    model = _model()
-    opt = _optimizer(model, stat_interval=1)
+    model = parity_model()
+    opt = parity_optimizer(model, stat_interval=1)
     for step in range(20):
         if rank == 1 and step == 2:
             os._exit(3)  # the rank dies without a word
-        x, y = _global_batch(step, world_size)
+        x, y = global_batch(step, world_size)
         part = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
         opt.zero_grad()
         F.cross_entropy(model(x[part]), y[part]).backward()
@@ -54,7 +54,7 @@ def test_a_dead_rank_stops_the_others_with_a_clear_error(tmp_path: Path) -> None
 
 def _train(model: torch.nn.Module, opt: SPNGD, steps: range, rank: int, world_size: int) -> None:
     for step in steps:
-        x, y = _global_batch(step, world_size)
+        x, y = global_batch(step, world_size)
         part = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
         opt.zero_grad()
         F.cross_entropy(model(x[part]), y[part]).backward()
@@ -62,8 +62,8 @@ def _train(model: torch.nn.Module, opt: SPNGD, steps: range, rank: int, world_si
 
 
 def _first_run(rank: int, world_size: int, out: str) -> None:
-    model = _model()
-    opt = _optimizer(model)
+    model = parity_model()
+    opt = parity_optimizer(model)
     _train(model, opt, range(3), rank, world_size)
     state = opt.state_dict()
     if rank == 0:
@@ -72,9 +72,9 @@ def _first_run(rank: int, world_size: int, out: str) -> None:
 
 def _resumed_run(rank: int, world_size: int, out: str) -> None:
     checkpoint = torch.load(Path(out) / "ckpt.pt")
-    model = _model()
+    model = parity_model()
     model.load_state_dict(checkpoint["model"])
-    opt = _optimizer(model)
+    opt = parity_optimizer(model)
     opt.load_state_dict(checkpoint["opt"])
     _train(model, opt, range(3, 6), rank, world_size)
     if rank == 0:
@@ -83,10 +83,10 @@ def _resumed_run(rank: int, world_size: int, out: str) -> None:
 
 def _reference() -> list[torch.Tensor]:
     """Single process: 3 steps as 2 ghost batches, then resume as 3 ghost batches."""
-    model = _model()
+    model = parity_model()
     state: dict | None = None
     for world_size, steps in ((2, range(3)), (3, range(3, 6))):
-        opt = _optimizer(model, accumulation_steps=world_size)
+        opt = parity_optimizer(model, accumulation_steps=world_size)
         if state is not None:
             opt.load_state_dict(state)
         for step in steps:
@@ -109,8 +109,8 @@ def _refresh_state_worker(
 ) -> None:
     """Train ``steps`` (from ``checkpoint`` when given), then save what the checkpoint and
     the counts report of the refresh policy."""
-    model = _model()
-    opt = _optimizer(model)
+    model = parity_model()
+    opt = parity_optimizer(model)
     if checkpoint is not None:
         state = torch.load(Path(out) / checkpoint)
         model.load_state_dict(state["model"])
@@ -140,10 +140,10 @@ def test_a_checkpoint_after_a_resume_takes_each_layers_refresh_state_from_its_ow
 
 
 def _nan_on_one_rank(rank: int, world_size: int, out: str) -> None:
-    model = _model()
-    opt = _optimizer(model)
+    model = parity_model()
+    opt = parity_optimizer(model)
     for step in range(3):
-        x, y = _global_batch(step, world_size)
+        x, y = global_batch(step, world_size)
         part = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
         opt.zero_grad()
         F.cross_entropy(model(x[part]), y[part]).backward()
@@ -170,8 +170,8 @@ def test_a_nonfinite_gradient_on_one_rank_skips_the_step_everywhere(tmp_path: Pa
 
 
 def _uninterrupted(rank: int, world_size: int, out: str) -> None:
-    model = _model()
-    opt = _optimizer(model)
+    model = parity_model()
+    opt = parity_optimizer(model)
     _train(model, opt, range(6), rank, world_size)
     if rank == 0:
         torch.save([p.detach() for p in model.parameters()], Path(out) / "straight.pt")

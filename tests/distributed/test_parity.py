@@ -12,58 +12,26 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from spngd import SPNGD, AdaptiveRefresh
+from spngd import SPNGD
 from spngd.distributed import DistributedConfig
-from spngd.refresh import NOISE_LEAD_STEPS
 from tests.distributed.harness import run_workers
+from tests.distributed.parity_case import (
+    LOCAL_BATCH,
+    ghost_batch_step,
+    global_batch,
+    parity_model,
+    parity_optimizer,
+)
 
 STEPS = 8
-LOCAL_BATCH = 8
-REFRESH = AdaptiveRefresh(warmup_steps=NOISE_LEAD_STEPS + 1, max_interval=4)
-"""A short warm-up, so that the adaptive rule's decisions (from the reduced statistics and
-their measured noise) shape half the steps compared; noise is measured from the second
-step on, so the statistics' buffers change layout mid-run."""
-
-
-def _model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 6, 3, padding=1),
-        nn.BatchNorm2d(6),
-        nn.ReLU(inplace=True),
-        nn.Conv2d(6, 4, 3, stride=2, groups=2),
-        nn.Flatten(),
-        nn.Linear(4 * 16, 5),
-        nn.Tanh(),
-        nn.Linear(5, 3),
-    )
-
-
-def _global_batch(step: int, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(100 + step)
-    n = LOCAL_BATCH * world_size
-    return torch.randn(n, 3, 9, 9, generator=gen), torch.randint(0, 3, (n,), generator=gen)
-
-
-def _optimizer(model: nn.Module, **kwargs: object) -> SPNGD:
-    return SPNGD(
-        model,
-        lr=0.1,
-        momentum=0.9,
-        damping=1e-2,
-        weight_decay=1e-4,
-        refresh=REFRESH,
-        **kwargs,  # type: ignore[arg-type]
-    )
 
 
 def _worker(rank: int, world_size: int, out: str, wrap: bool, settings: dict) -> None:
-    model = _model()
+    model = parity_model()
     net = DistributedDataParallel(model) if wrap else model
-    opt = _optimizer(
+    opt = parity_optimizer(
         net,
         distributed=DistributedConfig(
             assignment=settings["assignment"], overlap=settings["overlap"], bucket_elements=200
@@ -72,7 +40,7 @@ def _worker(rank: int, world_size: int, out: str, wrap: bool, settings: dict) ->
         statistics_examples=settings.get("statistics_examples"),
     )
     for step in range(STEPS):
-        x, y = _global_batch(step, world_size)
+        x, y = global_batch(step, world_size)
         part = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
         opt.zero_grad()
         F.cross_entropy(net(x[part]), y[part]).backward()
@@ -92,22 +60,11 @@ def _worker(rank: int, world_size: int, out: str, wrap: bool, settings: dict) ->
     )
 
 
-def ghost_batch_step(model: nn.Module, opt: SPNGD, step: int, world_size: int) -> None:
-    """One single-process step that sees each rank's share as its own micro-batch
-    (``opt`` built with ``accumulation_steps=world_size``)."""
-    x, y = _global_batch(step, world_size)
-    opt.zero_grad()
-    for rank in range(world_size):
-        part = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
-        (F.cross_entropy(model(x[part]), y[part]) / world_size).backward()
-    opt.step()
-
-
 def _reference(
     world_size: int, stat_interval: int | None, statistics_examples: int | None = None
 ) -> tuple[list[torch.Tensor], SPNGD]:
-    model = _model()
-    opt = _optimizer(
+    model = parity_model()
+    opt = parity_optimizer(
         model,
         accumulation_steps=world_size,
         stat_interval=stat_interval,
@@ -165,10 +122,12 @@ def _subgroup_worker(rank: int, world_size: int, out: str) -> None:
     if rank == 0:
         return
     group_rank = dist.get_rank(group)
-    model = _model()
-    opt = _optimizer(model, distributed=DistributedConfig(process_group=group, bucket_elements=200))
+    model = parity_model()
+    opt = parity_optimizer(
+        model, distributed=DistributedConfig(process_group=group, bucket_elements=200)
+    )
     for step in range(STEPS):
-        x, y = _global_batch(step, 2)
+        x, y = global_batch(step, 2)
         part = slice(group_rank * LOCAL_BATCH, (group_rank + 1) * LOCAL_BATCH)
         opt.zero_grad()
         F.cross_entropy(model(x[part]), y[part]).backward()
