@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -143,18 +144,24 @@ def test_param_groups_carry_their_own_learning_rate() -> None:
     assert opt.param_groups[1]["lr"] == 0.0
 
 
-def test_state_dict_round_trip_continues_identically() -> None:
+@pytest.mark.parametrize("stat_decay", [0.0, 0.9])
+def test_state_dict_round_trip_continues_identically(stat_decay: float) -> None:
+    """Saved inside the adaptive rule's warm-up and past it (pooled statistics, intervals,
+    formed inverses in use), a resumed optimizer takes the same steps bit for bit."""
     torch.manual_seed(0)
     model = Mixed()
-    opt = SPNGD(model, lr=0.05, stat_decay=0.9)
-    _train(model, opt, 3)
-    resumed_model = copy.deepcopy(model)
-    resumed = SPNGD(resumed_model, lr=0.05, stat_decay=0.9)
-    resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
-    _train(model, opt, 2, seed=100)
-    _train(resumed_model, resumed, 2, seed=100)
-    for a, b in zip(model.parameters(), resumed_model.parameters(), strict=True):
-        torch.testing.assert_close(a, b)
+    opt = SPNGD(model, lr=0.05, stat_decay=stat_decay)
+    for done, more in ((3, 2), (9, 16)):
+        _train(model, opt, done, seed=10 * done)
+        resumed_model = copy.deepcopy(model)
+        resumed = SPNGD(resumed_model, lr=0.05, stat_decay=stat_decay)
+        resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
+        skipped = opt.refresh_counts()["total"]["stats_skipped"]
+        _train(model, opt, more, seed=100)
+        _train(resumed_model, resumed, more, seed=100)
+        for a, b in zip(model.parameters(), resumed_model.parameters(), strict=True):
+            assert torch.equal(a, b)
+    assert opt.refresh_counts()["total"]["stats_skipped"] > skipped
 
 
 def test_mc_sampling_state_from_another_kind_of_generator_draws_afresh_with_a_warning() -> None:
@@ -314,6 +321,64 @@ def test_weight_decay_is_added_before_preconditioning_and_floors_the_damping() -
     expected = torch.linalg.solve(g_d, grad) @ torch.linalg.inv(a_d)
     torch.testing.assert_close(before[0] - model.weight, expected[:, :4])
     torch.testing.assert_close(before[1] - model.bias, expected[:, 4])
+
+
+def test_each_group_damps_and_decays_its_own_layers() -> None:
+    """Two layers in groups with their own damping and weight decay: each layer's update is
+    the brute-force solve with its own group's values (damping floored at the decay)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    settings = {"0": (1e-4, 1e-2), "2": (3e-1, 1e-3)}  # damping, weight decay: lam 1e-2, 3e-1
+    groups = [
+        {"params": model[int(name)].parameters(), "damping": damping, "weight_decay": decay}
+        for name, (damping, decay) in settings.items()
+    ]
+    before = {name: copy.deepcopy(model[int(name)]) for name in settings}
+    opt = SPNGD(model, lr=1.0, momentum=0.0, params=groups)
+    x, y = torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,))
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    for name, (damping, decay) in settings.items():
+        layer, old, block = model[int(name)], before[name], opt.curvature[name]
+        grad = torch.cat((layer.weight.grad, layer.bias.grad[:, None]), 1)
+        grad = grad + decay * torch.cat((old.weight, old.bias[:, None]), 1)
+        A, G = block.A[0], block.G[0]
+        a_dim, g_dim = A.shape[0], G.shape[0]
+        pi = ((A.trace() / a_dim) / (G.trace() / g_dim)).sqrt()
+        lam = max(damping, decay)
+        a_d = A + pi * lam**0.5 * torch.eye(a_dim, dtype=torch.float64)
+        g_d = G + lam**0.5 / pi * torch.eye(g_dim, dtype=torch.float64)
+        expected = torch.linalg.solve(g_d, grad) @ torch.linalg.inv(a_d)
+        torch.testing.assert_close(old.weight - layer.weight, expected[:, :-1])
+        torch.testing.assert_close(old.bias - layer.bias, expected[:, -1])
+
+
+def test_step_with_a_closure_returns_its_loss_and_takes_the_same_steps() -> None:
+    torch.manual_seed(0)
+    model = Mixed()
+    twin = copy.deepcopy(model)
+    opt, twin_opt = SPNGD(model, lr=0.05), SPNGD(twin, lr=0.05)
+
+    def closure_on(batch: tuple[torch.Tensor, ...]) -> Callable[[], torch.Tensor]:
+        def closure() -> torch.Tensor:
+            twin_opt.zero_grad()
+            loss = F.cross_entropy(twin(*batch[:2]), batch[2])
+            loss.backward()
+            return loss
+
+        return closure
+
+    for k in range(12):  # past the warm-up, so that some statistics are skipped
+        batch = _batch(seed=k)
+        opt.zero_grad()
+        loss = F.cross_entropy(model(*batch[:2]), batch[2])
+        loss.backward()
+        opt.step()
+        assert torch.equal(twin_opt.step(closure_on(batch)), loss)
+    assert opt.refresh_counts()["total"]["stats_skipped"] > 0
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(a, b)
 
 
 def test_nonfinite_gradient_skips_the_step_and_too_many_stop_training() -> None:

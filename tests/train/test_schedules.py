@@ -107,17 +107,26 @@ def test_damping_is_constant_by_default_and_geometric_with_a_start() -> None:
 
 def test_apply_sets_every_group_and_spngd_uses_the_new_damping() -> None:
     torch.manual_seed(0)
+    first, head = torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)
+    grouped = SPNGD(
+        torch.nn.Sequential(first, head),
+        lr=0.1,
+        params=[
+            {"params": first.parameters()},
+            {"params": head.parameters(), "lr": 0.3, "damping": 0.5, "momentum": 0.0},
+        ],
+    )
+    assert len(grouped.param_groups) == 2
     model = torch.nn.Linear(4, 3)
     opt = SPNGD(model, lr=0.1, damping=1.0, stat_interval=1)
     schedule = _schedule(damping_start=1e-1, damping_epochs=2.0, warmup_epochs=1.0)
-    values = schedule.apply(opt, 0)
-    group = opt.param_groups[0]
-    assert (group["lr"], group["momentum"], group["damping"]) == (
-        values["lr"],
-        values["momentum"],
-        values["damping"],
-    )
-    assert values == {"lr": pytest.approx(0.05), "momentum": 0.9, "damping": pytest.approx(0.1)}
+    for optimizer in (grouped, opt):
+        values = schedule.apply(optimizer, 0)
+        assert values == {"lr": pytest.approx(0.05), "momentum": 0.9, "damping": pytest.approx(0.1)}
+        for group in optimizer.param_groups:
+            assert (group["lr"], group["momentum"], group["damping"]) == pytest.approx(
+                (0.05, 0.9, 0.1)
+            )
     x = torch.randn(8, 4)
 
     def second_update(damping: float) -> torch.Tensor:
