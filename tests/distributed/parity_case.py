@@ -50,12 +50,17 @@ def parity_optimizer(model: nn.Module, **kwargs: object) -> SPNGD:
     )
 
 
-def ghost_batch_step(model: nn.Module, opt: SPNGD, step: int, world_size: int) -> None:
-    """One single-process step that sees each rank's share as its own micro-batch
-    (``opt`` built with ``accumulation_steps=world_size``)."""
+def ghost_batch_step(
+    model: nn.Module, opt: SPNGD, step: int, world_size: int, micro_batches: int = 1
+) -> None:
+    """One single-process step that sees each rank's share (or each of its
+    ``micro_batches``) as its own micro-batch (``opt`` built with
+    ``accumulation_steps=world_size * micro_batches``)."""
     x, y = global_batch(step, world_size)
+    parts = world_size * micro_batches
+    size = LOCAL_BATCH // micro_batches
     opt.zero_grad()
-    for rank in range(world_size):
-        part = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
-        (F.cross_entropy(model(x[part]), y[part]) / world_size).backward()
+    for k in range(parts):
+        part = slice(k * size, (k + 1) * size)
+        (F.cross_entropy(model(x[part]), y[part]) / parts).backward()
     opt.step()

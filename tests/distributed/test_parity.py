@@ -38,12 +38,17 @@ def _worker(rank: int, world_size: int, out: str, wrap: bool, settings: dict) ->
         ),
         stat_interval=settings["stat_interval"],
         statistics_examples=settings.get("statistics_examples"),
+        accumulation_steps=settings.get("micro_batches", 1),
     )
+    micro_batches = settings.get("micro_batches", 1)
+    size = LOCAL_BATCH // micro_batches
     for step in range(STEPS):
         x, y = global_batch(step, world_size)
-        part = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
         opt.zero_grad()
-        F.cross_entropy(net(x[part]), y[part]).backward()
+        for micro in range(micro_batches):
+            start = rank * LOCAL_BATCH + micro * size
+            part = slice(start, start + size)
+            (F.cross_entropy(net(x[part]), y[part]) / micro_batches).backward()
         # with overlap every bucket was started during backward
         exchange = opt.preconditioner.exchange
         launched = exchange.buckets_launched == len(exchange.buckets)
@@ -60,18 +65,17 @@ def _worker(rank: int, world_size: int, out: str, wrap: bool, settings: dict) ->
     )
 
 
-def _reference(
-    world_size: int, stat_interval: int | None, statistics_examples: int | None = None
-) -> tuple[list[torch.Tensor], SPNGD]:
+def _reference(world_size: int, settings: dict) -> tuple[list[torch.Tensor], SPNGD]:
     model = parity_model()
+    micro_batches = settings.get("micro_batches", 1)
     opt = parity_optimizer(
         model,
-        accumulation_steps=world_size,
-        stat_interval=stat_interval,
-        statistics_examples=statistics_examples,
+        accumulation_steps=world_size * micro_batches,
+        stat_interval=settings["stat_interval"],
+        statistics_examples=settings.get("statistics_examples"),
     )
     for step in range(STEPS):
-        ghost_batch_step(model, opt, step, world_size)
+        ghost_batch_step(model, opt, step, world_size, micro_batches)
     return [p.detach() for p in model.parameters()], opt
 
 
@@ -86,16 +90,25 @@ def _reference(
             {"assignment": "lpt", "stat_interval": None, "overlap": True, "statistics_examples": 5},
         ),
         (3, False, {"assignment": "equal_count", "stat_interval": None, "overlap": False}),
+        (
+            2,
+            False,
+            # two micro-batches of 4 per rank, the buckets launched in the second's backward
+            {"assignment": "lpt", "stat_interval": None, "overlap": True, "micro_batches": 2},
+        ),
     ],
-    ids=["2-ranks-unwrapped", "3-ranks-ddp-adaptive", "3-ranks-equal-count-no-overlap"],
+    ids=[
+        "2-ranks-unwrapped",
+        "3-ranks-ddp-adaptive",
+        "3-ranks-equal-count-no-overlap",
+        "2-ranks-accumulating-adaptive",
+    ],
 )
 def test_distributed_steps_equal_single_process(
     tmp_path: Path, world_size: int, wrap: bool, settings: dict
 ) -> None:
     run_workers(_worker, world_size, str(tmp_path), wrap, settings)
-    expected, reference = _reference(
-        world_size, settings["stat_interval"], settings.get("statistics_examples")
-    )
+    expected, reference = _reference(world_size, settings)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world_size)]
     for result in results:
         # float32: a micro-batch's gradients are rescaled by K where a rank's are not; over
@@ -139,7 +152,7 @@ def _subgroup_worker(rank: int, world_size: int, out: str) -> None:
 def test_a_process_group_of_some_ranks_equals_single_process(tmp_path: Path) -> None:
     """Owners, sources and destinations are ranks of the given group, not of the world."""
     run_workers(_subgroup_worker, 3, str(tmp_path))
-    expected, _ = _reference(2, None)
+    expected, _ = _reference(2, {"stat_interval": None})
     for rank in (1, 2):
         for got, want in zip(torch.load(tmp_path / f"rank{rank}.pt"), expected, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # as above
