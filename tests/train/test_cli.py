@@ -331,8 +331,7 @@ def test_a_checkpoint_the_file_system_refuses_stops_the_run_and_keeps_the_last_o
     )
     assert_one_line_error(
         (resumed.returncode, resumed.stdout, resumed.stderr),
-        f"cannot write checkpoint {out / CHECKPOINT} (File too large); "
-        "the previous checkpoint is kept",
+        f"cannot write checkpoint {out / CHECKPOINT} (File too large); the last checkpoint is kept",
     )
     assert torch.load(out / CHECKPOINT)["step"] == 2
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
@@ -441,7 +440,7 @@ def test_a_run_file_the_file_system_refuses_is_one_line(tmp_path: Path) -> None:
     )
     assert_one_line_error(
         (done.returncode, done.stdout, done.stderr),
-        f"cannot write {out / 'config.json'} (File too large); the last checkpoint is kept",
+        f"cannot write {out / 'config.json'} (File too large); the run has no checkpoint yet",
     )
 
 

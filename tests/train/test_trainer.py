@@ -80,7 +80,7 @@ def test_checkpoint_is_replaced_atomically_keeping_the_previous_one_and_kept_on_
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(UserError, match=r"No space left on device.*previous checkpoint is kept"):
+    with pytest.raises(UserError, match=r"No space left on device.*last checkpoint is kept"):
         run.save_checkpoint({"step": 3})
     monkeypatch.undo()
     run.close()

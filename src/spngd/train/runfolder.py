@@ -297,9 +297,14 @@ class RunFolder:
             yield
         except OSError as error:
             raise UserError(
-                f"cannot write {self.path / name} ({error.strerror or error}); the last "
-                "checkpoint is kept"
+                f"cannot write {self.path / name} ({error.strerror or error}); {self._kept()}"
             ) from None
+
+    def _kept(self) -> str:
+        """What a failed write leaves to resume from, for its one-line error."""
+        if (self.path / CHECKPOINT).exists():
+            return "the last checkpoint is kept"
+        return "the run has no checkpoint yet; rerun it with more room"
 
     def close(self) -> None:
         try:
@@ -341,8 +346,7 @@ class RunFolder:
             if reason is None:
                 raise
             raise UserError(
-                f"cannot write checkpoint {path} ({reason.strerror or reason}); "
-                "the previous checkpoint is kept"
+                f"cannot write checkpoint {path} ({reason.strerror or reason}); {self._kept()}"
             ) from None
 
     def plot(self, records: Sequence[Mapping[str, Any]], title: str) -> None:
