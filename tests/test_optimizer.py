@@ -62,6 +62,8 @@ def _train(model: Mixed, opt: torch.optim.Optimizer, steps: int, seed: int = 0) 
         ({"weight_decay": -1.0}, "weight_decay must be finite and >= 0"),
         ({"bn_damping_scale": 0.0}, "bn_damping_scale must be finite and > 0"),
         ({"lr": float("inf")}, "lr must be finite and >= 0, got inf"),
+        ({"lr": "0.1"}, "lr must be finite and >= 0, got '0.1'"),
+        ({"momentum": None}, r"momentum must be in \[0, 1\), got None"),
         ({"damping": float("nan")}, "damping must be finite and > 0, got nan"),
         ({"damping_form": "diagonal"}, "damping_form must be one of factored-keep-a"),
         ({"accumulation_steps": 0}, "accumulation_steps must be an int >= 1, got 0"),
@@ -474,6 +476,22 @@ def _flat(state: object) -> list[torch.Tensor]:
     if isinstance(state, list | tuple):
         return [t for item in state for t in _flat(item)]
     return []
+
+
+def test_a_state_dict_with_a_bad_hyperparameter_is_refused_and_changes_nothing() -> None:
+    torch.manual_seed(0)
+    model = Mixed()
+    opt = SPNGD(model, lr=0.05)
+    _train(model, opt, 2)
+    state = copy.deepcopy(opt.state_dict())
+    state["param_groups"][0]["damping"] = -1.0
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=r"damping must be finite and > 0, got -1.0"):
+        opt.load_state_dict(state)
+    state["param_groups"][0].update(damping=1e-3, lr="fast")
+    with pytest.raises(ValueError, match=r"lr must be finite and >= 0, got 'fast'"):
+        opt.load_state_dict(state)
+    assert opt.state_dict()["param_groups"] == before["param_groups"]
 
 
 def test_a_state_dict_that_is_not_spngd_s_is_refused() -> None:

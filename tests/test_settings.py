@@ -30,3 +30,9 @@ def test_optional_int_rule_also_takes_none() -> None:
     assert test(None) and test(2)
     assert not test(1) and not test(False)
     assert rule == "an int >= 2 or None"
+
+
+def test_a_value_its_rule_cannot_compare_is_rejected_by_name() -> None:
+    rules = {"rate": ((lambda v: v > 0), "> 0")}
+    with pytest.raises(InvalidSettingError, match=r"^Owner.rate must be > 0, got '0.1'$"):
+        check("Owner", {"rate": "0.1"}, rules)

@@ -430,6 +430,8 @@ class SPNGD(GuardedSteps, Optimizer):
             raise ValueError(
                 f"not an SPNGD state dict: its param groups lack {', '.join(sorted(missing))}"
             )
+        for group in groups:  # the rules a new group obeys, before anything changes
+            check_settings(**{key: group[key] for key in GROUP_SETTINGS})
         state_dict = dict(state_dict)
         curvature_state = {
             key: state_dict.pop(key) for key in Preconditioner.STATE_KEYS if key in state_dict

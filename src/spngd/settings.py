@@ -19,10 +19,15 @@ class InvalidSettingError(ValueError):
 
 
 def check(owner: str, values: Mapping[str, Any], rules: Mapping[str, Rule]) -> None:
-    """An :class:`InvalidSettingError` for the first of ``values`` its rule rejects."""
+    """An :class:`InvalidSettingError` for the first of ``values`` its rule rejects; a value
+    its rule cannot even compare (a string where a number belongs) is rejected too."""
     for setting, value in values.items():
         test, rule = rules[setting]
-        if not test(value):
+        try:
+            accepted = bool(test(value))
+        except (TypeError, ValueError):
+            accepted = False
+        if not accepted:
             raise InvalidSettingError(owner, setting, rule, value)
 
 
