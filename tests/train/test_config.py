@@ -198,3 +198,11 @@ def test_a_data_folder_is_saved_absolute_so_the_run_resumes_from_anywhere(
     assert resume_config(saved, {"data": "./images"}).data == str(root)
     with pytest.raises(UserError, match=r"--data digits differs from the saved run's"):
         resume_config(saved, {"data": "digits"})
+    (tmp_path / "link").symlink_to(root)  # the same folder through a link
+    assert resume_config(saved, {"data": "link"}).data == str(tmp_path / "link")
+    for empty in ("", "  "):
+        message = rf"^--data must be a data set name or a folder, got '{empty}'$"
+        with pytest.raises(UserError, match=message):
+            resume_config(saved, {"data": empty})
+        with pytest.raises(UserError, match=message):
+            resolve_config({"data": empty})

@@ -325,8 +325,8 @@ def resolve_config(options: Mapping[str, Any]) -> TrainConfig:
     if unknown:
         raise UserError(f"unknown option(s): {', '.join(sorted(unknown))}")
     values = dict(DEFAULTS)
-    values["data"] = options.get("data", DEFAULTS["data"])
-    values.update(DATA_DEFAULTS[data_kind(values["data"])])
+    data = absolute_data(options.get("data", DEFAULTS["data"]))
+    values.update(DATA_DEFAULTS[data_kind(data)])
     values["workers"] = min(values["workers"], os.cpu_count() or 1)
     preset = recipe_settings(options.get("recipe"))
     optimizer = options.get("optimizer", preset.get("optimizer", DEFAULTS["optimizer"]))
@@ -336,7 +336,7 @@ def resolve_config(options: Mapping[str, Any]) -> TrainConfig:
         preset = {k: v for k, v in preset.items() if k not in OPTIMIZER_DEFAULTS[optimizer]}
     values.update(preset)
     values.update(options)
-    values["data"] = absolute_data(values["data"])
+    values["data"] = data
     values["optimizer"] = optimizer
     for name in NESTED:
         values[name] = nested_settings(name, values.get(name))
@@ -381,10 +381,22 @@ def merged_options(base: Mapping[str, Any], given: Mapping[str, Any]) -> dict[st
 def absolute_data(data: str) -> str:
     """``--data`` as saved in a run: a folder as an absolute path (so that the run resumes
     from any directory, and the same folder compares equal however it was written); the
-    embedded sets by name."""
+    embedded sets by name. An empty name is a UserError (it would read as the current
+    directory)."""
+    if not data.strip():
+        raise UserError(f"--data must be a data set name or a folder, got {data!r}")
     if data in ("digits", "synthetic") or mnist1d.is_named(data):
         return data
     return os.path.abspath(os.path.expanduser(data))
+
+
+def _same_setting(name: str, given: Any, saved: Any) -> bool:
+    """Whether a resumed run's ``given`` value of ``name`` is the saved one: for ``--data``,
+    the same folder however it is reached (through a symbolic link too)."""
+    if given == saved:
+        return True
+    folders = name == "data" and os.path.isabs(given) and os.path.isabs(saved)
+    return folders and os.path.realpath(given) == os.path.realpath(saved)
 
 
 RESUME_FIXED = ("data", "model", "zero_init_residual", "optimizer", "recipe", "batch_size", "seed")
@@ -405,7 +417,7 @@ def resume_config(saved: Mapping[str, Any], options: Mapping[str, Any]) -> Train
     }
     options = {**options, **({"data": absolute_data(options["data"])} if "data" in options else {})}
     for name in RESUME_FIXED:
-        if name in options and options[name] != saved.get(name):
+        if name in options and not _same_setting(name, options[name], saved.get(name)):
             raise UserError(
                 f"--resume: {flag(name)} {options[name]} differs from the saved run's "
                 f"{saved.get(name)!r}; a resumed run keeps {', '.join(map(flag, RESUME_FIXED))}"
