@@ -96,6 +96,10 @@ def test_cifar10_batches_are_detected_and_loaded(tmp_path: Path) -> None:
         (lambda batch: {**batch, b"data": batch[b"data"] * 1000.0}, "pixels are float64"),
         (lambda batch: {**batch, b"labels": [2**70] * 6}, "malformed CIFAR-10 batch"),
         (lambda batch: {b"data": batch[b"data"][:0], b"labels": []}, "holds no images"),
+        (
+            lambda batch: {**batch, b"data": batch[b"data"].reshape(-1, 32, 32, 3)},
+            "malformed CIFAR-10 batch (images of shape 6x32x32x3, not N x 3072",
+        ),
     ],
     ids=[
         "fewer-labels",
@@ -106,6 +110,7 @@ def test_cifar10_batches_are_detected_and_loaded(tmp_path: Path) -> None:
         "float-pixels",
         "huge-labels",
         "empty",
+        "channels-last",
     ],
 )
 def test_a_malformed_cifar_batch_is_a_one_line_error(

@@ -274,6 +274,9 @@ def _cifar10(folder: str) -> tuple[Split, Split, float]:
                 raise ValueError(f"pixels are {raw_data.dtype}, not uint8")
             if not np.issubdtype(raw_labels.dtype, np.integer):
                 raise ValueError(f"labels are {raw_labels.dtype}, not integers")
+            if raw_data.shape[1:] not in ((3 * 32 * 32,), (3, 32, 32)):
+                shape = "x".join(map(str, raw_data.shape))
+                raise ValueError(f"images of shape {shape}, not N x 3072 (channels first)")
             data = raw_data.reshape(-1, 3, 32, 32)
             labels = raw_labels.astype(np.int64).reshape(-1)
         except (TypeError, ValueError, OverflowError) as error:
