@@ -255,6 +255,10 @@ def test_resuming_past_the_saved_decay_end_warns_that_the_rate_stays_zero(
         "spngd: warning: --epochs 3 goes past the saved --lr-decay-end 2: the learning rate "
         "stays 0 after epoch 2 (give --lr-decay-end to move it)"
     ) in stderr.splitlines()
+    # resumed again with the same --epochs, the complete run is said to be complete, alone
+    code, _, stderr = run_cli("train", "--resume", "--out", str(out), "--epochs", "3")
+    assert code == 0, stderr
+    assert [line.split(" is ")[-1][:16] for line in stderr.splitlines()] == ["already complete"]
 
 
 def test_lines_of_metrics_that_are_not_records_are_kept_on_resume(

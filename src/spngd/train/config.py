@@ -423,8 +423,10 @@ def resume_config(saved: Mapping[str, Any], options: Mapping[str, Any]) -> Train
                 f"{saved.get(name)!r}; a resumed run keeps {', '.join(map(flag, RESUME_FIXED))}"
             )
     if "epochs" in options and "lr_decay_end" not in options:
+        # Said when --epochs moves past the decay's end, not again at each later resume.
         decay_end = saved.get("lr_decay_end", saved.get("epochs"))
-        if decay_end is not None and options["epochs"] > decay_end:
+        extended = options["epochs"] > saved.get("epochs", -math.inf)
+        if decay_end is not None and extended and options["epochs"] > decay_end:
             warnings.warn(
                 f"--epochs {options['epochs']:g} goes past the saved --lr-decay-end "
                 f"{decay_end:g}: the learning rate stays 0 after epoch {decay_end:g} (give "
