@@ -385,6 +385,33 @@ def test_sigterm_stops_the_run_with_one_line_and_status_143(tmp_path: Path) -> N
     assert torch.load(out / CHECKPOINT)["step"] > 0
 
 
+CLI = (sys.executable, "-m", "spngd.train.cli")
+
+
+def test_ctrl_c_pressed_repeatedly_stops_the_run_once_with_one_line(tmp_path: Path) -> None:
+    """Five SIGINTs 20 ms apart, with DataLoader workers running: the first stops the run,
+    the others must not cut the stop short (a traceback from the loaders' clean-up, or a
+    death by the signal instead of status 130). Three runs, as the race is a matter of
+    timing."""
+    for attempt in range(3):
+        out = tmp_path / f"run{attempt}"
+        process = subprocess.Popen(
+            [*CLI, "train", "--out", str(out), "--epochs", "3", "--workers", "2", *SMALL],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 120
+        while not (out / "metrics.jsonl").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1.0 + 0.3 * attempt)
+        for _ in range(5):
+            process.send_signal(signal.SIGINT)
+            time.sleep(0.02)
+        _, stderr = process.communicate(timeout=60)
+        assert (process.returncode, stderr) == (130, "spngd: interrupted\n"), attempt
+
+
 def test_small_mistakes_are_one_clear_line(run_cli: CliRun, tmp_path: Path) -> None:
     status, _, stderr = run_cli("train", "--no-such-flag")
     assert (status, stderr) == (2, "spngd: error: unrecognized arguments: --no-such-flag\n")

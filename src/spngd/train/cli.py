@@ -273,17 +273,37 @@ def _quiet_worker_shutdown() -> None:
     sys.unraisablehook = lambda unraisable: None
 
 
+STOPPING_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _ignore_further_stops() -> None:
+    """Once the run is stopping, further Ctrl-Cs and SIGTERMs (a key held down, a scheduler
+    that signals twice) are ignored: raised again during the stop, they would cut it short
+    with a traceback from a clean-up or a death by the signal."""
+    for signum in STOPPING_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def _interrupt(signum: int, frame: types.FrameType | None) -> NoReturn:
+    """Ctrl-C: stop the run (KeyboardInterrupt), once."""
+    if os.getpid() == _MAIN_PROCESS:
+        _ignore_further_stops()
+    raise KeyboardInterrupt
+
+
 def _terminate(signum: int, frame: types.FrameType | None) -> NoReturn:
     """SIGTERM: stop the run like Ctrl-C. DataLoader workers (forked with this handler,
     and signalled too when a scheduler stops the whole process group) leave quietly."""
     if os.getpid() != _MAIN_PROCESS:
         os._exit(128 + signal.SIGTERM)
+    _ignore_further_stops()
     raise Terminated
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``spngd`` console script; returns the exit status."""
-    previous_handler = signal.signal(signal.SIGTERM, _terminate)
+    handlers = {signal.SIGINT: _interrupt, signal.SIGTERM: _terminate}
+    previous = {signum: signal.signal(signum, handler) for signum, handler in handlers.items()}
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
@@ -309,7 +329,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"spngd: error: {first_line}", file=sys.stderr)
         return TRAINING_STOPPED
     finally:
-        signal.signal(signal.SIGTERM, previous_handler)
+        for signum, handler in previous.items():
+            if signal.getsignal(signum) is handlers[signum]:  # else the run is stopping
+                signal.signal(signum, handler)
     return 0
 
 
