@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from spngd.train.cli import main
-from spngd.train.runfolder import CHECKPOINT, METRICS, PREVIOUS
+from spngd.train.runfolder import CHECKPOINT, CONFIG, METRICS, PREVIOUS
 from spngd.train.trainer import Trainer
 from tests.distributed.harness import run_workers
 from tests.train.conftest import SMALL, CliRun, assert_one_line_error, small_digits_runs
@@ -279,3 +279,36 @@ def test_lines_of_metrics_that_are_not_records_are_kept_on_resume(
     assert "my note: lr looked too high here" in lines
     records = [json.loads(line) for line in lines if line.startswith("{")]
     assert [r["step"] for r in records if r["kind"] == "step"] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_checkpoint_of_another_run_is_refused(
+    run_cli: CliRun, tmp_path: Path, two_pass_run: Path
+) -> None:
+    """config.json records another seed than the checkpoint (as when a checkpoint is copied
+    in from another run): resuming would train that run here, under this run's records."""
+    out = _copy(two_pass_run, tmp_path)
+    config = json.loads((out / CONFIG).read_text())
+    (out / CONFIG).write_text(json.dumps({**config, "seed": config["seed"] + 1}))
+    before = (out / METRICS).read_bytes()
+    assert_one_line_error(
+        run_cli("train", "--resume", "--out", str(out), "--epochs", "3"),
+        f"--resume: {out / CHECKPOINT} belongs to another run: its --seed is "
+        f"{config['seed']}, {out / CONFIG}'s {config['seed'] + 1}",
+    )
+    assert (out / METRICS).read_bytes() == before
+
+
+@pytest.mark.parametrize("damage", ["not json", "[1, 2]", '{"lr": -0.02}'])
+def test_config_json_is_a_record_rewritten_from_the_checkpoint(
+    run_cli: CliRun, tmp_path: Path, two_pass_run: Path, damage: str
+) -> None:
+    """A resume takes the checkpoint's options and the flags given now, whatever config.json
+    holds (edits there do not count: give flags); an unreadable one gets a warning."""
+    out = _copy(two_pass_run, tmp_path)
+    saved = json.loads((out / CONFIG).read_text())
+    (out / CONFIG).write_text(damage)
+    code, _, stderr = run_cli("train", "--resume", "--out", str(out), "--epochs", "3")
+    assert code == 0, stderr
+    warnings = [line for line in stderr.splitlines() if "written again" in line]
+    assert len(warnings) == (0 if damage.startswith("{") else 1), stderr
+    assert json.loads((out / CONFIG).read_text())["lr"] == saved["lr"]

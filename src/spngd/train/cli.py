@@ -34,12 +34,15 @@ from spngd.train.config import (
     OPTIMIZERS,
     RESUME_FIXED,
     TrainConfig,
+    check_same_run,
     flag,
     resolve_config,
     resume_config,
 )
 from spngd.train.errors import Terminated, TrainingStoppedError, UserError
 from spngd.train.runfolder import (
+    CONFIG,
+    Checkpoint,
     RunFolder,
     SilentRunFolder,
     find_checkpoint,
@@ -193,8 +196,10 @@ def _run_train(options: dict[str, Any]) -> None:
         if "out" not in options:
             raise UserError("--resume needs --out, the run folder to continue")
         folder = Path(options["out"])
-        saved = saved_options(folder) if folder.is_dir() else None
-        if saved is not None and not holds_checkpoint(folder):
+        saved = None
+        if folder.is_dir() and not holds_checkpoint(folder):
+            saved = saved_options(folder)
+        if saved is not None:
             warnings.warn(
                 f"{folder} holds no checkpoint (the run stopped before its first one): it "
                 "starts again from its first step, with its saved options",
@@ -205,6 +210,7 @@ def _run_train(options: dict[str, Any]) -> None:
             restarting = True
         else:
             checkpoint = find_checkpoint(folder)
+            _check_recorded_run(folder, checkpoint)
             config = resume_config(checkpoint.payload["config"], options)
     else:
         config = resolve_config(options)
@@ -219,6 +225,31 @@ def _run_train(options: dict[str, Any]) -> None:
             f"{result.steps} steps{ranks} in {result.train_time:.1f} s, validation accuracy "
             f"{100 * result.val_accuracy:.2f}%; run folder {config.out}"
         )
+
+
+def _check_recorded_run(folder: Path, checkpoint: Checkpoint) -> None:
+    """A UserError when ``checkpoint`` belongs to another run than the one ``folder``'s
+    config.json records. The checkpoint's options are the run's: config.json is a record,
+    rewritten from them at every resume (a warning when it cannot be read)."""
+    try:
+        recorded = saved_options(folder)
+    except UserError as error:
+        recorded = str(error).removeprefix("--resume: ")
+    if recorded is None:
+        return
+    if not isinstance(recorded, dict):
+        reason = (
+            recorded
+            if isinstance(recorded, str)
+            else f"{folder / CONFIG} does not hold a run's options (a {type(recorded).__name__})"
+        )
+        warnings.warn(
+            f"{reason}; it is written again from the checkpoint's options",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return
+    check_same_run(checkpoint.path, checkpoint.payload["config"], recorded)
 
 
 def _run_compare(options: dict[str, Any]) -> None:

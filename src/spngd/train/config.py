@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -402,6 +403,24 @@ def _same_setting(name: str, given: Any, saved: Any) -> bool:
 RESUME_FIXED = ("data", "model", "zero_init_residual", "optimizer", "recipe", "batch_size", "seed")
 """Options a resumed run cannot change: the saved model and optimizer state, the data order
 and the meaning of the step counter depend on them."""
+
+
+def check_same_run(checkpoint: Path, saved: Mapping[str, Any], recorded: Mapping[str, Any]) -> None:
+    """A UserError when the options ``checkpoint`` was ``saved`` with and those its run
+    folder ``recorded`` (its config.json) differ in one of :data:`RESUME_FIXED`: the
+    checkpoint belongs to another run (copied in by hand, say), and resuming it would train
+    that run in this folder."""
+    for name in RESUME_FIXED:
+        if name not in recorded:
+            continue
+        mine, theirs = saved.get(name), recorded[name]
+        if name == "data" and isinstance(mine, str) and isinstance(theirs, str):
+            mine, theirs = absolute_data(mine), absolute_data(theirs)
+        if not _same_setting(name, mine, theirs):
+            raise UserError(
+                f"--resume: {checkpoint} belongs to another run: its {flag(name)} is "
+                f"{mine!r}, {checkpoint.parent / 'config.json'}'s {theirs!r}"
+            )
 
 
 def resume_config(saved: Mapping[str, Any], options: Mapping[str, Any]) -> TrainConfig:
