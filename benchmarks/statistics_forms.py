@@ -40,19 +40,19 @@ from torch.nn.grad import conv2d_weight
 from pinned_malloc import pin_malloc
 from spngd.curvature import BatchNormBlock, Conv2dBlock, LinearBlock
 from spngd.curvature.batchnorm import (
-    _moments_by_dot_products,
-    _moments_by_kernel,
     moment_form,
+    moments_by_dot_products,
+    moments_by_kernel,
 )
 from spngd.curvature.conv import (
     IMAGE_GRAM_MAX_FEATURES,
-    _border_rows,
-    _second_moment_by_image_gram,
-    _second_moment_by_patches,
-    _second_moment_by_shifts,
+    border_rows,
     channel_moment_form,
     output_size,
     patch_moment_form,
+    second_moment_by_image_gram,
+    second_moment_by_patches,
+    second_moment_by_shifts,
 )
 from spngd.curvature.kronecker import append_bias_moments
 from spngd.curvature.linear import gram_form, onednn_product
@@ -184,7 +184,7 @@ def baseline_shift_rule(conv: ConvShape) -> bool:
     if conv.stride != (1, 1) or conv.kernel == (1, 1):
         return False
     for axis in range(2):
-        excluded = _border_rows(conv.x[2 + axis], conv.kernel[axis], conv.padding[axis], 1)
+        excluded = border_rows(conv.x[2 + axis], conv.kernel[axis], conv.padding[axis], 1)
         if 4 * len({r for rows in excluded for r in rows}) > conv.x[2 + axis]:
             return False
     return True
@@ -193,7 +193,7 @@ def baseline_shift_rule(conv: ConvShape) -> bool:
 def baseline_conv_a(x: torch.Tensor, conv: ConvShape) -> torch.Tensor:
     x = _statistics_dtype(x)
     if baseline_shift_rule(conv):
-        second = _second_moment_by_shifts(x, conv.kernel, conv.padding, (1, 1), conv.groups)
+        second = second_moment_by_shifts(x, conv.kernel, conv.padding, (1, 1), conv.groups)
     else:
         second = baseline_patches(x, conv)
     return second / x.shape[0]
@@ -301,19 +301,19 @@ def conv_a_forms(x: torch.Tensor, conv: ConvShape) -> dict[str, Form]:
             )
         return forms
     if stride == (1, 1):
-        forms["shifts, NCHW"] = lambda: _second_moment_by_shifts(x, kernel, padding, (1, 1), groups)
-        forms["shifts, channels-last"] = lambda: _second_moment_by_shifts(
+        forms["shifts, NCHW"] = lambda: second_moment_by_shifts(x, kernel, padding, (1, 1), groups)
+        forms["shifts, channels-last"] = lambda: second_moment_by_shifts(
             x.contiguous(memory_format=torch.channels_last), kernel, padding, (1, 1), groups
         )
     if groups == 1:
-        forms["patches, one oneDNN product"] = lambda: _second_moment_by_patches(
+        forms["patches, one oneDNN product"] = lambda: second_moment_by_patches(
             x, kernel, stride, padding, (1, 1), groups, row_blocks=False
         )
-        forms["patches, oneDNN row blocks"] = lambda: _second_moment_by_patches(
+        forms["patches, oneDNN row blocks"] = lambda: second_moment_by_patches(
             x, kernel, stride, padding, (1, 1), groups
         )
         if x[0].numel() <= IMAGE_GRAM_MAX_FEATURES:
-            forms["image Gram"] = lambda: _second_moment_by_image_gram(
+            forms["image Gram"] = lambda: second_moment_by_image_gram(
                 x, kernel, stride, padding, (1, 1)
             )
     return forms
@@ -347,8 +347,8 @@ def bn_forms(x: torch.Tensor, delta: torch.Tensor) -> dict[str, Form]:
         return fisher(u * torch.rsqrt(var + EPS), v)
 
     return {
-        "centred dot products": lambda: fisher(*_moments_by_dot_products(x3, d3, EPS)),
-        "BatchNorm backward kernel": lambda: fisher(*_moments_by_kernel(x3, d3, EPS)),
+        "centred dot products": lambda: fisher(*moments_by_dot_products(x3, d3, EPS)),
+        "BatchNorm backward kernel": lambda: fisher(*moments_by_kernel(x3, d3, EPS)),
         "sums with correction": correction,
         "torch.var_mean": var_mean,
         "batched dot products": batched_dots,

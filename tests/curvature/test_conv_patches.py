@@ -14,9 +14,9 @@ from torch import nn
 
 from spngd.curvature.conv import (
     Conv2dBlock,
-    _second_moment_by_patches,
-    _second_moment_by_shifts,
     patch_first_moment,
+    second_moment_by_patches,
+    second_moment_by_shifts,
 )
 
 GEOMETRIES = [
@@ -69,10 +69,10 @@ def test_shift_and_patch_methods_equal_unfold(
     )
     second, first = _unfold_moments(x, kernel, (1, 1), padding, dilation, groups)
     torch.testing.assert_close(
-        _second_moment_by_shifts(x, kernel, padding, dilation, groups), second
+        second_moment_by_shifts(x, kernel, padding, dilation, groups), second
     )
     torch.testing.assert_close(
-        _second_moment_by_patches(x, kernel, (1, 1), padding, dilation, groups), second
+        second_moment_by_patches(x, kernel, (1, 1), padding, dilation, groups), second
     )
     torch.testing.assert_close(
         patch_first_moment(x, kernel, (1, 1), padding, dilation, groups)[0], first
@@ -84,7 +84,7 @@ def test_strided_patches_equal_unfold(stride: tuple[int, int]) -> None:
     x = torch.randn(3, 4, 9, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     second, first = _unfold_moments(x, (3, 3), stride, (1, 1), (1, 1), 2)
     torch.testing.assert_close(
-        _second_moment_by_patches(x, (3, 3), stride, (1, 1), (1, 1), 2), second
+        second_moment_by_patches(x, (3, 3), stride, (1, 1), (1, 1), 2), second
     )
     torch.testing.assert_close(patch_first_moment(x, (3, 3), stride, (1, 1), (1, 1), 2)[0], first)
 
@@ -93,7 +93,7 @@ def test_shift_method_in_float32_stays_accurate() -> None:
     """Border corrections subtract from the full correlation: no harmful cancellation."""
     x = torch.randn(16, 8, 32, 32, generator=torch.Generator().manual_seed(2)) + 3.0
     second, _ = _unfold_moments(x.double(), (3, 3), (1, 1), (1, 1), (1, 1), 1)
-    got = _second_moment_by_shifts(x, (3, 3), (1, 1), (1, 1), 1).double()
+    got = second_moment_by_shifts(x, (3, 3), (1, 1), (1, 1), 1).double()
     assert ((got - second).norm() / second.norm()).item() < 1e-5
 
 

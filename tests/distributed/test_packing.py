@@ -14,7 +14,7 @@ from spngd.distributed import (
     triu_pack,
     triu_unpack,
 )
-from spngd.distributed.packing import _triu_indices
+from spngd.distributed.packing import triu_indices
 from spngd.train.models import build_model
 from tests.distributed.shapes import model_blocks, real_block
 
@@ -60,7 +60,7 @@ def test_triu_layout_and_upper_only() -> None:
 
 def test_triu_indices_cached() -> None:
     device = torch.device("cpu")
-    assert _triu_indices(4, device)[0] is _triu_indices(4, device)[0]
+    assert triu_indices(4, device)[0] is triu_indices(4, device)[0]
 
 
 def test_triu_errors() -> None:

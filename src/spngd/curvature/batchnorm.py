@@ -125,8 +125,8 @@ def per_example_moments(
     :func:`moment_form`'s.
     """
     if moment_form(x.shape[2]) == "BatchNorm backward kernel":
-        return _moments_by_kernel(x, delta, eps)
-    return _moments_by_dot_products(x, delta, eps)
+        return moments_by_kernel(x, delta, eps)
+    return moments_by_dot_products(x, delta, eps)
 
 
 def moment_form(locations: int) -> str:
@@ -156,7 +156,7 @@ def moment_form(locations: int) -> str:
     return "centred dot products"
 
 
-def _moments_by_dot_products(
+def moments_by_dot_products(
     x: torch.Tensor, delta: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     centred = x - x.mean(dim=(0, 2))[:, None]
@@ -165,7 +165,7 @@ def _moments_by_dot_products(
     return torch.linalg.vecdot(delta, centred, dim=2) * rstd, delta.sum(2)
 
 
-def _moments_by_kernel(
+def moments_by_kernel(
     x: torch.Tensor, delta: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     n, channels, locations = x.shape

@@ -16,8 +16,8 @@ exactly, each correlated only at the shifts that matter (with "same" padding, on
 1x1 convolutions need no patches at all: ``A`` is the channel second moment of the
 (subsampled) input, computed like ``G`` (:func:`channel_second_moment`). On small images
 the Gram matrix of whole images, gathered per output position, beats both
-(:func:`_second_moment_by_image_gram`). Other convolutions use channels-last patches,
-multiplied block by block (kernel rows) in oneDNN (:func:`_second_moment_by_patches`).
+(:func:`second_moment_by_image_gram`). Other convolutions use channels-last patches,
+multiplied block by block (kernel rows) in oneDNN (:func:`second_moment_by_patches`).
 
 The forms and the rules that choose between them were measured on 2 threads of an AMD
 EPYC (Zen 5) CPU, where oneDNN's convolution kernels run about twice as fast as the BLAS
@@ -172,12 +172,12 @@ def patch_second_moment(
     if form == "channel moment":
         return channel_second_moment(x[:, :, :: stride[0], :: stride[1]], groups)
     if form == "image Gram":
-        return _second_moment_by_image_gram(x, kernel, stride, padding, dilation)
+        return second_moment_by_image_gram(x, kernel, stride, padding, dilation)
     if form == "shifts, channels-last":
         x = x.contiguous(memory_format=torch.channels_last)
-        return _second_moment_by_shifts(x, kernel, padding, dilation, groups)
+        return second_moment_by_shifts(x, kernel, padding, dilation, groups)
     row_blocks = form == "patches, oneDNN row blocks"
-    return _second_moment_by_patches(x, kernel, stride, padding, dilation, groups, row_blocks)
+    return second_moment_by_patches(x, kernel, stride, padding, dilation, groups, row_blocks)
 
 
 IMAGE_GRAM_MAX_FEATURES = 4096
@@ -215,7 +215,7 @@ def patch_moment_form(
     * ``"image Gram"``: without groups, on small images (at most
       ``IMAGE_GRAM_MAX_FEATURES`` values, ``IMAGE_GRAM_MAX_GATHERED`` gathered), the Gram
       matrix of whole images gathered into ``A`` per output position
-      (:func:`_second_moment_by_image_gram`): ``(H W)^2`` multiply-adds per example and
+      (:func:`second_moment_by_image_gram`): ``(H W)^2`` multiply-adds per example and
       channel pair, against ``H W kh (2 kw - 1)`` for the shifts and ``|T| (kh kw)^2``
       for the patches (``(kh + 1) / (2 kh)`` of it by row blocks); chosen up to
       ``IMAGE_GRAM_ADVANTAGE`` times the form it replaces. On
@@ -244,7 +244,7 @@ def patch_moment_form(
       (``(128, 3, 32, 32)``: 1.3 to 2.2 ms each over runs), at 6 shifts win (3.2 against 4.0).
     * ``"patches, oneDNN row blocks"`` and ``"patches, one oneDNN product"``: the rest
       without groups, the latter for patches shorter than ``ROW_BLOCKS_MIN_FEATURES``
-      (:func:`_second_moment_by_patches`).
+      (:func:`second_moment_by_patches`).
     * ``"patches, batched BLAS"``: the rest, with groups.
     """
     channels, height, width = shape
@@ -276,7 +276,7 @@ def _products_form(
     features = channels // groups * kernel[0] * kernel[1]
     if stride == (1, 1) and (groups > 1 or features >= SHIFTS_MIN_FEATURES):
         missed = max(
-            len({r for rows in _border_rows(size, k, p, d) for r in rows}) / size
+            len({r for rows in border_rows(size, k, p, d) for r in rows}) / size
             for size, k, p, d in zip((height, width), kernel, padding, dilation, strict=True)
         )
         if groups > 1:
@@ -359,7 +359,7 @@ def channel_moment_form(t: torch.Tensor, groups: int) -> str:
     return "copy + batched GEMM"
 
 
-def _border_rows(size: int, kernel: int, padding: int, dilation: int) -> list[list[int]]:
+def border_rows(size: int, kernel: int, padding: int, dilation: int) -> list[list[int]]:
     """For each kernel offset, the image rows that a stride-1 convolution never visits."""
     excluded = []
     for offset in range(kernel):
@@ -369,7 +369,7 @@ def _border_rows(size: int, kernel: int, padding: int, dilation: int) -> list[li
     return excluded
 
 
-def _second_moment_by_patches(
+def second_moment_by_patches(
     x: torch.Tensor,
     kernel: Pair,
     stride: Pair,
@@ -430,7 +430,7 @@ def _second_moment_by_patches(
     return out.view(1, dim, dim)
 
 
-def _second_moment_by_image_gram(
+def second_moment_by_image_gram(
     x: torch.Tensor, kernel: Pair, stride: Pair, padding: Pair, dilation: Pair
 ) -> torch.Tensor:
     """Patch second moment (one group) from the Gram matrix of whole images.
@@ -468,7 +468,7 @@ def _read_positions(
     return flat.reshape(out_h * out_w, kh * kw)
 
 
-def _second_moment_by_shifts(
+def second_moment_by_shifts(
     x: torch.Tensor, kernel: Pair, padding: Pair, dilation: Pair, groups: int
 ) -> torch.Tensor:
     """Stride-1 patch second moment from shifted self-correlations (see module docstring).
@@ -482,8 +482,8 @@ def _second_moment_by_shifts(
     per_group = channels // groups
     full = _self_correlation(x, kernel, dilation, groups)
 
-    excluded_h = _border_rows(height, kh, padding[0], dilation[0])
-    excluded_w = _border_rows(width, kw, padding[1], dilation[1])
+    excluded_h = border_rows(height, kh, padding[0], dilation[0])
+    excluded_w = border_rows(width, kw, padding[1], dilation[1])
     border_h = sorted({r for rows in excluded_h for r in rows})
     border_w = sorted({c for cols in excluded_w for c in cols})
     shifts_h = [_needed_shifts(r, excluded_h, height, dilation[0]) for r in border_h]

@@ -25,7 +25,7 @@ COMM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @functools.cache
-def _triu_indices(d: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def triu_indices(d: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Row and column indices of the upper triangle of a ``d x d`` matrix (cached)."""
     rows, cols = torch.triu_indices(d, d, device=device)
     return rows, cols
@@ -36,7 +36,7 @@ def triu_pack(matrices: torch.Tensor) -> torch.Tensor:
     row. Only the upper triangle is read; the matrices are assumed symmetric."""
     if matrices.ndim < 2 or matrices.shape[-1] != matrices.shape[-2]:
         raise ValueError(f"expected (..., d, d) matrices, got shape {tuple(matrices.shape)}")
-    rows, cols = _triu_indices(matrices.shape[-1], matrices.device)
+    rows, cols = triu_indices(matrices.shape[-1], matrices.device)
     return matrices[..., rows, cols]
 
 
@@ -47,7 +47,7 @@ def triu_unpack(packed: torch.Tensor, d: int) -> torch.Tensor:
             f"expected (..., {d * (d + 1) // 2}) packed triangles for d={d}, "
             f"got shape {tuple(packed.shape)}"
         )
-    rows, cols = _triu_indices(d, packed.device)
+    rows, cols = triu_indices(d, packed.device)
     out = packed.new_empty(*packed.shape[:-1], d, d)
     out[..., rows, cols] = packed
     out[..., cols, rows] = packed
