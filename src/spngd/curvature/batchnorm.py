@@ -159,6 +159,8 @@ def moment_form(locations: int) -> str:
 def moments_by_dot_products(
     x: torch.Tensor, delta: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`per_example_moments` by one dot product or sum per quantity (the
+    ``"centred dot products"`` form of :func:`moment_form`)."""
     centred = x - x.mean(dim=(0, 2))[:, None]
     variance = torch.linalg.vecdot(centred, centred, dim=2).mean(0) / x.shape[2]
     rstd = torch.rsqrt(variance + eps)
@@ -168,6 +170,8 @@ def moments_by_dot_products(
 def moments_by_kernel(
     x: torch.Tensor, delta: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`per_example_moments` by PyTorch's BatchNorm backward kernel on the
+    ``(1, n C, T)`` view (the ``"BatchNorm backward kernel"`` form of :func:`moment_form`)."""
     n, channels, locations = x.shape
     pairs = n * channels
     centred = (x - x.mean(dim=(0, 2))[:, None]).view(1, pairs, locations)

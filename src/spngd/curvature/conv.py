@@ -122,6 +122,7 @@ class Conv2dBlock(KroneckerBlock):
 
 
 def output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    """Length of a convolution's output along one axis of input length ``size``."""
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
