@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -13,7 +16,7 @@ from spngd import SPNGD
 from spngd.curvature import LinearBlock
 from spngd.distributed import DistributedConfig
 from spngd.distributed.exchange import DistributedExchange
-from tests.distributed.harness import run_workers
+from tests.distributed.harness import free_port, run_workers
 
 HUGE = 1e6
 """A preconditioned value float16 cannot hold (its largest is 65504)."""
@@ -101,3 +104,67 @@ def test_a_distributed_step_reads_the_device_twice(tmp_path: Path, wrap: bool) -
         result = torch.load(tmp_path / f"rank{rank}.pt")
         assert result["reads"] == [(0, 2)] * 12
         assert result["stats"]["stats_skipped"] > 0
+
+
+TEARDOWN_SCRIPT = """
+import atexit, gc
+
+def report() -> None:  # registered first, so it runs after every other exit handler
+    names = ("SPNGD", "DistributedDataParallel")
+    alive = sorted(type(o).__name__ for o in gc.get_objects() if type(o).__name__ in names)
+    print("alive at finalization:", alive, flush=True)
+
+atexit.register(report)
+gc.disable()  # what a cycle outlives is then certain, not left to the collector's timing
+
+import torch, torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from spngd import SPNGD
+
+def main() -> None:
+    dist.init_process_group("gloo")
+    torch.manual_seed(0)
+    ddp = DistributedDataParallel(nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 3)))
+    opt = SPNGD(ddp, lr=0.01)
+    for _ in range(4):
+        opt.zero_grad()
+        nn.functional.cross_entropy(ddp(torch.randn(8, 10)), torch.randint(0, 3, (8,))).backward()
+        opt.step()
+    dist.destroy_process_group()
+
+main()
+"""
+
+
+def test_a_script_that_tears_down_after_its_last_step_leaves_nothing_to_finalization(
+    tmp_path: Path,
+) -> None:
+    """A user script: DDP, SPNGD, four steps, ``destroy_process_group()`` at the end of its
+    function. The optimizer, the model's hooks and DDP's reducer sit in reference cycles
+    that outlive the function; freed during interpreter finalization, gloo's objects they
+    hold can abort a rank. They must be gone before it (real processes, a fresh
+    interpreter each)."""
+    script = tmp_path / "user_script.py"
+    script.write_text(TEARDOWN_SCRIPT)
+    env = {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "WORLD_SIZE": "2",
+        "OMP_NUM_THREADS": "1",
+    }
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, str(script)],
+            env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    for rank in ranks:
+        stdout, stderr = rank.communicate(timeout=120)
+        assert rank.returncode == 0, stderr
+        assert stdout == "alive at finalization: []\n", stderr
