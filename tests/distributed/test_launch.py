@@ -53,3 +53,31 @@ def test_more_processes_than_gpus_is_refused(monkeypatch: pytest.MonkeyPatch) ->
     _torchrun(monkeypatch, 8, 8, 5)
     with pytest.raises(ValueError, match="LOCAL_RANK is 5 but the machine has 4 GPU"):
         rank_device(torch.device("cuda"))
+
+
+def test_dist_timeout_is_the_process_groups_timeout(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``spngd train --dist-timeout 7`` under torchrun (its environment) creates the group
+    with a 7-second timeout; a rendezvous that fails is the one-line rank failure."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from spngd.train.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    created: dict[str, object] = {}
+
+    def init_process_group(backend: str, **kwargs: object) -> None:
+        created.update(backend=backend, **kwargs)
+        raise RuntimeError("connection refused. More text.")
+
+    monkeypatch.setattr(dist, "init_process_group", init_process_group)
+    status = main(["train", "--dist-timeout", "7", "--device", "cpu", "--no-progress"])
+    assert created == {"backend": "gloo", "timeout": datetime.timedelta(seconds=7)}
+    assert status == 3
+    assert capsys.readouterr().err == (
+        "spngd: error: setting up the process group with the other ranks failed; a rank has "
+        "probably died or stalled past the process group's timeout (connection refused)\n"
+    )
