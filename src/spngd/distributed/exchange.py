@@ -588,7 +588,7 @@ def collect_garbage_at_exit() -> None:
     during interpreter finalization. Freed there, after ``destroy_process_group()``, gloo's
     objects they hold abort the process in about 1 run in 16 ("terminate called without an
     active exception"; SPNGD, SPNGD with DDP and plain SGD with DDP alike). Collected at exit
-    instead, none of 150 runs aborted (docs/troubleshooting.md). Registered once, by the
+    instead, none of 250 runs aborted (docs/troubleshooting.md). Registered once, by the
     first gloo exchange.
     """
     atexit.register(gc.collect)
