@@ -179,6 +179,20 @@ def test_data_path_that_is_a_file_or_a_tree_without_val(run_cli: CliRun, tmp_pat
     )
 
 
+def test_a_truncated_jpeg_stops_training_naming_the_file(run_cli: CliRun, tmp_path: Path) -> None:
+    """The first half of a real JPEG, named as ImageNet names its files: Pillow reads its
+    header and fails on the pixels, which must still be one line naming the file."""
+    root = write_image_folder(tmp_path / "images", classes=2, per_class=4)
+    buffer = io.BytesIO()
+    pixels = np.random.default_rng(2).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(buffer, format="JPEG")
+    bad = root / "train" / "c1" / "n02.JPEG"
+    bad.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    argv = ("--batch-size", "9", "--image-size", "8", "--workers", "0", *TINY[2:])
+    result = run_cli("train", "--data", str(root), "--out", str(tmp_path / "run"), *argv)
+    assert_one_line_error(result, f"cannot decode image {bad}", "remove or replace it")
+
+
 def test_a_corrupt_validation_image_is_found_before_training(
     run_cli: CliRun, tmp_path: Path
 ) -> None:
