@@ -411,9 +411,9 @@ def check_same_run(checkpoint: Path, saved: Mapping[str, Any], recorded: Mapping
     checkpoint belongs to another run (copied in by hand, say), and resuming it would train
     that run in this folder."""
     for name in RESUME_FIXED:
-        if name not in recorded:
+        if name not in recorded or name not in saved:  # written by another version
             continue
-        mine, theirs = saved.get(name), recorded[name]
+        mine, theirs = saved[name], recorded[name]
         if name == "data" and isinstance(mine, str) and isinstance(theirs, str):
             mine, theirs = absolute_data(mine), absolute_data(theirs)
         if not _same_setting(name, mine, theirs):
