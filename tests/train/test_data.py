@@ -157,3 +157,21 @@ def test_a_batch_larger_than_the_training_set_is_a_user_error() -> None:
     config = _config("synthetic", batch_size=2048)
     with pytest.raises(UserError, match="1024 examples, fewer than one batch of 2048"):
         make_loaders(load_data(config), config)
+
+
+def test_16_bit_grayscale_images_keep_their_shades(tmp_path: Path) -> None:
+    """A 16-bit PNG opens in mode ``I;16``; converted to RGB as it is, every value above 255
+    clips and a smooth gradient becomes black and white."""
+    from PIL import Image
+
+    from spngd.train.data import rgb_pixels
+
+    gradient = np.linspace(0, 65535, 144).reshape(12, 12).astype(np.uint16)
+    path = tmp_path / "deep.png"
+    Image.fromarray(gradient).save(path)
+    with Image.open(path) as image:
+        assert image.mode.startswith("I")
+        pixels = rgb_pixels(image)
+    assert pixels.shape == (12, 12, 3) and pixels.dtype == np.uint8
+    np.testing.assert_array_equal(pixels[:, :, 1], (gradient >> 8).astype(np.uint8))
+    assert len(np.unique(pixels)) == 144

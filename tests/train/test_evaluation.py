@@ -64,6 +64,19 @@ def test_the_loader_reads_the_sample_as_validation_does() -> None:
     assert values.long().tolist() == batchnorm_sample(data, 3).indices
 
 
+def test_a_last_batch_of_one_example_is_left_out() -> None:
+    """A BatchNorm on 1x1 maps cannot take one example's statistics (the run stopped with a
+    traceback before its first validation); a remainder of two or more is kept."""
+    for size, batches in ((9, [4, 4]), (10, [4, 4, 2]), (1, [1])):
+        data = TensorDataset(torch.arange(float(size)), torch.zeros(size))
+        loader = batchnorm_loader(data, 0, like=DataLoader(data, batch_size=4))
+        assert [len(x) for x, _ in loader] == batches, size
+    model = nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3))
+    images = TensorDataset(torch.randn(9, 2, 1, 1), torch.zeros(9))
+    loader = batchnorm_loader(images, 0, like=DataLoader(images, batch_size=4))
+    recompute_batchnorm_statistics(model, loader, torch.device("cpu"))
+
+
 @pytest.mark.usefixtures("small_digits")
 def test_recomputed_statistics_change_validation_and_nothing_else(
     run_cli: CliRun, tmp_path: Path

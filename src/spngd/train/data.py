@@ -151,7 +151,7 @@ class ImageFiles(Dataset):
         path, label = self.samples[index]
         try:
             with Image.open(path) as image:
-                pixels = np.array(image.convert("RGB"))
+                pixels = rgb_pixels(image)
         except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as error:
             reason = str(error).replace(str(path), "").strip(" :'\"") or type(error).__name__
             raise UserError(
@@ -159,6 +159,16 @@ class ImageFiles(Dataset):
             ) from None
         image = torch.from_numpy(pixels).permute(2, 0, 1).float() / 255.0
         return self.transform((image - self.mean) / self.std), label
+
+
+def rgb_pixels(image: Image.Image) -> np.ndarray:
+    """``(H, W, 3)`` uint8 pixels of ``image``. Integer grayscale of more than 8 bits (16-bit
+    PNGs open in modes ``I;16`` and ``I``) is scaled to 8 bits, where ``convert("RGB")``
+    would clip every value above 255 and leave a black and white image."""
+    if image.mode.startswith("I"):
+        gray = np.clip(np.asarray(image).astype(np.int64) >> 8, 0, 255).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    return np.array(image.convert("RGB"))
 
 
 def _compose(*steps: Transform) -> Transform:

@@ -36,12 +36,17 @@ def batchnorm_sample(train_as_val: Dataset, seed: int) -> Subset:
 
 
 def batchnorm_loader(train_as_val: Dataset, seed: int, like: DataLoader) -> DataLoader:
-    """:func:`batchnorm_sample` in batches, read as ``like`` (the validation loader) reads."""
+    """:func:`batchnorm_sample` in batches, read as ``like`` (the validation loader) reads;
+    a last batch of one example is left out (BatchNorm cannot take the statistics of one
+    value per channel, and one example would weigh as much as a full batch)."""
+    sample = batchnorm_sample(train_as_val, seed)
+    batch_size = like.batch_size or 1
     return DataLoader(
-        batchnorm_sample(train_as_val, seed),
-        batch_size=like.batch_size,
+        sample,
+        batch_size=batch_size,
         num_workers=like.num_workers,
         pin_memory=like.pin_memory,
+        drop_last=len(sample) > 1 and len(sample) % batch_size == 1,
     )
 
 
