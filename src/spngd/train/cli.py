@@ -315,10 +315,30 @@ def _ignore_further_stops() -> None:
         signal.signal(signum, signal.SIG_IGN)
 
 
+def _stop_behind(error: BaseException) -> BaseException | None:
+    """The Ctrl-C or SIGTERM that ``error`` was raised while handling, if any: a clean-up
+    interrupted by the stop (``torch.save`` closing its file, a DataLoader finding its
+    workers gone) raises its own error over it."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, KeyboardInterrupt | Terminated):
+            return seen
+        if WORKER_TERMINATED.match(str(seen)):  # the SIGTERM reached a worker first
+            return Terminated()
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+WORKER_TERMINATED = re.compile(r"DataLoader worker \(pid \d+\) is killed by signal: Terminated")
+"""How torch reports a DataLoader worker that a SIGTERM to the process group ended."""
+
+
 def _interrupt(signum: int, frame: types.FrameType | None) -> NoReturn:
-    """Ctrl-C: stop the run (KeyboardInterrupt), once."""
+    """Ctrl-C: stop the run (KeyboardInterrupt), once; the clean-ups it interrupts stay
+    quiet."""
     if os.getpid() == _MAIN_PROCESS:
         _ignore_further_stops()
+        _quiet_worker_shutdown()
     raise KeyboardInterrupt
 
 
@@ -328,7 +348,19 @@ def _terminate(signum: int, frame: types.FrameType | None) -> NoReturn:
     if os.getpid() != _MAIN_PROCESS:
         os._exit(128 + signal.SIGTERM)
     _ignore_further_stops()
+    _quiet_worker_shutdown()
     raise Terminated
+
+
+def _stopped(stop: BaseException) -> int:
+    """The one line and status of a run stopped by Ctrl-C (130) or SIGTERM (143)."""
+    _ignore_further_stops()
+    _quiet_worker_shutdown()
+    if isinstance(stop, Terminated):
+        print("spngd: terminated (SIGTERM)", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    print("spngd: interrupted", file=sys.stderr)
+    return 130
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -347,18 +379,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingStoppedError as error:
         print(f"spngd: error: {error}", file=sys.stderr)
         return TRAINING_STOPPED
-    except KeyboardInterrupt:
-        _quiet_worker_shutdown()
-        print("spngd: interrupted", file=sys.stderr)
-        return 130
-    except Terminated:
-        _quiet_worker_shutdown()
-        print("spngd: terminated (SIGTERM)", file=sys.stderr)
-        return 128 + signal.SIGTERM
+    except (KeyboardInterrupt, Terminated) as stop:
+        return _stopped(stop)
     except RankFailureError as error:
         first_line = str(error).strip().splitlines()[0].removeprefix("SPNGD: ")
         print(f"spngd: error: {first_line}", file=sys.stderr)
         return TRAINING_STOPPED
+    except RuntimeError as error:
+        stop = _stop_behind(error)
+        if stop is None:
+            raise
+        return _stopped(stop)
     finally:
         for signum, handler in previous.items():
             if signal.getsignal(signum) is handlers[signum]:  # else the run is stopping
