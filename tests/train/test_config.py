@@ -9,7 +9,9 @@ import torch
 
 from spngd.refresh import AdaptiveRefresh
 from spngd.train.config import (
+    CPUS,
     DEFAULTS,
+    MAX_PER_CPU,
     OPTIMIZER_DEFAULTS,
     SPNGD_DEFAULTS,
     resolve_config,
@@ -53,6 +55,9 @@ def test_precedence_recipe_over_defaults_and_options_over_recipe() -> None:
     ("options", "message"),
     [
         ({"batch_size": 0}, "--batch-size must be a positive integer, got 0"),
+        ({"threads": 100000}, f"--threads must be in 1..{MAX_PER_CPU * CPUS}, got 100000"),
+        ({"threads": 0}, f"--threads must be in 1..{MAX_PER_CPU * CPUS}, got 0"),
+        ({"workers": 10**6}, f"--workers must be in 0..{MAX_PER_CPU * CPUS}, got 1000000"),
         ({"batch_size": 30, "accumulate": 4}, "--batch-size 30 is not divisible by --accumulate 4"),
         ({"model": "resnet99"}, "--model must be one of resnet18"),
         ({"recipe": "imagenet-1k"}, "unknown recipe 'imagenet-1k'; valid: imagenet-4k"),

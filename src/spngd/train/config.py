@@ -150,9 +150,13 @@ class TrainConfig:
             ("label_smoothing", 0 <= self.label_smoothing < 1, "in [0, 1)"),
             ("image_size", 1 <= self.image_size <= MAX_IMAGE_SIZE, f"in 1..{MAX_IMAGE_SIZE}"),
             ("seed", 0 <= self.seed < 2**63, "in 0..2**63-1"),
-            ("workers", self.workers >= 0, ">= 0"),
+            ("workers", 0 <= self.workers <= MAX_PER_CPU * CPUS, f"in 0..{MAX_PER_CPU * CPUS}"),
             ("eval_every_steps", self.eval_every_steps >= 0, ">= 0"),
-            ("threads", self.threads is None or self.threads >= 1, "a positive integer"),
+            (
+                "threads",
+                self.threads is None or 1 <= self.threads <= MAX_PER_CPU * CPUS,
+                f"in 1..{MAX_PER_CPU * CPUS}",
+            ),
             ("dist_timeout", 0 < self.dist_timeout < math.inf, "a positive number of seconds"),
             ("out", self.out.strip() != "", "a folder name"),
         ]
@@ -199,6 +203,13 @@ def check_optimizer(name: str) -> None:
     are looked up, and by the config itself)."""
     if name not in OPTIMIZERS:
         raise UserError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
+
+
+CPUS = os.cpu_count() or 1
+MAX_PER_CPU = 4
+"""``--threads`` and ``--workers`` go up to this many per CPU of the machine: more gains
+nothing, and far more makes torch crash (100,000 threads), stall (3,000) or fill the memory
+with workers (1,000 on 2 CPUs)."""
 
 
 MAX_IMAGE_SIZE = 4096
