@@ -339,7 +339,7 @@ def resolve_config(options: Mapping[str, Any]) -> TrainConfig:
     values = dict(DEFAULTS)
     data = absolute_data(options.get("data", DEFAULTS["data"]))
     values.update(DATA_DEFAULTS[data_kind(data)])
-    values["workers"] = min(values["workers"], os.cpu_count() or 1)
+    values["workers"] = min(values["workers"], CPUS)
     preset = recipe_settings(options.get("recipe"))
     optimizer = options.get("optimizer", preset.get("optimizer", DEFAULTS["optimizer"]))
     check_optimizer(optimizer)
