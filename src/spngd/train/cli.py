@@ -198,7 +198,10 @@ def _run_train(options: dict[str, Any]) -> None:
         folder = Path(options["out"])
         saved = None
         if folder.is_dir() and not holds_checkpoint(folder):
-            saved = saved_options(folder)
+            try:
+                saved = saved_options(folder)
+            except UserError as error:
+                raise UserError(f"--resume: {error}") from None
         if saved is not None:
             warnings.warn(
                 f"{folder} holds no checkpoint (the run stopped before its first one): it "
@@ -234,7 +237,7 @@ def _check_recorded_run(folder: Path, checkpoint: Checkpoint) -> None:
     try:
         recorded = saved_options(folder)
     except UserError as error:
-        recorded = str(error).removeprefix("--resume: ")
+        recorded = str(error)
     if recorded is None:
         return
     if not isinstance(recorded, dict):

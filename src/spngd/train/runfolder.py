@@ -135,15 +135,15 @@ def holds_checkpoint(folder: Path) -> bool:
     )
 
 
-def saved_options(folder: Path) -> dict[str, Any] | None:
-    """The options of the run in ``folder`` (its ``config.json``), None without one."""
+def saved_options(folder: Path) -> Any:
+    """The options of the run in ``folder`` (its ``config.json``), None without one; a
+    UserError naming the file when it cannot be read or is not JSON."""
     try:
         return json.loads((folder / CONFIG).read_text())
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as error:
-        reason = first_sentence(error)
-        raise UserError(f"--resume: cannot read {folder / CONFIG} ({reason})") from None
+        raise UserError(f"cannot read {folder / CONFIG} ({first_sentence(error)})") from None
 
 
 def find_checkpoint(folder: Path) -> Checkpoint:
