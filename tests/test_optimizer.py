@@ -133,6 +133,17 @@ def test_one_layer_in_groups_with_different_damping_is_rejected() -> None:
         SPNGD(model, lr=0.1, params=groups)
 
 
+def test_a_param_group_added_after_construction_is_refused_and_changes_nothing() -> None:
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2))
+    model[1].requires_grad_(False)
+    opt = SPNGD(model, lr=0.1)
+    model[1].requires_grad_(True)  # unfrozen later, as when fine-tuning
+    with pytest.raises(ValueError, match="cannot take param groups afterwards"):
+        opt.add_param_group({"params": list(model[1].parameters())})
+    assert [len(g["params"]) for g in opt.param_groups] == [2]
+    assert list(opt.describe()) == ["0"]
+
+
 def test_param_groups_carry_their_own_learning_rate() -> None:
     torch.manual_seed(0)
     model = Mixed()

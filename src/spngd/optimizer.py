@@ -224,6 +224,15 @@ class SPNGD(GuardedSteps, Optimizer):
 
     # -- construction ---------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Torch's, while SPNGD is built; refused afterwards: each layer's curvature block,
+        hooks and (with several ranks) owner are set up at construction, so parameters
+        added later would get plain SGD, unaveraged over the ranks of an unwrapped model."""
+        if "preconditioner" in self.__dict__:
+            raise ValueError(
+                "SPNGD sets up each layer's curvature when it is built and cannot take "
+                "param groups afterwards; build a new SPNGD with every group in params "
+                "(a group can hold lr=0 until it should train)"
+            )
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
