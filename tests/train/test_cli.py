@@ -155,7 +155,7 @@ def test_empty_data_folder(run_cli: CliRun, tmp_path: Path) -> None:
     (tmp_path / "val" / "cat").mkdir(parents=True)
     assert_one_line_error(
         run_cli("train", "--data", str(tmp_path), "--out", str(tmp_path / "r")),
-        f"class folder {tmp_path / 'train' / 'cat'} holds no .jpg/.jpeg/.png images",
+        f"class folder {tmp_path / 'train' / 'cat'} holds no images (.jpg, .jpeg, .png,",
     )
 
 
@@ -239,7 +239,7 @@ def test_image_folders_as_people_have_them(run_cli: CliRun, tmp_path: Path) -> N
     (root / "train" / "c2").mkdir()
     assert_one_line_error(
         run_cli("train", "--data", str(root), "--out", str(tmp_path / "r1"), *TINY),
-        f"class folder {root / 'train' / 'c2'} holds no .jpg/.jpeg/.png images",
+        f"class folder {root / 'train' / 'c2'} holds no images (.jpg, .jpeg, .png,",
     )
     (root / "train" / "c2").rmdir()
     bomb = root / "val" / "c0" / "bomb.png"

@@ -175,3 +175,50 @@ def test_16_bit_grayscale_images_keep_their_shades(tmp_path: Path) -> None:
     assert pixels.shape == (12, 12, 3) and pixels.dtype == np.uint8
     np.testing.assert_array_equal(pixels[:, :, 1], (gradient >> 8).astype(np.uint8))
     assert len(np.unique(pixels)) == 144
+
+
+def test_every_image_format_pillow_reads_counts_and_other_files_are_named(
+    tmp_path: Path,
+) -> None:
+    """BMP, GIF, PPM, PGM, TIFF and WebP files are images of their class, as in torchvision's
+    ImageFolder (plus GIF); other files are left out with one warning per split saying how
+    many and of which kinds (hidden files, like ``.DS_Store``, quietly)."""
+    from PIL import Image
+
+    root = write_image_folder(tmp_path / "images", classes=2, per_class=1)
+    pixels = np.random.default_rng(2).integers(0, 256, (12, 12, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    for name in ("a.bmp", "b.GIF", "c.ppm", "e.tif", "f.tiff", "g.webp"):
+        image.save(root / "train" / "c0" / name)
+    image.convert("L").save(root / "train" / "c1" / "d.pgm")
+    for name in ("notes.txt", "labels.txt", "README", ".DS_Store"):
+        (root / "train" / "c1" / name).write_text("not an image")
+    with pytest.warns(RuntimeWarning) as caught:
+        data = load_data(_config(str(root), image_size=8))
+    assert [str(w.message) for w in caught] == [
+        f"{root / 'train'}: left out 3 file(s) that are not images (.jpg, .jpeg, .png, .bmp, "
+        ".gif, .ppm, .pgm, .tif, .tiff, .webp): 2 .txt, 1 README"
+    ]
+    assert len(data.train) == 2 + 7
+    labels = [data.train[i][1] for i in range(len(data.train))]
+    assert labels.count(0) == 7 and labels.count(1) == 2
+    assert all(data.train[i][0].shape == (3, 8, 8) for i in range(len(data.train)))
+
+
+def test_a_link_to_a_folder_above_or_into_another_class_is_refused(tmp_path: Path) -> None:
+    """Followed, a link from ``train/cat`` to ``train`` would make every dog a cat too, and
+    one into ``train/dog`` would give those dogs a second label."""
+    root = write_image_folder(tmp_path / "images", classes=2, per_class=2)
+    link = root / "train" / "c0" / "up"
+    link.symlink_to(root / "train")
+    with pytest.raises(UserError, match=re.escape(f"{link} links to {root / 'train'}, a folder")):
+        load_data(_config(str(root)))
+    link.unlink()
+    link.symlink_to(root / "train" / "c1" / "more")
+    (root / "train" / "c1" / "more").mkdir()
+    with pytest.raises(UserError, match=re.escape(f"{link} links into class folder {root}")):
+        load_data(_config(str(root)))
+    link.unlink()
+    link.symlink_to(tmp_path / "elsewhere")  # images kept outside the tree are the class's
+    write_image_folder(tmp_path / "elsewhere", classes=1, per_class=1)  # two images below
+    assert len(load_data(_config(str(root))).train) == 4 + 2

@@ -4,8 +4,9 @@ image folders.
 ``--data`` is ``digits`` (the 8x8 handwritten digits shipped in the package, no network),
 ``mnist1d`` or ``mnist1d:N`` (1-D sequences generated offline, :mod:`spngd.train.mnist1d`),
 ``synthetic`` (random images, for timing), a CIFAR-10 python batches directory (found by its
-``data_batch_1..5`` and ``test_batch`` files), or an ImageFolder tree ``train/CLASS/*.jpg|png``
-plus ``val/CLASS/...``, decoded with Pillow inside the DataLoader workers.
+``data_batch_1..5`` and ``test_batch`` files), or an ImageFolder tree ``train/CLASS/*.jpg``
+plus ``val/CLASS/...`` (the image formats of :data:`IMAGE_EXTENSIONS`), decoded with Pillow
+inside the DataLoader workers.
 
 Every image data set yields normalized float ``(C, H, W)`` images and integer labels; the
 per-image augmentation runs after normalization, so zero padding fills with the mean.
@@ -17,6 +18,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -45,7 +48,21 @@ if TYPE_CHECKING:
     from spngd.train.config import TrainConfig
 
 DATA_KINDS = ("digits", "mnist1d", "synthetic", "cifar10", "imagefolder")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+IMAGE_EXTENSIONS = (
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".bmp",
+    ".gif",
+    ".ppm",
+    ".pgm",
+    ".tif",
+    ".tiff",
+    ".webp",
+)
+"""Files an image folder's classes hold (any case): torchvision's ImageFolder formats and GIF
+(its first frame), all of which Pillow decodes. Other files are left out with a warning."""
+IMAGES = f"images ({', '.join(IMAGE_EXTENSIONS)})"
 CIFAR_FILES = (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch")
 CIFAR_CLASSES = 10
 DIGITS_VAL_SIZE = 300
@@ -77,7 +94,7 @@ def data_kind(spec: str) -> str:
         return "cifar10"
     if not (path / "train").is_dir():
         raise UserError(
-            f"data folder {spec} has no train/ folder (expected train/CLASS/*.jpg|png and "
+            f"data folder {spec} has no train/ folder (expected train/CLASS/*.jpg and "
             "val/CLASS/..., or CIFAR-10's data_batch_1..5 and test_batch)"
         )
     return "imagefolder"
@@ -319,9 +336,9 @@ def _image_folder(root: Path, train_tf: Transform, eval_tf: Transform) -> DataBu
 def _scan_image_folder(root: Path, train_tf: Transform, eval_tf: Transform) -> DataBundle:
     classes = sorted(entry.name for entry in os.scandir(root / "train") if entry.is_dir())
     if not classes:
-        raise UserError(f"{root / 'train'} has no class folders (expected train/CLASS/*.jpg|png)")
+        raise UserError(f"{root / 'train'} has no class folders (expected train/CLASS/*.jpg)")
     if not (root / "val").is_dir():
-        raise UserError(f"data folder {root} has no val/ folder (expected val/CLASS/*.jpg|png)")
+        raise UserError(f"data folder {root} has no val/ folder (expected val/CLASS/*.jpg)")
     index = {name: i for i, name in enumerate(classes)}
     splits = []
     for split in ("train", "val"):
@@ -330,16 +347,25 @@ def _scan_image_folder(root: Path, train_tf: Transform, eval_tf: Transform) -> D
         if unknown:
             raise UserError(f"{root / split} has classes not in train/: {', '.join(unknown[:5])}")
         samples = []
+        others: Counter[str] = Counter()
+        class_folders = [root / split / name for name in folders]
         for name in folders:
-            found = _images_under(root / split / name)
+            found = _images_under(root / split / name, class_folders, others)
             if split == "train" and not found:
                 raise UserError(
-                    f"class folder {root / split / name} holds no .jpg/.jpeg/.png images; "
+                    f"class folder {root / split / name} holds no {IMAGES}; "
                     "remove it (an empty class would be one no example teaches)"
                 )
             samples.extend((path, index[name]) for path in found)
         if not samples:
-            raise UserError(f"{root / split} holds no .jpg/.jpeg/.png images")
+            raise UserError(f"{root / split} holds no {IMAGES}")
+        if others:
+            kinds = ", ".join(f"{count} {kind}" for kind, count in others.most_common(5))
+            warnings.warn(
+                f"{root / split}: left out {others.total()} file(s) that are not {IMAGES}: {kinds}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         splits.append(samples)
     return DataBundle(
         train=ImageFiles(splits[0], train_tf),
@@ -350,10 +376,15 @@ def _scan_image_folder(root: Path, train_tf: Transform, eval_tf: Transform) -> D
     )
 
 
-def _images_under(folder: Path) -> list[Path]:
+def _images_under(folder: Path, classes: Sequence[Path], others: Counter[str]) -> list[Path]:
     """Image files in ``folder`` and its subfolders (links followed, each folder once, so a
-    link loop ends), sorted by path."""
-    found, seen = [], set()
+    link loop ends), sorted by path; counts the other files (hidden ones aside) by suffix in
+    ``others``. A link to a folder that holds ``folder`` (whose walk would take in the other
+    classes' images) or into another of the split's ``classes`` (whose images would then
+    have two labels) is a UserError."""
+    found: list[Path] = []
+    seen, real_folder = set(), os.path.realpath(folder)
+    real_others = {os.path.realpath(c): c for c in classes if c != folder}
     for directory, subfolders, names in os.walk(folder, onerror=_raise, followlinks=True):
         status = os.stat(directory)
         identity = (status.st_dev, status.st_ino)
@@ -361,8 +392,29 @@ def _images_under(folder: Path) -> list[Path]:
             subfolders.clear()
             continue
         seen.add(identity)
-        found += [Path(directory) / n for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
+        real = os.path.realpath(directory)
+        if real != real_folder and _inside(real_folder, real):
+            raise UserError(
+                f"{directory} links to {real}, a folder that holds the class folder {folder} "
+                "itself (and the other classes'); remove the link"
+            )
+        into = [c for r, c in real_others.items() if _inside(real, r)]
+        if into:
+            raise UserError(
+                f"{directory} links into class folder {into[0]}: its images would have two "
+                "labels; remove the link"
+            )
+        for name in names:
+            if name.lower().endswith(IMAGE_EXTENSIONS):
+                found.append(Path(directory) / name)
+            elif not name.startswith("."):
+                others[os.path.splitext(name)[1].lower() or name] += 1
     return sorted(found)
+
+
+def _inside(path: str, folder: str) -> bool:
+    """Whether real path ``path`` is ``folder`` or lies below it."""
+    return path == folder or path.startswith(os.path.join(folder, ""))
 
 
 def _raise(error: OSError) -> None:
