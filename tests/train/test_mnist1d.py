@@ -95,6 +95,17 @@ def test_the_data_picks_a_1d_model_and_refuses_an_image_model() -> None:
         resolve_config({"model": "resnet8-1d", "device": "cpu"})
 
 
+@pytest.mark.parametrize(
+    ("option", "value"), [("crop", "pad"), ("crop", "resized"), ("flip", True), ("image_size", 32)]
+)
+def test_image_options_are_refused_not_ignored(option: str, value: object) -> None:
+    flag = "--" + option.replace("_", "-")
+    with pytest.raises(UserError, match=f"{flag} does not apply to --data mnist1d: its examples"):
+        resolve_config({"data": "mnist1d:800", "device": "cpu", option: value})
+    fixed = {"crop": "none", "flip": False, "image_size": 40}  # its own values are accepted
+    assert resolve_config({"data": "mnist1d:800", "device": "cpu", **fixed}).image_size == 40
+
+
 def test_train_on_mnist1d(run_cli: CliRun, cache: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     code, stdout, stderr = run_cli(

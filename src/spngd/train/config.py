@@ -330,6 +330,10 @@ DATA_DEFAULTS: dict[str, dict[str, Any]] = {
 """Digits are not mirror-symmetric: no flips. Image folders decode JPEGs: more workers.
 mnist1d's sequences are neither cropped nor flipped (``image_size`` is their length, fixed)."""
 
+DATA_FIXED: dict[str, tuple[str, ...]] = {"mnist1d": ("crop", "flip", "image_size")}
+"""Options a data set's defaults fix: given another value, they are a UserError instead of
+being ignored."""
+
 
 def resolve_config(options: Mapping[str, Any]) -> TrainConfig:
     """The config for the options the user gave (absent keys take defaults, see module doc)."""
@@ -338,7 +342,14 @@ def resolve_config(options: Mapping[str, Any]) -> TrainConfig:
         raise UserError(f"unknown option(s): {', '.join(sorted(unknown))}")
     values = dict(DEFAULTS)
     data = absolute_data(options.get("data", DEFAULTS["data"]))
-    values.update(DATA_DEFAULTS[data_kind(data)])
+    kind = data_kind(data)
+    for name in DATA_FIXED.get(kind, ()):
+        if options.get(name, DATA_DEFAULTS[kind][name]) != DATA_DEFAULTS[kind][name]:
+            raise UserError(
+                f"{flag(name)} does not apply to --data {kind}: its examples are "
+                f"{DATA_DEFAULTS[kind]['image_size']} long, neither cropped nor flipped"
+            )
+    values.update(DATA_DEFAULTS[kind])
     values["workers"] = min(values["workers"], CPUS)
     preset = recipe_settings(options.get("recipe"))
     optimizer = options.get("optimizer", preset.get("optimizer", DEFAULTS["optimizer"]))
