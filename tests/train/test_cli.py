@@ -357,6 +357,25 @@ def test_output_folder_holding_a_checkpoint_is_refused(run_cli: CliRun, tmp_path
     assert_one_line_error(run_cli("train", "--out", str(tmp_path), *TINY), "already holds a run")
 
 
+def test_a_run_refused_before_its_first_record_leaves_nothing_behind(
+    run_cli: CliRun, tmp_path: Path
+) -> None:
+    """Refused for its batch size after the run folder was opened, a run removes the empty
+    metrics.jsonl and the folders it made, so a rerun is not told of a stopped run; a folder
+    that was there stays, with its files."""
+    out = tmp_path / "new" / "run"
+    refused = run_cli("train", "--out", str(out), "--batch-size", "4096", *TINY)
+    assert_one_line_error(refused, "fewer than one batch of 4096")
+    assert not (tmp_path / "new").exists()
+    status, _, stderr = run_cli("train", "--out", str(out), *TINY)
+    assert (status, stderr) == (0, "")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("kept")
+    assert_one_line_error(run_cli("train", "--out", str(mine), "--batch-size", "4096", *TINY))
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+
 def test_console_script_exit_status_and_stderr(tmp_path: Path) -> None:
     """The installed entry point: one stderr line and status 2 from a real process."""
     result = subprocess.run(

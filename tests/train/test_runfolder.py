@@ -39,6 +39,7 @@ def test_an_atomic_write_that_fails_leaves_the_old_file_and_no_temporary(tmp_pat
 
 
 def test_a_folder_in_use_or_holding_a_run_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "run").mkdir()
     with RunFolder(tmp_path / "run"):
         with pytest.raises(UserError, match="is in use by another spngd process"):
             RunFolder(tmp_path / "run")

@@ -187,6 +187,10 @@ class RunFolder:
         restarting: bool = False,
     ) -> None:
         self.path = Path(path)
+        self._created = [p for p in (self.path, *self.path.parents) if not p.exists()]
+        """The folders ``mkdir`` makes for this run, deepest first."""
+        self._wrote = False
+        """Whether this run wrote a file (else :meth:`close` removes what it created)."""
         try:
             if self.path.exists() and not self.path.is_dir():
                 raise UserError(f"--out {self.path} is a file, not a folder")
@@ -232,6 +236,7 @@ class RunFolder:
                 leftover.unlink(missing_ok=True)
             with self._writing(METRICS):
                 self.history = self._keep_metrics(resume.step)
+        self._resumed = resume is not None
         with self._writing(METRICS):
             self._metrics = open(self.path / METRICS, "a" if resume else "w", buffering=1)
 
@@ -307,11 +312,20 @@ class RunFolder:
         return "the run has no checkpoint yet; rerun it with more room"
 
     def close(self) -> None:
+        """Close the run's files. A new run that wrote nothing (refused before its first
+        record: a batch larger than the data, a bad image) leaves nothing behind: its empty
+        ``metrics.jsonl`` goes, and the folders this run created."""
         try:
             with self._writing(METRICS):
                 self._metrics.close()
         finally:
             self._release()
+        if self._resumed or self._wrote:
+            return
+        (self.path / METRICS).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # not empty: someone else's files stay
+            for folder in self._created:
+                folder.rmdir()
 
     def _release(self) -> None:
         (self.path / LOCK).unlink(missing_ok=True)
@@ -324,12 +338,14 @@ class RunFolder:
         self.close()
 
     def write_config(self, config: Mapping[str, Any]) -> None:
+        self._wrote = True
         text = json.dumps(dict(config), indent=2) + "\n"
         with self._writing(CONFIG):
             atomic_write(self.path / CONFIG, lambda file: file.write(text.encode()))
 
     def log(self, record: Mapping[str, Any]) -> None:
         """Append one JSON line to ``metrics.jsonl`` (flushed, so it can be followed live)."""
+        self._wrote = True
         with self._writing(METRICS):
             self._metrics.write(json.dumps(dict(record)) + "\n")
 
@@ -337,6 +353,7 @@ class RunFolder:
         """Replace ``checkpoint.pt`` atomically, the old one becoming ``checkpoint.prev.pt``;
         on failure both stay as they were. Tensors are saved from the CPU, so the file
         loads on any machine."""
+        self._wrote = True
         path = self.path / CHECKPOINT
         on_cpu = _to_cpu(dict(payload))
         try:
@@ -350,6 +367,7 @@ class RunFolder:
             ) from None
 
     def plot(self, records: Sequence[Mapping[str, Any]], title: str) -> None:
+        self._wrote = True
         with self._writing(PLOT):
             plot_runs({"": records}, self.path / PLOT, title)
 
