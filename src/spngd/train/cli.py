@@ -10,9 +10,7 @@ one line ``spngd: warning: ...`` each.
 from __future__ import annotations
 
 import argparse
-import os
 import re
-import signal
 import sys
 import types
 import typing
@@ -24,6 +22,7 @@ from typing import Any, NoReturn
 
 from spngd.distributed import launch
 from spngd.distributed.exchange import RankFailureError
+from spngd.train import stopping
 from spngd.train.compare import compare
 from spngd.train.config import (
     COMPARE_DEFAULTS,
@@ -297,79 +296,11 @@ def _show_warning(
     print(f"spngd: warning: {message}", file=sys.stderr)
 
 
-_MAIN_PROCESS = os.getpid()
-
-
-def _quiet_worker_shutdown() -> None:
-    """After Ctrl-C or SIGTERM to the whole process group the DataLoader workers are gone
-    too; the loaders' clean-up would report each one ("Exception ignored in ... worker
-    killed by signal"). The run is stopping: nothing of that is news."""
-    sys.unraisablehook = lambda unraisable: None
-
-
-STOPPING_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-def _ignore_further_stops() -> None:
-    """Once the run is stopping, further Ctrl-Cs and SIGTERMs (a key held down, a scheduler
-    that signals twice) are ignored: raised again during the stop, they would cut it short
-    with a traceback from a clean-up or a death by the signal."""
-    for signum in STOPPING_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
-
-
-def _stop_behind(error: BaseException) -> BaseException | None:
-    """The Ctrl-C or SIGTERM that ``error`` was raised while handling, if any: a clean-up
-    interrupted by the stop (``torch.save`` closing its file, a DataLoader finding its
-    workers gone) raises its own error over it."""
-    seen: BaseException | None = error
-    while seen is not None:
-        if isinstance(seen, KeyboardInterrupt | Terminated):
-            return seen
-        if WORKER_TERMINATED.match(str(seen)):  # the SIGTERM reached a worker first
-            return Terminated()
-        seen = seen.__cause__ or seen.__context__
-    return None
-
-
-WORKER_TERMINATED = re.compile(r"DataLoader worker \(pid \d+\) is killed by signal: Terminated")
-"""How torch reports a DataLoader worker that a SIGTERM to the process group ended."""
-
-
-def _interrupt(signum: int, frame: types.FrameType | None) -> NoReturn:
-    """Ctrl-C: stop the run (KeyboardInterrupt), once; the clean-ups it interrupts stay
-    quiet."""
-    if os.getpid() == _MAIN_PROCESS:
-        _ignore_further_stops()
-        _quiet_worker_shutdown()
-    raise KeyboardInterrupt
-
-
-def _terminate(signum: int, frame: types.FrameType | None) -> NoReturn:
-    """SIGTERM: stop the run like Ctrl-C. DataLoader workers (forked with this handler,
-    and signalled too when a scheduler stops the whole process group) leave quietly."""
-    if os.getpid() != _MAIN_PROCESS:
-        os._exit(128 + signal.SIGTERM)
-    _ignore_further_stops()
-    _quiet_worker_shutdown()
-    raise Terminated
-
-
-def _stopped(stop: BaseException) -> int:
-    """The one line and status of a run stopped by Ctrl-C (130) or SIGTERM (143)."""
-    _ignore_further_stops()
-    _quiet_worker_shutdown()
-    if isinstance(stop, Terminated):
-        print("spngd: terminated (SIGTERM)", file=sys.stderr)
-        return 128 + signal.SIGTERM
-    print("spngd: interrupted", file=sys.stderr)
-    return 130
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``spngd`` console script; returns the exit status."""
-    handlers = {signal.SIGINT: _interrupt, signal.SIGTERM: _terminate}
-    previous = {signum: signal.signal(signum, handler) for signum, handler in handlers.items()}
+    """Run ``spngd`` with ``argv`` in this process and return the exit status. Ctrl-C and
+    SIGTERM stop the run with one line (:mod:`spngd.train.stopping`); the caller's handlers
+    are put back when it returns."""
+    previous = stopping.install()
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
@@ -383,22 +314,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"spngd: error: {error}", file=sys.stderr)
         return TRAINING_STOPPED
     except (KeyboardInterrupt, Terminated) as stop:
-        return _stopped(stop)
+        return stopping.stopped(stop)
     except RankFailureError as error:
         first_line = str(error).strip().splitlines()[0].removeprefix("SPNGD: ")
         print(f"spngd: error: {first_line}", file=sys.stderr)
         return TRAINING_STOPPED
     except RuntimeError as error:
-        stop = _stop_behind(error)
+        stop = stopping.stop_behind(error)
         if stop is None:
             raise
-        return _stopped(stop)
+        return stopping.stopped(stop)
     finally:
-        for signum, handler in previous.items():
-            if signal.getsignal(signum) is handlers[signum]:  # else the run is stopping
-                signal.signal(signum, handler)
+        stopping.restore(previous)
     return 0
 
 
+def run() -> NoReturn:
+    """The ``spngd`` console script: :func:`main`, with stop signals ignored around it, so
+    that one coming once the run is over (its line printed, the interpreter exiting) leaves
+    the run's exit status as it is instead of ending the process by the signal."""
+    stopping.ignore_further()
+    stopping.exit_with(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -25,6 +25,7 @@ from spngd.guard import NonFiniteGradientError
 from spngd.messages import first_sentence
 from spngd.optimizer import SPNGD
 from spngd.timing import seconds_since
+from spngd.train import stopping
 from spngd.train.augment import RunningMixup, soft_targets
 from spngd.train.config import TrainConfig
 from spngd.train.data import ImageFiles, load_data, make_loaders
@@ -297,6 +298,7 @@ class Trainer:
         stages = self.stage_seconds()
         tick = time.perf_counter()
         for group in _groups(self.train_loader, self.config.accumulate):
+            stopping.raise_if_lost()
             ends_pass = len(results) + 1 == self.steps_per_pass
             results.append(self.fit_step(group, tick, start, ends_pass))
             bar.update()

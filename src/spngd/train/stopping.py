@@ -1,0 +1,144 @@
+"""Ctrl-C and SIGTERM: how ``spngd`` stops a run, once, with one line.
+
+A stop signal raises ``KeyboardInterrupt`` (Ctrl-C) or :class:`Terminated` (SIGTERM) in the
+run, once: later ones return at once, so that a stop already unwinding through clean-ups
+is not cut short. A library can swallow that exception (a bare ``except:`` around an
+import, a finalizer, whose errors Python only reports); the trainer calls
+:func:`raise_if_lost` before each step, which raises it again. Once the stop reaches the
+command line (:func:`stopped`), or the run is over, further signals are ignored through
+the interpreter's exit, so that none turns the run's status into a death by the signal.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import re
+import signal
+import sys
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NoReturn
+
+from spngd.train.errors import Terminated
+
+STOPPING_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+WORKER_TERMINATED = re.compile(r"DataLoader worker \(pid \d+\) is killed by signal: Terminated")
+"""How torch reports a DataLoader worker that a SIGTERM to the process group ended."""
+
+_MAIN_PROCESS = os.getpid()
+_raised: type[BaseException] | None = None
+"""The stop raised in this run, if any."""
+
+
+@dataclass(frozen=True)
+class Previous:
+    """What :func:`install` replaced: the signals' handlers and ``sys.unraisablehook``."""
+
+    handlers: dict[int, Callable[[int, types.FrameType | None], object] | int | None]
+    unraisablehook: Callable[[sys.UnraisableHookArgs], object]
+
+
+def install() -> Previous:
+    """Make Ctrl-C and SIGTERM stop the run (no stop raised yet); returns what they did
+    before, for :func:`restore`."""
+    global _raised
+    _raised = None
+    hook = sys.unraisablehook
+    handlers = {signal.SIGINT: _interrupt, signal.SIGTERM: _terminate}
+    return Previous(
+        {signum: signal.signal(signum, handler) for signum, handler in handlers.items()}, hook
+    )
+
+
+def restore(previous: Previous) -> None:
+    """Put back what :func:`install` replaced (the run, stopped or not, is over)."""
+    for signum, handler in previous.handlers.items():
+        if handler is not None:  # None: set outside Python, where signal.signal cannot
+            signal.signal(signum, handler)
+    sys.unraisablehook = previous.unraisablehook
+
+
+def ignore_further() -> None:
+    """Ignore Ctrl-C and SIGTERM from now on, through the interpreter's exit (a key held
+    down, a scheduler that signals twice or late)."""
+    for signum in STOPPING_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def raise_if_lost() -> None:
+    """Raise the stop again if one was raised and the run still goes on: something between
+    the signal and here swallowed it."""
+    if _raised is not None:
+        raise _raised
+
+
+def stopped(stop: BaseException) -> int:
+    """Print the one line of a run stopped by Ctrl-C (status 130) or SIGTERM (143); further
+    stop signals are ignored."""
+    ignore_further()
+    sys.unraisablehook = _drop
+    if isinstance(stop, Terminated):
+        print("spngd: terminated (SIGTERM)", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    print("spngd: interrupted", file=sys.stderr)
+    return 130
+
+
+def exit_with(status: int) -> NoReturn:
+    """End the process with ``status``. After a stop, without the interpreter's own exit:
+    CPython ends a process by SIGINT, whatever its status, when a KeyboardInterrupt ever
+    ended code that ``exec`` ran from a string (a dataclass or namedtuple being made during
+    an import), even one caught later, as this stop was. Its garbage is collected first, so
+    that the data loaders shut their workers down."""
+    if _raised is None:
+        sys.exit(status)
+    gc.collect()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+def stop_behind(error: BaseException) -> BaseException | None:
+    """The Ctrl-C or SIGTERM that ``error`` was raised while handling, if any: a clean-up
+    interrupted by the stop (``torch.save`` closing its file, a DataLoader finding its
+    workers gone) raises its own error over it."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, KeyboardInterrupt | Terminated):
+            return seen
+        if WORKER_TERMINATED.match(str(seen)):  # the SIGTERM reached a worker first
+            return Terminated()
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _drop(unraisable: sys.UnraisableHookArgs) -> None:
+    """After a stop signal, errors Python cannot raise are dropped: with Ctrl-C or SIGTERM to
+    the whole process group the DataLoader workers are gone too, and the loaders' clean-up
+    reports each one ("Exception ignored in ... worker killed by signal"), which is not news."""
+
+
+def _raise_stop(stop: type[BaseException]) -> None:
+    global _raised
+    if _raised is not None:
+        return
+    _raised = stop
+    sys.unraisablehook = _drop
+    raise stop
+
+
+def _interrupt(signum: int, frame: types.FrameType | None) -> None:
+    """Ctrl-C: stop the run (KeyboardInterrupt), once."""
+    if os.getpid() != _MAIN_PROCESS:
+        raise KeyboardInterrupt  # a DataLoader worker: torch ends it quietly
+    _raise_stop(KeyboardInterrupt)
+
+
+def _terminate(signum: int, frame: types.FrameType | None) -> None:
+    """SIGTERM: stop the run like Ctrl-C. DataLoader workers (forked with this handler,
+    and signalled too when a scheduler stops the whole process group) leave quietly."""
+    if os.getpid() != _MAIN_PROCESS:
+        os._exit(128 + signal.SIGTERM)
+    _raise_stop(Terminated)
