@@ -50,13 +50,13 @@ def find_blocks(
             continue
         label = name or "<model>"
         block = make_block(label, module, bn_damping_scale, damping_form)
-        kind = type(module).__name__
+        module_class = type(module).__name__
         if block is None:
-            plain[label] = f"momentum SGD ({kind} is not supported)"
+            plain[label] = f"momentum SGD ({module_class} is not supported)"
         elif len(params) != len(block.params) or not all(p.requires_grad for p in params):
-            plain[label] = f"momentum SGD ({kind} is only partly trainable)"
+            plain[label] = f"momentum SGD ({module_class} is only partly trainable)"
         elif any(owners[id(p)] > 1 for p in params):
-            plain[label] = f"momentum SGD ({kind} shares a parameter with another module)"
+            plain[label] = f"momentum SGD ({module_class} shares a parameter with another module)"
         else:
             blocks[label] = block
     return blocks, plain
@@ -521,8 +521,8 @@ class Preconditioner:
         self._set_to_compute()
 
     def _load_mc_generator(self, state: torch.Tensor) -> None:
-        """Restore the MC sampling generator; a state saved from another device's kind of
-        generator cannot be, so the labels are then drawn afresh (seeded from it)."""
+        """Restore the MC sampling generator; a state saved from a generator of another device
+        type cannot be, so the labels are then drawn afresh (seeded from it)."""
         generator = self._mc_generator
         assert generator is not None
         try:

@@ -93,21 +93,21 @@ def _add_config_options(
             add_nested_options(parser, field.name, NESTED[field.name])
             continue
         help_text = field.metadata["help"] + _default_text(field.name, defaults)
-        kind = _base_type(hints[field.name])
+        value_type = _base_type(hints[field.name])
         if isinstance(hints[field.name], types.UnionType):  # ``X | None``: 'none' gives None
-            metavar = _METAVARS.get(kind, "NAME") + "|none"
-            _add_option(parser, flag(field.name), _or_none(kind), help_text, metavar=metavar)
+            metavar = _METAVARS.get(value_type, "NAME") + "|none"
+            _add_option(parser, flag(field.name), _or_none(value_type), help_text, metavar=metavar)
         else:
-            _add_option(parser, flag(field.name), kind, help_text)
+            _add_option(parser, flag(field.name), value_type, help_text)
 
 
-def _or_none(kind: type) -> Callable[[str], Any]:
-    """The parser of an optional value: ``kind``, or None for the word ``none``."""
+def _or_none(value_type: type) -> Callable[[str], Any]:
+    """The parser of an optional value: ``value_type``, or None for the word ``none``."""
 
     def parse(text: str) -> Any:
-        return None if text.lower() == "none" else kind(text)
+        return None if text.lower() == "none" else value_type(text)
 
-    parse.__name__ = f"{kind.__name__} or 'none'"
+    parse.__name__ = f"{value_type.__name__} or 'none'"
     return parse
 
 
@@ -115,26 +115,26 @@ def add_nested_options(parser: argparse.ArgumentParser, name: str, settings: typ
     """``--NAME-KNOB`` for every knob of a settings dataclass, its help and default its own."""
     hints = typing.get_type_hints(settings)
     for knob in fields(settings):
-        kind = _base_type(hints[knob.name])
-        if typing.get_origin(kind) is typing.Literal:
-            kind = str
+        value_type = _base_type(hints[knob.name])
+        if typing.get_origin(value_type) is typing.Literal:
+            value_type = str
         help_text = f"{knob.metadata['help']} (default: {knob.default})"
         option = flag(f"{name}_{knob.name}")
-        _add_option(parser, option, kind, help_text, dest=f"{name}.{knob.name}")
+        _add_option(parser, option, value_type, help_text, dest=f"{name}.{knob.name}")
 
 
 _METAVARS: dict[type, str] = {int: "N", float: "X"}
 
 
 def _add_option(
-    parser: argparse.ArgumentParser, option: str, kind: type, help_text: str, **extra: Any
+    parser: argparse.ArgumentParser, option: str, value_type: type, help_text: str, **extra: Any
 ) -> None:
     options: dict[str, Any] = {"help": help_text, "default": argparse.SUPPRESS}
-    if kind is bool:
+    if value_type is bool:
         options["action"] = argparse.BooleanOptionalAction
     else:
-        options["type"] = kind
-        options["metavar"] = _METAVARS.get(kind, "NAME")
+        options["type"] = value_type
+        options["metavar"] = _METAVARS.get(value_type, "NAME")
     parser.add_argument(option, **(options | extra))
 
 

@@ -218,12 +218,12 @@ MAX_IMAGE_SIZE = 4096
 
 def _check_device(device: str) -> None:
     try:
-        kind = torch.device(device).type
+        device_type = torch.device(device).type
     except RuntimeError:
         raise UserError(f"--device {device!r} is not a torch device (cpu, cuda, cuda:N)") from None
-    if kind not in ("cpu", "cuda"):
+    if device_type not in ("cpu", "cuda"):
         raise UserError(f"--device {device}: spngd trains on cpu or cuda")
-    if kind == "cuda" and not torch.cuda.is_available():
+    if device_type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {device}: CUDA is not available on this machine")
 
 

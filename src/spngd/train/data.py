@@ -360,9 +360,10 @@ def _scan_image_folder(root: Path, train_tf: Transform, eval_tf: Transform) -> D
         if not samples:
             raise UserError(f"{root / split} holds no {IMAGES}")
         if others:
-            kinds = ", ".join(f"{count} {kind}" for kind, count in others.most_common(5))
+            suffixes = ", ".join(f"{n} {suffix}" for suffix, n in others.most_common(5))
             warnings.warn(
-                f"{root / split}: left out {others.total()} file(s) that are not {IMAGES}: {kinds}",
+                f"{root / split}: left out {others.total()} file(s) that are not {IMAGES}: "
+                f"{suffixes}",
                 RuntimeWarning,
                 stacklevel=2,
             )

@@ -112,8 +112,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     payload = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(payload, dict):
         raise ValueError(f"holds a {type(payload).__name__}, not a checkpoint")
-    for key, kind in CHECKPOINT_FIELDS.items():
-        if not isinstance(payload.get(key), kind):
+    for key, expected_type in CHECKPOINT_FIELDS.items():
+        if not isinstance(payload.get(key), expected_type):
             raise ValueError(f"no valid {key!r} entry")
     if not all_finite(payload["model"]):
         raise ValueError("the model holds NaN or inf")
