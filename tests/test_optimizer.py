@@ -191,22 +191,28 @@ def test_mc_sampling_state_from_another_kind_of_generator_draws_afresh_with_a_wa
     assert labels.shape == (64,) and int(labels.max()) < 3
 
 
-def test_a_state_dict_holding_explicit_inverses_is_recomputed_not_misread() -> None:
-    """Older versions saved explicit inverses of the Kronecker factors; those are now kept
-    as Cholesky factors, so such an entry is dropped and recomputed from the saved factors."""
+def test_a_state_dict_holding_another_inverse_form_is_recomputed_not_misread() -> None:
+    """A block's saved inverse is read only under the name of the form it keeps: explicit
+    inverses of the Kronecker factors saved where Cholesky factors are kept (or an entry
+    saved without its form's name) are dropped and recomputed from the saved factors."""
     torch.manual_seed(0)
     model = Mixed()
     opt = SPNGD(model, lr=0.05, stat_interval=2)
     _train(model, opt, 1)
     state = copy.deepcopy(opt.state_dict())
     old = state["curvature"]["conv"]
-    del old["inverse_kind"]
-    old["inverse"] = tuple(torch.cholesky_inverse(lower) for lower in old["inverse"])
+    old["inverse_form_name"] = "inverse"
+    old["inverse_form"] = tuple(torch.cholesky_inverse(lower) for lower in old["inverse_form"])
     resumed_model = copy.deepcopy(model)
     resumed = SPNGD(resumed_model, lr=0.05, stat_interval=2)
     resumed.load_state_dict(state)
     assert resumed.curvature["conv"].inverse_form is None
     assert resumed.curvature["fc"].inverse_form is not None
+    unnamed = copy.deepcopy(state)
+    del unnamed["curvature"]["fc"]["inverse_form_name"]
+    loaded = SPNGD(copy.deepcopy(model), lr=0.05, stat_interval=2)
+    loaded.load_state_dict(unnamed)
+    assert loaded.curvature["fc"].inverse_form is None and loaded.curvature["fc"].ready
     # step 1 computes no statistics: the original reuses its inverse, the resumed one
     # recomputes the same from the saved factors
     _train(model, opt, 1, seed=100)

@@ -42,7 +42,7 @@ class CurvatureBlock(ABC):
     batch's own mean and variance)."""
     inverse_form_name: str = "inverse"
     """What ``inverse_form`` holds: ``inverse`` (the inverse itself), ``cholesky`` or
-    ``eigen-kronecker`` (saved in checkpoints as ``inverse_kind``)."""
+    ``eigen-kronecker`` (saved in checkpoints beside the form)."""
 
     @classmethod
     @abstractmethod
@@ -364,8 +364,8 @@ class CurvatureBlock(ABC):
         cpu = torch.device("cpu")
         return {
             "factors": _to_device(self.factors, cpu),
-            "inverse": _to_device(self.inverse_form, cpu),
-            "inverse_kind": self.inverse_form_name,
+            "inverse_form": _to_device(self.inverse_form, cpu),
+            "inverse_form_name": self.inverse_form_name,
             "inverse_damping": self.inverse_damping,
             "inverse_uses": self.inverse_uses,
         }
@@ -386,12 +386,13 @@ class CurvatureBlock(ABC):
         the parameters' device."""
         device = self.params[0].device
         self.factors = list(_to_device(state["factors"], device))  # type: ignore[call-overload]
-        self.inverse_form = _to_device(state["inverse"], device)  # type: ignore[arg-type]
         self.inverse_damping = state["inverse_damping"]  # type: ignore[assignment]
         self.inverse_uses = state.get("inverse_uses", 0)  # type: ignore[assignment]
         self.explicit_inverse = None
-        if state.get("inverse_kind", "inverse") != self.inverse_form_name:
-            self.inverse_form = None  # saved by a version that kept another form: recomputed
+        # A form this block does not keep (or one saved without its name) is not read: the
+        # inverse is recomputed from the saved factors when next due.
+        same_form = state.get("inverse_form_name") == self.inverse_form_name
+        self.inverse_form = _to_device(state["inverse_form"], device) if same_form else None  # type: ignore[assignment]
 
 
 def _to_device(tensors: object, device: torch.device) -> object:
