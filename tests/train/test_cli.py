@@ -15,6 +15,7 @@ import sys
 import time
 import zlib
 from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +24,10 @@ import torch
 from PIL import Image
 
 from spngd.optimizer import SPNGD
+from spngd.refresh import AdaptiveRefresh
 from spngd.timing import STAGES
 from spngd.train.cli import build_parser
-from spngd.train.config import (
-    resolve_config,
-)
+from spngd.train.config import DEFAULTS, OPTIMIZER_DEFAULTS, flag, resolve_config
 from spngd.train.data import load_data
 from spngd.train.errors import Terminated, UserError
 from spngd.train.models import build_model
@@ -572,13 +572,53 @@ def test_a_run_file_the_file_system_refuses_is_one_line(tmp_path: Path) -> None:
     )
 
 
+def _option_rows() -> dict[str, str]:
+    """docs/cli.md's option table: each row by every flag its first cell names."""
+    text = (Path(__file__).parents[2] / "docs" / "cli.md").read_text()
+    table = text[text.index("## Options") : text.index("## Data")]
+    rows = {}
+    for row in table.splitlines():
+        if row.startswith("| `--"):
+            for option in re.findall(r"`(--[a-z0-9-]+)", row.split("|")[1]):
+                rows[option] = row
+    return rows
+
+
+def _numbers(text: str) -> set[float]:
+    """The numbers written in ``text`` (``1,024``, ``1e-3`` and ``0.9`` alike)."""
+    found = re.findall(r"(?<![\w.-])(\d[\d,]*(?:\.\d+)?(?:e-?\d+)?)", text)
+    return {float(number.replace(",", "")) for number in found}
+
+
+def test_docs_cli_states_every_default_as_the_config_has_it() -> None:
+    """Each option's row in docs/cli.md states its default as the config resolves it: the
+    number (in any spelling), the word in backticks, or ``on`` for a flag that is on; both
+    optimizers' values where they differ; the refresh knobs' from AdaptiveRefresh."""
+    defaults: dict[str, list[object]] = {name: [value] for name, value in DEFAULTS.items()}
+    for name in OPTIMIZER_DEFAULTS["spngd"]:
+        defaults[name] = [own[name] for own in OPTIMIZER_DEFAULTS.values()]
+    for knob in fields(AdaptiveRefresh):
+        defaults[f"refresh_{knob.name}"] = [knob.default]
+    rows = _option_rows()
+    for name, values in defaults.items():
+        row = rows[flag(name)]
+        for value in values:
+            if value is None or value is False:
+                continue  # unset, or a flag that is off: said in words
+            if value is True:
+                stated = "on" in row
+            elif isinstance(value, int | float):
+                stated = float(value) in _numbers(row)
+            else:
+                stated = f"`{value}`" in row
+            assert stated, f"docs/cli.md does not state {flag(name)}'s default {value!r}"
+
+
 def test_docs_cli_lists_every_option_and_only_real_ones() -> None:
     """docs/cli.md's option table cannot drift from the parser: every option of ``spngd
     train`` (each config field's, each refresh knob's) is in it, and every flag it names
     exists."""
-    text = (Path(__file__).parents[2] / "docs" / "cli.md").read_text()
-    table = text[text.index("## Options") : text.index("## Data")]
-    named = set(re.findall(r"`(--[a-z0-9-]+)", table))
+    named = set(_option_rows())
     parser = build_parser()
     real = {
         option
