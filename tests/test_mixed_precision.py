@@ -18,22 +18,12 @@ from tests.curvature._bruteforce import (
     linear_factors,
     rel_err,
 )
-
-
-def _model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1),
-        nn.BatchNorm2d(4),
-        nn.ReLU(inplace=True),
-        nn.Flatten(),
-        nn.Linear(4 * 36, 3),
-    )
+from tests.small_models import conv_bn_net
 
 
 def _data(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(16, 3, 6, 6, generator=gen), torch.randint(0, 3, (16,), generator=gen)
+    return torch.randn(16, 3, 9, 9, generator=gen), torch.randint(0, 3, (16,), generator=gen)
 
 
 def test_compiled_model_steps_like_the_eager_one() -> None:
@@ -42,7 +32,7 @@ def test_compiled_model_steps_like_the_eager_one() -> None:
     The test uses the ``aot_eager`` backend to stay fast on CPU; the default inductor
     backend was checked by hand the same way (largest parameter difference 5e-6).
     """
-    eager, compiled = _model(), _model()
+    eager, compiled = conv_bn_net(), conv_bn_net()
     opt_eager = SPNGD(eager, lr=0.1, stat_interval=1)
     opt_compiled = SPNGD(compiled, lr=0.1, stat_interval=1)
     forward = torch.compile(compiled, backend="aot_eager")
@@ -63,7 +53,7 @@ def test_bfloat16_autocast_keeps_float32_statistics() -> None:
     """Under bf16 autocast the layers' inputs and output gradients are bf16, but their
     statistics are accumulated in float32: they match a float64 brute force on the very
     tensors the hooks saw far more tightly than a bf16 accumulation could."""
-    full, mixed = _model(), _model()
+    full, mixed = conv_bn_net(), conv_bn_net()
     reference = copy.deepcopy(mixed)
     start = [p.detach().clone() for p in full.parameters()]
     opt_full = SPNGD(full, lr=0.1, stat_interval=1)
@@ -77,12 +67,12 @@ def test_bfloat16_autocast_keeps_float32_statistics() -> None:
         opt.step()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         conv_data = full_batch_layer_data(reference, reference[0], x, y)
-        fc_data = full_batch_layer_data(reference, reference[4], x, y)
+        fc_data = full_batch_layer_data(reference, reference[5], x, y)
     assert fc_data.g.dtype == torch.bfloat16  # what the hooks are handed
     as_float64 = lambda d: LayerData(a=d.a.double(), g=d.g.double())  # noqa: E731
     conv_A, conv_G = conv_factors(reference[0], as_float64(conv_data))
     fc_A, fc_G = linear_factors(as_float64(fc_data), bias=True)
-    expected = {"0": (conv_A, conv_G), "4": (fc_A.unsqueeze(0), fc_G.unsqueeze(0))}
+    expected = {"0": (conv_A, conv_G), "5": (fc_A.unsqueeze(0), fc_G.unsqueeze(0))}
     for name, (want_A, want_G) in expected.items():
         block = opt_mixed.curvature[name]
         assert block.A.dtype == block.G.dtype == torch.float32
@@ -104,7 +94,7 @@ def test_bfloat16_autocast_keeps_float32_statistics() -> None:
 
 
 def test_grad_scaler_loss_scale_is_taken_out_of_the_statistics() -> None:
-    plain, scaled = _model(), _model()
+    plain, scaled = conv_bn_net(), conv_bn_net()
     opt_plain = SPNGD(plain, lr=0.1, stat_interval=1)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
     opt_scaled = SPNGD(scaled, lr=0.1, stat_interval=1, grad_scaler=scaler)
@@ -183,7 +173,7 @@ def test_adaptive_refresh_under_torch_compile_never_recompiles() -> None:
     guard on each layer's decision)."""
     from torch._dynamo.testing import CompileCounter
 
-    model = _model()
+    model = conv_bn_net()
     opt = SPNGD(model, lr=0.1, refresh=AdaptiveRefresh(warmup_steps=3))  # skips from step 3
     counter = CompileCounter()
     forward = torch.compile(model, backend=counter)
