@@ -23,7 +23,10 @@ def _spd(d: int, seed: int) -> torch.Tensor:
     return (m @ m.T / (2 * d)).unsqueeze(0)
 
 
-def test_pi_and_damping_terms_match_the_spec() -> None:
+def test_pi_and_damping_terms_are_the_papers() -> None:
+    """pi = sqrt(mean diag A / mean diag G) (trace norms of equal dimension), A damped by
+    pi sqrt(lam) and G by sqrt(lam) / pi (Martens & Grosse's factored Tikhonov damping, which
+    SP-NGD uses; docs/optimizer.md)."""
     A, G = _spd(5, 0), _spd(3, 1)
     lam = 1e-2
     pi = math.sqrt((A.diagonal(dim1=1, dim2=2).mean() / G.diagonal(dim1=1, dim2=2).mean()).item())

@@ -172,7 +172,7 @@ def test_statistics_examples_reach_the_blocks_and_old_runs_keep_every_example() 
         opt = make_optimizer(model, resolve_config({"device": "cpu", **options}))
         assert {block.statistics_examples for block in opt.curvature.values()} == {limit}
         opt.remove_hooks()
-    # a run folder saved before the setting existed computed statistics from every example
+    # a saved config without the setting computed statistics from every example
     saved = resolve_config({"device": "cpu", "out": "runs/old"}).to_dict()
     del saved["statistics_examples"]
     assert resume_config(saved, {}).statistics_examples is None

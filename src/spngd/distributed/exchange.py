@@ -361,16 +361,6 @@ class DistributedExchange:
         return tuple(stats) if any(block.to_compute) else None
 
     # -- stage 3: preconditioned gradients and next step's statistics to everyone ---------
-    def _gather_specs(self, rank: int) -> list[TensorSpec]:
-        """Per owned block: a header (valid, fell back to the plain gradient, the statistics
-        to compute next), then the parameters' directions."""
-        specs = []
-        for name in self.owned_by[rank]:
-            block = self.blocks[name]
-            specs.append(TensorSpec((2 + len(block.statistic_names),)))
-            specs.extend(TensorSpec(tuple(p.shape)) for p in block.params)
-        return specs
-
     def gather(
         self,
         plain: dict[torch.Tensor, torch.Tensor],

@@ -433,7 +433,7 @@ def check_same_run(checkpoint: Path, saved: Mapping[str, Any], recorded: Mapping
     checkpoint belongs to another run (copied in by hand, say), and resuming it would train
     that run in this folder."""
     for name in RESUME_FIXED:
-        if name not in recorded or name not in saved:  # written by another version
+        if name not in recorded or name not in saved:  # a config without it: nothing to compare
             continue
         mine, theirs = saved[name], recorded[name]
         if name == "data" and isinstance(mine, str) and isinstance(theirs, str):
@@ -452,7 +452,7 @@ def resume_config(saved: Mapping[str, Any], options: Mapping[str, Any]) -> Train
     ``--lr-decay-end``); changing one of :data:`RESUME_FIXED` is a UserError.
     """
     saved = {
-        "statistics_examples": None,  # runs saved before the setting took every example
+        "statistics_examples": None,  # a saved config without it took every example
         **_nest_flat_refresh(saved),
         "data": absolute_data(saved.get("data", DEFAULTS["data"])),
     }
@@ -479,8 +479,8 @@ def resume_config(saved: Mapping[str, Any], options: Mapping[str, Any]) -> Train
 
 
 def _nest_flat_refresh(saved: Mapping[str, Any]) -> dict[str, Any]:
-    """A saved config whose refresh knobs are flat ``refresh_alpha``-style entries, as run
-    folders wrote them before ``refresh`` was one setting, with them nested."""
+    """A saved config with its refresh knobs as flat ``refresh_alpha``-style entries, with
+    them nested as ``refresh`` (config.json holds one layout or the other)."""
     flat = {key: value for key, value in saved.items() if key.startswith("refresh_")}
     if not flat:
         return dict(saved)
