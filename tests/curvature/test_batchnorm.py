@@ -69,6 +69,11 @@ def _bn_model(kind: str) -> tuple[nn.Sequential, int, Tensor, Tensor]:
             nn.Linear(5, 4), nn.BatchNorm1d(4, eps=1e-3), nn.Tanh(), nn.Linear(4, N_CLS)
         )
         x_shape = (N, 5)
+    elif kind == "bn3d":  # (n, C, D, H, W), after a layer SP-NGD leaves to SGD
+        model = nn.Sequential(
+            nn.Conv3d(2, 3, 2), nn.BatchNorm3d(3), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 8, N_CLS)
+        )
+        x_shape = (N, 2, 3, 3, 3)
     else:  # bn1d on (n, C, L)
         model = nn.Sequential(
             nn.Conv1d(2, 3, 2), nn.BatchNorm1d(3), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 4, N_CLS)
@@ -98,7 +103,7 @@ def _bn_bruteforce(model: nn.Sequential, idx: int, x: Tensor, y: Tensor) -> tupl
     return u, v
 
 
-KINDS = ["bn2d", "bn1d", "bn1d_3d"]
+KINDS = ["bn2d", "bn1d", "bn1d_3d", "bn3d"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
