@@ -55,8 +55,12 @@ def _interrupt_after(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
 @pytest.mark.parametrize(
     "options",
     [
-        # SP-NGD with everything that draws random numbers: MC Fisher, mixup, crops, flips
-        ("--fisher", "mc", "--mixup-alpha", "0.4", "--crop", "pad", "--flip"),
+        # SP-NGD with everything that draws random numbers (MC Fisher, mixup, crops, flips)
+        # and a refresh warm-up of one step, so that the steps compared skip statistics
+        (
+            *("--fisher", "mc", "--mixup-alpha", "0.4", "--crop", "pad", "--flip"),
+            *("--refresh-warmup-steps", "1"),
+        ),
         ("--optimizer", "sgd", "--warmup-epochs", "1"),
     ],
     ids=["spngd", "sgd"],
@@ -88,12 +92,14 @@ def test_interrupted_run_resumes_exactly(
     assert [r["loss"] for r in steps] == [r["loss"] for r in _records(straight)]
     assert [r["step"] for r in _records(resumed, "resume")] == [2]
     assert got["train_time"] >= steps[-1]["time"] > steps[1]["time"]  # time runs on
+    if "--refresh-warmup-steps" in options:
+        assert sum(r["refresh_counts"]["stats_skipped"] for r in _records(straight, "epoch")) > 0
 
 
 def _straight_and_resumed(rank: int, world_size: int, out: str) -> None:
     """On each rank: 4 steps in one go, and 3 steps, Ctrl-C, ``--resume``."""
     os.environ["WORLD_SIZE"] = str(world_size)  # what torchrun sets; the group exists
-    argv = ("--epochs", "2", *SMALL)
+    argv = ("--epochs", "2", "--refresh-warmup-steps", "1", *SMALL)  # steps 2-4 may skip
     with pytest.MonkeyPatch.context() as patch, small_digits_runs(patch):
         assert main(["train", "--out", f"{out}/straight", *argv]) == 0
         with pytest.MonkeyPatch.context() as interrupt:
@@ -112,6 +118,8 @@ def test_interrupted_run_resumes_exactly_on_two_ranks(tmp_path: Path) -> None:
         for a, b in zip(_tensors(want[key]), _tensors(got[key]), strict=True):
             assert torch.equal(a, b), key
     assert [r["step"] for r in _records(tmp_path / "resumed")] == [1, 2, 3, 4]
+    epochs = _records(tmp_path / "straight", "epoch")
+    assert sum(r["refresh_counts"]["stats_skipped"] for r in epochs) > 0
 
 
 @pytest.fixture(scope="module")
