@@ -85,7 +85,10 @@ def test_parameters_instead_of_model_is_a_clear_error() -> None:
 
 def test_model_without_supported_layers_warns_and_acts_as_sgd() -> None:
     model = nn.Sequential(nn.Embedding(5, 3))
-    with pytest.warns(UserWarning, match="no trainable Linear, Conv1d, Conv2d or BatchNorm"):
+    supported = r"\(Linear, Conv2d, Conv1d, BatchNorm\)"
+    with pytest.warns(
+        UserWarning, match=f"no trainable layer of a kind it preconditions {supported}"
+    ):
         opt = SPNGD(model, lr=0.1)
     assert opt.describe() == {"0": "momentum SGD (Embedding is not supported)"}
 

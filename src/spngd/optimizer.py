@@ -19,7 +19,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from spngd import amp
-from spngd.curvature import CurvatureBlock
+from spngd.curvature import SUPPORTED_LAYERS, CurvatureBlock
 from spngd.curvature.kronecker import DAMPING_FORMS
 from spngd.distributed.exchange import DistributedConfig
 from spngd.guard import GUARD_RULES, GuardedSteps, NonFiniteGuard
@@ -200,8 +200,8 @@ class SPNGD(GuardedSteps, Optimizer):
         }
         if not blocks:
             warnings.warn(
-                "SPNGD: the model has no trainable Linear, Conv1d, Conv2d or BatchNorm layer; "
-                "every parameter gets plain momentum SGD",
+                f"SPNGD: the model has no trainable layer of a kind it preconditions "
+                f"({SUPPORTED_LAYERS}); every parameter gets plain momentum SGD",
                 UserWarning,
                 stacklevel=2,
             )

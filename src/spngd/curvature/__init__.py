@@ -13,6 +13,7 @@ from spngd.curvature.linear import LinearBlock
 
 __all__ = [
     "BLOCK_KINDS",
+    "SUPPORTED_LAYERS",
     "BatchNormBlock",
     "Conv1dBlock",
     "Conv2dBlock",
@@ -30,6 +31,11 @@ BLOCK_KINDS: tuple[type[CurvatureBlock], ...] = (
     BatchNormBlock,
 )
 """The registered layer kinds: a new kind is a block module and one entry here."""
+
+SUPPORTED_LAYERS = ", ".join(
+    module_type.__name__.lstrip("_") for kind in BLOCK_KINDS for module_type in kind.module_types
+)
+"""The module classes SP-NGD preconditions, for messages (``Linear, Conv2d, ...``)."""
 
 
 def make_block(
