@@ -114,6 +114,24 @@ def test_grad_scaler_loss_scale_is_taken_out_of_the_statistics() -> None:
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("unscale_first", [False, True], ids=["step", "unscale_then_step"])
+def test_a_grad_scaler_the_optimizer_was_not_given_is_refused(unscale_first: bool) -> None:
+    """Stepped by a GradScaler it was not built with, SPNGD would precondition with
+    statistics that carry the loss scale squared (its damping lost against them): an
+    error naming the fix, the model untouched."""
+    model = conv_bn_net()
+    start = [p.detach().clone() for p in model.parameters()]
+    opt = SPNGD(model, lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    x, y = _data(0)
+    scaler.scale(F.cross_entropy(model(x), y)).backward()
+    if unscale_first:
+        scaler.unscale_(opt)
+    with pytest.raises(RuntimeError, match=r"build it with SPNGD\(\.\.\., grad_scaler=scaler\)"):
+        scaler.step(opt)
+    assert all(torch.equal(a, b) for a, b in zip(start, model.parameters(), strict=True))
+
+
 def _recorded_linear_data(model: nn.Module) -> dict[nn.Module, list[tuple[torch.Tensor, ...]]]:
     """Each Linear layer's input and output gradient, as autograd hands them over, per
     backward pass (a brute-force record beside SPNGD's own hooks)."""

@@ -294,6 +294,30 @@ def test_failed_inversion_keeps_the_previous_inverse_or_uses_the_gradient() -> N
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_mc_sampling_from_a_diverged_model_skips_the_step() -> None:
+    """NaN logits (a diverged run) sample labels all the same; the step is then skipped
+    like any step with NaN gradients, instead of torch.multinomial stopping the run."""
+    model = Mixed()
+    opt = SPNGD(model, lr=0.1, fisher="mc", max_bad_steps=2)
+    start = [p.detach().clone() for p in model.parameters()]
+    image, token, y = _batch()
+    logits = model(image, token) * float("nan")
+    labels = opt.sample_fisher(logits)
+    assert labels.shape == y.shape and int(labels.max()) < logits.shape[1]
+    F.cross_entropy(logits, y).backward()
+    with pytest.warns(RuntimeWarning, match="NaN or inf gradient; step skipped"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(start, model.parameters(), strict=True))
+
+
+def test_sparse_gradients_are_refused_by_name() -> None:
+    model = nn.Sequential(nn.Embedding(20, 8, sparse=True), nn.Flatten(), nn.Linear(24, 5))
+    opt = SPNGD(model, lr=0.1)
+    F.cross_entropy(model(torch.randint(0, 20, (4, 3))), torch.randint(0, 5, (4,))).backward()
+    with pytest.raises(RuntimeError, match="SPNGD does not support sparse gradients"):
+        opt.step()
+
+
 def test_mc_without_sampling_warns_and_sampling_needs_mc() -> None:
     model = Mixed()
     opt = SPNGD(model, lr=0.1, fisher="mc")

@@ -314,14 +314,20 @@ class SPNGD(GuardedSteps, Optimizer):
         # Set by GradScaler.step for this call: the loss scale the gradients still carry.
         loss_scale: torch.Tensor | None = getattr(self, "grad_scale", None)
         loss_scaled = hasattr(self, "found_inf")
+        if loss_scaled and not pre.unscales_statistics:
+            raise RuntimeError(
+                "SPNGD was stepped by a GradScaler it was not given: build it with "
+                "SPNGD(..., grad_scaler=scaler), so that its curvature statistics are "
+                "unscaled like the gradients"
+            )
         grads = {
             p: p.grad for group in self.param_groups for p in group["params"] if p.grad is not None
         }
+        if any(g.is_sparse for g in grads.values()):
+            raise RuntimeError("SPNGD does not support sparse gradients")
         nonfinite = pre.check_gradients(list(grads.values()))
         if loss_scale is not None:
             torch._foreach_mul_(list(grads.values()), amp.reciprocal(loss_scale))
-        if any(g.is_sparse for g in grads.values()):
-            raise RuntimeError("SPNGD does not support sparse gradients")
         reduced = pre.reduce(grads)
         dampings = {name: self._block_damping(name) for name in self._block_group}
         directions = pre.precondition(

@@ -168,6 +168,12 @@ class Preconditioner:
     def remove_hooks(self) -> None:
         self._capture.remove()
 
+    @property
+    def unscales_statistics(self) -> bool:
+        """Whether the statistics are divided by a ``GradScaler``'s loss scale (one was
+        given at construction)."""
+        return self._capture.grad_scaler is not None
+
     # -- statistics -----------------------------------------------------------------------
     def sample_fisher(self, logits: torch.Tensor) -> torch.Tensor:
         """Record statistics from labels sampled from ``softmax(logits)``; see
@@ -186,6 +192,11 @@ class Preconditioner:
             )
         with torch.no_grad():
             probs = torch.softmax(logits.detach().float(), dim=1)
+            # A row holding NaN or inf (a diverged model) samples from the uniform
+            # distribution instead of stopping here: its loss and gradients are not finite,
+            # and the step is skipped like any other such step (no read of the device).
+            finite = torch.isfinite(probs).all(dim=1, keepdim=True)
+            probs = torch.where(finite, probs, torch.ones_like(probs))
             labels = torch.multinomial(probs, 1, generator=self._mc_generator).squeeze(1)
         params = [p for block in self.blocks.values() for p in block.params]
         self._capture.record_sampled(F.cross_entropy(logits, labels), params)
