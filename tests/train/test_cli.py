@@ -572,6 +572,26 @@ def test_a_run_file_the_file_system_refuses_is_one_line(tmp_path: Path) -> None:
     )
 
 
+def test_a_run_folder_removed_mid_run_is_one_line_that_says_so(
+    run_cli: CliRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The folder deleted after the first checkpoint (by hand, or a clean-up job): one
+    line naming the cause, not a traceback from releasing the lock nor advice about room."""
+    out = tmp_path / "run"
+    save = RunFolder.save_checkpoint
+
+    def save_once_then_lose_the_folder(self: RunFolder, payload: object) -> None:
+        if (self.path / CHECKPOINT).exists():
+            shutil.rmtree(self.path)
+        save(self, payload)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(RunFolder, "save_checkpoint", save_once_then_lose_the_folder)
+    result = run_cli("train", "--out", str(out), "--epochs", "2", *TINY[2:], "--batch-size", "512")
+    assert_one_line_error(
+        result, f"cannot write checkpoint {out / CHECKPOINT}", "the run folder is gone"
+    )
+
+
 def _option_rows() -> dict[str, str]:
     """docs/cli.md's option table: each row by every flag its first cell names."""
     text = (Path(__file__).parents[2] / "docs" / "cli.md").read_text()

@@ -272,19 +272,21 @@ def test_resuming_past_the_saved_decay_end_warns_that_the_rate_stays_zero(
 def test_lines_of_metrics_that_are_not_records_are_kept_on_resume(
     run_cli: CliRun, tmp_path: Path, two_pass_run: Path
 ) -> None:
-    """A blank line and a hand-written note in the middle of metrics.jsonl: every record
-    after them survives the resume, the note stays, one warning says so."""
+    """A blank line and hand-written notes in the middle and at the end of metrics.jsonl:
+    every record up to the checkpoint survives the resume, the notes stay (a last line is
+    taken for one a crash tore only without its newline), one warning says so."""
     out = _copy(two_pass_run, tmp_path)
     lines = (out / METRICS).read_text().splitlines()
     lines[2:2] = ["", "my note: lr looked too high here"]
+    lines.append("my last note")
     (out / METRICS).write_text("\n".join(lines) + "\n")
     code, _, stderr = run_cli(
         "train", "--resume", "--out", str(out), "--epochs", "3", "--lr-decay-end", "3"
     )
     assert code == 0, stderr
-    assert "line(s) 4 are not records; kept as they are" in stderr
+    assert f"line(s) 4, {len(lines)} are not records; kept as they are" in stderr
     lines = (out / METRICS).read_text().splitlines()
-    assert "my note: lr looked too high here" in lines
+    assert "my note: lr looked too high here" in lines and "my last note" in lines
     records = [json.loads(line) for line in lines if line.startswith("{")]
     assert [r["step"] for r in records if r["kind"] == "step"] == [1, 2, 3, 4, 5, 6]
 

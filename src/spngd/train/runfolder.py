@@ -10,6 +10,7 @@ for ``--resume``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -255,13 +256,15 @@ class RunFolder:
             )
 
     def _keep_metrics(self, step: int) -> list[dict[str, Any]]:
-        """Cut ``metrics.jsonl`` after the last record up to ``step`` (a last line torn by a
-        crash goes too); return the records kept. A line that is not a record (edited by
-        hand?) is kept as it is, with one warning: nothing the user wrote is lost."""
+        """Drop the records of ``metrics.jsonl`` past ``step`` (and a last line a crash tore:
+        one without its newline that is not a record); return the records kept. A line that
+        is not a record (a note written by hand) is kept where it is, with one warning:
+        nothing the user wrote is lost."""
         try:
-            lines = (self.path / METRICS).read_text(errors="surrogateescape").splitlines()
+            text = (self.path / METRICS).read_text(errors="surrogateescape")
         except FileNotFoundError:
-            lines = []
+            text = ""
+        lines = text.splitlines()
         kept: list[dict[str, Any]] = []
         kept_lines: list[str] = []
         odd: list[int] = []
@@ -271,17 +274,15 @@ class RunFolder:
             except ValueError:
                 record = None
             record_step = record.get("step") if isinstance(record, dict) else None
-            if not isinstance(record_step, int):
-                if number == len(lines):
-                    break  # torn by a crash while it was written
-                if line.strip():
-                    odd.append(number)
+            if isinstance(record_step, int):
+                if record_step <= step:
+                    kept.append(record)  # type: ignore[arg-type]
                     kept_lines.append(line)
-                continue
-            if record_step > step:
-                break
-            kept.append(record)  # type: ignore[arg-type]
-            kept_lines.append(line)
+            elif number == len(lines) and not text.endswith("\n"):
+                continue  # torn by a crash while it was written
+            elif line.strip():
+                odd.append(number)
+                kept_lines.append(line)
         if odd:
             warnings.warn(
                 f"{self.path / METRICS}: line(s) {', '.join(map(str, odd[:5]))} are not "
@@ -302,14 +303,18 @@ class RunFolder:
             yield
         except OSError as error:
             raise UserError(
-                f"cannot write {self.path / name} ({error.strerror or error}); {self._kept()}"
+                f"cannot write {self.path / name} ({error.strerror or error}); {self._kept(error)}"
             ) from None
 
-    def _kept(self) -> str:
+    def _kept(self, error: OSError) -> str:
         """What a failed write leaves to resume from, for its one-line error."""
         if (self.path / CHECKPOINT).exists():
             return "the last checkpoint is kept"
-        return "the run has no checkpoint yet; rerun it with more room"
+        if not self.path.is_dir():
+            return "the run folder is gone"
+        if error.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            return "the run has no checkpoint yet; rerun it with more room"
+        return "the run has no checkpoint yet"
 
     def close(self) -> None:
         """Close the run's files. A new run that wrote nothing (refused before its first
@@ -322,13 +327,14 @@ class RunFolder:
             self._release()
         if self._resumed or self._wrote:
             return
-        (self.path / METRICS).unlink(missing_ok=True)
         with contextlib.suppress(OSError):  # not empty: someone else's files stay
+            (self.path / METRICS).unlink(missing_ok=True)
             for folder in self._created:
                 folder.rmdir()
 
     def _release(self) -> None:
-        (self.path / LOCK).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a folder made read-only or removed meanwhile
+            (self.path / LOCK).unlink(missing_ok=True)
         self._lock.close()
 
     def __enter__(self) -> RunFolder:
@@ -363,7 +369,8 @@ class RunFolder:
             if reason is None:
                 raise
             raise UserError(
-                f"cannot write checkpoint {path} ({reason.strerror or reason}); {self._kept()}"
+                f"cannot write checkpoint {path} ({reason.strerror or reason}); "
+                f"{self._kept(reason)}"
             ) from None
 
     def plot(self, records: Sequence[Mapping[str, Any]], title: str) -> None:
