@@ -376,6 +376,21 @@ def test_a_run_refused_before_its_first_record_leaves_nothing_behind(
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]
 
 
+def test_a_batch_too_small_for_batchnorm_is_one_line_and_leaves_nothing(
+    run_cli: CliRun, tmp_path: Path
+) -> None:
+    """ResNet-18 brings 8x8 digits down to 1x1 maps: one image per step leaves its last
+    BatchNorm layers one value per channel, which torch refuses in training."""
+    out = tmp_path / "run"
+    result = run_cli("train", "--model", "resnet18", "--batch-size", "1", "--out", str(out), *TINY)
+    assert_one_line_error(
+        result,
+        "a BatchNorm layer of resnet18 gets one value per channel (an input of shape (1, 128, 1,",
+        "a micro-batch of 1 at --image-size 8 is too small for it; raise --batch-size",
+    )
+    assert not out.exists()
+
+
 def test_console_script_exit_status_and_stderr(tmp_path: Path) -> None:
     """The installed entry point: one stderr line and status 2 from a real process."""
     result = subprocess.run(

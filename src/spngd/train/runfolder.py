@@ -191,7 +191,8 @@ class RunFolder:
         self._created = [p for p in (self.path, *self.path.parents) if not p.exists()]
         """The folders ``mkdir`` makes for this run, deepest first."""
         self._wrote = False
-        """Whether this run wrote a file (else :meth:`close` removes what it created)."""
+        """Whether this run wrote a record, checkpoint or plot (else :meth:`close` removes
+        what it created)."""
         try:
             if self.path.exists() and not self.path.is_dir():
                 raise UserError(f"--out {self.path} is a file, not a folder")
@@ -237,7 +238,7 @@ class RunFolder:
                 leftover.unlink(missing_ok=True)
             with self._writing(METRICS):
                 self.history = self._keep_metrics(resume.step)
-        self._resumed = resume is not None
+        self._new = resume is None and not restarting
         with self._writing(METRICS):
             self._metrics = open(self.path / METRICS, "a" if resume else "w", buffering=1)
 
@@ -317,18 +318,20 @@ class RunFolder:
         return "the run has no checkpoint yet"
 
     def close(self) -> None:
-        """Close the run's files. A new run that wrote nothing (refused before its first
-        record: a batch larger than the data, a bad image) leaves nothing behind: its empty
-        ``metrics.jsonl`` goes, and the folders this run created."""
+        """Close the run's files. A new run stopped before its first record (refused: a
+        batch larger than the data, a bad image, a batch too small for BatchNorm) leaves
+        nothing behind: its empty ``metrics.jsonl`` and its ``config.json`` go, and the
+        folders this run created."""
         try:
             with self._writing(METRICS):
                 self._metrics.close()
         finally:
             self._release()
-        if self._resumed or self._wrote:
+        if not self._new or self._wrote:
             return
         with contextlib.suppress(OSError):  # not empty: someone else's files stay
             (self.path / METRICS).unlink(missing_ok=True)
+            (self.path / CONFIG).unlink(missing_ok=True)
             for folder in self._created:
                 folder.rmdir()
 
@@ -344,7 +347,6 @@ class RunFolder:
         self.close()
 
     def write_config(self, config: Mapping[str, Any]) -> None:
-        self._wrote = True
         text = json.dumps(dict(config), indent=2) + "\n"
         with self._writing(CONFIG):
             atomic_write(self.path / CONFIG, lambda file: file.write(text.encode()))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -54,6 +55,10 @@ class StepResult:
     correct: int
     examples: int
     forward_backward_seconds: float
+
+
+ONE_VALUE_PER_CHANNEL = "Expected more than 1 value per channel when training"
+"""How torch's BatchNorm refuses a training batch of one value per channel."""
 
 
 def train_step(
@@ -284,6 +289,17 @@ class Trainer:
                     self.fit_pass(bar, start)
         except NonFiniteGradientError as error:
             raise TrainingStoppedError(f"{error} {self._last_good()}") from None
+        except ValueError as error:
+            if not str(error).startswith(ONE_VALUE_PER_CHANNEL):
+                raise
+            shape = tuple(map(int, re.findall(r"[0-9]+", str(error).split("input size")[-1])))
+            raise UserError(
+                f"a BatchNorm layer of {self.config.model} gets one value per channel (an "
+                f"input of shape {shape}): a micro-batch of "
+                f"{self.config.batch_size // (self.config.accumulate * self.world_size)} "
+                f"at --image-size {self.config.image_size} is too small for it; raise "
+                "--batch-size or --image-size"
+            ) from None
         self.run.plot(self.records, run_title(self.config))
         return RunResult(self.records, self.step, self.val_accuracy, self.train_time)
 
