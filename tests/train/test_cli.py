@@ -461,6 +461,33 @@ def test_ctrl_c_pressed_repeatedly_stops_the_run_once_with_one_line(tmp_path: Pa
         assert (process.returncode, stderr) == (130, "spngd: interrupted\n"), attempt
 
 
+def test_a_stdout_that_is_gone_or_full_is_no_traceback(tmp_path: Path) -> None:
+    """``spngd train | head -0`` (the reader gone): status 0, nothing on stderr; ``>
+    /dev/full``: one line saying the run is complete, status 2. The run folder is whole."""
+    reader_gone = subprocess.Popen(
+        [*CLI, "train", "--out", str(tmp_path / "a"), *TINY],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert reader_gone.stdout is not None and reader_gone.stderr is not None
+    reader_gone.stdout.close()
+    assert (reader_gone.wait(timeout=120), reader_gone.stderr.read()) == (0, "")
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [*CLI, "train", "--out", str(tmp_path / "b"), *TINY],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            check=False,
+        )
+    assert (done.returncode, done.stderr) == (
+        2,
+        "spngd: error: cannot write to stdout (No space left on device); the run is complete\n",
+    )
+    assert all((tmp_path / run / CHECKPOINT).is_file() for run in ("a", "b"))
+
+
 def test_a_stop_signal_after_the_run_is_over_leaves_its_status(tmp_path: Path) -> None:
     """A scheduler's SIGTERM, sent every 5 ms from the moment the run prints its last line
     until the process is gone, lands while the interpreter exits: status 0 all the same."""

@@ -10,6 +10,7 @@ one line ``spngd: warning: ...`` each.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import types
@@ -223,10 +224,25 @@ def _run_train(options: dict[str, Any]) -> None:
             result = train(config, run, checkpoint)
     if rank == 0:
         ranks = f" on {world_size} ranks" if world_size > 1 else ""
-        print(
+        _report(
             f"{result.steps} steps{ranks} in {result.train_time:.1f} s, validation accuracy "
             f"{100 * result.val_accuracy:.2f}%; run folder {config.out}"
         )
+
+
+def _report(*lines: str) -> None:
+    """Print the summary of a finished run on stdout. A reader that has gone (``| head``
+    closed the pipe) is no error; a stdout that cannot be written (``> /dev/full``) is one
+    that says the run is complete. Either way stdout then goes to /dev/null, so that the
+    interpreter's last flush does not fail again."""
+    try:
+        print(*lines, sep="\n", flush=True)
+    except OSError as error:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        if not isinstance(error, BrokenPipeError):
+            raise UserError(
+                f"cannot write to stdout ({error.strerror or error}); the run is complete"
+            ) from None
 
 
 def _check_recorded_run(folder: Path, checkpoint: Checkpoint) -> None:
@@ -276,12 +292,14 @@ def _run_compare(options: dict[str, Any]) -> None:
                 message = re.sub(rf"^{flag(name)}\b", f"--{optimizer}-{flag(name)[2:]}", message)
             raise UserError(message) from None
     results = compare(configs, out)
-    for name, result in results.items():
-        print(
+    _report(
+        *(
             f"{name}: {result.steps} steps in {result.train_time:.1f} s, "
             f"validation accuracy {100 * result.val_accuracy:.2f}%"
-        )
-    print(f"plot: {out / 'compare.png'}")
+            for name, result in results.items()
+        ),
+        f"plot: {out / 'compare.png'}",
+    )
 
 
 def _show_warning(
