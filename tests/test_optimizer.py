@@ -83,6 +83,64 @@ def test_parameters_instead_of_model_is_a_clear_error() -> None:
         SPNGD(Mixed().parameters(), lr=0.1)  # type: ignore[arg-type]
 
 
+def test_parametrized_and_pruned_layers_get_momentum_sgd_and_train() -> None:
+    """weight_norm, spectral_norm and pruning compute a layer's weight from other tensors:
+    its statistics do not describe their gradients, so the layer gets momentum SGD and the
+    rest keeps its curvature."""
+    from torch.nn.utils import parametrizations, prune
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        parametrizations.weight_norm(nn.Linear(10, 20)),
+        nn.Tanh(),
+        parametrizations.spectral_norm(nn.Linear(20, 20)),
+        nn.Tanh(),
+        nn.Linear(20, 20),
+        nn.Linear(20, 3),
+    )
+    prune.l1_unstructured(model[4], "weight", 0.5)
+    opt = SPNGD(model, lr=0.1)
+    described = opt.describe()
+    assert described["0"] == "momentum SGD (ParametrizedLinear's weight is parametrized or pruned)"
+    assert described["2"] == "momentum SGD (ParametrizedLinear's weight is parametrized or pruned)"
+    assert described["4"] == "momentum SGD (Linear's weight is parametrized or pruned)"
+    assert described["5"] == "K-FAC Linear: A 21x21, G 3x3"
+    x, y = torch.randn(16, 10), torch.randint(0, 3, (16,))
+    losses = []
+    for _ in range(5):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] and opt.curvature["5"].ready
+
+
+def test_an_unbatched_conv_input_is_recorded_as_a_batch_of_one() -> None:
+    """Conv2d and Conv1d take ``(C, H, W)`` and ``(C, L)`` without a batch dimension; the
+    statistics are those of the same input as a batch of one."""
+    for conv, shape in ((nn.Conv2d(3, 4, 3), (3, 6, 6)), (nn.Conv1d(3, 4, 3), (3, 6))):
+        torch.manual_seed(0)
+        unbatched = nn.Sequential(conv, nn.Flatten(0), nn.LazyLinear(3))
+        unbatched(torch.randn(shape))
+        batched = copy.deepcopy(unbatched)
+        batched[1] = nn.Flatten(1)
+        x, y = torch.randn(shape), torch.tensor(1)
+        opts = [SPNGD(net, lr=0.1, stat_interval=1) for net in (unbatched, batched)]
+        for net, opt, inputs, target in (
+            (unbatched, opts[0], x, y),
+            (batched, opts[1], x[None], y[None]),
+        ):
+            F.cross_entropy(net(inputs), target).backward()
+            opt.step()
+        for a, b in zip(
+            opts[0].curvature["0"].factors, opts[1].curvature["0"].factors, strict=True
+        ):
+            torch.testing.assert_close(a, b)
+        for a, b in zip(unbatched.parameters(), batched.parameters(), strict=True):
+            torch.testing.assert_close(a, b)
+
+
 def test_model_without_supported_layers_warns_and_acts_as_sgd() -> None:
     model = nn.Sequential(nn.Embedding(5, 3))
     supported = r"\(Linear, Conv2d, Conv1d, BatchNorm\)"

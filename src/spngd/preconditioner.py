@@ -51,7 +51,12 @@ def find_blocks(
         label = name or "<model>"
         block = make_block(label, module, bn_damping_scale, damping_form)
         module_class = type(module).__name__
-        if block is None:
+        own = [n for n, _ in module.named_parameters(recurse=False)]
+        if block is not None and own not in (["weight", "bias"], ["weight"]):
+            # weight_norm, spectral_norm or pruning: the weight is computed from other
+            # tensors, so the layer's gradient is not the one its statistics describe
+            plain[label] = f"momentum SGD ({module_class}'s weight is parametrized or pruned)"
+        elif block is None:
             plain[label] = f"momentum SGD ({module_class} is not supported)"
         elif len(params) != len(block.params) or not all(p.requires_grad for p in params):
             plain[label] = f"momentum SGD ({module_class} is only partly trainable)"

@@ -36,6 +36,9 @@ class CurvatureBlock(ABC):
     """The module classes this kind preconditions (:func:`spngd.curvature.make_block` looks
     a module up in each registered kind's)."""
     statistic_names: tuple[str, ...] = ()
+    unbatched_dims: ClassVar[int | None] = None
+    """The number of dimensions of an input the module takes without a batch dimension
+    (``(C, H, W)`` for Conv2d: 3), recorded as a batch of one; None where none is taken."""
     halves_combine: bool = False
     """Whether a statistic of the whole batch is the example-weighted mean of those of its
     two halves (true for sums over examples; not for BatchNorm, whose ``x_hat`` uses the
@@ -133,6 +136,8 @@ class CurvatureBlock(ABC):
         :class:`spngd.capture.StatisticsCapture`)."""
         if inputs.dim() > 1 and inputs.shape[0] == 0:
             return  # an empty batch tells nothing about the curvature
+        if inputs.dim() == self.unbatched_dims:
+            inputs, grad_output = inputs.unsqueeze(0), grad_output.unsqueeze(0)
         inputs, grad_output = self.subsample(inputs, grad_output, grad_factor)
         stats: list[torch.Tensor | None] = []
         noises: list[torch.Tensor | None] = []

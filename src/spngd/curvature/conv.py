@@ -42,6 +42,7 @@ Pair = tuple[int, int]
 class Conv2dBlock(KroneckerBlock):
     method = "K-FAC Conv2d"
     module_types = (nn.Conv2d,)
+    unbatched_dims = 3
 
     def __init__(self, name: str, module: nn.Conv2d) -> None:
         super().__init__(name, module)

@@ -21,6 +21,7 @@ from spngd.curvature.kronecker import KroneckerBlock
 class Conv1dBlock(Conv2dBlock):
     method = "K-FAC Conv1d"
     module_types = (nn.Conv1d,)
+    unbatched_dims = 2
 
     def __init__(self, name: str, module: nn.Conv1d) -> None:
         KroneckerBlock.__init__(self, name, module)
