@@ -222,3 +222,10 @@ def test_a_link_to_a_folder_above_or_into_another_class_is_refused(tmp_path: Pat
     link.symlink_to(tmp_path / "elsewhere")  # images kept outside the tree are the class's
     write_image_folder(tmp_path / "elsewhere", classes=1, per_class=1)  # two images below
     assert len(load_data(_config(str(root))).train) == 4 + 2
+
+
+def test_an_image_folder_of_one_class_is_refused(tmp_path: Path) -> None:
+    """One class: the loss is 0 from the first step and nothing is learnt."""
+    root = write_image_folder(tmp_path / "images", classes=1, per_class=2)
+    with pytest.raises(UserError, match=r"train has one class folder \(c0\); a classifier needs"):
+        load_data(_config(str(root)))
