@@ -337,10 +337,6 @@ def _scan_image_folder(root: Path, train_tf: Transform, eval_tf: Transform) -> D
     classes = sorted(entry.name for entry in os.scandir(root / "train") if entry.is_dir())
     if not classes:
         raise UserError(f"{root / 'train'} has no class folders (expected train/CLASS/*.jpg)")
-    if len(classes) == 1:
-        raise UserError(
-            f"{root / 'train'} has one class folder ({classes[0]}); a classifier needs two or more"
-        )
     if not (root / "val").is_dir():
         raise UserError(f"data folder {root} has no val/ folder (expected val/CLASS/*.jpg)")
     index = {name: i for i, name in enumerate(classes)}
@@ -372,6 +368,10 @@ def _scan_image_folder(root: Path, train_tf: Transform, eval_tf: Transform) -> D
                 stacklevel=2,
             )
         splits.append(samples)
+    if len(classes) == 1:
+        raise UserError(
+            f"{root / 'train'} has one class folder ({classes[0]}); a classifier needs two or more"
+        )
     return DataBundle(
         train=ImageFiles(splits[0], train_tf),
         val=ImageFiles(splits[1], eval_tf),
