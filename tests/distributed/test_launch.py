@@ -3,6 +3,8 @@ what torchrun sets)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -81,3 +83,26 @@ def test_dist_timeout_is_the_process_groups_timeout(
         "spngd: error: setting up the process group with the other ranks failed; a rank has "
         "probably died or stalled past the process group's timeout (connection refused)\n"
     )
+
+
+def test_a_collective_a_stalled_or_dead_peer_broke_is_a_rank_failure(tmp_path: Path) -> None:
+    """gloo's words for a peer gone, in any case, wherever the survivor waits (inside a
+    process group, where such errors come from)."""
+    import torch.distributed as dist
+
+    from spngd.distributed.launch import rank_failure
+
+    dist.init_process_group(
+        "gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1
+    )
+    try:
+        for message in (
+            "[../third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error: Connection reset "
+            "by peer",
+            "Application timeout caused pair closure",
+            "[pair.cc:598] Timed out waiting 10000ms for send operation to complete",
+        ):
+            assert rank_failure(RuntimeError(message)) == message
+        assert rank_failure(RuntimeError("shape '[2, 3]' is invalid for input of size 5")) is None
+    finally:
+        dist.destroy_process_group()

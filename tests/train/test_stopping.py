@@ -30,6 +30,7 @@ def test_a_stop_is_raised_once_and_again_when_lost() -> None:
         stopping.restore(previous)
     assert signal.getsignal(signal.SIGINT) is previous.handlers[signal.SIGINT]
     assert sys.unraisablehook is hook
+    stopping.raise_if_lost()  # the stop ended with its run: a trainer used next is not stopped
 
 
 def test_an_error_raised_over_a_stop_is_the_stop() -> None:

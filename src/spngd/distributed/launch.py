@@ -111,14 +111,18 @@ def gather_all(local: Any) -> list[Any]:
 
 TRANSPORT_FAILURES = (
     "gloo",
-    "NCCL",
-    "Connection reset",
-    "Connection closed",
+    "nccl",
+    "connection reset",
+    "connection closed",
+    "pair closure",
     "timed out",
-    "Timeout",
+    "timeout",
 )
-"""Words in the messages of the plain RuntimeErrors torch raises when a collective fails
-because a peer is gone (gloo's transport errors are not ``torch.distributed.DistError``)."""
+"""Words (any case) in the messages of the plain RuntimeErrors torch raises when a
+collective fails because a peer is gone (gloo's transport errors are not
+``torch.distributed.DistError``): "Connection reset by peer" from a dead rank, "Timed out
+waiting ... for send operation" or "Application timeout caused pair closure" from a
+stalled one, depending on where the survivor waits."""
 
 
 def rank_failure(error: BaseException) -> str | None:
@@ -130,6 +134,8 @@ def rank_failure(error: BaseException) -> str | None:
     message = first_sentence(error)
     if isinstance(error, RankFailureError | dist.DistError):
         return message
-    if isinstance(error, RuntimeError) and any(word in message for word in TRANSPORT_FAILURES):
+    if isinstance(error, RuntimeError) and any(
+        word in message.lower() for word in TRANSPORT_FAILURES
+    ):
         return message
     return None

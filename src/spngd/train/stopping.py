@@ -24,6 +24,9 @@ from typing import NoReturn
 from spngd.train.errors import Terminated
 
 STOPPING_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+INTERRUPTED, TERMINATED = 128 + signal.SIGINT, 128 + signal.SIGTERM
+"""The exit statuses of a run stopped by Ctrl-C (130) and by SIGTERM (143), as a shell
+reports a process ended by the signal."""
 WORKER_TERMINATED = re.compile(r"DataLoader worker \(pid \d+\) is killed by signal: Terminated")
 """How torch reports a DataLoader worker that a SIGTERM to the process group ended."""
 
@@ -53,7 +56,10 @@ def install() -> Previous:
 
 
 def restore(previous: Previous) -> None:
-    """Put back what :func:`install` replaced (the run, stopped or not, is over)."""
+    """Put back what :func:`install` replaced, and forget the run's stop (the run, stopped
+    or not, is over: a trainer used afterwards in this process has nothing to raise)."""
+    global _raised
+    _raised = None
     for signum, handler in previous.handlers.items():
         if handler is not None:  # None: set outside Python, where signal.signal cannot
             signal.signal(signum, handler)
@@ -81,18 +87,19 @@ def stopped(stop: BaseException) -> int:
     sys.unraisablehook = _drop
     if isinstance(stop, Terminated):
         print("spngd: terminated (SIGTERM)", file=sys.stderr)
-        return 128 + signal.SIGTERM
+        return TERMINATED
     print("spngd: interrupted", file=sys.stderr)
-    return 130
+    return INTERRUPTED
 
 
 def exit_with(status: int) -> NoReturn:
-    """End the process with ``status``. After a stop, without the interpreter's own exit:
-    CPython ends a process by SIGINT, whatever its status, when a KeyboardInterrupt ever
-    ended code that ``exec`` ran from a string (a dataclass or namedtuple being made during
-    an import), even one caught later, as this stop was. Its garbage is collected first, so
-    that the data loaders shut their workers down."""
-    if _raised is None:
+    """End the process with ``status``. A stopped run's (:data:`INTERRUPTED`,
+    :data:`TERMINATED`) ends without the interpreter's own exit: CPython ends a process by
+    SIGINT, whatever its status, when a KeyboardInterrupt ever ended code that ``exec`` ran
+    from a string (a dataclass or namedtuple being made during an import), even one caught
+    later, as the stop was. Its garbage is collected first, so that the data loaders shut
+    their workers down."""
+    if status not in (INTERRUPTED, TERMINATED):
         sys.exit(status)
     gc.collect()
     sys.stdout.flush()
@@ -140,5 +147,5 @@ def _terminate(signum: int, frame: types.FrameType | None) -> None:
     """SIGTERM: stop the run like Ctrl-C. DataLoader workers (forked with this handler,
     and signalled too when a scheduler stops the whole process group) leave quietly."""
     if os.getpid() != _MAIN_PROCESS:
-        os._exit(128 + signal.SIGTERM)
+        os._exit(TERMINATED)
     _raise_stop(Terminated)
