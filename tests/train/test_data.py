@@ -216,7 +216,11 @@ def test_a_link_to_a_folder_above_or_into_another_class_is_refused(tmp_path: Pat
     link.unlink()
     link.symlink_to(root / "train" / "c1" / "more")
     (root / "train" / "c1" / "more").mkdir()
-    with pytest.raises(UserError, match=re.escape(f"{link} links into class folder {root}")):
+    with pytest.raises(UserError, match=re.escape(f"{link} links into {root / 'train' / 'c1'}")):
+        load_data(_config(str(root)))
+    link.unlink()
+    link.symlink_to(root / "val" / "c1")
+    with pytest.raises(UserError, match=re.escape(f"{link} links into {root / 'val'}, whose")):
         load_data(_config(str(root)))
     link.unlink()
     link.symlink_to(tmp_path / "elsewhere")  # images kept outside the tree are the class's

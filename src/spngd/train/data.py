@@ -348,7 +348,8 @@ def _scan_image_folder(root: Path, train_tf: Transform, eval_tf: Transform) -> D
             raise UserError(f"{root / split} has classes not in train/: {', '.join(unknown[:5])}")
         samples = []
         others: Counter[str] = Counter()
-        class_folders = [root / split / name for name in folders]
+        other_split = root / ("val" if split == "train" else "train")
+        class_folders = [root / split / name for name in folders] + [other_split]
         for name in folders:
             found = _images_under(root / split / name, class_folders, others)
             if split == "train" and not found:
@@ -381,15 +382,16 @@ def _scan_image_folder(root: Path, train_tf: Transform, eval_tf: Transform) -> D
     )
 
 
-def _images_under(folder: Path, classes: Sequence[Path], others: Counter[str]) -> list[Path]:
+def _images_under(folder: Path, elsewhere: Sequence[Path], others: Counter[str]) -> list[Path]:
     """Image files in ``folder`` and its subfolders (links followed, each folder once, so a
     link loop ends), sorted by path; counts the other files (hidden ones aside) by suffix in
     ``others``. A link to a folder that holds ``folder`` (whose walk would take in the other
-    classes' images) or into another of the split's ``classes`` (whose images would then
-    have two labels) is a UserError."""
+    classes' images) or into one of ``elsewhere`` (the split's other classes, whose images
+    would then have two labels, and the other split, whose images would be both trained
+    and validated on) is a UserError."""
     found: list[Path] = []
     seen, real_folder = set(), os.path.realpath(folder)
-    real_others = {os.path.realpath(c): c for c in classes if c != folder}
+    real_elsewhere = {os.path.realpath(e): e for e in elsewhere if e != folder}
     for directory, subfolders, names in os.walk(folder, onerror=_raise, followlinks=True):
         status = os.stat(directory)
         identity = (status.st_dev, status.st_ino)
@@ -403,11 +405,11 @@ def _images_under(folder: Path, classes: Sequence[Path], others: Counter[str]) -
                 f"{directory} links to {real}, a folder that holds the class folder {folder} "
                 "itself (and the other classes'); remove the link"
             )
-        into = [c for r, c in real_others.items() if _inside(real, r)]
+        into = [e for r, e in real_elsewhere.items() if _inside(real, r)]
         if into:
             raise UserError(
-                f"{directory} links into class folder {into[0]}: its images would have two "
-                "labels; remove the link"
+                f"{directory} links into {into[0]}, whose images belong to another class or "
+                "split (labelled twice, or both trained and validated on); remove the link"
             )
         for name in names:
             if name.lower().endswith(IMAGE_EXTENSIONS):
