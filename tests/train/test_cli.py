@@ -17,6 +17,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import pytest
@@ -461,18 +462,24 @@ def test_ctrl_c_pressed_repeatedly_stops_the_run_once_with_one_line(tmp_path: Pa
         assert (process.returncode, stderr) == (130, "spngd: interrupted\n"), attempt
 
 
-def test_a_stdout_that_is_gone_or_full_is_no_traceback(tmp_path: Path) -> None:
-    """``spngd train | head -0`` (the reader gone): status 0, nothing on stderr; ``>
-    /dev/full``: one line saying the run is complete, status 2. The run folder is whole."""
-    reader_gone = subprocess.Popen(
-        [*CLI, "train", "--out", str(tmp_path / "a"), *TINY],
+def _start_tiny_run(out: Path) -> tuple[subprocess.Popen[str], IO[str], IO[str]]:
+    """``spngd train`` of two steps into ``out`` as a process; its stdout and stderr pipes."""
+    process = subprocess.Popen(
+        [*CLI, "train", "--out", str(out), *TINY],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
-    assert reader_gone.stdout is not None and reader_gone.stderr is not None
-    reader_gone.stdout.close()
-    assert (reader_gone.wait(timeout=120), reader_gone.stderr.read()) == (0, "")
+    assert process.stdout is not None and process.stderr is not None
+    return process, process.stdout, process.stderr
+
+
+def test_a_stdout_that_is_gone_or_full_is_no_traceback(tmp_path: Path) -> None:
+    """``spngd train | head -0`` (the reader gone): status 0, nothing on stderr; ``>
+    /dev/full``: one line saying the run is complete, status 2. The run folder is whole."""
+    reader_gone, stdout, stderr = _start_tiny_run(tmp_path / "a")
+    stdout.close()
+    assert (reader_gone.wait(timeout=120), stderr.read()) == (0, "")
     with open("/dev/full", "w") as full:
         done = subprocess.run(
             [*CLI, "train", "--out", str(tmp_path / "b"), *TINY],
@@ -491,18 +498,12 @@ def test_a_stdout_that_is_gone_or_full_is_no_traceback(tmp_path: Path) -> None:
 def test_a_stop_signal_after_the_run_is_over_leaves_its_status(tmp_path: Path) -> None:
     """A scheduler's SIGTERM, sent every 5 ms from the moment the run prints its last line
     until the process is gone, lands while the interpreter exits: status 0 all the same."""
-    process = subprocess.Popen(
-        [*CLI, "train", "--out", str(tmp_path / "run"), *TINY],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert process.stdout is not None and process.stderr is not None
-    assert " steps in " in process.stdout.readline()
+    process, stdout, stderr = _start_tiny_run(tmp_path / "run")
+    assert " steps in " in stdout.readline()
     while process.poll() is None:
         process.send_signal(signal.SIGTERM)
         time.sleep(0.005)
-    assert (process.returncode, process.stderr.read()) == (0, "")
+    assert (process.returncode, stderr.read()) == (0, "")
 
 
 def test_a_stop_a_library_swallows_stops_the_run_at_the_next_step(
