@@ -200,7 +200,7 @@ def _uninterrupted(rank: int, world_size: int, out: str) -> None:
         torch.save([p.detach() for p in model.parameters()], Path(out) / "straight.pt")
 
 
-def test_interrupted_run_resumes_exactly_on_two_ranks(tmp_path: Path) -> None:
+def test_an_optimizer_state_dict_resumes_two_restarted_ranks(tmp_path: Path) -> None:
     """Checkpoint after 3 steps, restart the processes, 6 more steps: equals 9 in one go."""
     run_workers(_uninterrupted, 2, str(tmp_path))
     run_workers(_first_run, 2, str(tmp_path))
