@@ -141,6 +141,40 @@ def test_an_unbatched_conv_input_is_recorded_as_a_batch_of_one() -> None:
             torch.testing.assert_close(a, b)
 
 
+def test_a_layer_whose_module_is_never_called_is_named_once() -> None:
+    """MultiheadAttention multiplies by ``out_proj.weight`` without calling ``out_proj``:
+    the layer has gradients but no statistics, so it gets the plain gradient, and one
+    warning says so (the layers that are called keep their curvature)."""
+
+    class Attention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Linear(4, 8)
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.embed(x)
+            return self.head(self.attn(h, h, h)[0].mean(1))
+
+    torch.manual_seed(0)
+    model = Attention()
+    opt = SPNGD(model, lr=0.1)
+    x, y = torch.randn(6, 5, 4), torch.randint(0, 3, (6,))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    assert [str(w.message) for w in caught] == [
+        "SPNGD: 'attn.out_proj' has gradients but records no statistics: its weight is used "
+        "without calling the module (as MultiheadAttention does with out_proj); it gets the "
+        "plain gradient"
+    ]
+    assert opt.curvature["embed"].ready and opt.curvature["head"].ready
+
+
 def test_model_without_supported_layers_warns_and_acts_as_sgd() -> None:
     model = nn.Sequential(nn.Embedding(5, 3))
     supported = r"\(Linear, Conv2d, Conv1d, BatchNorm\)"

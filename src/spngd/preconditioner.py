@@ -251,6 +251,8 @@ class Preconditioner:
         exchange, times = self.exchange, self.times
         owned = {name: block for name, block in self.blocks.items() if exchange.owns(name)}
         arrived = {name: stats for name, stats in reduced.statistics.items() if stats is not None}
+        if arrived:
+            self._warn_of_modules_not_called(owned, arrived, directions)
         before_fold = {name: owned[name].save() for name in arrived}
         with times.measure("refresh test"):
             measured = self._fold(owned, arrived)
@@ -432,6 +434,25 @@ class Preconditioner:
                 grads = [directions[p] for p in block.params]
                 results.append((block, grads, block.precondition(grads)))
         return results
+
+    def _warn_of_modules_not_called(
+        self,
+        owned: dict[str, CurvatureBlock],
+        arrived: dict[str, Statistics],
+        directions: dict[torch.Tensor, torch.Tensor],
+    ) -> None:
+        """Warn once per layer that has gradients but has never recorded statistics while
+        others did: its weight is used without calling the module (MultiheadAttention's
+        ``out_proj``), so it only ever gets its plain gradient."""
+        for name, block in owned.items():
+            silent = name not in arrived and not block.ready and any(block.to_compute)
+            if silent and all(p in directions for p in block.params):
+                block.warn_once(
+                    "not-called",
+                    f"{name!r} has gradients but records no statistics: its weight is used "
+                    "without calling the module (as MultiheadAttention does with out_proj); "
+                    "it gets the plain gradient",
+                )
 
     def _warn_if_no_statistics(self) -> None:
         computing = any(any(block.to_compute) for block in self.blocks.values())
