@@ -11,7 +11,7 @@ from torch import nn
 from spngd.train.augment import soft_targets
 from spngd.train.config import resolve_config
 from spngd.train.optimizers import make_optimizer
-from spngd.train.trainer import train_step
+from spngd.train.step import train_step
 from tests.distributed.harness import run_workers
 
 

@@ -11,13 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from spngd.train import trainer as trainer_module
+from spngd.train import step as step_module
 from spngd.train.augment import soft_targets
 from spngd.train.config import resolve_config
 from spngd.train.models import build_model
 from spngd.train.optimizers import make_optimizer
 from spngd.train.runfolder import CHECKPOINT, METRICS, PREVIOUS
-from spngd.train.trainer import Batch, Trainer, train_step
+from spngd.train.step import Batch, train_step
+from spngd.train.trainer import Trainer
 from tests.train.conftest import SMALL, CliRun, assert_one_line_error
 
 pytestmark = pytest.mark.usefixtures("small_digits")
@@ -123,7 +124,7 @@ def test_a_model_holding_nan_is_not_checkpointed(
     """Should a model end a pass holding NaN anyway (here a running mean poisoned after
     step 3), the pass's checkpoint is not written: the run stops and keeps step 2's."""
     out = tmp_path / "run"
-    rescale = trainer_module.rescale_weights
+    rescale = step_module.rescale_weights
     calls = []
 
     def poisoning_rescale(model: torch.nn.Module) -> None:
@@ -133,7 +134,7 @@ def test_a_model_holding_nan_is_not_checkpointed(
             bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
             bn.running_mean.fill_(math.nan)
 
-    monkeypatch.setattr(trainer_module, "rescale_weights", poisoning_rescale)
+    monkeypatch.setattr(step_module, "rescale_weights", poisoning_rescale)
     assert_one_line_error(
         # running statistics: recomputing them for validation would overwrite the poison
         run_cli("train", "--out", str(out), "--epochs", "2", "--eval-batchnorm", "running", *SMALL),

@@ -16,7 +16,8 @@ from spngd.train.errors import UserError
 from spngd.train.models import build_model
 from spngd.train.optimizers import make_optimizer, rescale_weights
 from spngd.train.runfolder import CHECKPOINT, PREVIOUS, RunFolder
-from spngd.train.trainer import Trainer, train_step
+from spngd.train.step import train_step
+from spngd.train.trainer import Trainer
 
 
 def _bounded(model: nn.Module) -> list[tuple[float, float]]:
@@ -142,24 +143,6 @@ def test_mixup_runs_until_its_switch_off_epoch(tmp_path: Path) -> None:
     assert not torch.equal(mixed[1], plain.flip(0))
     late = trainer.prepare(images, labels, epoch=1.0)
     assert torch.equal(late[0], images) and torch.equal(late[1], plain)
-
-
-def test_micro_batches_are_prepared_one_at_a_time_just_before_their_forward() -> None:
-    """With accumulation only one micro-batch is on the device at a time."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
-    opt = make_optimizer(model, resolve_config({"device": "cpu"}))
-    events: list[str] = []
-    model.register_forward_hook(lambda *_: events.append("forward"))
-
-    def prepare(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        events.append("prepare")
-        return images, soft_targets(labels, 10)
-
-    micro = [(torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,))) for _ in range(3)]
-    result = train_step(model, opt, micro, rescale=False, prepare=prepare)
-    assert events == ["prepare", "forward"] * 3
-    assert result.examples == 12
 
 
 def test_a_trainer_under_torchrun_without_the_process_group_is_refused(
