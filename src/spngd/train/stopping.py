@@ -98,9 +98,10 @@ def exit_with(status: int) -> NoReturn:
     SIGINT, whatever its status, when a KeyboardInterrupt ever ended code that ``exec`` ran
     from a string (a dataclass or namedtuple being made during an import), even one caught
     later, as the stop was. Its garbage is collected first, so that the data loaders shut
-    their workers down."""
+    their workers down (quietly, as during the stop)."""
     if status not in (INTERRUPTED, TERMINATED):
         sys.exit(status)
+    sys.unraisablehook = _drop
     gc.collect()
     sys.stdout.flush()
     sys.stderr.flush()
