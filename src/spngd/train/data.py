@@ -393,24 +393,24 @@ def _images_under(folder: Path, elsewhere: Sequence[Path], others: Counter[str])
     seen, real_folder = set(), os.path.realpath(folder)
     real_elsewhere = {os.path.realpath(e): e for e in elsewhere if e != folder}
     for directory, subfolders, names in os.walk(folder, onerror=_raise, followlinks=True):
-        status = os.stat(directory)
-        identity = (status.st_dev, status.st_ino)
-        if identity in seen:
+        real = os.path.realpath(directory)
+        if real in seen:
             subfolders.clear()
             continue
-        seen.add(identity)
-        real = os.path.realpath(directory)
-        if real != real_folder and _inside(real_folder, real):
-            raise UserError(
-                f"{directory} links to {real}, a folder that holds the class folder {folder} "
-                "itself (and the other classes'); remove the link"
-            )
-        into = [e for r, e in real_elsewhere.items() if _inside(real, r)]
-        if into:
-            raise UserError(
-                f"{directory} links into {into[0]}, whose images belong to another class or "
-                "split (labelled twice, or both trained and validated on); remove the link"
-            )
+        seen.add(real)
+        if not _inside(real, real_folder):  # reached through a link: where does it lead?
+            if _inside(real_folder, real):
+                raise UserError(
+                    f"{directory} links to {real}, a folder that holds the class folder "
+                    f"{folder} itself (and the other classes'); remove the link"
+                )
+            into = [e for r, e in real_elsewhere.items() if _inside(real, r)]
+            if into:
+                raise UserError(
+                    f"{directory} links into {into[0]}, whose images belong to another class "
+                    "or split (labelled twice, or both trained and validated on); remove the "
+                    "link"
+                )
         for name in names:
             if name.lower().endswith(IMAGE_EXTENSIONS):
                 found.append(Path(directory) / name)
