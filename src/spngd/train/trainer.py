@@ -215,8 +215,7 @@ class Trainer:
             shape = tuple(map(int, re.findall(r"[0-9]+", str(error).split("input size")[-1])))
             raise UserError(
                 f"a BatchNorm layer of {self.config.model} gets one value per channel (an "
-                f"input of shape {shape}): a micro-batch of "
-                f"{self.config.batch_size // (self.config.accumulate * self.world_size)} "
+                f"input of shape {shape}): a micro-batch of {self.train_loader.batch_size} "
                 f"at --image-size {self.config.image_size} is too small for it; raise "
                 "--batch-size or --image-size"
             ) from None
