@@ -405,8 +405,12 @@ def test_console_script_exit_status_and_stderr(tmp_path: Path) -> None:
     assert result.stderr == "spngd: error: --batch-size must be a positive integer, got 0\n"
 
 
-def test_sigterm_stops_the_run_with_one_line_and_status_143(tmp_path: Path) -> None:
-    """A scheduler's (or torchrun's) SIGTERM: like Ctrl-C, one line, the checkpoint kept."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_stops_the_run_with_one_line_and_status_143(
+    tmp_path: Path, signum: signal.Signals
+) -> None:
+    """A scheduler's (or torchrun's) SIGTERM, or the SIGHUP of a closed terminal: like
+    Ctrl-C, one line, the checkpoint kept, the status a shell gives a death by the signal."""
     out = tmp_path / "run"
     process = subprocess.Popen(
         [
@@ -427,10 +431,10 @@ def test_sigterm_stops_the_run_with_one_line_and_status_143(tmp_path: Path) -> N
     deadline = time.monotonic() + 120
     while not (out / CHECKPOINT).exists() and time.monotonic() < deadline:
         time.sleep(0.2)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(signum)
     _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 143
-    assert stderr == "spngd: terminated (SIGTERM)\n"
+    assert process.returncode == 128 + signum
+    assert stderr == f"spngd: terminated ({signum.name})\n"
     assert torch.load(out / CHECKPOINT)["step"] > 0
 
 

@@ -43,4 +43,32 @@ def test_an_error_raised_over_a_stop_is_the_stop() -> None:
         assert isinstance(stopping.stop_behind(error), KeyboardInterrupt)
     worker = RuntimeError("DataLoader worker (pid 11558) is killed by signal: Terminated. ")
     assert isinstance(stopping.stop_behind(worker), Terminated)
+    worker = RuntimeError("DataLoader worker (pid 11558) is killed by signal: Hangup. ")
+    assert getattr(stopping.stop_behind(worker), "signum", None) == signal.SIGHUP
+    killed = RuntimeError("DataLoader worker (pid 11558) is killed by signal: Killed. ")
+    assert stopping.stop_behind(killed) is None  # the OOM killer's SIGKILL is no stop
     assert stopping.stop_behind(RuntimeError("shape mismatch")) is None
+
+
+@pytest.mark.parametrize(
+    ("signum", "line"),
+    [
+        (signal.SIGHUP, "spngd: terminated (SIGHUP)\n"),
+        (signal.SIGQUIT, "spngd: terminated (SIGQUIT)\n"),
+        (signal.SIGUSR1, "spngd: terminated (SIGUSR1)\n"),
+        (signal.SIGUSR2, "spngd: terminated (SIGUSR2)\n"),
+    ],
+)
+def test_every_signal_that_ends_a_process_stops_the_run_with_its_name(
+    signum: int, line: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    previous = stopping.install()
+    try:
+        with pytest.raises(Terminated) as stop:
+            os.kill(os.getpid(), signum)
+            signal.pause()
+        assert stop.value.signum == signum
+        assert stopping.stopped(stop.value) == 128 + signum  # as a shell reports the signal
+    finally:
+        stopping.restore(previous)
+    assert capsys.readouterr().err == line

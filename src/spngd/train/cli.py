@@ -315,9 +315,9 @@ def _show_warning(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``spngd`` with ``argv`` in this process and return the exit status. Ctrl-C and
-    SIGTERM stop the run with one line (:mod:`spngd.train.stopping`); the caller's handlers
-    are put back when it returns."""
+    """Run ``spngd`` with ``argv`` in this process and return the exit status. Ctrl-C,
+    SIGTERM and the other stop signals stop the run with one line
+    (:mod:`spngd.train.stopping`); the caller's handlers are put back when it returns."""
     previous = stopping.install()
     try:
         with warnings.catch_warnings():

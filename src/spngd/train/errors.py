@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 
 class UserError(Exception):
     """A bad option, missing or unreadable data, or an unusable output folder.
@@ -26,5 +28,11 @@ class TrainingStoppedError(Exception):
 
 
 class Terminated(BaseException):
-    """The process received SIGTERM (a scheduler's or torchrun's stop): like Ctrl-C, the
-    run stops where it is, its last checkpoint kept."""
+    """The process received a stop signal other than Ctrl-C's: SIGTERM (a scheduler's or
+    torchrun's stop), SIGHUP (its terminal closed), SIGQUIT, SIGUSR1 or SIGUSR2 (a
+    scheduler's warning before its time limit). Like Ctrl-C, the run stops where it is, its
+    last checkpoint kept; ``signum`` is the signal's number."""
+
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        super().__init__(signum)
+        self.signum = signum

@@ -1,12 +1,14 @@
-"""Ctrl-C and SIGTERM: how ``spngd`` stops a run, once, with one line.
+"""Ctrl-C, SIGTERM and the other stop signals: how ``spngd`` stops a run, once, with one line.
 
-A stop signal raises ``KeyboardInterrupt`` (Ctrl-C) or :class:`Terminated` (SIGTERM) in the
-run, once: later ones return at once, so that a stop already unwinding through clean-ups
-is not cut short. A library can swallow that exception (a bare ``except:`` around an
-import, a finalizer, whose errors Python only reports); the trainer calls
-:func:`raise_if_lost` before each step, which raises it again. Once the stop reaches the
-command line (:func:`stopped`), or the run is over, further signals are ignored through
-the interpreter's exit, so that none turns the run's status into a death by the signal.
+A stop signal raises ``KeyboardInterrupt`` (Ctrl-C) or :class:`Terminated` (SIGTERM,
+SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2: each ends a process by default, and torchrun passes
+SIGHUP and SIGQUIT on to its workers) in the run, once: later ones return at once, so that
+a stop already unwinding through clean-ups is not cut short. A library can swallow that
+exception (a bare ``except:`` around an import, a finalizer, whose errors Python only
+reports); the trainer calls :func:`raise_if_lost` before each step, which raises it again.
+Once the stop reaches the command line (:func:`stopped`), or the run is over, further
+signals are ignored through the interpreter's exit, so that none turns the run's status
+into a death by the signal.
 """
 
 from __future__ import annotations
@@ -23,16 +25,28 @@ from typing import NoReturn
 
 from spngd.train.errors import Terminated
 
-STOPPING_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-INTERRUPTED, TERMINATED = 128 + signal.SIGINT, 128 + signal.SIGTERM
-"""The exit statuses of a run stopped by Ctrl-C (130) and by SIGTERM (143), as a shell
-reports a process ended by the signal."""
-WORKER_TERMINATED = re.compile(r"DataLoader worker \(pid \d+\) is killed by signal: Terminated")
-"""How torch reports a DataLoader worker that a SIGTERM to the process group ended."""
+STOPPING_SIGNALS = (
+    signal.SIGINT,
+    signal.SIGTERM,
+    signal.SIGHUP,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+)
+STOPPED_STATUSES = frozenset(128 + signum for signum in STOPPING_SIGNALS)
+"""The exit status of a run stopped by each signal, as a shell reports a process the signal
+ended: 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP."""
+_SIGNAL_OF_DESCRIPTION = {signal.strsignal(signum): signum for signum in STOPPING_SIGNALS[1:]}
+WORKER_STOPPED = re.compile(
+    r"DataLoader worker \(pid \d+\) is killed by signal: "
+    f"({'|'.join(map(re.escape, _SIGNAL_OF_DESCRIPTION))})"
+)
+"""How torch reports a DataLoader worker that a stop signal to the process group ended
+("... is killed by signal: Terminated")."""
 
 _MAIN_PROCESS = os.getpid()
-_raised: type[BaseException] | None = None
-"""The stop raised in this run, if any."""
+_raised: int | None = None
+"""The signal of the stop raised in this run, if any."""
 
 
 @dataclass(frozen=True)
@@ -44,12 +58,14 @@ class Previous:
 
 
 def install() -> Previous:
-    """Make Ctrl-C and SIGTERM stop the run (no stop raised yet); returns what they did
+    """Make the stop signals stop the run (no stop raised yet); returns what they did
     before, for :func:`restore`."""
     global _raised
     _raised = None
     hook = sys.unraisablehook
-    handlers = {signal.SIGINT: _interrupt, signal.SIGTERM: _terminate}
+    handlers = {
+        signum: _interrupt if signum == signal.SIGINT else _terminate for signum in STOPPING_SIGNALS
+    }
     return Previous(
         {signum: signal.signal(signum, handler) for signum, handler in handlers.items()}, hook
     )
@@ -67,7 +83,7 @@ def restore(previous: Previous) -> None:
 
 
 def ignore_further() -> None:
-    """Ignore Ctrl-C and SIGTERM from now on, through the interpreter's exit (a key held
+    """Ignore the stop signals from now on, through the interpreter's exit (a key held
     down, a scheduler that signals twice or late)."""
     for signum in STOPPING_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
@@ -77,47 +93,55 @@ def raise_if_lost() -> None:
     """Raise the stop again if one was raised and the run still goes on: something between
     the signal and here swallowed it."""
     if _raised is not None:
-        raise _raised
+        raise _stop(_raised)
 
 
 def stopped(stop: BaseException) -> int:
-    """Print the one line of a run stopped by Ctrl-C (status 130) or SIGTERM (143); further
-    stop signals are ignored."""
+    """Print the one line of a run stopped by Ctrl-C (status 130) or another stop signal
+    (``spngd: terminated (SIGTERM)``, status 143 for it); further stop signals are ignored.
+    A stderr that is gone (SIGHUP: the terminal closed) loses the line, not the status."""
     ignore_further()
     sys.unraisablehook = _drop
-    if isinstance(stop, Terminated):
-        print("spngd: terminated (SIGTERM)", file=sys.stderr)
-        return TERMINATED
-    print("spngd: interrupted", file=sys.stderr)
-    return INTERRUPTED
+    signum = stop.signum if isinstance(stop, Terminated) else signal.SIGINT
+    name = signal.Signals(signum).name
+    line = "interrupted" if signum == signal.SIGINT else f"terminated ({name})"
+    try:
+        print(f"spngd: {line}", file=sys.stderr, flush=True)
+    except OSError:
+        pass
+    return 128 + signum
 
 
 def exit_with(status: int) -> NoReturn:
-    """End the process with ``status``. A stopped run's (:data:`INTERRUPTED`,
-    :data:`TERMINATED`) ends without the interpreter's own exit: CPython ends a process by
+    """End the process with ``status``. A stopped run's (:data:`STOPPED_STATUSES`) ends
+    without the interpreter's own exit: CPython ends a process by
     SIGINT, whatever its status, when a KeyboardInterrupt ever ended code that ``exec`` ran
     from a string (a dataclass or namedtuple being made during an import), even one caught
     later, as the stop was. Its garbage is collected first, so that the data loaders shut
     their workers down (quietly, as during the stop)."""
-    if status not in (INTERRUPTED, TERMINATED):
+    if status not in STOPPED_STATUSES:
         sys.exit(status)
     sys.unraisablehook = _drop
     gc.collect()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except OSError:  # its reader is gone (SIGHUP)
+            pass
     os._exit(status)
 
 
 def stop_behind(error: BaseException) -> BaseException | None:
-    """The Ctrl-C or SIGTERM that ``error`` was raised while handling, if any: a clean-up
+    """The stop signal's exception that ``error`` was raised while handling, if any: a clean-up
     interrupted by the stop (``torch.save`` closing its file, a DataLoader finding its
     workers gone) raises its own error over it."""
     seen: BaseException | None = error
     while seen is not None:
         if isinstance(seen, KeyboardInterrupt | Terminated):
             return seen
-        if WORKER_TERMINATED.match(str(seen)):  # the SIGTERM reached a worker first
-            return Terminated()
+        worker = WORKER_STOPPED.match(str(seen))
+        if worker:  # the signal reached a worker first
+            return Terminated(_SIGNAL_OF_DESCRIPTION[worker.group(1)])
         seen = seen.__cause__ or seen.__context__
     return None
 
@@ -128,25 +152,30 @@ def _drop(unraisable: sys.UnraisableHookArgs) -> None:
     reports each one ("Exception ignored in ... worker killed by signal"), which is not news."""
 
 
-def _raise_stop(stop: type[BaseException]) -> None:
+def _stop(signum: int) -> BaseException:
+    return KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
+
+
+def _raise_stop(signum: int) -> None:
     global _raised
     if _raised is not None:
         return
-    _raised = stop
+    _raised = signum
     sys.unraisablehook = _drop
-    raise stop
+    raise _stop(signum)
 
 
 def _interrupt(signum: int, frame: types.FrameType | None) -> None:
     """Ctrl-C: stop the run (KeyboardInterrupt), once."""
     if os.getpid() != _MAIN_PROCESS:
         raise KeyboardInterrupt  # a DataLoader worker: torch ends it quietly
-    _raise_stop(KeyboardInterrupt)
+    _raise_stop(signal.SIGINT)
 
 
 def _terminate(signum: int, frame: types.FrameType | None) -> None:
-    """SIGTERM: stop the run like Ctrl-C. DataLoader workers (forked with this handler,
-    and signalled too when a scheduler stops the whole process group) leave quietly."""
+    """SIGTERM and the other stop signals: stop the run like Ctrl-C. DataLoader workers
+    (forked with this handler, and signalled too when a scheduler stops the whole process
+    group) leave quietly."""
     if os.getpid() != _MAIN_PROCESS:
-        os._exit(TERMINATED)
-    _raise_stop(Terminated)
+        os._exit(128 + signum)
+    _raise_stop(signum)
