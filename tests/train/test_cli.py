@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import os
@@ -602,6 +603,24 @@ def test_a_run_folder_in_use_by_another_process_is_refused(run_cli: CliRun, tmp_
     finally:
         first.close()
     assert not (out / ".lock").exists()
+
+
+@pytest.mark.usefixtures("small_digits")
+def test_a_resume_refused_for_a_folder_in_use_says_only_that(
+    run_cli: CliRun, tmp_path: Path
+) -> None:
+    """Warnings about the run (``--epochs`` past the saved decay's end) come once the run is
+    this process's: a refused ``--resume`` prints its one line and nothing else."""
+    out = tmp_path / "run"
+    assert run_cli("train", "--out", str(out), "--epochs", "1", *SMALL)[0] == 0
+    with open(out / ".lock", "a") as lock:  # held as a running spngd holds it
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        refused = run_cli("train", "--resume", "--out", str(out), "--epochs", "3")
+    assert refused[0] == 2
+    assert refused[2] == f"spngd: error: output folder {out} is in use by another spngd process\n"
+    status, _, stderr = run_cli("train", "--resume", "--out", str(out), "--epochs", "2")
+    assert status == 0
+    assert stderr.startswith("spngd: warning: --epochs 2 goes past the saved --lr-decay-end 1")
 
 
 def test_a_run_file_the_file_system_refuses_is_one_line(tmp_path: Path) -> None:

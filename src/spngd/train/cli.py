@@ -190,8 +190,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_train(options: dict[str, Any]) -> None:
+    with warnings.catch_warnings(record=True) as pending:
+        config, checkpoint, restarting = _train_config(options)
+    device = device_of_this_rank(config)
+    with launch.process_group(device, config.dist_timeout) as (rank, world_size):
+        folder = RunFolder if rank == 0 else SilentRunFolder  # rank 0 writes the run
+        with folder(config.out, checkpoint, restarting=restarting) as run:
+            for warning in pending:  # said of this run only once it is this process's
+                warnings.showwarning(
+                    warning.message, warning.category, warning.filename, warning.lineno
+                )
+            result = train(config, run, checkpoint)
+    if rank == 0:
+        ranks = f" on {world_size} ranks" if world_size > 1 else ""
+        _report(
+            f"{result.steps} steps{ranks} in {result.train_time:.1f} s, validation accuracy "
+            f"{100 * result.val_accuracy:.2f}%; run folder {config.out}"
+        )
+
+
+def _train_config(options: dict[str, Any]) -> tuple[TrainConfig, Checkpoint | None, bool]:
+    """The config of ``spngd train``, the checkpoint it resumes (if any), and whether it is
+    the ``--resume`` of a run stopped before its first checkpoint (which starts again)."""
     checkpoint = None
-    restarting = False  # --resume of a run stopped before its first checkpoint
+    restarting = False
     if options.pop("resume"):
         if "out" not in options:
             raise UserError("--resume needs --out, the run folder to continue")
@@ -217,17 +239,7 @@ def _run_train(options: dict[str, Any]) -> None:
             config = resume_config(checkpoint.payload["config"], options)
     else:
         config = resolve_config(options)
-    device = device_of_this_rank(config)
-    with launch.process_group(device, config.dist_timeout) as (rank, world_size):
-        folder = RunFolder if rank == 0 else SilentRunFolder  # rank 0 writes the run
-        with folder(config.out, checkpoint, restarting=restarting) as run:
-            result = train(config, run, checkpoint)
-    if rank == 0:
-        ranks = f" on {world_size} ranks" if world_size > 1 else ""
-        _report(
-            f"{result.steps} steps{ranks} in {result.train_time:.1f} s, validation accuracy "
-            f"{100 * result.val_accuracy:.2f}%; run folder {config.out}"
-        )
+    return config, checkpoint, restarting
 
 
 def _report(*lines: str) -> None:
