@@ -564,6 +564,13 @@ def test_an_error_a_sigterm_causes_in_a_clean_up_is_the_sigterm(
 def test_small_mistakes_are_one_clear_line(run_cli: CliRun, tmp_path: Path) -> None:
     status, _, stderr = run_cli("train", "--no-such-flag")
     assert (status, stderr) == (2, "spngd: error: unrecognized arguments: --no-such-flag\n")
+    for misplaced in ((), ("--no-such-flag",), ("--epochs", "3", "train")):  # no command first
+        status, _, stderr = run_cli(*misplaced)
+        assert (status, stderr) == (
+            2,
+            "spngd: error: a command comes first: spngd train [options] or spngd compare "
+            "[options] (spngd --help)\n",
+        )
     assert_one_line_error(run_cli("train", "--out", "", *TINY), "--out must be a folder name")
     a_file = tmp_path / "a-file"
     a_file.write_text("")

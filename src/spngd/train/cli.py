@@ -334,7 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
-            options = nest(vars(build_parser().parse_args(argv)))
+            options = nest(vars(build_parser().parse_args(_with_command_first(argv))))
             command = options.pop("command")
             (_run_train if command == "train" else _run_compare)(options)
     except UserError as error:
@@ -357,6 +357,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         stopping.restore(previous)
     return 0
+
+
+def _with_command_first(argv: Sequence[str] | None) -> list[str]:
+    """The arguments, or a UserError where they do not start with the command: none at all,
+    or options before it (``spngd --epochs 3 train``), which argparse would report as a
+    missing or invalid command."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if not arguments or (arguments[0].startswith("-") and arguments[0] not in ("-h", "--help")):
+        raise UserError(
+            "a command comes first: spngd train [options] or spngd compare [options] (spngd --help)"
+        )
+    return arguments
 
 
 def run() -> NoReturn:
