@@ -24,7 +24,7 @@ is 291 of the 300 validation images).
 
     python benchmarks/steps_to_accuracy.py [--seeds 0 1 2] [--target 0.97] [--epochs 60]
         [--sgd-lrs [X ...]] [--spngd-lr X] [--damping X] [--eval-batchnorm running]
-        [--refresh-alpha X] [--refresh-rule noise|spec] ...
+        [--refresh-alpha X] [--refresh-rule noise|threshold] ...
 """
 
 from __future__ import annotations

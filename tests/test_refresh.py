@@ -1,4 +1,4 @@
-"""Adaptive refresh of statistics (the ``"spec"`` rule and the noise rule)."""
+"""Adaptive refresh of statistics (the ``"threshold"`` rule and the noise rule)."""
 
 from __future__ import annotations
 
@@ -249,18 +249,18 @@ def _run_stream(
 
 
 @pytest.mark.parametrize("noise", [0.3, 0.6])
-def test_noise_rule_skips_a_noisy_stationary_statistic_the_spec_rule_recomputes(
+def test_noise_rule_skips_a_noisy_stationary_statistic_the_threshold_rule_recomputes(
     noise: float,
 ) -> None:
     noisy = RefreshPolicy(None, None, AdaptiveRefresh(max_interval=16))
-    spec = RefreshPolicy(None, None, AdaptiveRefresh(rule="spec", max_interval=16))
+    threshold = RefreshPolicy(None, None, AdaptiveRefresh(rule="threshold", max_interval=16))
     changes: list[float] = []
     by_noise = _run_stream(noisy, 200, noise)
-    by_spec = _run_stream(spec, 200, noise, changes=changes)
-    # Batch-to-batch differences of this size are far above alpha = 0.1: the spec rule
-    # resets every time; the noise rule knows them for noise and grows to the cap.
+    by_threshold = _run_stream(threshold, 200, noise, changes=changes)
+    # Batch-to-batch differences of this size are far above alpha = 0.1: the threshold
+    # rule resets every time; the noise rule knows them for noise and grows to the cap.
     assert min(changes) > 0.1
-    assert len(by_spec) == 200
+    assert len(by_threshold) == 200
     assert noisy.interval[("layer", 0)] == 16
     assert len(by_noise) < 30
     # The measured noise is what two batches' estimates differ by (squared, relative).
@@ -281,7 +281,7 @@ def test_noise_rule_catches_a_real_shift_within_the_cap() -> None:
 
 
 def test_pooling_averages_the_estimates_while_their_changes_stay_small() -> None:
-    knobs = AdaptiveRefresh(alpha=0.1, rule="spec", warmup_steps=2)
+    knobs = AdaptiveRefresh(alpha=0.1, rule="threshold", warmup_steps=2)
     policy = RefreshPolicy(None, None, knobs)
     key = ("layer", 0)
     weights = []
@@ -295,14 +295,14 @@ def test_pooling_averages_the_estimates_while_their_changes_stay_small() -> None
     for step in range(17, 40):  # a long run of small changes: the weight stays >= 1/8
         policy.observe(key, step, 0.05, None)
     assert policy.fresh_weight(key) == 1 / MAX_POOLED
-    latest = RefreshPolicy(None, None, AdaptiveRefresh(alpha=0.1, rule="spec", pool=False))
+    latest = RefreshPolicy(None, None, AdaptiveRefresh(alpha=0.1, rule="threshold", pool=False))
     for step in range(5):
         latest.observe(key, step, 0.05, None)
         assert latest.fresh_weight(key) == 1.0
 
 
 def test_a_change_after_pooling_is_replaced_the_next_step_whatever_the_shrink() -> None:
-    knobs = AdaptiveRefresh(alpha=0.1, rule="spec", shrink="halve", warmup_steps=0)
+    knobs = AdaptiveRefresh(alpha=0.1, rule="threshold", shrink="halve", warmup_steps=0)
     policy = RefreshPolicy(None, None, knobs)
     key = ("layer", 0)
     step = 0
@@ -342,21 +342,21 @@ def test_pooling_a_noisy_stationary_statistic_cuts_its_error() -> None:
     assert sum(errors[True][late]) < 0.3 * sum(errors[False][late])
 
 
-def test_noise_rule_on_a_noiseless_stream_is_the_spec_rule() -> None:
-    for rule in ("noise", "spec"):
+def test_noise_rule_on_a_noiseless_stream_is_the_threshold_rule() -> None:
+    for rule in ("noise", "threshold"):
         knobs = AdaptiveRefresh(rule=rule, max_interval=8, warmup_steps=3)  # type: ignore[arg-type]
         policy = RefreshPolicy(None, None, knobs)
         assert _run_stream(policy, 60, 0.0) == [0, 1, 2, 3, 5, 9, 17, 25, 33, 41, 49, 57]
 
 
 def test_negative_alpha_refreshes_every_step_under_either_rule() -> None:
-    for rule in ("noise", "spec"):
+    for rule in ("noise", "threshold"):
         policy = RefreshPolicy(None, None, AdaptiveRefresh(alpha=-1.0, rule=rule))  # type: ignore[arg-type]
         assert _run_stream(policy, 50, 0.5) == list(range(50))
 
 
 def test_bad_rule_and_margin_are_rejected() -> None:
-    with pytest.raises(ValueError, match="rule must be noise or spec, got 'magic'"):
+    with pytest.raises(ValueError, match="rule must be noise or threshold, got 'magic'"):
         AdaptiveRefresh(rule="magic")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="noise_margin must be >= 0, got -1"):
         AdaptiveRefresh(noise_margin=-1.0)

@@ -20,7 +20,7 @@ What counts as similar is the ``rule``:
   than ``alpha`` beyond its noise, not when one batch happens to differ from the last:
   replacing a stale estimate by a fresh one that is no closer to the truth buys nothing.
   At the batch sizes one machine runs, ``G`` and BatchNorm ``F`` differ by 20-60% between
-  two batches of the same weights (``benchmarks/statistics_drift.py``), so the ``"spec"``
+  two batches of the same weights (``benchmarks/statistics_drift.py``), so the ``"threshold"``
   rule below recomputes them on nearly every step.
   ``noise_margin = 1`` and ``warmup_steps = 10`` were chosen on
   ``benchmarks/steps_to_accuracy.py`` (ResNet-20, the digits at batch 1,024, ten seeds;
@@ -30,7 +30,7 @@ What counts as similar is the ``rule``:
   the steps of every-step refresh and 10 took 0.95x, with 31-49% of the statistics
   computed over 88 steps: early in training the weights move too fast for intervals to
   grow.
-- ``"spec"``: ``d <= alpha``, comparing raw per-batch estimates (the paper's stale
+- ``"threshold"``: ``d <= alpha``, comparing raw per-batch estimates (the paper's stale
   statistics as they are commonly read); it suits batches so large
   that their noise is far below ``alpha`` (the paper's 32,768 and more).
 
@@ -41,7 +41,7 @@ that did not (a fresh one joins with weight ``1 / (n + 1)``, at least ``1 /``
 the mean of several; a change that does not count as small restarts the pool, and the next
 step's estimate replaces ``X``. The change is measured against the pooled ``X``, whose
 noise is below one estimate's: the noise rule's ``s^2`` then leaves a little more room for
-drift. The warm-up's estimates replace ``X``. Without ``pool`` (as under the ``"spec"``
+drift. The warm-up's estimates replace ``X``. Without ``pool`` (as under the ``"threshold"``
 rule's reading of the paper) each fresh estimate replaces ``X``. With ``stat_decay > 0``
 the running average replaces both. On mnist1d at batch 128 (ten seeds,
 ``benchmarks/batch_scaling.py``'s runs) pooling took a median 72 steps to 97% where the
@@ -70,7 +70,7 @@ Key = tuple[str, int]
 
 GROW_RULES = ("double", "plus1")
 SHRINK_RULES = ("reset", "halve")
-RULES = ("noise", "spec")
+RULES = ("noise", "threshold")
 
 NOISE_WEIGHT = 0.3
 """Weight of a new measurement in the running mean of a key's sampling noise: about the
@@ -139,10 +139,10 @@ class AdaptiveRefresh:
         "threshold on a statistic's relative change d; its interval grows while d is small "
         "(see rule; negative: every step)",
     )
-    rule: Literal["noise", "spec"] = _setting(
+    rule: Literal["noise", "threshold"] = _setting(
         "noise",
         "when d counts as small, 'noise': d^2 <= alpha^2 + (noise_margin * s)^2 with s the "
-        "statistic's measured batch-to-batch noise, 'spec': d <= alpha",
+        "statistic's measured batch-to-batch noise, 'threshold': d <= alpha",
     )
     noise_margin: float = _setting(1.0, "rule 'noise': the margin, in units of the noise")
     grow: Literal["double", "plus1"] = _setting("double", "interval growth: double or plus1")
@@ -163,7 +163,7 @@ class AdaptiveRefresh:
         measured sampling noise (expected ``d^2`` between two batches) is ``noise``."""
         if self.alpha < 0.0:
             return False
-        if self.rule == "spec":
+        if self.rule == "threshold":
             return change <= self.alpha
         return change * change <= self.alpha**2 + self.noise_margin**2 * noise
 

@@ -154,7 +154,7 @@ def test_noise_is_measured_only_where_a_rule_reads_it() -> None:
         model = _model()
         opt = SPNGD(model, lr=0.0, **kwargs)  # type: ignore[arg-type]
         assert all(block.measure_noise is measured for block in opt.curvature.values())
-    for knobs in (AdaptiveRefresh(rule="spec"), AdaptiveRefresh(alpha=-1.0)):
+    for knobs in (AdaptiveRefresh(rule="threshold"), AdaptiveRefresh(alpha=-1.0)):
         opt = SPNGD(_model(), lr=0.0, refresh=knobs)
         assert not any(block.measure_noise for block in opt.curvature.values())
 

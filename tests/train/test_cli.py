@@ -97,11 +97,11 @@ def test_epoch_records_hold_the_pass_s_seconds_per_stage(
     optimizer arrives with time on its counters; SGD records time the forward and backward
     passes only. The refresh rule options land in config.json."""
     out = tmp_path / "spngd"
-    options = ("--refresh-rule", "spec", "--refresh-noise-margin", "2")
+    options = ("--refresh-rule", "threshold", "--refresh-noise-margin", "2")
     code, _, stderr = run_cli("train", "--out", str(out), "--epochs", "2", *SMALL, *options)
     assert code == 0, stderr
     config = json.loads((out / "config.json").read_text())
-    assert (config["refresh"]["rule"], config["refresh"]["noise_margin"]) == ("spec", 2.0)
+    assert (config["refresh"]["rule"], config["refresh"]["noise_margin"]) == ("threshold", 2.0)
     stage_seconds = SPNGD.stage_seconds
 
     def restored_with_time(self: SPNGD) -> dict[str, float]:
@@ -291,7 +291,7 @@ def test_corrupt_image_stops_training_naming_the_file(
         (("--batch-size", "eight"), "argument --batch-size: invalid int value: 'eight'"),
         (("--no-such-flag",), "unrecognized arguments: --no-such-flag"),
         (("--refresh-shrink", "drop"), "--refresh-shrink must be reset or halve, got 'drop'"),
-        (("--refresh-rule", "fast"), "--refresh-rule must be noise or spec, got 'fast'"),
+        (("--refresh-rule", "fast"), "--refresh-rule must be noise or threshold, got 'fast'"),
         (("--refresh-noise-margin", "-1"), "--refresh-noise-margin must be >= 0, got -1.0"),
         (
             ("--refresh-noise-margin", "wide"),

@@ -68,7 +68,7 @@ def test_precedence_recipe_over_defaults_and_options_over_recipe() -> None:
         ({"device": "tpu"}, "--device 'tpu' is not a torch device"),
         ({"epochs": float("inf")}, "--epochs must be finite"),
         ({"refresh": {"alpha": float("nan")}}, "--refresh-alpha must be a number, got nan"),
-        ({"refresh": {"rule": "fast"}}, "--refresh-rule must be noise or spec, got 'fast'"),
+        ({"refresh": {"rule": "fast"}}, "--refresh-rule must be noise or threshold, got 'fast'"),
         (
             {"damping_form": "diagonal"},
             "--damping-form must be one of factored-keep-a, factored, kronecker, got 'diagonal'",
@@ -119,7 +119,7 @@ def test_refresh_options_reach_the_optimizer_and_old_configs_take_the_defaults()
     model = build_model("resnet20", num_classes=10)
     knobs = {
         "alpha": 0.5,
-        "rule": "spec",
+        "rule": "threshold",
         "noise_margin": 2.0,
         "grow": "plus1",
         "shrink": "halve",
@@ -151,13 +151,17 @@ def test_resume_keeps_saved_refresh_knobs_the_user_does_not_give() -> None:
     """Knob by knob: --refresh-alpha on resume leaves the saved --refresh-rule alone, and a
     config.json with the flat ``refresh_rule``-style entries of older runs still loads."""
     saved = resolve_config(
-        {"device": "cpu", "out": "runs/old", "refresh": {"rule": "spec", "max_interval": 8}}
+        {"device": "cpu", "out": "runs/old", "refresh": {"rule": "threshold", "max_interval": 8}}
     ).to_dict()
     resumed = resume_config(saved, {"refresh": {"alpha": 0.5}})
-    assert resumed.refresh == AdaptiveRefresh(alpha=0.5, rule="spec", max_interval=8)
+    assert resumed.refresh == AdaptiveRefresh(alpha=0.5, rule="threshold", max_interval=8)
     flat = {key: value for key, value in saved.items() if key != "refresh"}
     flat |= {f"refresh_{knob}": value for knob, value in saved["refresh"].items()}
-    assert resume_config(flat, {}).refresh == AdaptiveRefresh(rule="spec", max_interval=8)
+    assert resume_config(flat, {}).refresh == AdaptiveRefresh(rule="threshold", max_interval=8)
+    flat["refresh_rule"] = "spec"  # the threshold rule's name in older runs
+    assert resume_config(flat, {}).refresh == AdaptiveRefresh(rule="threshold", max_interval=8)
+    older = {**saved, "refresh": {"rule": "spec"}}
+    assert resume_config(older, {}).refresh == AdaptiveRefresh(rule="threshold")
     with pytest.raises(UserError, match=r"unknown option.*--refresh-speed"):
         resolve_config({"refresh": {"speed": 2}})
 

@@ -478,11 +478,19 @@ def resume_config(saved: Mapping[str, Any], options: Mapping[str, Any]) -> Train
     return resolve_config(merged_options(saved, options))
 
 
+SAVED_RULE_NAMES = {"spec": "threshold"}
+"""Refresh rules under the names older run folders saved them with."""
+
+
 def _nest_flat_refresh(saved: Mapping[str, Any]) -> dict[str, Any]:
-    """A saved config with its refresh knobs as flat ``refresh_alpha``-style entries, with
-    them nested as ``refresh`` (config.json holds one layout or the other)."""
+    """A saved config with its refresh knobs nested as ``refresh`` (config.json holds them
+    nested, or as flat ``refresh_alpha``-style entries) and its rule by today's name."""
     flat = {key: value for key, value in saved.items() if key.startswith("refresh_")}
-    if not flat:
-        return dict(saved)
     rest = {key: value for key, value in saved.items() if key not in flat}
-    return {**rest, "refresh": {key.removeprefix("refresh_"): v for key, v in flat.items()}}
+    refresh = dict(rest.get("refresh") or {})
+    refresh.update((key.removeprefix("refresh_"), value) for key, value in flat.items())
+    if not refresh:
+        return rest
+    if "rule" in refresh:
+        refresh["rule"] = SAVED_RULE_NAMES.get(refresh["rule"], refresh["rule"])
+    return {**rest, "refresh": refresh}
