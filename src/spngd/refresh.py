@@ -57,12 +57,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
-from typing import Any, Literal
+from dataclasses import dataclass, fields
+from typing import Literal
 
 import torch
 
-from spngd.settings import InvalidSettingError, Rule, check, optional_int_rule
+from spngd.settings import InvalidSettingError, Rule, check, optional_int_rule, setting
 
 Key = tuple[str, int]
 """A statistic: (layer name, index of the statistic within the layer's block)."""
@@ -90,10 +90,6 @@ about as many measurements as the running mean weighs, so the first decision rea
 of recent noise. The earlier warm-up steps skip the cost (measuring from the two halves of
 the batch costs up to 1.4x the statistic alone); their measurements, of weights far from
 the first decision's, would have weighed about a quarter in its mean."""
-
-
-def _setting(default: object, help_text: str) -> Any:
-    return field(default=default, metadata={"help": help_text})
 
 
 INTERVAL_RULES: dict[str, Rule] = dict.fromkeys(
@@ -134,22 +130,22 @@ class AdaptiveRefresh:
     """Knobs of the adaptive rule (the module docstring says what each does); a bad value
     is an :class:`~spngd.settings.InvalidSettingError`."""
 
-    alpha: float = _setting(
+    alpha: float = setting(
         0.1,
         "threshold on a statistic's relative change d; its interval grows while d is small "
         "(see rule; negative: every step)",
     )
-    rule: Literal["noise", "threshold"] = _setting(
+    rule: Literal["noise", "threshold"] = setting(
         "noise",
         "when d counts as small, 'noise': d^2 <= alpha^2 + (noise_margin * s)^2 with s the "
         "statistic's measured batch-to-batch noise, 'threshold': d <= alpha",
     )
-    noise_margin: float = _setting(1.0, "rule 'noise': the margin, in units of the noise")
-    grow: Literal["double", "plus1"] = _setting("double", "interval growth: double or plus1")
-    shrink: Literal["reset", "halve"] = _setting("reset", "interval shrink: reset or halve")
-    max_interval: int = _setting(32, "longest interval in steps")
-    warmup_steps: int = _setting(10, "first steps that always refresh")
-    pool: bool = _setting(
+    noise_margin: float = setting(1.0, "rule 'noise': the margin, in units of the noise")
+    grow: Literal["double", "plus1"] = setting("double", "interval growth: double or plus1")
+    shrink: Literal["reset", "halve"] = setting("reset", "interval shrink: reset or halve")
+    max_interval: int = setting(32, "longest interval in steps")
+    warmup_steps: int = setting(10, "first steps that always refresh")
+    pool: bool = setting(
         True,
         "while a statistic's changes count as small, use the mean of its estimates since "
         "the last larger change (False: the latest estimate)",

@@ -4,6 +4,7 @@ that names settings its own way (the CLI's ``--refresh-alpha``) reads which one 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import field
 from typing import Any
 
 Rule = tuple[Callable[[Any], bool], str]
@@ -16,6 +17,17 @@ class InvalidSettingError(ValueError):
     def __init__(self, owner: str, setting: str, rule: str, value: object) -> None:
         super().__init__(f"{owner}.{setting} must be {rule}, got {value!r}")
         self.setting, self.rule, self.value = setting, rule, value
+
+
+def setting(default: object, help_text: str, parse: Callable[[str], Any] | None = None) -> Any:
+    """A settings dataclass field with its ``help`` (the CLI's option help) and, for a value
+    the command line cannot give as it is (a ``torch.dtype``), ``parse``: its value from a
+    name, and back (``str``) when the setting is written out. A field made without this is
+    not a command-line option."""
+    metadata: dict[str, Any] = {"help": help_text}
+    if parse is not None:
+        metadata["parse"] = parse
+    return field(default=default, metadata=metadata)
 
 
 def check(owner: str, values: Mapping[str, Any], rules: Mapping[str, Rule]) -> None:

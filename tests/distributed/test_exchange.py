@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -16,6 +17,7 @@ from spngd import SPNGD
 from spngd.curvature import LinearBlock
 from spngd.distributed import DistributedConfig
 from spngd.distributed.exchange import DistributedExchange
+from spngd.settings import InvalidSettingError
 from tests.distributed.harness import free_port, run_workers
 
 HUGE = 1e6
@@ -168,3 +170,18 @@ def test_a_script_that_tears_down_after_its_last_step_leaves_nothing_to_finaliza
         stdout, stderr = rank.communicate(timeout=120)
         assert rank.returncode == 0, stderr
         assert stdout == "alive at finalization: []\n", stderr
+
+
+@pytest.mark.parametrize(
+    ("knobs", "message"),
+    [
+        ({"comm_dtype": torch.float64}, "comm_dtype must be one of float32, bfloat16, float16"),
+        ({"assignment": "random"}, "assignment must be lpt or equal_count, got 'random'"),
+        ({"overlap": 1}, "overlap must be True or False, got 1"),
+        ({"bucket_elements": 0}, "bucket_elements must be an int >= 1, got 0"),
+        ({"bucket_elements": 2.5}, "bucket_elements must be an int >= 1, got 2.5"),
+    ],
+)
+def test_a_bad_distributed_setting_names_itself(knobs: dict[str, object], message: str) -> None:
+    with pytest.raises(InvalidSettingError, match=f"^DistributedConfig.{re.escape(message)}"):
+        DistributedConfig(**knobs)  # type: ignore[arg-type]

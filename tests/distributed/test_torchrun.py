@@ -33,6 +33,10 @@ def test_spngd_train_runs_on_two_ranks(tmp_path: Path) -> None:
         "--threads",
         "1",
         "--no-progress",
+        "--distributed-comm-dtype",
+        "bfloat16",
+        "--distributed-assignment",
+        "equal_count",
         "--out",
         str(out),
     ]
@@ -45,3 +49,5 @@ def test_spngd_train_runs_on_two_ranks(tmp_path: Path) -> None:
     assert last["kind"] == "epoch" and last["val_accuracy"] > 0.5
     assert last["refresh_counts"]["stats_computed"] > 0
     assert {p.name for p in out.iterdir()} >= {"config.json", "checkpoint.pt", "plot.png"}
+    distributed = json.loads((out / "config.json").read_text())["distributed"]
+    assert (distributed["comm_dtype"], distributed["assignment"]) == ("bfloat16", "equal_count")

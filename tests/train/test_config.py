@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
+from spngd.distributed import DistributedConfig
 from spngd.refresh import AdaptiveRefresh
 from spngd.train.config import (
     CPUS,
@@ -145,6 +148,33 @@ def test_refresh_options_reach_the_optimizer_and_old_configs_take_the_defaults()
         del saved[name]
     opt = make_optimizer(model, resume_config(saved, {}))
     assert opt.refresh.adaptive == AdaptiveRefresh()
+
+
+def test_distributed_options_reach_the_optimizer_and_config_json_holds_them_by_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import spngd.train.optimizers as optimizers
+
+    given = {"comm_dtype": "bfloat16", "assignment": "equal_count", "overlap": False}
+    config = resolve_config({"device": "cpu", "distributed": given})
+    received: dict[str, object] = {}
+    monkeypatch.setattr(optimizers, "SPNGD", lambda model, **settings: received.update(settings))
+    make_optimizer(build_model("resnet20", num_classes=10), config)
+    assert received["distributed"] == DistributedConfig(
+        comm_dtype=torch.bfloat16, assignment="equal_count", overlap=False
+    )
+    saved = config.to_dict()
+    assert saved["distributed"] == {**given, "bucket_elements": 1 << 22}
+    assert json.loads(json.dumps(saved)) == saved  # config.json takes it as it is
+    assert resume_config(saved, {}).distributed == config.distributed
+    older = {key: value for key, value in saved.items() if key != "distributed"}
+    assert resume_config(older, {}).distributed == DistributedConfig()
+    for knobs, message in (
+        ({"comm_dtype": "float8"}, "--distributed-comm-dtype must be one of float32, bfloat16"),
+        ({"process_group": "world"}, "unknown option(s): --distributed-process-group"),
+    ):
+        with pytest.raises(UserError, match=re.escape(message)):
+            resolve_config({"device": "cpu", "distributed": knobs})
 
 
 def test_resume_keeps_saved_refresh_knobs_the_user_does_not_give() -> None:

@@ -31,13 +31,25 @@ from spngd.curvature import CurvatureBlock
 from spngd.distributed.assignment import STRATEGIES, BlockCost, assign_blocks
 from spngd.distributed.packing import COMM_DTYPES, FlatPacker, TensorSpec
 from spngd.messages import first_sentence
+from spngd.settings import Rule, check, int_rule, setting
 
 Statistics = tuple[torch.Tensor | None, ...] | None
 
 
+COMM_DTYPE_NAMES = {str(dtype).removeprefix("torch."): dtype for dtype in COMM_DTYPES}
+"""The dtypes of :attr:`DistributedConfig.comm_dtype` by name (``"bfloat16"``)."""
+
+
+def comm_dtype_named(name: str) -> torch.dtype | str:
+    """The communication dtype called ``name`` (``"bfloat16"``); another name as it is, for
+    :class:`DistributedConfig`'s check to reject."""
+    return COMM_DTYPE_NAMES.get(name, name)
+
+
 @dataclass(frozen=True, kw_only=True)
 class DistributedConfig:
-    """How SPNGD distributes curvature work over ``torch.distributed`` ranks.
+    """How SPNGD distributes curvature work over ``torch.distributed`` ranks; a bad value is
+    an :class:`~spngd.settings.InvalidSettingError`.
 
     comm_dtype: dtype of every buffer sent (statistics and preconditioned gradients);
         the factors themselves stay in their own dtype. float16 needs statistics within
@@ -52,19 +64,30 @@ class DistributedConfig:
         many communicated elements; each phase sends one buffer per owner rank.
     """
 
-    comm_dtype: torch.dtype = torch.float32
-    assignment: str = "lpt"
+    comm_dtype: torch.dtype = setting(
+        torch.float32,
+        "dtype of the statistics and preconditioned gradients sent between ranks: "
+        + ", ".join(COMM_DTYPE_NAMES),
+        parse=comm_dtype_named,
+    )
+    assignment: str = setting("lpt", "which rank owns each layer: lpt or equal_count")
     process_group: Any = None
-    overlap: bool = True
-    bucket_elements: int = 1 << 22
+    overlap: bool = setting(
+        True, "reduce each bucket of statistics during backward, as soon as it is complete"
+    )
+    bucket_elements: int = setting(1 << 22, "elements per communicated bucket")
 
     def __post_init__(self) -> None:
-        if self.comm_dtype not in COMM_DTYPES:
-            raise ValueError(f"comm_dtype must be one of {COMM_DTYPES}, got {self.comm_dtype}")
-        if self.assignment not in STRATEGIES:
-            raise ValueError(f"assignment must be one of {STRATEGIES}, got {self.assignment!r}")
-        if self.bucket_elements < 1:
-            raise ValueError(f"bucket_elements must be >= 1, got {self.bucket_elements}")
+        knobs = {name: getattr(self, name) for name in _RULES}
+        check("DistributedConfig", knobs, _RULES)
+
+
+_RULES: dict[str, Rule] = {
+    "comm_dtype": (lambda v: v in COMM_DTYPES, f"one of {', '.join(COMM_DTYPE_NAMES)}"),
+    "assignment": (lambda v: v in STRATEGIES, " or ".join(STRATEGIES)),
+    "overlap": (lambda v: isinstance(v, bool), "True or False"),
+    "bucket_elements": int_rule(1),
+}
 
 
 class LocalExchange:

@@ -36,6 +36,8 @@ from spngd.train.config import (
     TrainConfig,
     check_same_run,
     flag,
+    knobs,
+    knobs_of,
     resolve_config,
     resume_config,
 )
@@ -115,11 +117,12 @@ def _or_none(value_type: type) -> Callable[[str], Any]:
 def add_nested_options(parser: argparse.ArgumentParser, name: str, settings: type) -> None:
     """``--NAME-KNOB`` for every knob of a settings dataclass, its help and default its own."""
     hints = typing.get_type_hints(settings)
-    for knob in fields(settings):
+    defaults = knobs_of(settings())
+    for knob in knobs(settings):
         value_type = _base_type(hints[knob.name])
-        if typing.get_origin(value_type) is typing.Literal:
+        if typing.get_origin(value_type) is typing.Literal or "parse" in knob.metadata:
             value_type = str
-        help_text = f"{knob.metadata['help']} (default: {knob.default})"
+        help_text = f"{knob.metadata['help']} (default: {defaults[knob.name]})"
         option = flag(f"{name}_{knob.name}")
         _add_option(parser, option, value_type, help_text, dest=f"{name}.{knob.name}")
 
@@ -173,7 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
         "runs into OUT/compare.png.",
     )
     _add_config_options(
-        compare, skip=("optimizer", *PER_OPTIMIZER), defaults={**DEFAULTS, **COMPARE_DEFAULTS}
+        compare,
+        skip=("optimizer", "distributed", *PER_OPTIMIZER),
+        defaults={**DEFAULTS, **COMPARE_DEFAULTS},
     )
     for optimizer in OPTIMIZERS:
         own = {**OPTIMIZER_DEFAULTS[optimizer], **COMPARE_OPTIMIZER_DEFAULTS[optimizer]}

@@ -14,13 +14,14 @@ import math
 import os
 import warnings
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import Field, dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from spngd.distributed import DistributedConfig
 from spngd.optimizer import GROUP_SETTINGS, SPNGD, check_settings
 from spngd.preconditioner import FISHER_TYPES
 from spngd.refresh import AdaptiveRefresh
@@ -125,6 +126,9 @@ class TrainConfig:
     dist_timeout: float = _help(
         "under torchrun, seconds a collective waits for the other ranks before the run stops"
     )
+    distributed: DistributedConfig = field(
+        metadata={"help": "SP-NGD under torchrun, one --distributed-* option per knob"}
+    )
     out: str = _help("run folder (default: runs/<timestamp>)")
     progress: bool = _help("show the progress bar")
 
@@ -186,7 +190,10 @@ class TrainConfig:
                 raise UserError(f"{flag(name)} must be finite, got {getattr(self, name)}")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The config as config.json holds it: nested settings as their knobs, each a value
+        its option would give (a dtype by its name)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {name: knobs_of(v) if name in NESTED else v for name, v in values.items()}
 
 
 def recipe_settings(name: str | None) -> dict[str, Any]:
@@ -371,9 +378,25 @@ def resolve_config(options: Mapping[str, Any]) -> TrainConfig:
     return TrainConfig(**values)
 
 
-NESTED: dict[str, type] = {"refresh": AdaptiveRefresh}
+NESTED: dict[str, type] = {"refresh": AdaptiveRefresh, "distributed": DistributedConfig}
 """Config fields that are the library's own settings objects: ``--refresh-alpha`` sets
-``refresh.alpha``. Their defaults and checks are the objects' own."""
+``refresh.alpha``. Their defaults and checks are the objects' own; their knobs are the
+fields made by :func:`spngd.settings.setting` (``DistributedConfig.process_group`` is not
+one)."""
+
+
+def knobs(settings: type) -> list[Field[Any]]:
+    """The fields of a settings dataclass that are options (:data:`NESTED`)."""
+    return [knob for knob in fields(settings) if "help" in knob.metadata]
+
+
+def knobs_of(settings: Any) -> dict[str, Any]:
+    """A settings object's knobs and their values, each as its option gives it."""
+    return {
+        knob.name: str(value).removeprefix("torch.") if "parse" in knob.metadata else value
+        for knob in knobs(type(settings))
+        for value in (getattr(settings, knob.name),)
+    }
 
 
 def nested_settings(name: str, given: Mapping[str, Any] | None) -> Any:
@@ -382,10 +405,15 @@ def nested_settings(name: str, given: Mapping[str, Any] | None) -> Any:
     (``--NAME-KNOB``) of an unknown or bad one."""
     settings = NESTED[name]
     given = dict(given or {})
-    unknown = sorted(set(given) - {f.name for f in fields(settings)})
+    by_name = {knob.name: knob for knob in knobs(settings)}
+    unknown = sorted(set(given) - set(by_name))
     if unknown:
         flags = ", ".join(flag(f"{name}_{knob}") for knob in unknown)
         raise UserError(f"unknown option(s): {flags}")
+    for knob, value in given.items():
+        parse = by_name[knob].metadata.get("parse")
+        if parse is not None and isinstance(value, str):
+            given[knob] = parse(value)
     try:
         return settings(**given)
     except InvalidSettingError as error:

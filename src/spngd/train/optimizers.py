@@ -97,6 +97,7 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> SPNGD | GuardedSGD:
         inverse_interval=config.inverse_interval,
         statistics_examples=config.statistics_examples,
         refresh=config.refresh,
+        distributed=config.distributed,
         accumulation_steps=config.accumulate,
         max_bad_steps=config.max_bad_steps,
     )
