@@ -406,6 +406,34 @@ def test_console_script_exit_status_and_stderr(tmp_path: Path) -> None:
     assert result.stderr == "spngd: error: --batch-size must be a positive integer, got 0\n"
 
 
+def as_started_from_a_terminal() -> None:
+    """Give a child the stop signals' default actions, as a shell does for a command run in
+    the foreground: a shell script's background job (a test run ``&``) starts ignoring
+    SIGINT, and what it starts inherits that, which a run keeps."""
+    for signum in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
+
+
+def test_a_run_under_nohup_outlives_its_terminal(tmp_path: Path) -> None:
+    """Started with SIGHUP ignored (``nohup spngd train``), the run keeps ignoring it: the
+    terminal closing does not stop it."""
+    out = tmp_path / "run"
+    process = subprocess.Popen(
+        [*CLI, "train", "--out", str(out), "--epochs", "1", *SMALL],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),
+    )
+    deadline = time.monotonic() + 120
+    while not (out / "metrics.jsonl").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGHUP)
+    stdout, stderr = process.communicate(timeout=120)
+    assert (process.returncode, stderr) == (0, "")
+    assert " steps in " in stdout
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
 def test_sigterm_stops_the_run_with_one_line_and_status_143(
     tmp_path: Path, signum: signal.Signals
@@ -428,6 +456,7 @@ def test_sigterm_stops_the_run_with_one_line_and_status_143(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=as_started_from_a_terminal,
     )
     deadline = time.monotonic() + 120
     while not (out / CHECKPOINT).exists() and time.monotonic() < deadline:
@@ -455,6 +484,7 @@ def test_ctrl_c_pressed_repeatedly_stops_the_run_once_with_one_line(tmp_path: Pa
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            preexec_fn=as_started_from_a_terminal,
         )
         deadline = time.monotonic() + 120
         while not (out / "metrics.jsonl").exists() and time.monotonic() < deadline:
@@ -528,10 +558,14 @@ def test_a_stop_a_library_swallows_stops_the_run_at_the_next_step(
         return load_data(config)
 
     monkeypatch.setattr(trainer, "load_data", load_data_swallowing_a_ctrl_c)
-    status, _, stderr = run_cli("train", "--out", str(tmp_path / "run"), *TINY)
+    pytests = signal.signal(signal.SIGINT, signal.default_int_handler)  # SIG_IGN in a `&` job
+    try:
+        status, _, stderr = run_cli("train", "--out", str(tmp_path / "run"), *TINY)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    finally:
+        signal.signal(signal.SIGINT, pytests)
     assert (status, stderr) == (130, "spngd: interrupted\n")
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # pytest's, put back
 
 
 def _save_interrupted_by_sigterm(options: object) -> None:

@@ -5,11 +5,25 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from collections.abc import Iterator
 
 import pytest
 
 from spngd.train import stopping
 from spngd.train.errors import Terminated
+
+
+@pytest.fixture(autouse=True)
+def stop_signals_as_in_a_terminal() -> Iterator[None]:
+    """Each test starts with the stop signals' default actions (Python's KeyboardInterrupt
+    for SIGINT), as a command run in a terminal's foreground does, whatever the test run
+    itself inherited (a background job starts ignoring SIGINT and SIGQUIT)."""
+    defaults = {signum: signal.SIG_DFL for signum in stopping.STOPPING_SIGNALS}
+    defaults[signal.SIGINT] = signal.default_int_handler
+    before = {signum: signal.signal(signum, handler) for signum, handler in defaults.items()}
+    yield
+    for signum, handler in before.items():
+        signal.signal(signum, handler)
 
 
 def test_a_stop_is_raised_once_and_again_when_lost() -> None:
@@ -72,3 +86,21 @@ def test_every_signal_that_ends_a_process_stops_the_run_with_its_name(
     finally:
         stopping.restore(previous)
     assert capsys.readouterr().err == line
+
+
+def test_a_signal_the_process_was_started_ignoring_stays_ignored() -> None:
+    """``nohup`` ignores SIGHUP so that the run outlives its terminal: the run keeps it
+    ignored, and so does what the run puts back."""
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        previous = stopping.install()
+        try:
+            os.kill(os.getpid(), signal.SIGHUP)  # ignored: nothing is raised
+            stopping.raise_if_lost()
+            assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN)
+        finally:
+            stopping.restore(previous)
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before)

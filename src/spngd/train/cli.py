@@ -331,11 +331,12 @@ def _show_warning(
     print(f"spngd: warning: {message}", file=sys.stderr)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, started_ignoring: frozenset[int] | None = None) -> int:
     """Run ``spngd`` with ``argv`` in this process and return the exit status. Ctrl-C,
     SIGTERM and the other stop signals stop the run with one line
-    (:mod:`spngd.train.stopping`); the caller's handlers are put back when it returns."""
-    previous = stopping.install()
+    (:mod:`spngd.train.stopping`), except those in ``started_ignoring`` (default: those
+    ignored now), which stay ignored; the caller's handlers are put back when it returns."""
+    previous = stopping.install(started_ignoring)
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
@@ -380,8 +381,8 @@ def run() -> NoReturn:
     """The ``spngd`` console script: :func:`main`, with stop signals ignored around it, so
     that one coming once the run is over (its line printed, the interpreter exiting) leaves
     the run's exit status as it is instead of ending the process by the signal."""
-    stopping.ignore_further()
-    stopping.exit_with(main())
+    started_ignoring = stopping.ignore_further()
+    stopping.exit_with(main(started_ignoring=started_ignoring))
 
 
 if __name__ == "__main__":

@@ -57,18 +57,30 @@ class Previous:
     unraisablehook: Callable[[sys.UnraisableHookArgs], object]
 
 
-def install() -> Previous:
+def install(started_ignoring: frozenset[int] | None = None) -> Previous:
     """Make the stop signals stop the run (no stop raised yet); returns what they did
-    before, for :func:`restore`."""
+    before, for :func:`restore`. The signals the process was started ignoring
+    (``started_ignoring``; by default, those ignored now) stay ignored: ``nohup`` ignores
+    SIGHUP so that a run outlives its terminal, and a shell starts a background job
+    (``spngd train &`` in a script) ignoring SIGINT and SIGQUIT."""
     global _raised
     _raised = None
     hook = sys.unraisablehook
+    if started_ignoring is None:
+        started_ignoring = ignored_now()
     handlers = {
-        signum: _interrupt if signum == signal.SIGINT else _terminate for signum in STOPPING_SIGNALS
+        signum: _interrupt if signum == signal.SIGINT else _terminate
+        for signum in STOPPING_SIGNALS
+        if signum not in started_ignoring
     }
     return Previous(
         {signum: signal.signal(signum, handler) for signum, handler in handlers.items()}, hook
     )
+
+
+def ignored_now() -> frozenset[int]:
+    """The stop signals this process ignores now."""
+    return frozenset(s for s in STOPPING_SIGNALS if signal.getsignal(s) == signal.SIG_IGN)
 
 
 def restore(previous: Previous) -> None:
@@ -82,11 +94,13 @@ def restore(previous: Previous) -> None:
     sys.unraisablehook = previous.unraisablehook
 
 
-def ignore_further() -> None:
+def ignore_further() -> frozenset[int]:
     """Ignore the stop signals from now on, through the interpreter's exit (a key held
-    down, a scheduler that signals twice or late)."""
+    down, a scheduler that signals twice or late); returns those ignored already."""
+    already = ignored_now()
     for signum in STOPPING_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
+    return already
 
 
 def raise_if_lost() -> None:
