@@ -3,7 +3,8 @@ batch size, for momentum SGD, AdamW and SP-NGD, on mnist1d.
 
 Every optimizer trains the same model (``resnet8-1d`` unless ``--model``) from the same
 initial weights on the same data order (both drawn from the seed), with the same schedule:
-a linear warm-up over the first :data:`WARMUP_STEPS` steps, then a constant learning rate.
+a linear warm-up over the first :data:`WARMUP_STEPS` steps, then a constant learning rate
+(with ``--warmups 0 10``, the warm-up length is tuned too: each grid point runs with each).
 Validation (all held-out examples; BatchNorm statistics recomputed under the current weights
 from a fixed sample of training examples, see :mod:`spngd.train.evaluation`, or with
 ``--eval-batchnorm running`` torch's running averages) runs on a geometric
@@ -29,6 +30,7 @@ with the perfect-scaling line, and time to target against batch) into ``--out``,
 the table and the targets' ratios.
 
     python benchmarks/batch_scaling.py [--quick] [--out DIR] [--threads 2]
+        [--batches 8192 16384] [--warmups 0 10]
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +80,15 @@ class Study:
     target: float
     max_epochs: float = MAX_EPOCHS
     seeds: tuple[int, ...] = SEEDS
+    warmups: tuple[int, ...] = (WARMUP_STEPS,)
+    """Warm-up lengths in steps; more than one: each grid point runs with each, for every
+    optimizer alike, and the setting names its warm-up."""
+
+    def grid(self, settings: list[dict[str, float]]) -> list[dict[str, float]]:
+        """``settings`` (one grid point's) with each warm-up length, when it is tuned."""
+        if len(self.warmups) == 1:
+            return settings
+        return [{**setting, "warmup_steps": w} for setting in settings for w in self.warmups]
 
 
 FULL = Study(batches=(128, 512, 2048, 8192, 16384), data_size=mnist1d.DEFAULT_SIZE, target=0.97)
@@ -218,6 +229,7 @@ def train_run(
     model = build_model(model_name, mnist1d.CLASSES, in_channels=1)
     optimizer = make_optimizer(name, model, setting)
     cap = math.ceil(study.max_epochs * len(data.train_y) / batch)
+    warmup = setting.get("warmup_steps", study.warmups[0])
     schedule = eval_steps()
     next_eval = next(schedule)
     seconds, reached, reached_seconds, last = 0.0, math.inf, math.inf, 0.0
@@ -231,7 +243,7 @@ def train_run(
         if step > prune_after:
             return outcome("pruned")
         for group in optimizer.param_groups:
-            group["lr"] = setting["lr"] * min(1.0, step / WARMUP_STEPS)
+            group["lr"] = setting["lr"] * (min(1.0, step / warmup) if warmup else 1.0)
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         loss = cross_entropy(model(x), y)
@@ -277,7 +289,7 @@ def tune(
     """The best run at each learning-rate index."""
 
     def try_index(index: int) -> None:
-        for setting in contender.settings(batch, index):
+        for setting in study.grid(contender.settings(batch, index)):
             bound = min((r.steps for r in runs.values()), default=math.inf)
             outcome = train_run(
                 contender.name, setting, batch, study.seeds[0], study, data, model, bound
@@ -441,7 +453,10 @@ def report(results: list[Result], finals: dict[str, float], study: Study) -> lis
 
 
 def format_setting(setting: dict[str, float]) -> str:
-    return "/".join(f"{v:g}" for v in setting.values())
+    """``lr[/damping][/wN]``: the learning rate, SP-NGD's damping, a tuned warm-up."""
+    return "/".join(
+        f"w{v:g}" if name == "warmup_steps" else f"{v:g}" for name, v in setting.items()
+    )
 
 
 def plot(results: list[Result], study: Study, path: Path) -> None:
@@ -534,15 +549,32 @@ def main() -> None:
         help="validation's BatchNorm statistics",
     )
     parser.add_argument(
+        "--batches", type=int, nargs="+", help="these batch sizes (default: the study's)"
+    )
+    parser.add_argument(
+        "--warmups",
+        type=int,
+        nargs="+",
+        default=[WARMUP_STEPS],
+        help="warm-up lengths in steps, tuned for every optimizer when several "
+        f"(default: {WARMUP_STEPS})",
+    )
+    parser.add_argument(
         "--table", type=Path, help="print a saved batch_scaling.json as a Markdown table; no runs"
     )
     args = parser.parse_args()
+    if any(w < 0 for w in args.warmups) or any(b < 1 for b in args.batches or ()):
+        parser.error("--warmups must be >= 0 and --batches >= 1")
     if args.table is not None:
         print(markdown_table(json.loads(args.table.read_text())))
         return
     pin_malloc()
     torch.set_num_threads(args.threads)
-    study = QUICK if args.quick else FULL
+    study = replace(
+        QUICK if args.quick else FULL,
+        warmups=tuple(args.warmups),
+        **({"batches": tuple(sorted(args.batches))} if args.batches else {}),
+    )
     data = load_study_data(study.data_size, args.eval_batchnorm)
     print(
         f"{args.model} on mnist1d ({len(data.train_y)} training, {len(data.val_y)} validation "

@@ -50,6 +50,30 @@ def test_the_grid_widens_past_an_edge_best_and_flags_a_best_still_there(bench, m
     assert tried[0][1] == math.inf and tried[1][1] == pytest.approx(100 / 0.0354)
 
 
+def test_a_tuned_warm_up_doubles_every_optimizers_grid_alike(bench, monkeypatch) -> None:
+    tried = []
+
+    def fake_run(name, setting, batch, seed, study, data, model, prune_after=math.inf):
+        tried.append(setting)
+        steps = 50 - setting["lr"] + setting["warmup_steps"]  # best: lr 0.141, no warm-up
+        return bench.Run(name, setting, batch, seed, steps if setting["lr"] < 0.2 else 99, 1.0,
+                         0.9, "target")  # fmt: skip
+
+    monkeypatch.setattr(bench, "train_run", fake_run)
+    study = bench.Study(batches=(128,), data_size=800, target=0.9, warmups=(0, 10))
+    # SGD's 0.141 sits inside its grid; SP-NGD's on its edge, which widens by one learning
+    # rate (two dampings): each grid point runs with each warm-up
+    for contender, runs in ((bench.SGD, 2 * 4), (bench.SPNGD_DEFAULT, 2 * (4 + 2))):
+        tried.clear()
+        best, _ = bench.tune(contender, 128, study, None, "resnet8-1d", lambda run: None)
+        assert len(tried) == runs
+        assert {setting["warmup_steps"] for setting in tried} == {0, 10}
+        assert best.setting["warmup_steps"] == 0
+    assert bench.format_setting({"lr": 0.0354, "damping": 0.001, "warmup_steps": 0}) == (
+        "0.0354/0.001/w0"
+    )
+
+
 def test_a_tiny_study_writes_every_run_and_the_plot(bench, monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setenv("SPNGD_CACHE", str(tmp_path / "cache"))
     tiny = bench.Study(batches=(64, 256), data_size=1600, target=0.3, max_epochs=2.0, seeds=(0, 1))
