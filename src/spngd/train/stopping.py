@@ -1,14 +1,13 @@
 """Ctrl-C, SIGTERM and the other stop signals: how ``spngd`` stops a run, once, with one line.
 
 A stop signal raises ``KeyboardInterrupt`` (Ctrl-C) or :class:`Terminated` (SIGTERM,
-SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2: each ends a process by default, and torchrun passes
-SIGHUP and SIGQUIT on to its workers) in the run, once: later ones return at once, so that
-a stop already unwinding through clean-ups is not cut short. A library can swallow that
-exception (a bare ``except:`` around an import, a finalizer, whose errors Python only
-reports); the trainer calls :func:`raise_if_lost` before each step, which raises it again.
-Once the stop reaches the command line (:func:`stopped`), or the run is over, further
-signals are ignored through the interpreter's exit, so that none turns the run's status
-into a death by the signal.
+SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2: each ends a process by default) in the run, once: later
+ones return at once, so that a stop already unwinding through clean-ups is not cut short. A
+library can swallow that exception (a bare ``except:`` around an import, a finalizer, whose
+errors Python only reports); the trainer calls :func:`raise_if_lost` before each step,
+which raises it again. Once the stop reaches the command line (:func:`stopped`), or the run
+is over, further signals are ignored through the interpreter's exit, so that none turns the
+run's status into a death by the signal.
 """
 
 from __future__ import annotations
