@@ -512,7 +512,7 @@ SAVED_RULE_NAMES = {"spec": "threshold"}
 
 def _nest_flat_refresh(saved: Mapping[str, Any]) -> dict[str, Any]:
     """A saved config with its refresh knobs nested as ``refresh`` (config.json holds them
-    nested, or as flat ``refresh_alpha``-style entries) and its rule by today's name."""
+    nested, or as flat ``refresh_alpha``-style entries) and its rule by the name it has now."""
     flat = {key: value for key, value in saved.items() if key.startswith("refresh_")}
     rest = {key: value for key, value in saved.items() if key not in flat}
     refresh = dict(rest.get("refresh") or {})
