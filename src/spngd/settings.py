@@ -19,14 +19,14 @@ class InvalidSettingError(ValueError):
         self.setting, self.rule, self.value = setting, rule, value
 
 
-def setting(default: object, help_text: str, parse: Callable[[str], Any] | None = None) -> Any:
-    """A settings dataclass field with its ``help`` (the CLI's option help) and, for a value
-    the command line cannot give as it is (a ``torch.dtype``), ``parse``: its value from a
-    name, and back (``str``) when the setting is written out. A field made without this is
+def setting(default: object, help_text: str, names: Mapping[str, Any] | None = None) -> Any:
+    """A settings dataclass field with its ``help`` (the CLI's option help) and, for values
+    the command line cannot give as they are (a ``torch.dtype``), ``names``: each value by
+    the name an option gives and config.json holds. A field made without this function is
     not a command-line option."""
     metadata: dict[str, Any] = {"help": help_text}
-    if parse is not None:
-        metadata["parse"] = parse
+    if names is not None:
+        metadata["names"] = names
     return field(default=default, metadata=metadata)
 
 

@@ -40,12 +40,6 @@ COMM_DTYPE_NAMES = {str(dtype).removeprefix("torch."): dtype for dtype in COMM_D
 """The dtypes of :attr:`DistributedConfig.comm_dtype` by name (``"bfloat16"``)."""
 
 
-def comm_dtype_named(name: str) -> torch.dtype | str:
-    """The communication dtype called ``name`` (``"bfloat16"``); another name as it is, for
-    :class:`DistributedConfig`'s check to reject."""
-    return COMM_DTYPE_NAMES.get(name, name)
-
-
 @dataclass(frozen=True, kw_only=True)
 class DistributedConfig:
     """How SPNGD distributes curvature work over ``torch.distributed`` ranks; a bad value is
@@ -68,7 +62,7 @@ class DistributedConfig:
         torch.float32,
         "dtype of the statistics and preconditioned gradients sent between ranks: "
         + ", ".join(COMM_DTYPE_NAMES),
-        parse=comm_dtype_named,
+        names=COMM_DTYPE_NAMES,
     )
     assignment: str = setting("lpt", "which rank owns each layer: lpt or equal_count")
     process_group: Any = None

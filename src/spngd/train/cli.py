@@ -120,7 +120,7 @@ def add_nested_options(parser: argparse.ArgumentParser, name: str, settings: typ
     defaults = knobs_of(settings())
     for knob in knobs(settings):
         value_type = _base_type(hints[knob.name])
-        if typing.get_origin(value_type) is typing.Literal or "parse" in knob.metadata:
+        if typing.get_origin(value_type) is typing.Literal or "names" in knob.metadata:
             value_type = str
         help_text = f"{knob.metadata['help']} (default: {defaults[knob.name]})"
         option = flag(f"{name}_{knob.name}")

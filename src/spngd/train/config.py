@@ -391,12 +391,14 @@ def knobs(settings: type) -> list[Field[Any]]:
 
 
 def knobs_of(settings: Any) -> dict[str, Any]:
-    """A settings object's knobs and their values, each as its option gives it."""
-    return {
-        knob.name: str(value).removeprefix("torch.") if "parse" in knob.metadata else value
-        for knob in knobs(type(settings))
-        for value in (getattr(settings, knob.name),)
-    }
+    """A settings object's knobs and their values, each as its option gives it (a value
+    with a name, :func:`spngd.settings.setting`'s ``names``, by its name)."""
+    values = {}
+    for knob in knobs(type(settings)):
+        value = getattr(settings, knob.name)
+        names = knob.metadata.get("names", {})
+        values[knob.name] = next((name for name, v in names.items() if v == value), value)
+    return values
 
 
 def nested_settings(name: str, given: Mapping[str, Any] | None) -> Any:
@@ -410,10 +412,9 @@ def nested_settings(name: str, given: Mapping[str, Any] | None) -> Any:
     if unknown:
         flags = ", ".join(flag(f"{name}_{knob}") for knob in unknown)
         raise UserError(f"unknown option(s): {flags}")
-    for knob, value in given.items():
-        parse = by_name[knob].metadata.get("parse")
-        if parse is not None and isinstance(value, str):
-            given[knob] = parse(value)
+    for knob, value in given.items():  # a name stands for its value; others go to the check
+        if isinstance(value, str):
+            given[knob] = by_name[knob].metadata.get("names", {}).get(value, value)
     try:
         return settings(**given)
     except InvalidSettingError as error:
