@@ -1,13 +1,21 @@
 """Time per training step of SPNGD at several refresh settings, SGD, and peers, in one run.
 
 Contenders: SGD with momentum; SPNGD with statistics and inverses every step, with the
-adaptive refresh (the default), and with fixed intervals 10/100; ASDL's K-FAC
-(``asdfghjkl``) and kfac-pytorch (``kfac``) at every-step refresh when importable
-(skipped with a message otherwise); ``--only`` picks some by name. Models (``--models``):
-``resnet20``, CIFAR ResNet-20 at batch 128 and 512 (32x32); ``resnet20-digits``, the same
-network on 8x8 images, the size of ``spngd train``'s digits, at batch 1024 (3 channels, 10
-classes); ``resnet50``, ImageNet ResNet-50 at 224x224, batch 32, few steps. Random data,
-2 threads.
+adaptive refresh (the default), and with fixed intervals 10/100; ASDL's K-FAC (``asdl``)
+and kfac-pytorch (``kfac``, at its default eigendecompositions), each every step and at
+10/100, when importable (skipped with a message otherwise); ``--only`` picks some by name.
+Neither peer is on PyPI; to time them beside spngd, install both in a scratch environment
+that sees spngd's packages:
+
+    python -m venv --system-site-packages /tmp/peers
+    /tmp/peers/bin/pip install --no-deps git+https://github.com/kazukiosawa/asdl
+    /tmp/peers/bin/pip install --no-deps git+https://github.com/gpauloski/kfac-pytorch
+    /tmp/peers/bin/python benchmarks/step_overhead.py ...
+
+Models (``--models``): ``resnet20``, CIFAR ResNet-20 at batch 128 and 512 (32x32);
+``resnet20-digits``, the same network on 8x8 images, the size of ``spngd train``'s digits,
+at batch 1024 (3 channels, 10 classes); ``resnet50``, ImageNet ResNet-50 at 224x224,
+batch 32, few steps. Random data, 2 threads.
 
 All contenders of one model run in the same process, interleaved round by round, so
 machine noise hits them alike; glibc's malloc thresholds are pinned at 1 GiB (the script
@@ -55,12 +63,16 @@ def optimizer_step(model: nn.Module, opt: torch.optim.Optimizer) -> Step:
     return step
 
 
-def asdl_step(model: nn.Module) -> Step:
-    """ASDL K-FAC (empirical Fisher, curvature and inverse every step) + SGD."""
+def asdl_step(model: nn.Module, stat_interval: int, inverse_interval: int) -> Step:
+    """ASDL K-FAC (empirical Fisher; curvature every ``stat_interval`` steps, inverses every
+    ``inverse_interval``) + SGD."""
     from asdl import KfacGradientMaker, PreconditioningConfig
 
     config = PreconditioningConfig(
-        data_size=1, damping=1e-3, curvature_upd_interval=1, preconditioner_upd_interval=1
+        data_size=1,
+        damping=1e-3,
+        curvature_upd_interval=stat_interval,
+        preconditioner_upd_interval=inverse_interval,
     )
     maker = KfacGradientMaker(model, config, fisher_type="fisher_emp")
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -75,12 +87,16 @@ def asdl_step(model: nn.Module) -> Step:
     return step
 
 
-def kfac_pytorch_step(model: nn.Module) -> Step:
-    """kfac-pytorch (KAISA) preconditioner, factors and inverses every step, + SGD."""
+def kfac_pytorch_step(model: nn.Module, stat_interval: int, inverse_interval: int) -> Step:
+    """kfac-pytorch (KAISA) preconditioner at its defaults (eigendecompositions), factors
+    every ``stat_interval`` steps and inverses every ``inverse_interval``, + SGD."""
     import kfac
 
     preconditioner = kfac.preconditioner.KFACPreconditioner(
-        model, factor_update_steps=1, inv_update_steps=1, damping=1e-3
+        model,
+        factor_update_steps=stat_interval,
+        inv_update_steps=inverse_interval,
+        damping=1e-3,
     )
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
@@ -93,10 +109,14 @@ def kfac_pytorch_step(model: nn.Module) -> Step:
     return step
 
 
-PEERS = {
-    "ASDL every step": ("asdl", asdl_step),
-    "kfac-pytorch every step": ("kfac", kfac_pytorch_step),
+PEERS: dict[str, tuple[str, Callable[[nn.Module, int, int], Step], tuple[int, int]]] = {
+    "ASDL every step": ("asdl", asdl_step, (1, 1)),
+    "ASDL 10/100": ("asdl", asdl_step, (10, 100)),
+    "kfac-pytorch every step": ("kfac", kfac_pytorch_step, (1, 1)),
+    "kfac-pytorch 10/100": ("kfac", kfac_pytorch_step, (10, 100)),
 }
+"""Peers by contender name: the module to import, the step's maker, and the intervals
+(statistics, inverses) it is given, as ``SPNGD every step`` and ``SPNGD fixed 10/100``."""
 
 
 SPNGD_SETTINGS: dict[str, dict[str, object]] = {
@@ -165,13 +185,13 @@ def contenders(base: nn.Module, names: Sequence[str]) -> tuple[dict[str, Step], 
             model = copy.deepcopy(base)
             spngd[name] = SPNGD(model, lr=0.01, momentum=0.9, **kwargs)  # type: ignore[arg-type]
             steps[name] = optimizer_step(model, spngd[name])
-    for name, (module, make) in PEERS.items():
+    for name, (module, make, intervals) in PEERS.items():
         if name not in names:
             continue
         if importlib.util.find_spec(module) is None:
             print(f"  ({name}: package {module!r} not importable, skipped)")
             continue
-        steps[name] = make(copy.deepcopy(base))
+        steps[name] = make(copy.deepcopy(base), *intervals)
     return steps, spngd
 
 
@@ -270,7 +290,7 @@ def main() -> None:
     args = parser.parse_args()
     pin_malloc()
     torch.set_num_threads(args.threads)
-    print(f"{args.threads} threads; SPNGD refresh settings as named; peers at every-step refresh")
+    print(f"{args.threads} threads; refresh settings as named (statistics/inverse intervals)")
     for model in args.models:
         for case in CASES[model]:
             measure(case, case.quick if args.quick else case.full, args.only)
