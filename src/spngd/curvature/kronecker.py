@@ -45,7 +45,6 @@ from spngd.linalg import (
     add_to_diagonal,
     batched_cholesky,
     batched_eigh,
-    inverse_from_cholesky,
     kronecker_dampings,
     robust_cholesky,
     robust_eigh,
@@ -55,10 +54,13 @@ DAMPING_FORMS = ("factored-keep-a", "factored", "kronecker")
 """The damping forms of Kronecker blocks (module docstring); the first is the default."""
 
 FORM_AFTER = 3.0
-"""Forming a damped factor's inverse from its Cholesky factor costs about this times
-``d / k`` what one product with it saves over two triangular solves (``d`` its size, ``k``
-the other factor's): measured 2.9 at ``d, k = 4609, 512``, 1.8 at 1153, 128 and 2.1 at
-513, 2048 on 2 CPU threads, where forming costs 5-10x the factorisation."""
+"""A damped factor's inverse is formed from its Cholesky factor (``torch.cholesky_inverse``)
+at its use ``ceil(FORM_AFTER * d / k)`` (``d`` its size, ``k`` the other factor's). Forming
+costs about ``0.6-2 d / k`` times what one product with the inverse saves over the two
+triangular solves (2 CPU threads: 0.6-1.0 at ``d = 65..577``, 1.3 at 1153, 2.0 at
+``d, k = 4609, 512``), so forming pays from that use on only for an inverse that lives as
+long again; one refreshed right after forming costs the forming in full. Forming later
+keeps it to the inverses that have shown they last."""
 
 
 class KroneckerBlock(CurvatureBlock):
@@ -238,7 +240,7 @@ class KroneckerBlock(CurvatureBlock):
         saved has reached what forming it costs, then by products with the inverse, formed
         once.
 
-        Forming ``L^-T L^-1`` costs about ``d^3`` and a product saves about ``d^2 k`` over
+        Forming ``(L L^T)^-1`` costs about ``d^3`` and a product saves about ``d^2 k`` over
         the solves (``k`` the other factor's size), so the inverse is formed at use
         ``ceil(FORM_AFTER * d / k)``: ``G`` (small) at its second use, ``A`` of a 3x3
         convolution after about 27. Inverses refreshed more often are never formed.
@@ -250,7 +252,7 @@ class KroneckerBlock(CurvatureBlock):
             uses = self.inverse_uses + (self.a_earlier_uses if which == 0 else 0)
             if uses < max(1, math.ceil(FORM_AFTER * size / other)):
                 return torch.cholesky_solve(rhs.to(lower.dtype), lower)
-            formed[which] = inverse_from_cholesky(lower)
+            formed[which] = torch.cholesky_inverse(lower)
             self.explicit_inverse = tuple(formed)  # type: ignore[assignment]
         return torch.matmul(formed[which], rhs.to(lower.dtype))
 
