@@ -257,7 +257,7 @@ Split = tuple[torch.Tensor, torch.Tensor]
 
 def _digits(_: str) -> tuple[Split, Split, float]:
     """The package's 1,797 digits (pixel values 0..16), split 1,497 / 300 by a fixed permutation."""
-    with resources.as_file(resources.files("spngd.train") / "data" / "digits.npz") as path:
+    with resources.as_file(resources.files("spngd.train") / "embedded" / "digits.npz") as path:
         archive = np.load(path)
         images = torch.from_numpy(archive["images"]).unsqueeze(1)
         labels = torch.from_numpy(archive["labels"]).long()
