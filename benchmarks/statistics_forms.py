@@ -319,6 +319,13 @@ def conv_a_forms(x: torch.Tensor, conv: ConvShape) -> dict[str, Form]:
     return forms
 
 
+def batch_mean_invstd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch mean and ``1 / sqrt(variance + eps)`` per channel, as a BatchNorm forward in
+    training mode computes them (``BatchNormBlock.forward_context`` reads them from it)."""
+    dims = [0, *range(2, x.dim())]
+    return x.mean(dims), torch.rsqrt(x.var(dims, correction=0) + EPS)
+
+
 def bn_forms(x: torch.Tensor, delta: torch.Tensor) -> dict[str, Form]:
     n, channels = x.shape[:2]
     x3, d3 = x.reshape(n, channels, -1), delta.reshape(n, channels, -1)
@@ -346,9 +353,16 @@ def bn_forms(x: torch.Tensor, delta: torch.Tensor) -> dict[str, Form]:
         u = torch.bmm(d3.reshape(-1, 1, x3.shape[2]), flat.transpose(1, 2)).view(n, channels)
         return fisher(u * torch.rsqrt(var + EPS), v)
 
+    forward = batch_mean_invstd(x)
     return {
         "centred dot products": lambda: fisher(*moments_by_dot_products(x3, d3, EPS)),
         "BatchNorm backward kernel": lambda: fisher(*moments_by_kernel(x3, d3, EPS)),
+        "dot products, the forward's mean and 1/std": lambda: fisher(
+            *moments_by_dot_products(x3, d3, EPS, forward)
+        ),
+        "kernel, the forward's mean and 1/std": lambda: fisher(
+            *moments_by_kernel(x3, d3, EPS, forward)
+        ),
         "sums with correction": correction,
         "torch.var_mean": var_mean,
         "batched dot products": batched_dots,
@@ -462,20 +476,29 @@ def _a_pick(x: torch.Tensor, conv: ConvShape) -> str:
     return f"channel moment, {channel_moment_form(sub, conv.groups)}"
 
 
+FORWARD_FORMS = {
+    "BatchNorm backward kernel": "kernel, the forward's mean and 1/std",
+    "centred dot products": "dot products, the forward's mean and 1/std",
+}
+"""The form the library takes at each :func:`moment_form`: through the hooks, a BatchNorm
+forward in training mode gives it the batch's mean and 1/std."""
+
+
 def bn_case(shape: tuple[int, ...], count: int, source: str) -> Case:
     generator = torch.Generator().manual_seed(2)
     offsets = torch.randn(1, shape[1], 1, 1, generator=generator)
     x = torch.randn(shape, generator=generator) + 0.5 + offsets  # nonzero means
     delta = torch.randn(shape, generator=generator) * 1e-3
     block = BatchNormBlock("bn", nn.BatchNorm2d(shape[1], eps=EPS), 16.0)
+    forward = batch_mean_invstd(x)  # what the hooks read from the forward
     return Case(
         "bn-F",
         f"{source} {shape}",
         count,
         bn_forms(x, delta),
-        moment_form(x[0, 0].numel()),
+        FORWARD_FORMS[moment_form(x[0, 0].numel())],
         lambda: baseline_bn_f(x, delta),
-        lambda: block.compute_statistic(0, x, delta),
+        lambda: block.compute_statistic(0, x, delta, forward),
         lambda: baseline_bn_f(x.double(), delta.double()),
     )
 

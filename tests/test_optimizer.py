@@ -334,7 +334,7 @@ def test_nonfinite_statistics_keep_the_previous_inverse_with_one_warning() -> No
     block = opt.curvature["conv"]
     kept_factors, kept_inverse = list(block.factors), block.inverse_form
     poisoned = (torch.full((1, 10, 10), float("nan")), torch.full((1, 4, 4), float("inf")))
-    block.compute_statistic = lambda i, x, g: poisoned[i]  # type: ignore[method-assign]
+    block.compute_statistic = lambda i, x, g, context=None: poisoned[i]  # type: ignore[method-assign]
     with pytest.warns(RuntimeWarning, match="'conv' contain NaN or inf") as caught:
         _train(model, opt, 3, seed=10)
     assert sum("'conv'" in str(w.message) for w in caught) == 1

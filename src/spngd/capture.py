@@ -74,6 +74,7 @@ class StatisticsCapture:
             if not (isinstance(output, torch.Tensor) and output.requires_grad):
                 return
             saved_input = inputs[0].detach()
+            context = block.forward_context(output)
             recorded = False
 
             def on_output_grad(grad: torch.Tensor) -> None:
@@ -81,7 +82,9 @@ class StatisticsCapture:
                 if recorded or (self.sampled_only and not self._sampling):
                     return
                 recorded = True
-                block.accumulate(saved_input, grad.detach(), self.times, self._grad_factor(grad))
+                block.accumulate(
+                    saved_input, grad.detach(), self.times, self._grad_factor(grad), context
+                )
                 self._recorded += 1
                 self.on_recorded(block.name)
 

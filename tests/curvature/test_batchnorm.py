@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.functional import cross_entropy
 
+from spngd.curvature.batchnorm import BatchNormBlock
 from tests.curvature._bruteforce import (
     DEFAULT_BN_KAPPA,
     FACTOR_TOL,
@@ -114,6 +115,42 @@ def test_bn_per_example_grads_average_to_grad(kind: str) -> None:
     grads = reference_grads(model, x, y)
     assert rel_err(u.mean(0), grads[f"{idx}.weight"]) < 1e-12
     assert rel_err(v.mean(0), grads[f"{idx}.bias"]) < 1e-12
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bn_statistics_take_the_batch_mean_and_std_the_forward_computed(kind: str) -> None:
+    """In training mode the block reads the batch mean and 1 / std from the forward's
+    autograd node (so x_hat costs no second pass over the input); F from them equals F
+    from the input alone. In eval mode there is nothing to read."""
+    model, idx, x, _ = _bn_model(kind)
+    bn = model[idx]
+    seen: dict[str, Tensor] = {}
+
+    def keep(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        seen.update(input=inputs[0].detach(), output=output)
+
+    handle = bn.register_forward_hook(keep)
+    model(x)
+    block = BatchNormBlock("bn", bn, DEFAULT_BN_KAPPA)
+    context = block.forward_context(seen["output"])
+    assert context is not None
+    layer_input = seen["input"]
+    dims = [0, *range(2, layer_input.dim())]
+    mean, invstd = context
+    torch.testing.assert_close(mean, layer_input.mean(dims), rtol=1e-12, atol=1e-12)
+    variance = layer_input.var(dims, correction=0)
+    torch.testing.assert_close(invstd, torch.rsqrt(variance + bn.eps), rtol=1e-12, atol=1e-12)
+    delta = torch.randn_like(seen["output"])
+    torch.testing.assert_close(
+        block.compute_statistic(0, layer_input, delta, context),
+        block.compute_statistic(0, layer_input, delta),
+        rtol=1e-12,
+        atol=0.0,
+    )
+    model.eval()
+    model(x)
+    handle.remove()
+    assert block.forward_context(seen["output"]) is None
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -259,7 +259,8 @@ BN_CASES = [
 
 @pytest.mark.parametrize(("shape", "form"), BN_CASES, ids=[str(s) for s, _ in BN_CASES])
 def test_bn_per_example_moments_match_bruteforce(shape: tuple[int, ...], form: str) -> None:
-    """u = sum_t delta x_hat and v = sum_t delta by each form, and the block's F."""
+    """u = sum_t delta x_hat and v = sum_t delta by each form, with x_hat's batch mean and
+    inverse std computed or given, and the block's F."""
     locations = shape[2] * (shape[3] if len(shape) > 3 else 1) if len(shape) > 2 else 1
     assert moment_form(locations) == form
     x = _randn(*shape, seed=9) * 2.0 + 3.0
@@ -272,6 +273,14 @@ def test_bn_per_example_moments_match_bruteforce(shape: tuple[int, ...], form: s
     )
     torch.testing.assert_close(got_u, u, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(got_v, v, rtol=1e-12, atol=1e-12)
+    flat = x.reshape(n, channels, -1)
+    mean = flat.mean(dim=(0, 2))
+    invstd = torch.rsqrt(flat.var(dim=(0, 2), correction=0) + bn.eps)
+    given_u, given_v = per_example_moments(
+        flat, delta.reshape(n, channels, -1), bn.eps, (mean, invstd)
+    )
+    torch.testing.assert_close(given_u, u, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(given_v, v, rtol=1e-12, atol=1e-12)
     block = BatchNormBlock("bn", bn.double(), 16.0)
     expected = bn_unitwise_fisher(u, v)
     assert_rel_close(block.compute_statistic(0, x, delta / n), expected, FACTOR_TOL, "F")

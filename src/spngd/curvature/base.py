@@ -85,10 +85,22 @@ class CurvatureBlock(ABC):
     # -- layer math supplied by subclasses ------------------------------------------------
     @abstractmethod
     def compute_statistic(
-        self, index: int, inputs: torch.Tensor, grad_output: torch.Tensor
+        self,
+        index: int,
+        inputs: torch.Tensor,
+        grad_output: torch.Tensor,
+        context: object = None,
     ) -> torch.Tensor:
         """Statistic ``statistic_names[index]`` of one forward/backward pair, at
-        per-example Fisher scale."""
+        per-example Fisher scale; ``context`` is :meth:`forward_context`'s for exactly these
+        examples, or None."""
+
+    def forward_context(self, output: object) -> object:
+        """What the statistics can take from the forward pass besides the layer input, read
+        when the layer has run (its ``output``): None here; BatchNorm takes the batch mean
+        and inverse standard deviation its forward computed. It describes the whole batch,
+        so a sample or half of the batch is computed without it."""
+        return None
 
     @abstractmethod
     def statistic_shape(self, index: int) -> tuple[int, ...]:
@@ -128,17 +140,23 @@ class CurvatureBlock(ABC):
         grad_output: torch.Tensor,
         times: StageTimes,
         grad_factor: float | torch.Tensor = 1.0,
+        context: object = None,
     ) -> None:
         """Add the ``to_compute`` statistics of one forward/backward pair (called from the
         hooks), each timed as stage ``statistics <name>``; with ``measure_noise``, also
         their sampling noise (:meth:`statistic_and_noise`). ``grad_factor`` turns the
         output gradient into that of the unscaled mean loss (see
-        :class:`spngd.capture.StatisticsCapture`)."""
+        :class:`spngd.capture.StatisticsCapture`); ``context`` is the pair's
+        :meth:`forward_context`."""
         if inputs.dim() > 1 and inputs.shape[0] == 0:
             return  # an empty batch tells nothing about the curvature
         if inputs.dim() == self.unbatched_dims:
             inputs, grad_output = inputs.unsqueeze(0), grad_output.unsqueeze(0)
+            context = None
+        examples = self.batch_size(inputs)
         inputs, grad_output = self.subsample(inputs, grad_output, grad_factor)
+        if self.batch_size(inputs) != examples:
+            context = None
         stats: list[torch.Tensor | None] = []
         noises: list[torch.Tensor | None] = []
         # A backward inside autocast would run the products below in half precision.
@@ -148,9 +166,11 @@ class CurvatureBlock(ABC):
                 if self.to_compute[index]:
                     with times.measure(f"statistics {name}"):
                         if self.measure_noise and self.batch_size(inputs) >= 2:
-                            stat, noise = self.statistic_and_noise(index, inputs, grad_output)
+                            stat, noise = self.statistic_and_noise(
+                                index, inputs, grad_output, context
+                            )
                         else:
-                            stat = self.compute_statistic(index, inputs, grad_output)
+                            stat = self.compute_statistic(index, inputs, grad_output, context)
                 stats.append(stat)
                 noises.append(noise)
         if self._pending is None:
@@ -193,7 +213,11 @@ class CurvatureBlock(ABC):
         return inputs, grad_output
 
     def statistic_and_noise(
-        self, index: int, inputs: torch.Tensor, grad_output: torch.Tensor
+        self,
+        index: int,
+        inputs: torch.Tensor,
+        grad_output: torch.Tensor,
+        context: object = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Statistic ``index`` and its sampling noise, from the two halves of the batch.
 
@@ -213,7 +237,7 @@ class CurvatureBlock(ABC):
         if self.halves_combine:
             stat = first.mul(half / n).add_(second, alpha=(n - half) / n)
         else:
-            stat = self.compute_statistic(index, inputs, grad_output)
+            stat = self.compute_statistic(index, inputs, grad_output, context)
         noise = (first - second).square().sum() / (2.0 * stat.square().sum().clamp(min=1e-30))
         return stat, noise
 

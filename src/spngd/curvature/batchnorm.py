@@ -3,8 +3,10 @@
 Each channel ``c`` gets a 2x2 Fisher over ``(gamma_c, beta_c)`` built from per-example
 gradients ``u_{i,c} = sum_t delta x_hat`` and ``v_{i,c} = sum_t delta`` with
 ``delta = n * grad_output``; cross-channel terms are dropped. ``x_hat`` is recomputed
-from the layer *input* with the batch's own statistics (the sample's, when the
-statistics come from a sample of the batch), so modifying the BN
+from the layer *input* with the batch's own statistics (the mean and inverse standard
+deviation the forward computed where it can read them, see
+:meth:`BatchNormBlock.forward_context`; the sample's, when the statistics come from a
+sample of the batch), so modifying the BN
 output in place afterwards (``out += shortcut``) cannot corrupt it, and ``gamma = 0``
 is harmless. The damping is ``bn_damping_scale * lam`` (default 16).
 """
@@ -49,34 +51,62 @@ class BatchNormBlock(CurvatureBlock):
     def statistic_shape(self, index: int) -> tuple[int, ...]:
         return (self.channels, 3)
 
+    def forward_context(self, output: object) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The batch mean and inverse standard deviation per channel that the forward pass
+        computed (autograd keeps them for the backward), so that ``x_hat`` is not computed
+        again: that takes several passes over the input where the sums need one (3-15x the
+        time at ResNet shapes, ``benchmarks/statistics_forms.py``). None where the forward
+        was not PyTorch's own BatchNorm kernel in training mode (cuDNN's, SyncBatchNorm, a
+        compiled graph): then they are computed from the input."""
+        node = getattr(output, "grad_fn", None)
+        if node is None or node.name() != "NativeBatchNormBackward0":
+            return None
+        if not getattr(node, "_saved_training", False):
+            return None
+        return node._saved_result1, node._saved_result2
+
     def compute_statistic(
-        self, index: int, inputs: torch.Tensor, grad_output: torch.Tensor
+        self,
+        index: int,
+        inputs: torch.Tensor,
+        grad_output: torch.Tensor,
+        context: object = None,
     ) -> torch.Tensor:
         n = inputs.shape[0]
-        return self._per_example(inputs, grad_output).mean(0).mul_(n * n)
+        return self._per_example(inputs, grad_output, context).mean(0).mul_(n * n)
 
     def statistic_and_noise(
-        self, index: int, inputs: torch.Tensor, grad_output: torch.Tensor
+        self,
+        index: int,
+        inputs: torch.Tensor,
+        grad_output: torch.Tensor,
+        context: object = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The Fisher and its sampling noise at the cost of the Fisher alone: the halves'
         estimates are means of the same per-example terms (``x_hat`` normalised with all
         the examples given, not per half), so nothing is computed twice."""
         n = inputs.shape[0]
-        terms = self._per_example(inputs, grad_output)
+        terms = self._per_example(inputs, grad_output, context)
         fisher = terms.mean(0)
         half = n // 2
         difference = terms[:half].mean(0) - terms[half:].mean(0)
         noise = difference.square().sum() / (2.0 * fisher.square().sum().clamp(min=1e-30))
         return fisher.mul_(n * n), noise
 
-    def _per_example(self, inputs: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
+    def _per_example(
+        self, inputs: torch.Tensor, grad_output: torch.Tensor, context: object = None
+    ) -> torch.Tensor:
         """``(n, C, 3)``: ``(u^2, u v, v^2) / n^2`` per example and channel, whose mean over
-        the batch times ``n^2`` is the Fisher (``delta = n * grad_output``)."""
+        the batch times ``n^2`` is the Fisher (``delta = n * grad_output``); ``context``:
+        :meth:`forward_context`'s mean and inverse standard deviation, or None."""
         dtype = statistics_dtype(inputs)
         n, channels = inputs.shape[:2]
         x = inputs.to(dtype).reshape(n, channels, -1).contiguous()
         delta = grad_output.to(dtype).reshape(n, channels, -1).contiguous()
-        u, v = per_example_moments(x, delta, self.eps)
+        batch = None
+        if isinstance(context, tuple):
+            batch = (context[0].to(dtype), context[1].to(dtype))
+        u, v = per_example_moments(x, delta, self.eps, batch)
         return torch.stack((u * u, u * v, v * v), dim=2)
 
     def compute_inverse(self, damping: float) -> tuple[torch.Tensor, ...]:
@@ -117,23 +147,32 @@ BatchNorm backward kernel for its sums."""
 
 
 def per_example_moments(
-    x: torch.Tensor, delta: torch.Tensor, eps: float
+    x: torch.Tensor,
+    delta: torch.Tensor,
+    eps: float,
+    mean_invstd: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``u_{i,c} = sum_t delta x_hat`` and ``v_{i,c} = sum_t delta`` of ``(n, C, T)`` tensors.
 
-    ``x_hat`` uses the batch mean and biased variance per channel. The form is
-    :func:`moment_form`'s.
+    ``x_hat`` uses the batch mean and biased variance per channel: ``mean_invstd``, the
+    mean and ``1 / sqrt(variance + eps)`` of ``x``, when the caller has them (the forward
+    pass computed them, see :meth:`BatchNormBlock.forward_context`), else computed here.
+    The form is :func:`moment_form`'s.
     """
     if moment_form(x.shape[2]) == "BatchNorm backward kernel":
-        return moments_by_kernel(x, delta, eps)
-    return moments_by_dot_products(x, delta, eps)
+        return moments_by_kernel(x, delta, eps, mean_invstd)
+    return moments_by_dot_products(x, delta, eps, mean_invstd)
 
 
 def moment_form(locations: int) -> str:
     """Which exact form :func:`per_example_moments` uses for ``locations`` per pair.
 
-    Both centre ``x`` once (two passes, so nothing cancels even far from zero mean), then
-    take per-(example, channel) sums.
+    Both centre ``x`` (two passes over it without the batch's mean and 1/std, so nothing
+    cancels even far from zero mean; given them, the kernel centres each element as it
+    sums), then take per-(example, channel) sums. With the forward's mean and 1/std
+    (``benchmarks/statistics_forms.py``, 2 threads) the kernel took 0.42 ms at
+    ``(128, 16, 32, 32)`` and 0.19 at ``(1024, 16, 8, 8)``, the dot products 0.92 and 0.31;
+    at ``(1024, 64, 2, 2)`` the dot products 0.60 and the kernel 1.45.
 
     * ``"BatchNorm backward kernel"``: PyTorch's BatchNorm backward kernel on the
       ``(1, n C, T)`` view, where every pair is a channel of its own: one call gives the
@@ -157,32 +196,50 @@ def moment_form(locations: int) -> str:
 
 
 def moments_by_dot_products(
-    x: torch.Tensor, delta: torch.Tensor, eps: float
+    x: torch.Tensor,
+    delta: torch.Tensor,
+    eps: float,
+    mean_invstd: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`per_example_moments` by one dot product or sum per quantity (the
     ``"centred dot products"`` form of :func:`moment_form`)."""
-    centred = x - x.mean(dim=(0, 2))[:, None]
-    variance = torch.linalg.vecdot(centred, centred, dim=2).mean(0) / x.shape[2]
-    rstd = torch.rsqrt(variance + eps)
-    return torch.linalg.vecdot(delta, centred, dim=2) * rstd, delta.sum(2)
+    if mean_invstd is None:
+        centred = x - x.mean(dim=(0, 2))[:, None]
+        variance = torch.linalg.vecdot(centred, centred, dim=2).mean(0) / x.shape[2]
+        invstd = torch.rsqrt(variance + eps)
+    else:
+        mean, invstd = mean_invstd
+        centred = x - mean[:, None]
+    return torch.linalg.vecdot(delta, centred, dim=2) * invstd, delta.sum(2)
 
 
 def moments_by_kernel(
-    x: torch.Tensor, delta: torch.Tensor, eps: float
+    x: torch.Tensor,
+    delta: torch.Tensor,
+    eps: float,
+    mean_invstd: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`per_example_moments` by PyTorch's BatchNorm backward kernel on the
-    ``(1, n C, T)`` view (the ``"BatchNorm backward kernel"`` form of :func:`moment_form`)."""
+    ``(1, n C, T)`` view (the ``"BatchNorm backward kernel"`` form of :func:`moment_form`).
+    Given the batch's mean and inverse standard deviation, one call over ``x`` and
+    ``delta`` gives both sums (the kernel centres and scales each element itself); without
+    them, ``x`` is centred first and a first call gives its sums of squares."""
     n, channels, locations = x.shape
     pairs = n * channels
-    centred = (x - x.mean(dim=(0, 2))[:, None]).view(1, pairs, locations)
-    zeros = x.new_zeros(pairs)
-    _, squares, _ = torch.ops.aten.native_batch_norm_backward(
-        centred, centred, None, None, None, zeros, x.new_ones(pairs), True, eps,
-        [False, True, False],
-    )  # fmt: skip
-    rstd = torch.rsqrt(squares.view(n, channels).sum(0) / (n * locations) + eps)
+    if mean_invstd is None:
+        centred = (x - x.mean(dim=(0, 2))[:, None]).view(1, pairs, locations)
+        zeros = x.new_zeros(pairs)
+        _, squares, _ = torch.ops.aten.native_batch_norm_backward(
+            centred, centred, None, None, None, zeros, x.new_ones(pairs), True, eps,
+            [False, True, False],
+        )  # fmt: skip
+        rstd = torch.rsqrt(squares.view(n, channels).sum(0) / (n * locations) + eps)
+        source, shift = centred, zeros
+    else:
+        mean, rstd = mean_invstd
+        source, shift = x.view(1, pairs, locations), mean.repeat(n)
     _, u, v = torch.ops.aten.native_batch_norm_backward(
-        delta.view(1, pairs, locations), centred, None, None, None, zeros, rstd.repeat(n),
+        delta.view(1, pairs, locations), source, None, None, None, shift, rstd.repeat(n),
         True, eps, [False, True, True],
     )  # fmt: skip
     return u.view(n, channels), v.view(n, channels)

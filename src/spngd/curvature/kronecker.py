@@ -166,7 +166,11 @@ class KroneckerBlock(CurvatureBlock):
         return self.factors[1]
 
     def compute_statistic(
-        self, index: int, inputs: torch.Tensor, grad_output: torch.Tensor
+        self,
+        index: int,
+        inputs: torch.Tensor,
+        grad_output: torch.Tensor,
+        context: object = None,
     ) -> torch.Tensor:
         if index == 0:
             return self.a_factor(inputs)
