@@ -1,7 +1,9 @@
 """Hooks that hand each preconditioned module's input and output gradient to its block.
 
 A forward hook keeps a detached reference to the layer input (autograd saves it anyway,
-so this costs no memory) and registers a hook on the layer's *output tensor*. When that
+so this costs no memory) and what the block reads from the forward besides
+(:meth:`~spngd.curvature.base.CurvatureBlock.forward_context`: BatchNorm's batch mean and
+1/std), and registers a hook on the layer's *output tensor*. When that
 tensor's gradient arrives, the block computes its statistics. Tensor hooks rather than
 ``register_full_backward_hook`` because they survive in-place operations on the output
 (``ReLU(inplace=True)``, ``out += shortcut``): a hook registered before an in-place op

@@ -130,7 +130,8 @@ def test_batchnorm_noise_is_the_halves_difference_with_the_whole_batch_normalisa
 
 def test_batchnorm_statistics_of_the_first_examples_normalise_with_them() -> None:
     """A BatchNorm Fisher from the first ``k`` examples: per-example terms of those, with
-    ``x_hat`` from their own mean and variance and ``delta`` the whole batch's."""
+    ``x_hat`` from their own mean and variance and ``delta`` the whole batch's, also when
+    the whole batch's mean and 1/std came from the forward."""
     torch.manual_seed(0)
     k = 6
     bn = nn.BatchNorm2d(4).double()
@@ -141,6 +142,11 @@ def test_batchnorm_statistics_of_the_first_examples_normalise_with_them() -> Non
     u, v = bn_uv_from_delta(bn_xhat(bn, x[:k]), N * grad_output[:k])
     expected = torch.stack((u * u, u * v, v * v), dim=2).mean(0)
     block.accumulate(x, grad_output, StageTimes())
+    (stat,) = block.take_pending()  # type: ignore[misc]
+    torch.testing.assert_close(stat, expected, rtol=1e-10, atol=0)
+    whole_batch = block.forward_context(bn(x.requires_grad_()))
+    assert whole_batch is not None
+    block.accumulate(x.detach(), grad_output, StageTimes(), 1.0, whole_batch)
     (stat,) = block.take_pending()  # type: ignore[misc]
     torch.testing.assert_close(stat, expected, rtol=1e-10, atol=0)
 

@@ -153,6 +153,27 @@ def test_bn_statistics_take_the_batch_mean_and_std_the_forward_computed(kind: st
     assert block.forward_context(seen["output"]) is None
 
 
+def test_bn_statistics_read_nothing_under_saved_tensor_hooks_or_below_float32() -> None:
+    """Under non-reentrant activation checkpointing, reading the forward's saved tensors
+    would recompute the checkpointed forward (BatchNorm's running averages counted three
+    times); a bfloat16 layer's mean and 1/std are not read (statistics are float32)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten())
+    head = nn.Linear(3 * 4 * 4, N_CLS)
+    opt = make_opt(nn.Sequential(model, head), damping=LAM)
+    x, y = torch.randn(N, 2, 6, 6), torch.randint(0, N_CLS, (N,))
+    features = torch.utils.checkpoint.checkpoint(model, x, use_reentrant=False)
+    assert int(model[1].num_batches_tracked) == 1
+    cross_entropy(head(features), y).backward()
+    opt.step()
+    assert int(model[1].num_batches_tracked) == 2  # the one recomputation of the backward
+    assert opt.curvature["0.1"].F is not None
+
+    bn = nn.BatchNorm2d(3).bfloat16()
+    output = bn(torch.randn(N, 3, 4, 4, dtype=torch.bfloat16, requires_grad=True))
+    assert BatchNormBlock("bn", bn, DEFAULT_BN_KAPPA).forward_context(output) is None
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_bn_unitwise_fisher_matches_bruteforce(kind: str) -> None:
     """curvature[bn].F == (1/N) sum_i [u v]^T [u v] per channel == full-Fisher 2x2 sub-blocks."""

@@ -54,16 +54,24 @@ class BatchNormBlock(CurvatureBlock):
     def forward_context(self, output: object) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The batch mean and inverse standard deviation per channel that the forward pass
         computed (autograd keeps them for the backward), so that ``x_hat`` is not computed
-        again: that takes several passes over the input where the sums need one (3-15x the
-        time at ResNet shapes, ``benchmarks/statistics_forms.py``). None where the forward
-        was not PyTorch's own BatchNorm kernel in training mode (cuDNN's, SyncBatchNorm, a
-        compiled graph): then they are computed from the input."""
+        again: that takes several passes over the input where the sums need one (1.7-3.2x
+        the time per layer at ResNet-20's shapes, ``benchmarks/statistics_forms.py``).
+
+        None, and they are computed from the input, where the forward was not PyTorch's own
+        BatchNorm kernel in training mode (cuDNN's on GPUs, SyncBatchNorm, a compiled
+        graph), where they are below float32 (a half-precision model's), and while
+        saved-tensor hooks are active: reading them would run the hooks' unpacking, which
+        for non-reentrant activation checkpointing recomputes the checkpointed forward (and
+        updates BatchNorm's running averages again)."""
         node = getattr(output, "grad_fn", None)
         if node is None or node.name() != "NativeBatchNormBackward0":
             return None
-        if not getattr(node, "_saved_training", False):
+        if not getattr(node, "_saved_training", False) or _saved_tensor_hooks_active():
             return None
-        return node._saved_result1, node._saved_result2
+        mean, invstd = node._saved_result1, node._saved_result2
+        if statistics_dtype(mean) != mean.dtype:
+            return None
+        return mean, invstd
 
     def compute_statistic(
         self,
@@ -141,6 +149,13 @@ class BatchNormBlock(CurvatureBlock):
         return f"{self.method}: {fisher}"
 
 
+def _saved_tensor_hooks_active() -> bool:
+    """Whether ``torch.autograd.graph.saved_tensors_hooks`` (activation checkpointing,
+    ``save_on_cpu``) apply to what autograd saves now; True where torch cannot say."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is None or top(False) is not None
+
+
 KERNEL_MIN_LOCATIONS = 16
 """Locations per example and channel from which :func:`per_example_moments` uses the
 BatchNorm backward kernel for its sums."""
@@ -175,14 +190,15 @@ def moment_form(locations: int) -> str:
     at ``(1024, 64, 2, 2)`` the dot products 0.60 and the kernel 1.45.
 
     * ``"BatchNorm backward kernel"``: PyTorch's BatchNorm backward kernel on the
-      ``(1, n C, T)`` view, where every pair is a channel of its own: one call gives the
-      centred sums of squares, one gives ``sum_t delta`` and ``sum_t delta x_hat`` together,
-      each in a single pass with double accumulators. Measured on 2 threads against the
-      dot products: 0.49 against 0.62 ms at ``(128, 16, 32, 32)``, 11.4 against 16.4 at
-      ``(32, 256, 56, 56)``, 0.34 against 0.38 at ``(1024, 32, 4, 4)``.
+      ``(1, n C, T)`` view, where every pair is a channel of its own: one call gives
+      ``sum_t delta`` and ``sum_t delta x_hat`` together in a single pass with double
+      accumulators (without the batch's mean and 1/std, a first call gives the centred
+      sums of squares). Measured on 2 threads against the dot products, both without the
+      forward's statistics: 0.49 against 0.62 ms at ``(128, 16, 32, 32)``, 11.4 against
+      16.4 at ``(32, 256, 56, 56)``, 0.34 against 0.38 at ``(1024, 32, 4, 4)``.
     * ``"centred dot products"``: one ``torch.linalg.vecdot`` or sum per quantity, below
       ``KERNEL_MIN_LOCATIONS``, where the kernel's per-channel overhead dominates
-      (``(1024, 64, 2, 2)``: 2.4 against 0.60 ms).
+      (``(1024, 64, 2, 2)``, without the forward's statistics: 2.4 against 0.60 ms).
 
     Not used: ``torch.var_mean`` for the statistics of ``x`` (5.0 and 67 ms at the first
     two shapes), per-pair dot products by ``torch.bmm`` (as fast as the kernel on large
