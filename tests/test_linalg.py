@@ -10,6 +10,7 @@ import torch
 from spngd.linalg import (
     FactorizationError,
     add_to_diagonal,
+    batched_cholesky,
     kronecker_dampings,
     pi_correction,
     robust_cholesky,
@@ -21,6 +22,25 @@ def _spd(d: int, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     m = torch.randn(d, 2 * d, generator=gen, dtype=torch.float64)
     return (m @ m.T / (2 * d)).unsqueeze(0)
+
+
+def test_batched_cholesky_flags_every_factor_with_a_non_finite_entry() -> None:
+    """A NaN, inf or overflowing value anywhere in a factor's lower triangle marks that
+    entry (and only it) as failed, as checking every entry of its Cholesky factor would;
+    the upper triangle is not read."""
+    good_matrix = _spd(6, 3).float() + torch.eye(6)
+    for bad in (float("nan"), float("inf"), -float("inf"), 3e38):
+        for row in range(6):
+            for column in range(6):
+                broken = good_matrix.clone()
+                broken[0, row, column] = bad
+                lowers, good = batched_cholesky([good_matrix, broken, good_matrix])
+                factor, info = torch.linalg.cholesky_ex(broken)
+                every_entry = bool(info == 0) and bool(torch.isfinite(factor).all())
+                assert good.tolist() == [True, every_entry, True]
+                if row > column:
+                    assert not every_entry
+    torch.testing.assert_close(lowers[0], torch.linalg.cholesky(good_matrix))
 
 
 def test_pi_and_damping_terms_are_the_papers() -> None:
