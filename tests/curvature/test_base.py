@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from spngd import SPNGD, AdaptiveRefresh
-from spngd.curvature import BatchNormBlock
+from spngd.curvature import BatchNormBlock, Conv2dBlock, LinearBlock
 from spngd.refresh import NOISE_LEAD_STEPS
 from spngd.timing import StageTimes
 from tests.curvature._bruteforce import (
@@ -106,6 +106,29 @@ def test_accumulated_micro_batches_have_a_kth_of_the_noise() -> None:
     for i in range(2):
         torch.testing.assert_close(together[i], (alone[0][i] + alone[1][i]) / 4)
         assert not torch.isclose(alone[0][i], alone[1][i])
+
+
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+def test_kronecker_noise_is_the_difference_of_the_halves_estimates(kind: str) -> None:
+    """Each half's A and G equal the statistic of that half with every output gradient
+    scaled to the whole batch's (n / half): A does not depend on it, G twice; the whole
+    batch's statistic is their mean and the noise half their squared distance."""
+    torch.manual_seed(0)
+    if kind == "conv":
+        block: Conv2dBlock | LinearBlock = Conv2dBlock("c", nn.Conv2d(3, 4, 3).double())
+        x, g = torch.randn(N + 1, 3, 5, 5), torch.randn(N + 1, 4, 3, 3)
+    else:
+        block = LinearBlock("l", nn.Linear(5, 4).double())
+        x, g = torch.randn(N + 1, 5), torch.randn(N + 1, 4)
+    x, g = x.double(), g.double() / (N + 1)
+    n, half = N + 1, (N + 1) // 2
+    for index in (0, 1):
+        first = block.compute_statistic(index, x[:half], g[:half] * (n / half))
+        second = block.compute_statistic(index, x[half:], g[half:] * (n / (n - half)))
+        stat, noise = block.statistic_and_noise(index, x, g)
+        torch.testing.assert_close(stat, block.compute_statistic(index, x, g), rtol=1e-12, atol=0)
+        expected = (first - second).square().sum() / (2 * stat.square().sum())
+        torch.testing.assert_close(noise, expected, rtol=1e-12, atol=0)
 
 
 def test_batchnorm_noise_is_the_halves_difference_with_the_whole_batch_normalisation() -> None:

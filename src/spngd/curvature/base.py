@@ -43,6 +43,10 @@ class CurvatureBlock(ABC):
     """Whether a statistic of the whole batch is the example-weighted mean of those of its
     two halves (true for sums over examples; not for BatchNorm, whose ``x_hat`` uses the
     batch's own mean and variance)."""
+    gradient_powers: tuple[int, ...] = ()
+    """Per statistic, the power ``p`` with which it scales with the output gradient,
+    ``X(c g) = c^p X(g)`` (``A`` 0, ``G`` and BatchNorm's ``F`` 2): :meth:`statistic_and_noise`
+    rescales each half's statistic by it rather than a copy of the half's gradient."""
     inverse_form_name: str = "inverse"
     """What ``inverse_form`` holds: ``inverse`` (the inverse itself), ``cholesky`` or
     ``eigen-kronecker`` (saved in checkpoints beside the form)."""
@@ -221,8 +225,8 @@ class CurvatureBlock(ABC):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Statistic ``index`` and its sampling noise, from the two halves of the batch.
 
-        Each half gives its own estimate ``X_1``, ``X_2`` (output gradients rescaled so that
-        the per-example gradient is still the whole batch's ``n * grad_output``). Their
+        Each half gives its own estimate ``X_1``, ``X_2`` (rescaled by :attr:`gradient_powers`
+        as if each example's gradient were still the whole batch's ``n * grad_output``). Their
         difference holds no drift, only noise: two independent whole-batch estimates are
         expected to differ by ``E ||X - X'||^2 = ||X_1 - X_2||^2 / 2`` (equal halves), and
         the noise is returned relative to ``||X||^2``, comparable with the squared relative
@@ -232,8 +236,12 @@ class CurvatureBlock(ABC):
         """
         n = self.batch_size(inputs)
         half = n // 2
-        first = self.compute_statistic(index, inputs[:half], grad_output[:half] * (n / half))
-        second = self.compute_statistic(index, inputs[half:], grad_output[half:] * (n / (n - half)))
+        power = self.gradient_powers[index]
+        first = self.compute_statistic(index, inputs[:half], grad_output[:half])
+        second = self.compute_statistic(index, inputs[half:], grad_output[half:])
+        if power:
+            first.mul_((n / half) ** power)
+            second.mul_((n / (n - half)) ** power)
         if self.halves_combine:
             stat = first.mul(half / n).add_(second, alpha=(n - half) / n)
         else:

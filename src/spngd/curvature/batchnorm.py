@@ -24,6 +24,7 @@ class BatchNormBlock(CurvatureBlock):
     method = "unit-wise BatchNorm"
     module_types = (nn.modules.batchnorm._BatchNorm,)
     statistic_names = ("F",)
+    gradient_powers = (2,)
 
     @classmethod
     def for_module(

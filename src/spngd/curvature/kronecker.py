@@ -68,6 +68,7 @@ class KroneckerBlock(CurvatureBlock):
 
     groups: int = 1
     statistic_names = ("A", "G")
+    gradient_powers = (0, 2)
     halves_combine = True
     damping_form: str = DAMPING_FORMS[0]
     """One of :data:`DAMPING_FORMS` (module docstring); set before the first inverse."""
