@@ -45,8 +45,9 @@ class CurvatureBlock(ABC):
     batch's own mean and variance)."""
     gradient_powers: tuple[int, ...] = ()
     """Per statistic, the power ``p`` with which it scales with the output gradient,
-    ``X(c g) = c^p X(g)`` (``A`` 0, ``G`` and BatchNorm's ``F`` 2): :meth:`statistic_and_noise`
-    rescales each half's statistic by it rather than a copy of the half's gradient."""
+    ``X(c g) = c^p X(g)`` (``A`` 0, ``G`` and BatchNorm's ``F`` 2), set by each block kind:
+    :meth:`statistic_and_noise` rescales each half's statistic by it rather than a copy of
+    the half's gradient."""
     inverse_form_name: str = "inverse"
     """What ``inverse_form`` holds: ``inverse`` (the inverse itself), ``cholesky`` or
     ``eigen-kronecker`` (saved in checkpoints beside the form)."""
