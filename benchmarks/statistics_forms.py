@@ -326,7 +326,11 @@ def batch_mean_invstd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x.mean(dims), torch.rsqrt(x.var(dims, correction=0) + EPS)
 
 
-def bn_forms(x: torch.Tensor, delta: torch.Tensor) -> dict[str, Form]:
+def bn_forms(
+    x: torch.Tensor, delta: torch.Tensor, forward: tuple[torch.Tensor, torch.Tensor]
+) -> dict[str, Form]:
+    """Every form of BatchNorm's per-example sums; ``forward``: the batch mean and 1/std
+    that the forward computed, which some forms take."""
     n, channels = x.shape[:2]
     x3, d3 = x.reshape(n, channels, -1), delta.reshape(n, channels, -1)
 
@@ -353,7 +357,6 @@ def bn_forms(x: torch.Tensor, delta: torch.Tensor) -> dict[str, Form]:
         u = torch.bmm(d3.reshape(-1, 1, x3.shape[2]), flat.transpose(1, 2)).view(n, channels)
         return fisher(u * torch.rsqrt(var + EPS), v)
 
-    forward = batch_mean_invstd(x)
     return {
         "centred dot products": lambda: fisher(*moments_by_dot_products(x3, d3, EPS)),
         "BatchNorm backward kernel": lambda: fisher(*moments_by_kernel(x3, d3, EPS)),
@@ -495,7 +498,7 @@ def bn_case(shape: tuple[int, ...], count: int, source: str) -> Case:
         "bn-F",
         f"{source} {shape}",
         count,
-        bn_forms(x, delta),
+        bn_forms(x, delta, forward),
         FORWARD_FORMS[moment_form(x[0, 0].numel())],
         lambda: baseline_bn_f(x, delta),
         lambda: block.compute_statistic(0, x, delta, forward),

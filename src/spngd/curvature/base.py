@@ -157,7 +157,6 @@ class CurvatureBlock(ABC):
             return  # an empty batch tells nothing about the curvature
         if inputs.dim() == self.unbatched_dims:
             inputs, grad_output = inputs.unsqueeze(0), grad_output.unsqueeze(0)
-            context = None
         examples = self.batch_size(inputs)
         inputs, grad_output = self.subsample(inputs, grad_output, grad_factor)
         if self.batch_size(inputs) != examples:
