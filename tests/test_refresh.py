@@ -122,6 +122,32 @@ def test_refresh_every_step_equals_the_plain_optimizer() -> None:
         assert opt.refresh_counts()["total"]["inverses_skipped"] == 0
 
 
+@pytest.mark.parametrize(
+    ("settings", "compared_at"),
+    [({"refresh": AdaptiveRefresh(warmup_steps=3)}, [3, 4, 5]), ({"stat_interval": 1}, [])],
+    ids=["adaptive", "every-step"],
+)
+def test_changes_are_computed_only_where_the_rule_reads_them(
+    settings: dict[str, object], compared_at: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The relative changes feed the adaptive rule past its warm-up alone: in the
+    warm-up and at fixed intervals no pair is compared (each step computes statistics)."""
+    import spngd.preconditioner
+
+    model = _model()
+    opt = SPNGD(model, lr=0.01, **settings)  # type: ignore[arg-type]
+    compared: list[int] = []
+
+    def spy(references: list[torch.Tensor], fresh: list[torch.Tensor]) -> list[torch.Tensor]:
+        if references:
+            compared.append(opt.steps_taken)
+        return relative_changes(references, fresh)
+
+    monkeypatch.setattr(spngd.preconditioner, "relative_changes", spy)
+    _refresh_steps(opt, model, 6, batch_seed=None)
+    assert compared == compared_at
+
+
 def test_fixed_intervals_compute_statistics_and_inverses_on_schedule() -> None:
     model = _model()
     opt = SPNGD(model, lr=0.01, stat_interval=3, inverse_interval=6)

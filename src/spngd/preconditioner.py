@@ -301,15 +301,20 @@ class Preconditioner:
     def _fold(self, owned: dict[str, CurvatureBlock], arrived: dict[str, Statistics]) -> _Measured:
         """Fold the arrived statistics into the owned blocks' factors, and start (on the
         device, unread) what the refresh test needs: every fresh statistic's norm (NaN or
-        inf when any entry is), its relative change against the value in use, and its
-        measured noise. :meth:`_settle` reads them, with the step's other checks."""
+        inf when any entry is), its relative change against the value in use (where the
+        refresh policy reads it), and its measured noise. :meth:`_settle` reads them, with
+        the step's other checks."""
         keys = [
             (name, i)
             for name, stats in arrived.items()
             for i, stat in enumerate(stats)  # type: ignore[arg-type]
             if stat is not None
         ]
-        compared = [(name, i) for name, i in keys if owned[name].factors[i] is not None]
+        compared = [
+            (name, i)
+            for name, i in keys
+            if owned[name].factors[i] is not None and self.refresh.reads_changes(self.steps_taken)
+        ]
         noisy = [(name, i) for name, i in keys if owned[name].fresh_noise[i] is not None]
         changes = relative_changes(
             [owned[name].factors[i] for name, i in compared],  # type: ignore[misc]

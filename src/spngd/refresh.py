@@ -234,6 +234,12 @@ class RefreshPolicy:
         under the noise rule, from :data:`NOISE_LEAD_STEPS` steps before the warm-up ends."""
         return self.uses_noise and step >= self.adaptive.warmup_steps - NOISE_LEAD_STEPS
 
+    def reads_changes(self, step: int) -> bool:
+        """Whether :meth:`observe` at ``step`` reads the statistics' changes: only the
+        adaptive rule does, and only past its warm-up (so the changes are not computed
+        at the other steps)."""
+        return self.is_adaptive and step >= self.adaptive.warmup_steps
+
     def is_due(self, key: Key, step: int) -> bool:
         """Whether statistic ``key`` is computed at optimizer step ``step``."""
         if not self.is_adaptive:
@@ -257,7 +263,7 @@ class RefreshPolicy:
             mean = self.noise.get(key)
             self.noise[key] = noise if mean is None else mean + NOISE_WEIGHT * (noise - mean)
         interval, pooled, next_step = self.interval.get(key, 1), 0, None
-        if change is not None and step >= self.adaptive.warmup_steps:
+        if change is not None and self.reads_changes(step):
             similar = self.adaptive.similar(change, self.noise.get(key, 0.0))
             interval = self.adaptive.grown(interval) if similar else self.adaptive.shrunk(interval)
             if similar and self.adaptive.pool:
