@@ -4,7 +4,7 @@ ResNet-20 on the embedded 8x8 digits (1,497 training / 300 validation images) at
 32x ``spngd train``'s default of 32 (each pass over the data is one step on a random 1,024 of
 the 1,497 images). Both optimizers use the same data, model, epochs, weight rescaling,
 polynomial decay and validation (BatchNorm statistics recomputed under the current weights,
-``--eval-batchnorm``); SGD adds warm-up and weight decay and gets its learning rate from a
+``--eval-batchnorm``); SGD adds weight decay and gets its learning rate and warm-up from a
 grid (the grid point with the fewest mean steps to the target wins). SP-NGD uses one fixed
 setting, its default damping with a learning rate from a screen on seeds 0-2
 (docs/benchmarks.md), twice: with its adaptive statistics refresh (the default, the one
@@ -23,7 +23,8 @@ step counts differ between thread counts, as they do by a few steps from seed to
 is 291 of the 300 validation images).
 
     python benchmarks/steps_to_accuracy.py [--seeds 0 1 2] [--target 0.97] [--epochs 60]
-        [--sgd-lrs [X ...]] [--spngd-lr X] [--damping X] [--eval-batchnorm running]
+        [--sgd-lrs [X ...]] [--sgd-warmups [E ...]] [--spngd-lr X] [--damping X]
+        [--a-examples K|none] [--eval-batchnorm running]
         [--refresh-alpha X] [--refresh-rule noise|threshold] ...
 """
 
@@ -47,7 +48,7 @@ from spngd.train.runfolder import RunFolder
 from spngd.train.trainer import train
 
 SHARED = {"data": "digits", "model": "resnet20", "batch_size": 1024, "device": "cpu"}
-SGD = {"optimizer": "sgd", "warmup_epochs": 2.0, "weight_decay": 5e-4, "momentum": 0.9}
+SGD = {"optimizer": "sgd", "weight_decay": 5e-4, "momentum": 0.9}
 SPNGD = {"optimizer": "spngd", "lr": 0.025, "damping": 1e-3, "momentum": 0.9, "weight_decay": 0.0}
 ADAPTIVE = "sp-ngd"
 EVERY_STEP = "sp-ngd every step"
@@ -85,7 +86,18 @@ def _row(name: str, outcomes: list[Outcome]) -> str:
     finals = " ".join(f"{100 * o.final:5.1f}" for o in outcomes)
     mean_steps = _mean([o.steps for o in outcomes])
     mean_final = 100 * statistics.fmean(o.final for o in outcomes)
-    return f"{name:<18} {steps}   {mean_steps:>6.1f}   {finals}   {mean_final:5.2f}"
+    return f"{name:<20} {steps}   {mean_steps:>6.1f}   {finals}   {mean_final:5.2f}"
+
+
+@dataclass(frozen=True)
+class _Given:
+    """An option's value where ``none`` (None) differs from leaving the option out."""
+
+    value: int | None
+
+
+def _optional_int(text: str) -> _Given:
+    return _Given(None if text == "none" else int(text))
 
 
 def main() -> None:
@@ -100,6 +112,13 @@ def main() -> None:
         default=[0.1, 0.2, 0.4],
         help="SGD's learning-rate grid (none: compare only the two SP-NGD refresh settings)",
     )
+    parser.add_argument(
+        "--sgd-warmups",
+        type=float,
+        nargs="+",
+        default=[2.0],
+        help="SGD's warm-up grid, in epochs (each paired with every learning rate)",
+    )
     parser.add_argument("--threads", type=int, default=1)
     add_nested_options(parser, "refresh", AdaptiveRefresh)  # adaptive SP-NGD's knobs
     parser.add_argument(
@@ -112,6 +131,9 @@ def main() -> None:
         "--statistics-examples", type=int, help="SP-NGD's examples per statistic (1024)"
     )
     parser.add_argument(
+        "--a-examples", type=_optional_int, help="SP-NGD's examples for A (256; none: all)"
+    )
+    parser.add_argument(
         "--eval-batchnorm", help="validation's BatchNorm statistics: recomputed or running"
     )
     args = parser.parse_args()
@@ -120,7 +142,11 @@ def main() -> None:
     shared = {**SHARED, "epochs": args.epochs, "threads": args.threads}
     if args.eval_batchnorm is not None:
         shared["eval_batchnorm"] = args.eval_batchnorm
-    contenders = {f"sgd lr={lr:g}": {**shared, **SGD, "lr": lr} for lr in args.sgd_lrs}
+    contenders = {
+        f"sgd lr={lr:g} wu={warmup:g}": {**shared, **SGD, "lr": lr, "warmup_epochs": warmup}
+        for warmup in args.sgd_warmups
+        for lr in args.sgd_lrs
+    }
     refresh = nest(vars(args)).get("refresh", {})
     knobs = {
         "damping_form": args.damping_form,
@@ -129,6 +155,8 @@ def main() -> None:
         "statistics_examples": args.statistics_examples,
     }
     chosen = {k: v for k, v in knobs.items() if v is not None} | {"refresh": refresh}
+    if args.a_examples is not None:
+        chosen["a_examples"] = args.a_examples.value
     contenders[ADAPTIVE] = {**shared, **SPNGD, **chosen}
     if not args.no_every_step:
         contenders[EVERY_STEP] = {**shared, **SPNGD, **chosen, "stat_interval": 1}
@@ -136,7 +164,7 @@ def main() -> None:
         f"ResNet-20 on digits, batch {SHARED['batch_size']}, {args.epochs:g} epochs, "
         f"target {100 * args.target:g}% validation accuracy, seeds {args.seeds}"
     )
-    print(f"{'':<18} {'steps to target':<{5 * len(args.seeds)}} {'mean':>6}   final accuracy (%)")
+    print(f"{'':<20} {'steps to target':<{5 * len(args.seeds)}} {'mean':>6}   final accuracy (%)")
     results: dict[str, list[Outcome]] = {}
     with tempfile.TemporaryDirectory() as scratch:
         for name, options in contenders.items():

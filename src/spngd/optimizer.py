@@ -38,6 +38,7 @@ SETTING_RULES: dict[str, Rule] = {
     "bn_damping_scale": (lambda v: 0.0 < v < math.inf, "finite and > 0"),
     "accumulation_steps": int_rule(1),
     "statistics_examples": optional_int_rule(2),
+    "a_examples": optional_int_rule(2),
     **INTERVAL_RULES,
     **GUARD_RULES,
 }
@@ -111,6 +112,14 @@ class SPNGD(GuardedSteps, Optimizer):
             The default 1,024 leaves per-GPU batches of the paper's size untouched and
             took the same steps to the target at 8 and 16 times that batch in 0.8x the
             time (docs/performance.md, which also shows where fewer examples cost steps).
+        a_examples: take the Kronecker factor ``A`` of Linear and Conv layers (the second
+            moment of the layer input) from at most this many of those examples (``None``:
+            as many as the other statistics). ``A`` averages over examples and a
+            convolution's output locations and does not depend on the loss, so a small
+            sample estimates it closely, while it is a convolution's costliest statistic
+            (``(C_in k^2)^2`` per location and example). The default 256 leaves the
+            paper's per-GPU batches untouched and took no more steps to the target at
+            batch 1,024 (docs/performance.md).
         refresh: knobs of the adaptive rule (threshold, growth, cap, warm-up).
         grad_scaler: the ``torch.amp.GradScaler`` that scales the loss (mixed precision):
             output gradients are divided by its current scale before statistics are
@@ -162,6 +171,7 @@ class SPNGD(GuardedSteps, Optimizer):
         stat_interval: int | None = None,
         inverse_interval: int | None = None,
         statistics_examples: int | None = 1024,
+        a_examples: int | None = 256,
         refresh: AdaptiveRefresh | None = None,
         accumulation_steps: int = 1,
         grad_scaler: torch.amp.GradScaler | None = None,
@@ -178,6 +188,7 @@ class SPNGD(GuardedSteps, Optimizer):
             bn_damping_scale=bn_damping_scale,
             accumulation_steps=accumulation_steps,
             statistics_examples=statistics_examples,
+            a_examples=a_examples,
         )
         if refresh is not None and not isinstance(refresh, AdaptiveRefresh):
             raise TypeError(f"refresh must be an AdaptiveRefresh, got {type(refresh).__name__}")
@@ -194,7 +205,9 @@ class SPNGD(GuardedSteps, Optimizer):
         }
         super().__init__(params, defaults)
         group_of = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
-        blocks, self._plain = find_blocks(model, set(group_of), bn_damping_scale, damping_form)
+        blocks, self._plain = find_blocks(
+            model, set(group_of), bn_damping_scale, damping_form, a_examples
+        )
         self._block_group = {
             name: self._group_of_block(block, group_of) for name, block in blocks.items()
         }

@@ -33,7 +33,11 @@ FISHER_TYPES = ("empirical", "mc")
 
 
 def find_blocks(
-    model: nn.Module, optimized: set[int], bn_damping_scale: float, damping_form: str
+    model: nn.Module,
+    optimized: set[int],
+    bn_damping_scale: float,
+    damping_form: str,
+    a_examples: int | None = None,
 ) -> tuple[dict[str, CurvatureBlock], dict[str, str]]:
     """The curvature block (:func:`~spngd.curvature.make_block`) of every module whose
     parameters are all in ``optimized`` (ids) and trainable and its own, by module name;
@@ -49,7 +53,7 @@ def find_blocks(
         if not params:
             continue
         label = name or "<model>"
-        block = make_block(label, module, bn_damping_scale, damping_form)
+        block = make_block(label, module, bn_damping_scale, damping_form, a_examples)
         module_class = type(module).__name__
         own = [n for n, _ in module.named_parameters(recurse=False)]
         if block is not None and own not in (["weight", "bias"], ["weight"]):

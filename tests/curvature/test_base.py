@@ -44,28 +44,41 @@ def _bruteforce(model: nn.Sequential, x: Tensor, y: Tensor) -> dict[str, tuple[T
     return {"0": conv, "3": (fc[0][None], fc[1][None])}
 
 
-@pytest.mark.parametrize("used", [N, 6], ids=["every-example", "first-6"])
-def test_statistics_and_noise_are_those_of_the_examples_used(used: int) -> None:
+@pytest.mark.parametrize(
+    ("limit", "a_limit", "used"),
+    [(None, None, (N, N)), (6, None, (6, 6)), (None, 6, (6, N)), (8, 4, (4, 8)), (4, 8, (4, 4))],
+    ids=["every-example", "first-6", "A-from-6", "A-from-4-G-from-8", "A-limit-above"],
+)
+def test_statistics_and_noise_are_those_of_the_examples_used(
+    limit: int | None, a_limit: int | None, used: tuple[int, int]
+) -> None:
     """Each half's estimate is what a batch of that half alone gives (per-example loops);
     the noise is ``||X_1 - X_2||^2 / (2 ||X||^2)`` and ``X`` is the statistic of the
     examples used: the whole batch, or with ``statistics_examples=k`` its first ``k``
-    alone, although the loss averaged all ``N``."""
+    alone, although the loss averaged all ``N``; ``A`` from at most ``a_examples`` of
+    those."""
     model = _model()
     x, y = _batch()
-    whole = _bruteforce(model, x[:used], y[:used])
-    first = _bruteforce(model, x[: used // 2], y[: used // 2])
-    second = _bruteforce(model, x[used // 2 : used], y[used // 2 : used])
-    limit = None if used == N else used
-    opt = SPNGD(model, lr=0.0, refresh=MEASURING, statistics_examples=limit)
+    bruteforce = {
+        n: [
+            _bruteforce(model, x[rows], y[rows])
+            for rows in (slice(n), slice(n // 2), slice(n // 2, n))
+        ]
+        for n in set(used)
+    }
+    opt = SPNGD(model, lr=0.0, refresh=MEASURING, statistics_examples=limit, a_examples=a_limit)
     F.cross_entropy(model(x), y).backward()
-    for name, block in opt.curvature.items():
-        assert block.measure_noise
-        stats = block.take_pending()
-        for i in range(2):
+    pending = {name: block.take_pending() for name, block in opt.curvature.items()}
+    for i, n in enumerate(used):
+        whole, first, second = bruteforce[n]
+        for name, block in opt.curvature.items():
+            assert block.measure_noise
+            stats, noise = pending[name], block.fresh_noise
+            assert stats is not None
             torch.testing.assert_close(stats[i], whole[name][i], rtol=1e-10, atol=1e-12)
             difference = (first[name][i] - second[name][i]).square().sum()
             expected = difference / (2 * whole[name][i].square().sum())
-            torch.testing.assert_close(block.fresh_noise[i], expected, rtol=1e-8, atol=0)
+            torch.testing.assert_close(noise[i], expected, rtol=1e-8, atol=0)
 
 
 def _fresh_noise(opt: SPNGD, name: str) -> list[Tensor]:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from spngd.curvature import KroneckerBlock
 from spngd.distributed import DistributedConfig
 from spngd.refresh import AdaptiveRefresh
 from spngd.train.config import (
@@ -198,18 +199,23 @@ def test_resume_keeps_saved_refresh_knobs_the_user_does_not_give() -> None:
 
 def test_statistics_examples_reach_the_blocks_and_old_runs_keep_every_example() -> None:
     model = build_model("resnet20", num_classes=10)
-    for options, limit in (
-        ({}, SPNGD_DEFAULTS["statistics_examples"]),
-        ({"statistics_examples": None}, None),
-        ({"statistics_examples": 64}, 64),
+    for options, limit, a_limit in (
+        ({}, SPNGD_DEFAULTS["statistics_examples"], SPNGD_DEFAULTS["a_examples"]),
+        ({"statistics_examples": None, "a_examples": None}, None, None),
+        ({"statistics_examples": 64}, 64, SPNGD_DEFAULTS["a_examples"]),
+        ({"a_examples": 16}, SPNGD_DEFAULTS["statistics_examples"], 16),
     ):
         opt = make_optimizer(model, resolve_config({"device": "cpu", **options}))
-        assert {block.statistics_examples for block in opt.curvature.values()} == {limit}
+        blocks = opt.curvature.values()
+        assert {block.statistics_examples for block in blocks} == {limit}
+        kronecker = [block for block in blocks if isinstance(block, KroneckerBlock)]
+        assert kronecker and {block.a_examples for block in kronecker} == {a_limit}
         opt.remove_hooks()
-    # a saved config without the setting computed statistics from every example
+    # a saved config without the settings computed statistics from every example
     saved = resolve_config({"device": "cpu", "out": "runs/old"}).to_dict()
-    del saved["statistics_examples"]
+    del saved["statistics_examples"], saved["a_examples"]
     assert resume_config(saved, {}).statistics_examples is None
+    assert resume_config(saved, {}).a_examples is None
     assert resume_config(saved, {"statistics_examples": 256}).statistics_examples == 256
 
 

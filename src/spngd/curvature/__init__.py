@@ -43,12 +43,13 @@ def make_block(
     module: nn.Module,
     bn_damping_scale: float,
     damping_form: str = DAMPING_FORMS[0],
+    a_examples: int | None = None,
 ) -> CurvatureBlock | None:
     """The curvature block of the first registered kind (:data:`BLOCK_KINDS`) whose module
     types ``module`` is an instance of, or None for any other module; Kronecker-factored
-    blocks are damped in ``damping_form``, BatchNorm blocks with ``bn_damping_scale`` times
-    the damping."""
+    blocks are damped in ``damping_form`` and take ``A`` from at most ``a_examples``
+    examples, BatchNorm blocks are damped with ``bn_damping_scale`` times the damping."""
     for kind in BLOCK_KINDS:
         if isinstance(module, kind.module_types):
-            return kind.for_module(name, module, bn_damping_scale, damping_form)
+            return kind.for_module(name, module, bn_damping_scale, damping_form, a_examples)
     return None

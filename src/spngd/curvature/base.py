@@ -55,7 +55,12 @@ class CurvatureBlock(ABC):
     @classmethod
     @abstractmethod
     def for_module(
-        cls, name: str, module: nn.Module, bn_damping_scale: float, damping_form: str
+        cls,
+        name: str,
+        module: nn.Module,
+        bn_damping_scale: float,
+        damping_form: str,
+        a_examples: int | None,
     ) -> CurvatureBlock | None:
         """This kind's block for ``module`` (an instance of one of :attr:`module_types`),
         set up with the settings that concern the kind, or None where the kind cannot
@@ -159,8 +164,6 @@ class CurvatureBlock(ABC):
             inputs, grad_output = inputs.unsqueeze(0), grad_output.unsqueeze(0)
         examples = self.batch_size(inputs)
         inputs, grad_output = self.subsample(inputs, grad_output, grad_factor)
-        if self.batch_size(inputs) != examples:
-            context = None
         stats: list[torch.Tensor | None] = []
         noises: list[torch.Tensor | None] = []
         # A backward inside autocast would run the products below in half precision.
@@ -169,12 +172,12 @@ class CurvatureBlock(ABC):
                 stat = noise = None
                 if self.to_compute[index]:
                     with times.measure(f"statistics {name}"):
-                        if self.measure_noise and self.batch_size(inputs) >= 2:
-                            stat, noise = self.statistic_and_noise(
-                                index, inputs, grad_output, context
-                            )
+                        x, g = self.statistic_sample(index, inputs, grad_output)
+                        whole = context if self.batch_size(x) == examples else None
+                        if self.measure_noise and self.batch_size(x) >= 2:
+                            stat, noise = self.statistic_and_noise(index, x, g, whole)
                         else:
-                            stat = self.compute_statistic(index, inputs, grad_output, context)
+                            stat = self.compute_statistic(index, x, g, whole)
                 stats.append(stat)
                 noises.append(noise)
         if self._pending is None:
@@ -215,6 +218,27 @@ class CurvatureBlock(ABC):
         if sampled:
             grad_output = grad_output * (n / limit)
         return inputs, grad_output
+
+    def statistic_examples(self, index: int) -> int | None:
+        """At most this many examples of a pair feed statistic ``index`` (None: all):
+        ``statistics_examples`` here; a kind whose statistic tolerates a smaller sample
+        lowers it for that statistic."""
+        return self.statistics_examples
+
+    def statistic_sample(
+        self, index: int, inputs: torch.Tensor, grad_output: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first :meth:`statistic_examples` of a pair :meth:`subsample` prepared, output
+        gradients rescaled again so that each example's is still the whole batch's (only
+        where statistic ``index`` depends on their scale, :attr:`gradient_powers`)."""
+        limit = self.statistic_examples(index)
+        n = self.batch_size(inputs)
+        if limit is None or n <= limit:
+            return inputs, grad_output
+        grad_output = grad_output[:limit]
+        if self.gradient_powers[index]:
+            grad_output = grad_output * (n / limit)
+        return inputs[:limit], grad_output
 
     def statistic_and_noise(
         self,

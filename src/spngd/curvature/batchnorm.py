@@ -28,7 +28,12 @@ class BatchNormBlock(CurvatureBlock):
 
     @classmethod
     def for_module(
-        cls, name: str, module: nn.Module, bn_damping_scale: float, damping_form: str
+        cls,
+        name: str,
+        module: nn.Module,
+        bn_damping_scale: float,
+        damping_form: str,
+        a_examples: int | None,
     ) -> BatchNormBlock | None:
         """The block of an affine BatchNorm (one without ``gamma`` and ``beta`` has no
         parameters to precondition)."""

@@ -77,10 +77,16 @@ class KroneckerBlock(CurvatureBlock):
 
     @classmethod
     def for_module(
-        cls, name: str, module: torch.nn.Module, bn_damping_scale: float, damping_form: str
+        cls,
+        name: str,
+        module: torch.nn.Module,
+        bn_damping_scale: float,
+        damping_form: str,
+        a_examples: int | None,
     ) -> KroneckerBlock:
         block = cls(name, module)
         block.damping_form = damping_form
+        block.a_examples = a_examples
         return block
 
     def __init__(self, name: str, module: torch.nn.Module) -> None:
@@ -94,6 +100,10 @@ class KroneckerBlock(CurvatureBlock):
         self.a_earlier_uses = 0
         """Gradients preconditioned with the Cholesky factor of ``A`` in use under earlier
         inverses (it is kept when only ``G`` is refactorised)."""
+        self.a_examples: int | None = None
+        """At most this many examples of a pair feed ``A`` (None: as many as the other
+        statistics): ``A`` averages ``a a^T`` over examples and locations, so a sample
+        estimates it closely, while ``G`` (per-example gradients) needs more examples."""
 
     a_dim: int
     """Size of ``A`` per group (input features x kernel, +1 with a bias)."""
@@ -115,6 +125,11 @@ class KroneckerBlock(CurvatureBlock):
     @abstractmethod
     def split_matrix(self, matrix: torch.Tensor) -> list[torch.Tensor]:
         """Inverse of :meth:`gradient_matrix`: one tensor per parameter."""
+
+    def statistic_examples(self, index: int) -> int | None:
+        limits = [self.statistics_examples, self.a_examples if index == 0 else None]
+        given = [limit for limit in limits if limit is not None]
+        return min(given) if given else None
 
     @property
     def inverse_form_name(self) -> str:  # type: ignore[override]

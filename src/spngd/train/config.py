@@ -45,6 +45,7 @@ OPTIMIZER_SETTINGS = {
             "stat_interval",
             "inverse_interval",
             "statistics_examples",
+            "a_examples",
             "max_bad_steps",
         )
     },
@@ -92,6 +93,10 @@ class TrainConfig:
     statistics_examples: int | None = _help(
         "SP-NGD curvature statistics from at most this many examples of each micro-batch "
         "(none: all)"
+    )
+    a_examples: int | None = _help(
+        "SP-NGD's A (Linear and Conv inputs' second moment) from at most this many of "
+        "those examples (none: as many as the other statistics)"
     )
     refresh: AdaptiveRefresh = field(
         metadata={"help": "SP-NGD's adaptive refresh, one --refresh-* option per knob"}
@@ -272,6 +277,7 @@ DEFAULTS: dict[str, Any] = {
     "stat_interval": SPNGD_DEFAULTS["stat_interval"],
     "inverse_interval": SPNGD_DEFAULTS["inverse_interval"],
     "statistics_examples": SPNGD_DEFAULTS["statistics_examples"],
+    "a_examples": SPNGD_DEFAULTS["a_examples"],
     "fisher": SPNGD_DEFAULTS["fisher"],
     "damping_form": SPNGD_DEFAULTS["damping_form"],
     "rescale_weights": True,
@@ -482,6 +488,7 @@ def resume_config(saved: Mapping[str, Any], options: Mapping[str, Any]) -> Train
     """
     saved = {
         "statistics_examples": None,  # a saved config without it took every example
+        "a_examples": None,  # ... and A from as many as the other statistics
         **_nest_flat_refresh(saved),
         "data": absolute_data(saved.get("data", DEFAULTS["data"])),
     }

@@ -96,6 +96,7 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> SPNGD | GuardedSGD:
         stat_interval=config.stat_interval,
         inverse_interval=config.inverse_interval,
         statistics_examples=config.statistics_examples,
+        a_examples=config.a_examples,
         refresh=config.refresh,
         distributed=config.distributed,
         accumulation_steps=config.accumulate,
