@@ -123,6 +123,22 @@ def test_records_follow_the_schedule_and_carry_refresh_counts(
     assert "loss=" in progress and "acc=" in progress and "steps_per_s=" in progress
 
 
+def test_a_cpu_run_flushes_subnormal_numbers(tmp_path: Path) -> None:
+    """Subnormal floats slow CPU arithmetic several times over; a CPU run flushes them to
+    zero (inputs and results), for every optimizer alike."""
+    torch.set_flush_denormal(False)
+    subnormal = torch.tensor([1e-40])
+    assert (subnormal * 1.0).item() != 0.0
+    config = resolve_config({"epochs": 0.02, "device": "cpu", "out": str(tmp_path)})
+    try:
+        with RunFolder(tmp_path) as run:
+            Trainer(config, run)
+        assert (subnormal * 1.0).item() == 0.0
+        assert (torch.tensor([1e-30]) * 1e-10).item() == 0.0
+    finally:
+        torch.set_flush_denormal(False)
+
+
 def test_mixup_runs_until_its_switch_off_epoch(tmp_path: Path) -> None:
     config = resolve_config(
         {

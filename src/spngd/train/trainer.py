@@ -76,6 +76,10 @@ class Trainer:
             torch.set_num_threads(config.threads)
         self.config, self.run = config, run
         self.device = device_of_this_rank(config)
+        if self.device.type == "cpu":
+            # Subnormal floats make CPU arithmetic many times slower, and training reaches
+            # them (docs/performance.md, "Subnormal numbers"): flush them to zero.
+            torch.set_flush_denormal(True)
         self.rank, self.world_size = launch.current()
         if launch.launched_world_size() > 1 and self.world_size == 1:
             raise UserError(
