@@ -23,7 +23,7 @@ step counts differ between thread counts, as they do by a few steps from seed to
 is 291 of the 300 validation images).
 
     python benchmarks/steps_to_accuracy.py [--seeds 0 1 2] [--target 0.97] [--epochs 60]
-        [--sgd-lrs [X ...]] [--sgd-warmups [E ...]] [--spngd-lr X] [--damping X]
+        [--sgd-lrs [X ...]] [--sgd-warmups E [E ...]] [--spngd-lr X] [--damping X]
         [--a-examples K|none] [--eval-batchnorm running]
         [--refresh-alpha X] [--refresh-rule noise|threshold] ...
 """
@@ -42,7 +42,7 @@ import torch
 
 from pinned_malloc import pin_malloc
 from spngd.refresh import AdaptiveRefresh, computed_shares
-from spngd.train.cli import add_nested_options, nest
+from spngd.train.cli import _or_none, add_nested_options, nest
 from spngd.train.config import resolve_config
 from spngd.train.runfolder import RunFolder
 from spngd.train.trainer import train
@@ -89,17 +89,6 @@ def _row(name: str, outcomes: list[Outcome]) -> str:
     return f"{name:<20} {steps}   {mean_steps:>6.1f}   {finals}   {mean_final:5.2f}"
 
 
-@dataclass(frozen=True)
-class _Given:
-    """An option's value where ``none`` (None) differs from leaving the option out."""
-
-    value: int | None
-
-
-def _optional_int(text: str) -> _Given:
-    return _Given(None if text == "none" else int(text))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -131,7 +120,10 @@ def main() -> None:
         "--statistics-examples", type=int, help="SP-NGD's examples per statistic (1024)"
     )
     parser.add_argument(
-        "--a-examples", type=_optional_int, help="SP-NGD's examples for A (256; none: all)"
+        "--a-examples",
+        type=_or_none(int),
+        default=argparse.SUPPRESS,
+        help="SP-NGD's examples for A (256; none: as many as the other statistics)",
     )
     parser.add_argument(
         "--eval-batchnorm", help="validation's BatchNorm statistics: recomputed or running"
@@ -155,8 +147,8 @@ def main() -> None:
         "statistics_examples": args.statistics_examples,
     }
     chosen = {k: v for k, v in knobs.items() if v is not None} | {"refresh": refresh}
-    if args.a_examples is not None:
-        chosen["a_examples"] = args.a_examples.value
+    if "a_examples" in vars(args):
+        chosen["a_examples"] = args.a_examples
     contenders[ADAPTIVE] = {**shared, **SPNGD, **chosen}
     if not args.no_every_step:
         contenders[EVERY_STEP] = {**shared, **SPNGD, **chosen, "stat_interval": 1}

@@ -132,8 +132,6 @@ def test_changes_are_computed_only_where_the_rule_reads_them(
 ) -> None:
     """The relative changes feed the adaptive rule past its warm-up alone: in the
     warm-up and at fixed intervals no pair is compared (each step computes statistics)."""
-    import spngd.preconditioner
-
     model = _model()
     opt = SPNGD(model, lr=0.01, **settings)  # type: ignore[arg-type]
     compared: list[int] = []
@@ -143,7 +141,7 @@ def test_changes_are_computed_only_where_the_rule_reads_them(
             compared.append(opt.steps_taken)
         return relative_changes(references, fresh)
 
-    monkeypatch.setattr(spngd.preconditioner, "relative_changes", spy)
+    monkeypatch.setattr("spngd.preconditioner.relative_changes", spy)
     _refresh_steps(opt, model, 6, batch_seed=None)
     assert compared == compared_at
 

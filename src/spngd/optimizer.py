@@ -140,7 +140,7 @@ class SPNGD(GuardedSteps, Optimizer):
             micro-batch's loss is taken to be divided by it, so that the accumulated
             gradient is the mean over the whole batch; statistics are rescaled to match
             and averaged over the micro-batches, so K steps of batch B equal one of
-            B*K (with ``statistics_examples`` at least B, or None).
+            B*K (with ``statistics_examples`` and ``a_examples`` at least B, or None).
         params: parameters or param groups to optimize (default: every parameter of
             ``model`` that requires grad). Groups may set ``lr``, ``momentum``,
             ``damping`` and ``weight_decay``; the parameters of one layer must share

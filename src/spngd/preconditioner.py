@@ -86,8 +86,8 @@ class Reduced:
 class _Measured:
     """What :meth:`Preconditioner._fold` started on the device for the refresh test: a norm
     per fresh statistic (``keys``), a relative change per statistic with a previous value
-    (``compared``) and a noise per statistic with a measured one (``noisy``), in that
-    order in ``tensors``."""
+    where the refresh policy reads it (``compared``) and a noise per statistic with a
+    measured one (``noisy``), in that order in ``tensors``."""
 
     keys: list[tuple[str, int]]
     compared: list[tuple[str, int]]
@@ -314,10 +314,9 @@ class Preconditioner:
             for i, stat in enumerate(stats)  # type: ignore[arg-type]
             if stat is not None
         ]
+        reads_changes = self.refresh.reads_changes(self.steps_taken)
         compared = [
-            (name, i)
-            for name, i in keys
-            if owned[name].factors[i] is not None and self.refresh.reads_changes(self.steps_taken)
+            (name, i) for name, i in keys if reads_changes and owned[name].factors[i] is not None
         ]
         noisy = [(name, i) for name, i in keys if owned[name].fresh_noise[i] is not None]
         changes = relative_changes(

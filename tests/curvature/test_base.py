@@ -91,7 +91,7 @@ def test_a_limit_at_or_above_the_batch_changes_nothing() -> None:
     taken = []
     for limit in (None, N, 4 * N):
         model = _model()
-        opt = SPNGD(model, lr=0.0, statistics_examples=limit)
+        opt = SPNGD(model, lr=0.0, statistics_examples=limit, a_examples=limit)
         F.cross_entropy(model(x), y).backward()
         taken.append([opt.curvature[name].take_pending() for name in ("0", "3")])
     for other in taken[1:]:

@@ -137,8 +137,9 @@ def test_epoch_records_hold_the_pass_s_seconds_per_stage(
 def test_an_optional_setting_takes_none_and_a_bad_value_is_one_line() -> None:
     parser = build_parser()
     given = ["train", "--statistics-examples", "none", "--stat-interval", "5", "--recipe", "None"]
-    options = vars(parser.parse_args(given))
+    options = vars(parser.parse_args([*given, "--a-examples", "none"]))
     assert options["statistics_examples"] is None and options["recipe"] is None
+    assert options["a_examples"] is None
     assert options["stat_interval"] == 5
     with pytest.raises(UserError, match="invalid int or 'none' value: 'all'"):
         parser.parse_args(["train", "--statistics-examples", "all"])

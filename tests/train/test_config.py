@@ -94,6 +94,7 @@ def test_precedence_recipe_over_defaults_and_options_over_recipe() -> None:
         ({"accumulate": 0}, "--accumulate must be an int >= 1, got 0"),
         ({"max_bad_steps": 0}, "--max-bad-steps must be an int >= 1, got 0"),
         ({"statistics_examples": 0}, "--statistics-examples must be an int >= 2 or None, got 0"),
+        ({"a_examples": 1}, "--a-examples must be an int >= 2 or None, got 1"),
         (
             {"inverse_interval": 10},
             "--inverse-interval must be None without a fixed stat interval, got 10",

@@ -95,8 +95,8 @@ class TrainConfig:
         "(none: all)"
     )
     a_examples: int | None = _help(
-        "SP-NGD's A (Linear and Conv inputs' second moment) from at most this many of "
-        "those examples (none: as many as the other statistics)"
+        "SP-NGD's A (Linear and Conv inputs' second moment) from at most this many of the "
+        "statistics' examples (none: as many as the other statistics)"
     )
     refresh: AdaptiveRefresh = field(
         metadata={"help": "SP-NGD's adaptive refresh, one --refresh-* option per knob"}

@@ -46,8 +46,8 @@ def train_step(
     Each micro-batch is passed through ``prepare`` (to the device, targets) just before
     its forward, so one at a time is on the device. Its mean loss is divided by K before
     its backward, so gradients (and SPNGD's statistics, with ``accumulation_steps=K``, each
-    micro-batch's from its own sample of ``statistics_examples``) accumulate to those of
-    the whole batch; a DistributedDataParallel model averages them
+    micro-batch's from its own sample of ``statistics_examples``, ``A`` of ``a_examples``)
+    accumulate to those of the whole batch; a DistributedDataParallel model averages them
     across ranks once, in the last micro-batch's backward (``no_sync`` before). Accuracy
     counts the argmax of the target, the current label under mixup. The
     forward and backward passes are timed up to the last micro-batch's loss and accuracy
