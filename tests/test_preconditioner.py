@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from spngd.curvature import BatchNormBlock, Conv2dBlock, LinearBlock
+from spngd.curvature import BatchNormBlock, BlockSettings, Conv2dBlock, LinearBlock
 from spngd.preconditioner import find_blocks
 
 
@@ -27,7 +27,9 @@ class Tied(nn.Module):
 def _find(model: nn.Module, optimized: set[int] | None = None) -> tuple[dict, dict]:
     if optimized is None:
         optimized = {id(p) for p in model.parameters()}
-    return find_blocks(model, optimized, bn_damping_scale=16.0, damping_form="kronecker")
+    return find_blocks(
+        model, optimized, BlockSettings(bn_damping_scale=16.0, damping_form="kronecker")
+    )
 
 
 def test_each_supported_module_of_its_own_trainable_parameters_is_a_block() -> None:

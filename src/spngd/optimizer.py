@@ -19,7 +19,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from spngd import amp
-from spngd.curvature import SUPPORTED_LAYERS, CurvatureBlock
+from spngd.curvature import SUPPORTED_LAYERS, BlockSettings, CurvatureBlock
 from spngd.curvature.kronecker import DAMPING_FORMS
 from spngd.distributed.exchange import DistributedConfig
 from spngd.guard import GUARD_RULES, GuardedSteps, NonFiniteGuard
@@ -206,7 +206,7 @@ class SPNGD(GuardedSteps, Optimizer):
         super().__init__(params, defaults)
         group_of = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
         blocks, self._plain = find_blocks(
-            model, set(group_of), bn_damping_scale, damping_form, a_examples
+            model, set(group_of), BlockSettings(bn_damping_scale, damping_form, a_examples)
         )
         self._block_group = {
             name: self._group_of_block(block, group_of) for name, block in blocks.items()

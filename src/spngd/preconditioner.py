@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spngd.capture import StatisticsCapture
-from spngd.curvature import CurvatureBlock, make_block
+from spngd.curvature import BlockSettings, CurvatureBlock, make_block
 from spngd.curvature.kronecker import update_inverses
 from spngd.distributed.exchange import DistributedConfig, Statistics, make_exchange
 from spngd.guard import any_nonfinite
@@ -33,15 +33,12 @@ FISHER_TYPES = ("empirical", "mc")
 
 
 def find_blocks(
-    model: nn.Module,
-    optimized: set[int],
-    bn_damping_scale: float,
-    damping_form: str,
-    a_examples: int | None = None,
+    model: nn.Module, optimized: set[int], settings: BlockSettings
 ) -> tuple[dict[str, CurvatureBlock], dict[str, str]]:
-    """The curvature block (:func:`~spngd.curvature.make_block`) of every module whose
-    parameters are all in ``optimized`` (ids) and trainable and its own, by module name;
-    and why each other module with optimized parameters gets momentum SGD instead."""
+    """The curvature block (:func:`~spngd.curvature.make_block`, with ``settings``) of every
+    module whose parameters are all in ``optimized`` (ids) and trainable and its own, by
+    module name; and why each other module with optimized parameters gets momentum SGD
+    instead."""
     owners: dict[int, int] = {}
     for module in model.modules():
         for p in module.parameters(recurse=False):
@@ -53,7 +50,7 @@ def find_blocks(
         if not params:
             continue
         label = name or "<model>"
-        block = make_block(label, module, bn_damping_scale, damping_form, a_examples)
+        block = make_block(label, module, settings)
         module_class = type(module).__name__
         own = [n for n, _ in module.named_parameters(recurse=False)]
         if block is not None and own not in (["weight", "bias"], ["weight"]):

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from torch import nn
 
-from spngd.curvature import CurvatureBlock, make_block
+from spngd.curvature import BlockSettings, CurvatureBlock, make_block
 from spngd.distributed import BlockCost
 
 
 def real_block(name: str, module: nn.Module) -> CurvatureBlock | None:
     """The curvature block SPNGD builds for ``module``, or None."""
-    return make_block(name, module, bn_damping_scale=16.0)
+    return make_block(name, module, BlockSettings(bn_damping_scale=16.0))
 
 
 def model_blocks(model: nn.Module) -> list[CurvatureBlock]:

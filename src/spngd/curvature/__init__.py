@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import nn
 
 from spngd.curvature.base import CurvatureBlock
@@ -15,6 +17,7 @@ __all__ = [
     "BLOCK_KINDS",
     "SUPPORTED_LAYERS",
     "BatchNormBlock",
+    "BlockSettings",
     "Conv1dBlock",
     "Conv2dBlock",
     "CurvatureBlock",
@@ -38,18 +41,25 @@ SUPPORTED_LAYERS = ", ".join(
 """The module classes SP-NGD preconditions, for messages (``Linear, Conv2d, ...``)."""
 
 
-def make_block(
-    name: str,
-    module: nn.Module,
-    bn_damping_scale: float,
-    damping_form: str = DAMPING_FORMS[0],
-    a_examples: int | None = None,
-) -> CurvatureBlock | None:
+@dataclass(frozen=True)
+class BlockSettings:
+    """The settings that concern one layer kind or another (:class:`spngd.SPNGD` documents
+    them), handed to every kind's :meth:`CurvatureBlock.for_module`, which reads its own."""
+
+    bn_damping_scale: float
+    """BatchNorm blocks are damped with this times the damping."""
+    damping_form: str = DAMPING_FORMS[0]
+    """How Kronecker-factored blocks are damped (:data:`DAMPING_FORMS`)."""
+    a_examples: int | None = None
+    """Kronecker-factored blocks take ``A`` from at most this many examples (None: as many
+    as the other statistics)."""
+
+
+def make_block(name: str, module: nn.Module, settings: BlockSettings) -> CurvatureBlock | None:
     """The curvature block of the first registered kind (:data:`BLOCK_KINDS`) whose module
-    types ``module`` is an instance of, or None for any other module; Kronecker-factored
-    blocks are damped in ``damping_form`` and take ``A`` from at most ``a_examples``
-    examples, BatchNorm blocks are damped with ``bn_damping_scale`` times the damping."""
+    types ``module`` is an instance of, set up with ``settings``, or None for any other
+    module."""
     for kind in BLOCK_KINDS:
         if isinstance(module, kind.module_types):
-            return kind.for_module(name, module, bn_damping_scale, damping_form, a_examples)
+            return kind.for_module(name, module, settings)
     return None

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import warnings
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
 
 from spngd.linalg import FactorizationError
 from spngd.timing import StageTimes
+
+if TYPE_CHECKING:
+    from spngd.curvature import BlockSettings
 
 
 class CurvatureBlock(ABC):
@@ -55,12 +58,7 @@ class CurvatureBlock(ABC):
     @classmethod
     @abstractmethod
     def for_module(
-        cls,
-        name: str,
-        module: nn.Module,
-        bn_damping_scale: float,
-        damping_form: str,
-        a_examples: int | None,
+        cls, name: str, module: nn.Module, settings: BlockSettings
     ) -> CurvatureBlock | None:
         """This kind's block for ``module`` (an instance of one of :attr:`module_types`),
         set up with the settings that concern the kind, or None where the kind cannot

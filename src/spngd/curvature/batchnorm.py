@@ -13,11 +13,16 @@ is harmless. The damping is ``bn_damping_scale * lam`` (default 16).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from spngd.curvature.base import CurvatureBlock, statistics_dtype
 from spngd.linalg import FactorizationError, unit_wise_inverse
+
+if TYPE_CHECKING:
+    from spngd.curvature import BlockSettings
 
 
 class BatchNormBlock(CurvatureBlock):
@@ -28,18 +33,13 @@ class BatchNormBlock(CurvatureBlock):
 
     @classmethod
     def for_module(
-        cls,
-        name: str,
-        module: nn.Module,
-        bn_damping_scale: float,
-        damping_form: str,
-        a_examples: int | None,
+        cls, name: str, module: nn.Module, settings: BlockSettings
     ) -> BatchNormBlock | None:
         """The block of an affine BatchNorm (one without ``gamma`` and ``beta`` has no
         parameters to precondition)."""
         if not module.affine:  # type: ignore[union-attr]
             return None
-        return cls(name, module, bn_damping_scale)  # type: ignore[arg-type]
+        return cls(name, module, settings.bn_damping_scale)  # type: ignore[arg-type]
 
     def __init__(
         self, name: str, module: nn.modules.batchnorm._BatchNorm, damping_scale: float

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 from abc import abstractmethod
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -49,6 +50,9 @@ from spngd.linalg import (
     robust_cholesky,
     robust_eigh,
 )
+
+if TYPE_CHECKING:
+    from spngd.curvature import BlockSettings
 
 DAMPING_FORMS = ("factored-keep-a", "factored", "kronecker")
 """The damping forms of Kronecker blocks (module docstring); the first is the default."""
@@ -77,16 +81,11 @@ class KroneckerBlock(CurvatureBlock):
 
     @classmethod
     def for_module(
-        cls,
-        name: str,
-        module: torch.nn.Module,
-        bn_damping_scale: float,
-        damping_form: str,
-        a_examples: int | None,
+        cls, name: str, module: torch.nn.Module, settings: BlockSettings
     ) -> KroneckerBlock:
         block = cls(name, module)
-        block.damping_form = damping_form
-        block.a_examples = a_examples
+        block.damping_form = settings.damping_form
+        block.a_examples = settings.a_examples
         return block
 
     def __init__(self, name: str, module: torch.nn.Module) -> None:
