@@ -27,6 +27,7 @@ sibling dominate the times (a 0.2 ms product then takes 30 ms).
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -48,6 +49,7 @@ from spngd.curvature.conv import (
     IMAGE_GRAM_MAX_FEATURES,
     border_rows,
     channel_moment_form,
+    gram_summation_form,
     output_size,
     patch_moment_form,
     second_moment_by_image_gram,
@@ -313,9 +315,10 @@ def conv_a_forms(x: torch.Tensor, conv: ConvShape) -> dict[str, Form]:
             x, kernel, stride, padding, (1, 1), groups
         )
         if x[0].numel() <= IMAGE_GRAM_MAX_FEATURES:
-            forms["image Gram"] = lambda: second_moment_by_image_gram(
-                x, kernel, stride, padding, (1, 1)
-            )
+            for summation in ("count matrix", "gather"):
+                forms[f"image Gram, {summation}"] = functools.partial(
+                    second_moment_by_image_gram, x, kernel, stride, padding, (1, 1), summation
+                )
     return forms
 
 
@@ -473,6 +476,8 @@ def conv_a_case(conv: ConvShape, count: int, source: str) -> Case:
 def _a_pick(x: torch.Tensor, conv: ConvShape) -> str:
     geometry = (conv.kernel, conv.stride, conv.padding, (1, 1), conv.groups)
     form = patch_moment_form(conv.x[1:], *geometry)
+    if form == "image Gram":
+        return f"image Gram, {gram_summation_form(conv.x[2:], *geometry[:-1])}"
     if form != "channel moment":
         return form
     sub = x[:, :, :: conv.stride[0], :: conv.stride[1]]

@@ -19,8 +19,10 @@ from spngd.curvature.batchnorm import moment_form, per_example_moments
 from spngd.curvature.conv import (
     channel_moment_form,
     channel_second_moment,
+    gram_summation_form,
     patch_moment_form,
     patch_second_moment,
+    second_moment_by_image_gram,
 )
 from spngd.curvature.linear import gram, gram_form
 from tests.curvature._bruteforce import (
@@ -168,6 +170,37 @@ def test_patch_second_moment_forms_equal_unfold(
     expected = _unfold_second_moment(x, kernel, stride, padding, dilation, groups)
     got = patch_second_moment(x, kernel, stride, padding, dilation, groups)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("summation", ["count matrix", "gather"])
+@pytest.mark.parametrize(
+    ("channels", "height", "width", "kernel", "stride", "padding", "dilation", "groups", "form"),
+    [case for case in PATCH_CASES if case[-1] == "image Gram"],
+)
+def test_image_gram_summations_equal_unfold(
+    channels: int, height: int, width: int, kernel: tuple[int, int], stride: tuple[int, int],
+    padding: tuple[int, int], dilation: tuple[int, int], groups: int, form: str, summation: str,
+) -> None:  # fmt: skip
+    """Both ways of summing the image Gram over output positions, whichever the rule picks."""
+    x = _randn(3, channels, height, width, seed=height * width + 1)
+    expected = _unfold_second_moment(x, kernel, stride, padding, dilation, groups)
+    got = second_moment_by_image_gram(x, kernel, stride, padding, dilation, summation)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("size", "stride", "padding", "summation"),
+    [
+        ((2, 2), (1, 1), (1, 1), "count matrix"),  # 25 pairs per output position / 4
+        ((4, 4), (1, 1), (1, 1), "count matrix"),  # 289 / 16
+        ((4, 4), (2, 2), (1, 1), "gather"),  # 289 / 4
+        ((8, 8), (1, 1), (1, 1), "gather"),  # 4225 / 64
+    ],
+)
+def test_gram_summation_form(
+    size: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int], summation: str
+) -> None:
+    assert gram_summation_form(size, (3, 3), stride, padding, (1, 1)) == summation
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
