@@ -18,6 +18,19 @@ def test_any_nonfinite_sees_one_bad_entry_among_many_tensors() -> None:
     assert any_nonfinite([]).item() == 0.0
 
 
+def test_any_nonfinite_needs_a_bad_entry() -> None:
+    """The largest finite values, many of them, are not mistaken for an overflow; infinities
+    of both signs in different tensors are not cancelled; half precision is read alike."""
+    largest = torch.finfo(torch.float32).max
+    assert any_nonfinite([torch.full((1000,), largest), torch.full((7,), largest)]).item() == 0.0
+    infinities = [torch.tensor([float("inf")]), torch.tensor([-float("inf")])]
+    assert any_nonfinite(infinities).item() == 1.0
+    half = torch.full((4,), torch.finfo(torch.float16).max, dtype=torch.float16)
+    assert any_nonfinite([half]).item() == 0.0
+    half[2] = float("nan")
+    assert any_nonfinite([half]).item() == 1.0
+
+
 def test_bad_steps_are_skipped_counted_and_stop_after_too_many_in_a_row() -> None:
     guard = NonFiniteGuard("SGD", max_bad_steps=3, advice="Lower the learning rate")
     with pytest.warns(

@@ -8,7 +8,6 @@ checkpoint instead of writing NaNs into it.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -27,13 +26,17 @@ def any_nonfinite(
 ) -> torch.Tensor:
     """``1.0`` if any gradient entry is NaN or inf, else ``0.0`` (a 0-dim float tensor).
 
-    One fused max-norm over all gradients (NaN or inf if any entry is) instead of a check
-    and a host sync per tensor: this runs every step. The max-norm, not the 2-norm, whose
-    squares would overflow to inf for finite entries above about 1.8e19 in float32.
+    One float64 sum per gradient and one over those, without a host sync: this runs every
+    step. A sum is NaN or inf if an entry is (``inf - inf`` is NaN), and finite entries of
+    float32 or narrower cannot overflow float64 (float64 gradients above about 1e300 can,
+    and count as bad). Over ResNet-20's 65 gradients on 2 CPU threads: 0.22 ms against 0.62
+    for a fused max-norm, and about as long as concatenating them for one sum, which copies
+    every gradient.
     """
     if not grads:
         return torch.zeros((), device=device)
-    return (~torch.isfinite(torch.nn.utils.get_total_norm(grads, norm_type=math.inf))).float()
+    sums = torch.stack([grad.sum(dtype=torch.float64) for grad in grads])
+    return (~torch.isfinite(sums.sum())).float()
 
 
 GUARD_RULES: dict[str, Rule] = {"max_bad_steps": int_rule(1)}
