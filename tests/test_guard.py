@@ -29,6 +29,9 @@ def test_any_nonfinite_needs_a_bad_entry() -> None:
     assert any_nonfinite([half]).item() == 0.0
     half[2] = float("nan")
     assert any_nonfinite([half]).item() == 1.0
+    complex_grad = torch.complex(torch.ones(2), torch.tensor([0.0, float("nan")]))
+    assert any_nonfinite([complex_grad]).item() == 1.0
+    assert any_nonfinite([complex_grad.real]).item() == 0.0
 
 
 def test_bad_steps_are_skipped_counted_and_stop_after_too_many_in_a_row() -> None:

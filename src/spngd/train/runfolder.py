@@ -123,7 +123,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 def all_finite(state: Mapping[str, Any]) -> bool:
     """Whether every floating-point tensor of a model's ``state_dict`` is free of NaN and inf
-    (one fused norm, not one check per tensor)."""
+    (:func:`~spngd.guard.any_nonfinite`: one sum per tensor, no host sync per tensor)."""
     tensors = [t for t in state.values() if torch.is_tensor(t) and t.is_floating_point()]
     return not bool(any_nonfinite(tensors))
 
