@@ -46,6 +46,7 @@ from spngd.curvature.batchnorm import (
     moments_by_kernel,
 )
 from spngd.curvature.conv import (
+    GRAM_SUMMATIONS,
     IMAGE_GRAM_MAX_FEATURES,
     border_rows,
     channel_moment_form,
@@ -315,7 +316,10 @@ def conv_a_forms(x: torch.Tensor, conv: ConvShape) -> dict[str, Form]:
             x, kernel, stride, padding, (1, 1), groups
         )
         if x[0].numel() <= IMAGE_GRAM_MAX_FEATURES:
-            for summation in ("count matrix", "gather"):
+            # the count matrix, (kh kw)^2 (H W + 1)^2 entries, only where it stays small: it
+            # is cached per geometry (the stem at 32x32 would hold 340 MB)
+            small = (kernel[0] * kernel[1] * (x.shape[2] * x.shape[3] + 1)) ** 2 <= 2**22
+            for summation in GRAM_SUMMATIONS if small else ("gather",):
                 forms[f"image Gram, {summation}"] = functools.partial(
                     second_moment_by_image_gram, x, kernel, stride, padding, (1, 1), summation
                 )

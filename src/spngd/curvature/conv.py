@@ -29,6 +29,7 @@ shapes of ResNet-20 and ResNet-50.
 from __future__ import annotations
 
 import functools
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -189,8 +190,10 @@ IMAGE_GRAM_MAX_FEATURES = 4096
 """Largest image ``C H W`` whose Gram matrix (``(C H W)^2`` entries) the "image Gram" form
 builds."""
 IMAGE_GRAM_MAX_GATHERED = 2**24
-"""Largest number of values the image Gram gathers (``|T| (C kh kw)^2``, ``|T|`` copies of
-``A``'s size) before summing them over the output positions."""
+"""Largest ``|T| (C kh kw)^2`` (``|T|`` copies of ``A``'s size, what summing by a gather
+moves) at which the image Gram form is chosen; where the count matrix sums instead, its
+product (``(kh kw)^2 (H W + 1)^2 C^2`` multiply-adds) is at most
+:data:`GRAM_COUNTS_MAX_RATIO` times that."""
 IMAGE_GRAM_ADVANTAGE = 2
 """How many times the multiply-adds of the other forms the image Gram may take and still be
 chosen: one oneDNN product over whole images runs about twice as fast per multiply-add as
@@ -219,7 +222,7 @@ def patch_moment_form(
       ``(32, 1024, 14, 14)``.
     * ``"image Gram"``: without groups, on small images (at most
       ``IMAGE_GRAM_MAX_FEATURES`` values, ``IMAGE_GRAM_MAX_GATHERED`` gathered), the Gram
-      matrix of whole images gathered into ``A`` per output position
+      matrix of whole images summed into ``A`` over output positions
       (:func:`second_moment_by_image_gram`): ``(H W)^2`` multiply-adds per example and
       channel pair, against ``H W kh (2 kw - 1)`` for the shifts and ``|T| (kh kw)^2``
       for the patches (``(kh + 1) / (2 kh)`` of it by row blocks); chosen up to
@@ -441,7 +444,7 @@ def second_moment_by_image_gram(
     stride: Pair,
     padding: Pair,
     dilation: Pair,
-    summation: str | None = None,
+    summation: GramSummation | None = None,
 ) -> torch.Tensor:
     """Patch second moment (one group) from the Gram matrix of whole images.
 
@@ -459,19 +462,24 @@ def second_moment_by_image_gram(
     gram = onednn_product(rows, rows).view(channels, positions, channels, positions)
     gram = F.pad(gram, (0, 1, 0, 0, 0, 1))  # index ``positions``: the zero padding
     geometry = ((height, width), kernel, stride, padding, dilation)
-    if summation is None:
-        summation = gram_summation_form(*geometry)
-    read = _read_positions(*geometry, x.device)
-    offsets = read.shape[1]
+    summation = gram_summation_form(*geometry) if summation is None else summation
+    offsets = kernel[0] * kernel[1]
     if summation == "count matrix":
         counts = _pair_counts(*geometry, x.device, x.dtype)
         pairs = gram.permute(1, 3, 0, 2).reshape((positions + 1) ** 2, channels * channels)
         second = (counts @ pairs).view(offsets, offsets, channels, channels)
-    else:
+    elif summation == "gather":
+        read = _read_positions(*geometry, x.device)
         second = gram[:, read[:, :, None], :, read[:, None, :]].sum(0)  # (δ, δ', c, c')
+    else:
+        raise ValueError(f"summation must be one of {GRAM_SUMMATIONS}, got {summation!r}")
     second = second.permute(2, 0, 3, 1)
     return second.reshape(1, channels * offsets, channels * offsets)
 
+
+GramSummation = Literal["count matrix", "gather"]
+GRAM_SUMMATIONS: tuple[GramSummation, ...] = ("count matrix", "gather")
+"""The ways :func:`second_moment_by_image_gram` sums over output positions."""
 
 GRAM_COUNTS_MAX_RATIO = 32
 """Largest ratio of the Gram matrix's position pairs ``(H W + 1)^2`` to the output positions
@@ -480,7 +488,7 @@ GRAM_COUNTS_MAX_RATIO = 32
 
 def gram_summation_form(
     size: Pair, kernel: Pair, stride: Pair, padding: Pair, dilation: Pair
-) -> str:
+) -> GramSummation:
     """How :func:`second_moment_by_image_gram` sums over output positions at this geometry.
 
     The count matrix multiplies ``(kh kw)^2 (H W + 1)^2`` pairs by ``C^2`` entries in one
@@ -515,15 +523,15 @@ def _pair_counts(
     at which offset ``δ`` reads image position ``p`` and ``δ'`` reads ``q`` (``H W``: the
     padding). Cached per geometry: the layers of a network repeat a few of them."""
     read = _read_positions(size, kernel, stride, padding, dilation, device)
-    offsets, pairs = read.shape[1], size[0] * size[1] + 1
+    offsets, padded = read.shape[1], size[0] * size[1] + 1
     flat = (
-        torch.arange(offsets * offsets, device=device).view(offsets, offsets) * pairs**2
-        + read[:, :, None] * pairs
+        torch.arange(offsets * offsets, device=device).view(offsets, offsets) * padded**2
+        + read[:, :, None] * padded
         + read[:, None, :]
     )
-    counts = torch.zeros(offsets * offsets * pairs**2, dtype=dtype, device=device)
+    counts = torch.zeros(offsets * offsets * padded**2, dtype=dtype, device=device)
     counts.index_add_(0, flat.flatten(), torch.ones(flat.numel(), dtype=dtype, device=device))
-    return counts.view(offsets * offsets, pairs**2)
+    return counts.view(offsets * offsets, padded**2)
 
 
 @functools.lru_cache(maxsize=64)
