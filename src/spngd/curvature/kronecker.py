@@ -63,8 +63,9 @@ factor's), or at once where that is at most 1. Forming costs what ``c d / k`` pr
 the inverse save over the two triangular solves, with ``c`` measured at 0.4-1.1 for
 ``d = 145..577`` and 1.2-2.3 for ``d = 1153..4609`` (2 CPU threads, ``k = d / 9``, as in 3x3
 convolutions; one factor at a time, the medians of a few runs that moved by up to 2x).
-Forming at about the break-even use costs at most about twice what knowing the inverse's
-lifetime in advance would (the rent-or-buy bound); a ``G`` (``d`` far below ``k``) is formed
+Forming at about the break-even use bounds what not knowing the inverse's lifetime in
+advance costs (the rent-or-buy argument: at most twice the cost with ``c = 1``, up to about
+3.5 times at the measured extremes of ``c``); a ``G`` (``d`` far below ``k``) is formed
 before its first use, for which one product with the inverse and its forming took 0.05 ms
 against 0.24 ms for the solves at ``d, k = 64, 577``. In the adaptive refresh of ResNet-20
 on the digits at batch 1,024, interleaved in one process, preconditioning took 5.6 ms per
