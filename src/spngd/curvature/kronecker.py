@@ -68,8 +68,8 @@ advance costs (the rent-or-buy argument: at most twice the cost with ``c = 1``, 
 3.5 times at the measured extremes of ``c``); a ``G`` (``d`` far below ``k``) is formed
 before its first use, for which one product with the inverse and its forming took 0.05 ms
 against 0.24 ms for the solves at ``d, k = 64, 577``. In the adaptive refresh of ResNet-20
-on the digits at batch 1,024, interleaved in one process, preconditioning took 5.6 ms per
-step against 6.3 when forming at three times the break-even use."""
+on the digits at batch 1,024, interleaved in one process, preconditioning took 5.0-5.6 ms
+per step against 5.7-6.3 when forming at three times the break-even use (three runs)."""
 
 
 class KroneckerBlock(CurvatureBlock):
