@@ -131,6 +131,14 @@ def output_size(size: int, kernel: int, stride: int, padding: int, dilation: int
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
+def output_shape(size: Pair, kernel: Pair, stride: Pair, padding: Pair, dilation: Pair) -> Pair:
+    """Height and width of a convolution's output on an input of height and width ``size``."""
+    return (
+        output_size(size[0], kernel[0], stride[0], padding[0], dilation[0]),
+        output_size(size[1], kernel[1], stride[1], padding[1], dilation[1]),
+    )
+
+
 def patch_first_moment(
     x: torch.Tensor, kernel: Pair, stride: Pair, padding: Pair, dilation: Pair, groups: int
 ) -> tuple[torch.Tensor, int]:
@@ -144,8 +152,7 @@ def patch_first_moment(
     visits_h = _visit_matrix(x.shape[2], kernel[0], stride[0], padding[0], dilation[0], x)
     visits_w = _visit_matrix(x.shape[3], kernel[1], stride[1], padding[1], dilation[1], x)
     sums = torch.einsum("ah,chw,bw->cab", visits_h, image, visits_w)
-    out_h = output_size(x.shape[2], kernel[0], stride[0], padding[0], dilation[0])
-    out_w = output_size(x.shape[3], kernel[1], stride[1], padding[1], dilation[1])
+    out_h, out_w = output_shape(x.shape[2:], kernel, stride, padding, dilation)
     locations = out_h * out_w
     return sums.reshape(groups, (channels // groups) * kernel[0] * kernel[1]), locations
 
@@ -262,8 +269,8 @@ def patch_moment_form(
     if groups == 1 and channels * height * width <= IMAGE_GRAM_MAX_FEATURES:
         positions = height * width
         kh, kw = kernel
-        out_h = output_size(height, kh, stride[0], padding[0], dilation[0])
-        locations = out_h * output_size(width, kw, stride[1], padding[1], dilation[1])
+        out_h, out_w = output_shape((height, width), kernel, stride, padding, dilation)
+        locations = out_h * out_w
         if form == "shifts, channels-last":
             products = positions * kh * (2 * kw - 1)
         else:
@@ -400,8 +407,7 @@ def second_moment_by_patches(
     """
     n, channels, height, width = x.shape
     kh, kw = kernel
-    out_h = output_size(height, kh, stride[0], padding[0], dilation[0])
-    out_w = output_size(width, kw, stride[1], padding[1], dilation[1])
+    out_h, out_w = output_shape((height, width), kernel, stride, padding, dilation)
     padded_shape = (n, height + 2 * padding[0], width + 2 * padding[1], channels)
     padded = x.new_zeros(padded_shape) if padding != (0, 0) else x.new_empty(padded_shape)
     padded[:, padding[0] : padding[0] + height, padding[1] : padding[1] + width] = x.permute(
@@ -500,11 +506,8 @@ def gram_summation_form(
     ``(1024, 64, 4, 4)``: 15.5 against 13.2), at 72 (4x4 maps at stride 2) 1.06-1.78x
     (``(1024, 128, 4, 4)``: 49 against 88).
     """
-    (height, width), (kh, kw) = size, kernel
-    locations = output_size(height, kh, stride[0], padding[0], dilation[0]) * output_size(
-        width, kw, stride[1], padding[1], dilation[1]
-    )
-    if (height * width + 1) ** 2 <= GRAM_COUNTS_MAX_RATIO * locations:
+    out_h, out_w = output_shape(size, kernel, stride, padding, dilation)
+    if (size[0] * size[1] + 1) ** 2 <= GRAM_COUNTS_MAX_RATIO * out_h * out_w:
         return "count matrix"
     return "gather"
 
@@ -542,8 +545,7 @@ def _read_positions(
     position, ``H W`` where it reads padding (cached per geometry, like
     :func:`_pair_counts`)."""
     (height, width), (kh, kw) = size, kernel
-    out_h = output_size(height, kh, stride[0], padding[0], dilation[0])
-    out_w = output_size(width, kw, stride[1], padding[1], dilation[1])
+    out_h, out_w = output_shape(size, kernel, stride, padding, dilation)
     out_rows = torch.arange(out_h, device=device)[:, None, None, None] * stride[0]
     out_cols = torch.arange(out_w, device=device)[:, None, None] * stride[1]
     rows = out_rows + torch.arange(kh, device=device)[:, None] * dilation[0] - padding[0]
