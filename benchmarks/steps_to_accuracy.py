@@ -3,10 +3,10 @@
 ResNet-20 on the embedded 8x8 digits (1,497 training / 300 validation images) at batch 1,024,
 32x ``spngd train``'s default of 32 (each pass over the data is one step on a random 1,024 of
 the 1,497 images). Both optimizers use the same data, model, epochs, weight rescaling,
-polynomial decay and validation (BatchNorm statistics recomputed under the current weights,
-``--eval-batchnorm``); SGD adds weight decay and gets its learning rate and warm-up from a
+polynomial decay, weight decay (5e-4) and validation (BatchNorm statistics recomputed under
+the current weights, ``--eval-batchnorm``); SGD gets its learning rate and warm-up from a
 grid (the grid point with the fewest mean steps to the target wins). SP-NGD uses one fixed
-setting, its default damping with a learning rate from a screen on seeds 0-2
+setting, its default damping with a learning rate and weight decay from screens
 (docs/benchmarks.md), twice: with its adaptive statistics refresh (the default, the one
 compared with SGD) and with statistics and inverses every step (``stat_interval=1``).
 Validation runs after every step. For each seed the script prints the first step at which
@@ -23,7 +23,8 @@ step counts differ between thread counts, as they do by a few steps from seed to
 is 291 of the 300 validation images).
 
     python benchmarks/steps_to_accuracy.py [--seeds 0 1 2] [--target 0.97] [--epochs 60]
-        [--sgd-lrs [X ...]] [--sgd-warmups E [E ...]] [--spngd-lr X] [--damping X]
+        [--sgd-lrs [X ...]] [--sgd-warmups E [E ...]] [--spngd-lr X] [--spngd-weight-decay X]
+        [--damping X]
         [--a-examples K|none] [--eval-batchnorm running]
         [--refresh-alpha X] [--refresh-rule noise|threshold] ...
 """
@@ -47,9 +48,15 @@ from spngd.train.config import resolve_config
 from spngd.train.runfolder import RunFolder
 from spngd.train.trainer import train
 
-SHARED = {"data": "digits", "model": "resnet20", "batch_size": 1024, "device": "cpu"}
-SGD = {"optimizer": "sgd", "weight_decay": 5e-4, "momentum": 0.9}
-SPNGD = {"optimizer": "spngd", "lr": 0.025, "damping": 1e-3, "momentum": 0.9, "weight_decay": 0.0}
+SHARED = {
+    "data": "digits",
+    "model": "resnet20",
+    "batch_size": 1024,
+    "weight_decay": 5e-4,
+    "device": "cpu",
+}
+SGD = {"optimizer": "sgd", "momentum": 0.9}
+SPNGD = {"optimizer": "spngd", "lr": 0.025, "damping": 1e-3, "momentum": 0.9}
 ADAPTIVE = "sp-ngd"
 EVERY_STEP = "sp-ngd every step"
 
@@ -117,6 +124,11 @@ def main() -> None:
     parser.add_argument("--damping", type=float, help=f"SP-NGD's damping ({SPNGD['damping']})")
     parser.add_argument("--spngd-lr", type=float, help=f"SP-NGD's learning rate ({SPNGD['lr']})")
     parser.add_argument(
+        "--spngd-weight-decay",
+        type=float,
+        help=f"SP-NGD's weight decay ({SHARED['weight_decay']:g}, as SGD's)",
+    )
+    parser.add_argument(
         "--statistics-examples", type=int, help="SP-NGD's examples per statistic (1024)"
     )
     parser.add_argument(
@@ -144,6 +156,7 @@ def main() -> None:
         "damping_form": args.damping_form,
         "damping": args.damping,
         "lr": args.spngd_lr,
+        "weight_decay": args.spngd_weight_decay,
         "statistics_examples": args.statistics_examples,
     }
     chosen = {k: v for k, v in knobs.items() if v is not None} | {"refresh": refresh}

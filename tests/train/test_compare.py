@@ -24,6 +24,7 @@ def test_compare_trains_both_optimizers_into_one_plot(run_cli: CliRun, tmp_path:
     own_defaults = COMPARE_OPTIMIZER_DEFAULTS
     assert (sgd["lr"], sgd["warmup_epochs"]) == (0.3, own_defaults["sgd"]["warmup_epochs"])
     assert (spngd["lr"], spngd["warmup_epochs"]) == (own_defaults["spngd"]["lr"], 0.02)
+    assert spngd["weight_decay"] == own_defaults["spngd"]["weight_decay"]
     # compare's own defaults: the large-batch regime, validated after every step
     assert (spngd["batch_size"], spngd["epochs"]) == (32, 0.05)  # given
     assert spngd["eval_every_steps"] == COMPARE_DEFAULTS["eval_every_steps"]
