@@ -3,7 +3,7 @@
 ResNet-20 on the embedded 8x8 digits (1,497 training / 300 validation images) at batch 1,024,
 32x ``spngd train``'s default of 32 (each pass over the data is one step on a random 1,024 of
 the 1,497 images). Both optimizers use the same data, model, epochs, weight rescaling,
-polynomial decay, weight decay (5e-4) and validation (BatchNorm statistics recomputed under
+polynomial decay, weight decay and validation (BatchNorm statistics recomputed under
 the current weights, ``--eval-batchnorm``); SGD gets its learning rate and warm-up from a
 grid (the grid point with the fewest mean steps to the target wins). SP-NGD uses one fixed
 setting, its default damping with a learning rate and weight decay from screens
