@@ -6,7 +6,7 @@ the 1,497 images). Both optimizers use the same data, model, epochs, weight resc
 polynomial decay, weight decay and validation (BatchNorm statistics recomputed under
 the current weights, ``--eval-batchnorm``); SGD gets its learning rate and warm-up from a
 grid (the grid point with the fewest mean steps to the target wins). SP-NGD uses one fixed
-setting, its default damping with a learning rate and weight decay from screens
+setting, its default damping with a learning rate from a screen
 (docs/benchmarks.md), twice: with its adaptive statistics refresh (the default, the one
 compared with SGD) and with statistics and inverses every step (``stat_interval=1``).
 Validation runs after every step. For each seed the script prints the first step at which
