@@ -100,10 +100,8 @@ def main() -> None:
     args = parser.parse_args()
     pin_malloc()
     results: dict[int, dict[str, Run]] = {}
-    print(
-        f"spngd compare {' '.join(args.compare_options)}: "
-        f"to {100 * args.target:g}% validation accuracy"
-    )
+    command = " ".join(["spngd compare", *args.compare_options])
+    print(f"{command}: to {100 * args.target:g}% validation accuracy")
     print(f"{'seed':>4}  {'SGD (steps, time, final)':<33}  {'SP-NGD':<33}  faster")
     with tempfile.TemporaryDirectory() as scratch:
         root = args.out or Path(scratch)
