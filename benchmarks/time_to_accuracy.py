@@ -6,9 +6,9 @@ defaults unless overridden), reads both runs' ``metrics.jsonl`` and prints the s
 training time (the records' ``time``, which leaves out validation) to the target validation
 accuracy, the accuracy at the end, and which optimizer got there first. Then the summary:
 the seeds SP-NGD won on the clock, the mean steps over the seeds where both reached the
-target, the median ratio of SP-NGD's step time to SGD's over each run's first ten steps (the
-adaptive refresh's warm-up, which refreshes everything: compare's runs reach the target
-within or just after it), and the mean final accuracies. Seeds are run one after the other,
+target, the median ratio of SP-NGD's step time to SGD's over each run's first steps (the
+adaptive refresh's warm-up, ten steps, which refresh everything: compare's runs reach the
+target within or just after it), and the mean final accuracies. Seeds are run one after the other,
 SGD and SP-NGD of one seed back to back, with glibc's malloc thresholds pinned; the
 machine's load still moves single times by 20-40% on our shared 2-core machines, so read
 the counts over many seeds, not one seed's times.
@@ -32,10 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pinned_malloc import pin_malloc
+from spngd.refresh import AdaptiveRefresh
 from spngd.train.cli import main as spngd_main
 
 OPTIMIZERS = ("sgd", "spngd")
-COST_STEPS = 10
+COST_STEPS = AdaptiveRefresh.warmup_steps
 """Steps over which each run's step time is compared: the adaptive refresh's warm-up."""
 
 
