@@ -34,8 +34,9 @@ from pathlib import Path
 from pinned_malloc import pin_malloc
 from spngd.refresh import AdaptiveRefresh
 from spngd.train.cli import main as spngd_main
+from spngd.train.config import OPTIMIZERS
+from spngd.train.runfolder import METRICS
 
-OPTIMIZERS = ("sgd", "spngd")
 COST_STEPS = AdaptiveRefresh.warmup_steps
 """Steps over which each run's step time is compared: the adaptive refresh's warm-up."""
 
@@ -54,7 +55,7 @@ class Run:
 
 def read_run(folder: Path, target: float) -> Run:
     """The :class:`Run` recorded in ``folder/metrics.jsonl``."""
-    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (folder / METRICS).read_text().splitlines()]
     steps = [r for r in records if r["kind"] == "step"]
     validated = [r for r in steps if "val_accuracy" in r]
     if not validated:
@@ -112,7 +113,7 @@ def main() -> None:
             )
             cells = f"{_cell(runs['sgd']):<33}  {_cell(runs['spngd']):<33}"
             print(f"{seed:>4}  {cells}  {_faster(runs)}", flush=True)
-    won = [s for s, r in results.items() if r["spngd"].seconds < r["sgd"].seconds]
+    won = [seed for seed, runs in results.items() if _faster(runs) == "SP-NGD"]
     both = [
         r
         for r in results.values()
