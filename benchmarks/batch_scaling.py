@@ -570,6 +570,9 @@ def main() -> None:
         return
     pin_malloc()
     torch.set_num_threads(args.threads)
+    # As spngd train does, so that the steps are timed as training runs them
+    # (docs/performance.md, "Subnormal numbers").
+    torch.set_flush_denormal(True)
     study = replace(
         QUICK if args.quick else FULL,
         warmups=tuple(args.warmups),
