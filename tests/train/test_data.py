@@ -11,8 +11,15 @@ import numpy as np
 import pytest
 import torch
 
+from spngd.train.augment import pad_crop, random_flip
 from spngd.train.config import TrainConfig, resolve_config
-from spngd.train.data import data_kind, load_data, make_loaders
+from spngd.train.data import (
+    TensorImages,
+    TensorSequences,
+    data_kind,
+    load_data,
+    make_loaders,
+)
 from spngd.train.errors import UserError
 from tests.train.conftest import write_image_folder
 
@@ -151,6 +158,41 @@ def test_loaders_give_micro_batches_and_full_batches_only() -> None:
     assert len(train) == 1497 // 16 and sum(len(y) for _, y in val) == 300
     first = next(iter(make_loaders(load_data(config), config)[0]))[1]
     assert torch.equal(first, labels)  # the order follows the seed
+
+
+def test_a_batch_is_fetched_at_once_with_each_item_as_it_would_be_alone() -> None:
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (40, 3, 6, 6), generator=generator, dtype=torch.uint8)
+    labels = torch.randint(0, 10, (40,), generator=generator)
+    mean, std = torch.tensor([100.0, 120.0, 140.0]), torch.tensor([50.0, 60.0, 70.0])
+
+    def transform(image: torch.Tensor) -> torch.Tensor:
+        return random_flip(pad_crop(image, 2))
+
+    data = TensorImages(images, labels, 1 / 255, mean, std, transform)
+    indices = [7, 3, 39, 0, 3, 21]
+    torch.manual_seed(1)
+    batch = data.__getitems__(indices)
+    torch.manual_seed(1)
+    alone = [
+        (
+            transform((images[i].float() * (1 / 255) - mean.view(-1, 1, 1)) / std.view(-1, 1, 1)),
+            int(labels[i]),
+        )
+        for i in indices
+    ]
+    assert [label for _, label in batch] == [label for _, label in alone]
+    for (image, _), (expected, _) in zip(batch, alone, strict=True):
+        assert torch.equal(image, expected)
+    torch.manual_seed(1)
+    assert torch.equal(data[7][0], alone[0][0])
+
+    sequences = TensorSequences(torch.randn(40, 1, 12, generator=generator), labels)
+    fetched = sequences.__getitems__(indices)
+    assert [label for _, label in fetched] == [int(labels[i]) for i in indices]
+    assert all(
+        torch.equal(x, sequences.sequences[i]) for (x, _), i in zip(fetched, indices, strict=True)
+    )
 
 
 def test_a_batch_larger_than_the_training_set_is_a_user_error() -> None:

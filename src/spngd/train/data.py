@@ -135,8 +135,16 @@ class TensorImages(Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = (self.images[index].float() * self.scale - self.mean) / self.std
-        return self.transform(image), int(self.labels[index])
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
+        """The items at ``indices``, normalized as one tensor (a DataLoader fetches a batch
+        through this): per item only the transform remains, each drawing from the RNG in
+        the order ``__getitem__`` would."""
+        index = torch.as_tensor(indices, dtype=torch.long)
+        images = (self.images[index].float() * self.scale - self.mean) / self.std
+        labels = self.labels[index].tolist()
+        return [(self.transform(image), label) for image, label in zip(images, labels, strict=True)]
 
 
 class TensorSequences(Dataset):
@@ -149,7 +157,13 @@ class TensorSequences(Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.sequences[index], int(self.labels[index])
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
+        """The items at ``indices``, indexed as one tensor (a DataLoader fetches a batch
+        through this)."""
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return list(zip(self.sequences[index], self.labels[index].tolist(), strict=True))
 
 
 class ImageFiles(Dataset):
