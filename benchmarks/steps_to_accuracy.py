@@ -23,8 +23,8 @@ step counts differ between thread counts, as they do by a few steps from seed to
 is 291 of the 300 validation images).
 
     python benchmarks/steps_to_accuracy.py [--seeds 0 1 2] [--target 0.97] [--epochs 60]
-        [--sgd-lrs [X ...]] [--sgd-warmups E [E ...]] [--spngd-lr X] [--spngd-weight-decay X]
-        [--damping X]
+        [--sgd-lrs [X ...]] [--sgd-warmups E [E ...]] [--spngd-lr X] [--spngd-momentum X]
+        [--spngd-warmup-epochs E] [--spngd-weight-decay X] [--damping X]
         [--a-examples K|none] [--eval-batchnorm running]
         [--refresh-alpha X] [--refresh-rule noise|threshold] ...
 """
@@ -124,6 +124,12 @@ def main() -> None:
     parser.add_argument("--damping", type=float, help=f"SP-NGD's damping ({SPNGD['damping']})")
     parser.add_argument("--spngd-lr", type=float, help=f"SP-NGD's learning rate ({SPNGD['lr']})")
     parser.add_argument(
+        "--spngd-momentum", type=float, help=f"SP-NGD's momentum ({SPNGD['momentum']})"
+    )
+    parser.add_argument(
+        "--spngd-warmup-epochs", type=float, help="SP-NGD's learning-rate warm-up in epochs (0)"
+    )
+    parser.add_argument(
         "--spngd-weight-decay",
         type=float,
         help=f"SP-NGD's weight decay ({SHARED['weight_decay']:g}, as SGD's)",
@@ -156,6 +162,8 @@ def main() -> None:
         "damping_form": args.damping_form,
         "damping": args.damping,
         "lr": args.spngd_lr,
+        "momentum": args.spngd_momentum,
+        "warmup_epochs": args.spngd_warmup_epochs,
         "weight_decay": args.spngd_weight_decay,
         "statistics_examples": args.statistics_examples,
     }
