@@ -6,9 +6,9 @@ the 1,497 images). Both optimizers use the same data, model, epochs, weight resc
 polynomial decay, weight decay and validation (BatchNorm statistics recomputed under
 the current weights, ``--eval-batchnorm``); SGD gets its learning rate and warm-up from a
 grid (the grid point with the fewest mean steps to the target wins). SP-NGD uses one fixed
-setting, its default damping with a learning rate from a screen
-(docs/benchmarks.md), twice: with its adaptive statistics refresh (the default, the one
-compared with SGD) and with statistics and inverses every step (``stat_interval=1``).
+setting, its damping and learning rate from screens (docs/benchmarks.md), twice: with its
+adaptive statistics refresh (the default, the one compared with SGD) and with statistics
+and inverses every step (``stat_interval=1``).
 Validation runs after every step. For each seed the script prints the first step at which
 validation accuracy reached the target and the accuracy at the end; then SP-NGD's mean
 steps over the best SGD's, SP-NGD's mean final accuracy against the best mean final
@@ -56,7 +56,7 @@ SHARED = {
     "device": "cpu",
 }
 SGD = {"optimizer": "sgd", "momentum": 0.9}
-SPNGD = {"optimizer": "spngd", "lr": 0.025, "damping": 1e-3, "momentum": 0.9}
+SPNGD = {"optimizer": "spngd", "lr": 0.025, "damping": 3e-3, "momentum": 0.9}
 ADAPTIVE = "sp-ngd"
 EVERY_STEP = "sp-ngd every step"
 

@@ -28,7 +28,7 @@ def test_compare_trains_both_optimizers_into_one_plot(run_cli: CliRun, tmp_path:
     # compare's own defaults: the large-batch regime, validated after every step
     assert (spngd["batch_size"], spngd["epochs"]) == (32, 0.05)  # given
     assert spngd["eval_every_steps"] == COMPARE_DEFAULTS["eval_every_steps"]
-    assert spngd["damping"] == SPNGD_DEFAULTS["damping"]
+    assert spngd["damping"] == COMPARE_DEFAULTS["damping"] != SPNGD_DEFAULTS["damping"]
     own = {"optimizer", "out", *PER_OPTIMIZER}
     assert {k: v for k, v in sgd.items() if k not in own} == {
         k: v for k, v in spngd.items() if k not in own
