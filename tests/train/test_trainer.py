@@ -172,3 +172,30 @@ def test_a_trainer_under_torchrun_without_the_process_group_is_refused(
     config = resolve_config({"device": "cpu", "out": str(tmp_path / "run")})
     with pytest.raises(UserError, match="under torchrun a Trainer needs the process group"):
         Trainer(config, SilentRunFolder(config.out))
+
+
+def test_a_warm_up_leaves_the_run_as_it_was(tmp_path: Path) -> None:
+    """``spngd compare`` warms up each run before it trains; the run then takes the same
+    steps to the bit, random augmentation and SP-NGD's statistics included."""
+    results = {}
+    for warmed in (False, True):
+        config = resolve_config(
+            {
+                "data": "synthetic",
+                "image_size": 8,
+                "batch_size": 16,
+                "epochs": 0.05,
+                "device": "cpu",
+                "progress": False,
+                "out": str(tmp_path / str(warmed)),
+            }
+        )
+        with RunFolder(config.out) as run:
+            trainer = Trainer(config, run)
+            if warmed:
+                trainer.warm_up()
+            results[warmed] = trainer.fit(), trainer.model.state_dict()
+    (cold, cold_state), (warm, warm_state) = results[False], results[True]
+    losses = [[r["loss"] for r in result.records if r["kind"] == "step"] for result in (cold, warm)]
+    assert len(losses[0]) == 3 and losses[0] == losses[1]
+    assert all(torch.equal(cold_state[k], warm_state[k]) for k in cold_state)

@@ -7,15 +7,18 @@ from pathlib import Path
 from spngd.train.config import TrainConfig
 from spngd.train.plots import plot_runs
 from spngd.train.runfolder import RunFolder
-from spngd.train.trainer import RunResult, run_title, train
+from spngd.train.trainer import RunResult, Trainer, run_title
 
 
 def compare(configs: dict[str, TrainConfig], out: Path) -> dict[str, RunResult]:
-    """Train each labelled config into its run folder; draw all into ``out/compare.png``."""
+    """Train each labelled config into its run folder, each warmed up first
+    (:meth:`~spngd.train.trainer.Trainer.warm_up`); draw all into ``out/compare.png``."""
     results = {}
     for label, config in configs.items():
         with RunFolder(config.out, resumable=False) as run:
-            results[label] = train(config, run)
+            trainer = Trainer(config, run)
+            trainer.warm_up()
+            results[label] = trainer.fit()
     first = next(iter(configs.values()))
     plot_runs(
         {label: result.records for label, result in results.items()},

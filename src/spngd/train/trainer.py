@@ -194,6 +194,24 @@ class Trainer:
         self.val_loss, self.val_accuracy = evaluate(self.model, self.val_loader, self.device)
         return {"val_loss": self.val_loss, "val_accuracy": self.val_accuracy}
 
+    def warm_up(self) -> None:
+        """One untimed forward and backward pass of a new model of this run's kind on a
+        micro-batch of zeros, leaving the run as it was (its model, optimizer and RNG):
+        the process's one-time costs for these shapes (the convolution kernels' set-up,
+        the first allocations) are then paid outside ``time``. ``spngd compare`` warms up
+        every run it trains in one process, so that the first does not pay them for the
+        others; what only one optimizer computes stays its own."""
+        example, _ = self.data.train_as_val[0]
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            model = build_model(
+                self.config.model,
+                self.data.num_classes,
+                self.config.zero_init_residual,
+                self.data.in_channels,
+            ).to(self.device)
+            inputs = torch.zeros(self.train_loader.batch_size, *example.shape, device=self.device)
+            model(inputs).sum().backward()
+
     def fit(self) -> RunResult:
         """Run the remaining steps; write config, metrics, checkpoints and the plot.
 
