@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import gc
 import math
 from pathlib import Path
 
@@ -199,3 +200,26 @@ def test_a_warm_up_leaves_the_run_as_it_was(tmp_path: Path) -> None:
     losses = [[r["loss"] for r in result.records if r["kind"] == "step"] for result in (cold, warm)]
     assert len(losses[0]) == 3 and losses[0] == losses[1]
     assert all(torch.equal(cold_state[k], warm_state[k]) for k in cold_state)
+
+
+def test_training_leaves_the_objects_it_starts_with_out_of_gc_and_gives_them_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full garbage collection walks every tracked object (hundreds of thousands once
+    torch is imported); during training it walks only those made since training began."""
+    frozen_during_steps = []
+    fit_step = Trainer.fit_step
+
+    def recording(self: Trainer, *args: object) -> object:
+        frozen_during_steps.append(gc.get_freeze_count())
+        return fit_step(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Trainer, "fit_step", recording)
+    config = resolve_config(
+        {"epochs": 0.05, "device": "cpu", "progress": False, "out": str(tmp_path)}
+    )
+    assert gc.get_freeze_count() == 0
+    with RunFolder(tmp_path) as run:
+        Trainer(config, run).fit()
+    assert len(frozen_during_steps) == 2 and min(frozen_during_steps) > 10_000
+    assert gc.get_freeze_count() == 0
