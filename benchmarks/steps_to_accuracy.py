@@ -25,6 +25,7 @@ is 291 of the 300 validation images).
     python benchmarks/steps_to_accuracy.py [--seeds 0 1 2] [--target 0.97] [--epochs 60]
         [--sgd-lrs [X ...]] [--sgd-warmups E [E ...]] [--spngd-lr X] [--spngd-momentum X]
         [--spngd-warmup-epochs E] [--spngd-weight-decay X] [--damping X]
+        [--damping-start X --damping-decay-epochs E]
         [--a-examples K|none] [--eval-batchnorm running]
         [--refresh-alpha X] [--refresh-rule noise|threshold] ...
 """
@@ -122,6 +123,14 @@ def main() -> None:
     )
     parser.add_argument("--damping-form", help="SP-NGD's damping form: factored or kronecker")
     parser.add_argument("--damping", type=float, help=f"SP-NGD's damping ({SPNGD['damping']})")
+    parser.add_argument(
+        "--damping-start",
+        type=float,
+        help="SP-NGD's initial damping, moving log-linearly to --damping (none: constant)",
+    )
+    parser.add_argument(
+        "--damping-decay-epochs", type=float, help="epochs over which the damping moves (0)"
+    )
     parser.add_argument("--spngd-lr", type=float, help=f"SP-NGD's learning rate ({SPNGD['lr']})")
     parser.add_argument(
         "--spngd-momentum", type=float, help=f"SP-NGD's momentum ({SPNGD['momentum']})"
@@ -161,6 +170,8 @@ def main() -> None:
     knobs = {
         "damping_form": args.damping_form,
         "damping": args.damping,
+        "damping_start": args.damping_start,
+        "damping_decay_epochs": args.damping_decay_epochs,
         "lr": args.spngd_lr,
         "momentum": args.spngd_momentum,
         "warmup_epochs": args.spngd_warmup_epochs,
