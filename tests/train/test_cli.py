@@ -379,13 +379,15 @@ def test_a_run_refused_before_its_first_record_leaves_nothing_behind(
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]
 
 
+@pytest.mark.parametrize("command", ["train", "compare"])
 def test_a_batch_too_small_for_batchnorm_is_one_line_and_leaves_nothing(
-    run_cli: CliRun, tmp_path: Path
+    run_cli: CliRun, tmp_path: Path, command: str
 ) -> None:
     """ResNet-18 brings 8x8 digits down to 1x1 maps: one image per step leaves its last
-    BatchNorm layers one value per channel, which torch refuses in training."""
+    BatchNorm layers one value per channel, which torch refuses in training (compare warms
+    its runs up first, with a forward pass that meets it sooner)."""
     out = tmp_path / "run"
-    result = run_cli("train", "--model", "resnet18", "--batch-size", "1", "--out", str(out), *TINY)
+    result = run_cli(command, "--model", "resnet18", "--batch-size", "1", "--out", str(out), *TINY)
     assert_one_line_error(
         result,
         "a BatchNorm layer of resnet18 gets one value per channel (an input of shape (1, 128, 1,",

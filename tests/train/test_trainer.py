@@ -18,7 +18,7 @@ from spngd.train.models import build_model
 from spngd.train.optimizers import make_optimizer, rescale_weights
 from spngd.train.runfolder import CHECKPOINT, PREVIOUS, RunFolder
 from spngd.train.step import train_step
-from spngd.train.trainer import Trainer
+from spngd.train.trainer import Trainer, existing_objects_left_out_of_gc
 
 
 def _bounded(model: nn.Module) -> list[tuple[float, float]]:
@@ -223,3 +223,14 @@ def test_training_leaves_the_objects_it_starts_with_out_of_gc_and_gives_them_bac
         Trainer(config, run).fit()
     assert len(frozen_during_steps) == 2 and min(frozen_during_steps) > 10_000
     assert gc.get_freeze_count() == 0
+
+
+def test_objects_the_caller_froze_stay_frozen() -> None:
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        with existing_objects_left_out_of_gc():
+            assert gc.get_freeze_count() == frozen
+        assert gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()

@@ -204,8 +204,9 @@ class Trainer:
         the first allocations) are then paid outside ``time``. ``spngd compare`` warms up
         every run it trains in one process, so that the first does not pay them for the
         others; what only one optimizer computes stays its own."""
-        example, _ = self.data.train_as_val[0]
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            example, _ = self.data.train_as_val[0]
             model = build_model(
                 self.config.model,
                 self.data.num_classes,
@@ -213,7 +214,12 @@ class Trainer:
                 self.data.in_channels,
             ).to(self.device)
             inputs = torch.zeros(self.train_loader.batch_size, *example.shape, device=self.device)
-            model(inputs).sum().backward()
+            try:
+                model(inputs).sum().backward()
+            except ValueError as error:
+                if not str(error).startswith(ONE_VALUE_PER_CHANNEL):
+                    raise
+                # The batch is too small for BatchNorm: fit() says so in one line.
 
     def fit(self) -> RunResult:
         """Run the remaining steps; write config, metrics, checkpoints and the plot.
@@ -408,10 +414,17 @@ def existing_objects_left_out_of_gc() -> Iterator[None]:
     """Within the block, Python's cyclic garbage collector skips the objects that exist as
     it begins (``gc.freeze``; released after): the modules imported, the data, model and
     optimizer. A full collection walks every object it tracks, and a training process holds
-    several hundred thousand, most of them torch's and matplotlib's: in one ``spngd
-    compare`` on the digits, seven full collections took up to 138 ms each, one of them in
-    the middle of an SP-NGD step. Skipped, a collection walks only what training made since.
-    Reference counting still frees everything that is not in a cycle."""
+    several hundred thousand, most of them torch's and matplotlib's: such a collection takes
+    over 100 ms, as long as a step, and lands inside one whenever the count of new objects
+    calls for it (docs/performance.md, "Time to accuracy"). Skipped, a collection walks
+    only what training made since.
+    Garbage already in cycles is collected first, so that it is not kept for the run;
+    reference counting still frees everything that is not in a cycle. Where the caller has
+    frozen objects itself, they stay as they are (unfreezing would release theirs too)."""
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.collect()
     gc.freeze()
     try:
         yield
