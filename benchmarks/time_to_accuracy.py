@@ -1,8 +1,9 @@
 """Time to accuracy: ``spngd compare`` over several seeds, SGD against SP-NGD on the clock.
 
 For each seed the script runs ``spngd compare --seed S`` with any further options given
-after ``--`` (in this process, as the command runs: SGD, then SP-NGD, at compare's
-defaults unless overridden), reads both runs' ``metrics.jsonl`` and prints the steps and the
+after ``--`` (in a fresh process for each seed, as a user runs the command, so that every
+seed pays the process's one-time costs: SP-NGD, then SGD, at compare's defaults unless
+overridden), reads both runs' ``metrics.jsonl`` and prints the steps and the
 training time (the records' ``time``, which leaves out validation) to the target validation
 accuracy, the accuracy at the end, and which optimizer got there first. Then the summary:
 the seeds SP-NGD won on the clock, the mean steps over the seeds where both reached the
@@ -22,18 +23,17 @@ Target: SP-NGD reaches the target in less training time than SGD on every seed.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import math
 import statistics
+import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from pinned_malloc import pin_malloc
 from spngd.refresh import AdaptiveRefresh
-from spngd.train.cli import main as spngd_main
 from spngd.train.config import OPTIMIZERS
 from spngd.train.runfolder import METRICS
 
@@ -73,10 +73,12 @@ def read_run(folder: Path, target: float) -> Run:
 def compare_seed(seed: int, target: float, out: Path, options: list[str]) -> dict[str, Run]:
     """Run ``spngd compare --seed seed`` into ``out`` and read both runs."""
     argv = ["compare", "--seed", str(seed), "--out", str(out), "--no-progress", *options]
-    with contextlib.redirect_stdout(io.StringIO()):
-        status = spngd_main(argv)
-    if status != 0:
-        raise SystemExit(f"spngd {' '.join(argv)} exited with status {status}")
+    command = [sys.executable, "-m", "spngd.train.cli", *argv]
+    done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        raise SystemExit(
+            f"spngd {' '.join(argv)} exited with status {done.returncode}:\n{done.stderr}"
+        )
     return {name: read_run(out / name, target) for name in OPTIMIZERS}
 
 
