@@ -45,7 +45,13 @@ import torch
 from pinned_malloc import pin_malloc
 from spngd.refresh import AdaptiveRefresh, computed_shares
 from spngd.train.cli import _or_none, add_nested_options, nest
-from spngd.train.config import resolve_config
+from spngd.train.config import (
+    COMPARE_DEFAULTS,
+    COMPARE_OPTIMIZER_DEFAULTS,
+    DEFAULTS,
+    OPTIMIZER_DEFAULTS,
+    resolve_config,
+)
 from spngd.train.runfolder import RunFolder
 from spngd.train.trainer import train
 
@@ -57,7 +63,13 @@ SHARED = {
     "device": "cpu",
 }
 SGD = {"optimizer": "sgd", "momentum": 0.9}
-SPNGD = {"optimizer": "spngd", "lr": 0.025, "damping": 3e-3, "momentum": 0.9}
+SPNGD = {
+    "optimizer": "spngd",
+    "lr": COMPARE_OPTIMIZER_DEFAULTS["spngd"]["lr"],
+    "damping": COMPARE_DEFAULTS["damping"],
+    "momentum": OPTIMIZER_DEFAULTS["spngd"]["momentum"],
+}
+"""SP-NGD at ``spngd compare``'s settings, the best of this script's screens."""
 ADAPTIVE = "sp-ngd"
 EVERY_STEP = "sp-ngd every step"
 
@@ -129,14 +141,19 @@ def main() -> None:
         help="SP-NGD's initial damping, moving log-linearly to --damping (none: constant)",
     )
     parser.add_argument(
-        "--damping-decay-epochs", type=float, help="epochs over which the damping moves (0)"
+        "--damping-decay-epochs",
+        type=float,
+        help=f"epochs over which the damping moves ({DEFAULTS['damping_decay_epochs']:g})",
     )
     parser.add_argument("--spngd-lr", type=float, help=f"SP-NGD's learning rate ({SPNGD['lr']})")
     parser.add_argument(
         "--spngd-momentum", type=float, help=f"SP-NGD's momentum ({SPNGD['momentum']})"
     )
     parser.add_argument(
-        "--spngd-warmup-epochs", type=float, help="SP-NGD's learning-rate warm-up in epochs (0)"
+        "--spngd-warmup-epochs",
+        type=float,
+        help="SP-NGD's learning-rate warm-up in epochs "
+        f"({OPTIMIZER_DEFAULTS['spngd']['warmup_epochs']:g})",
     )
     parser.add_argument(
         "--spngd-weight-decay",
