@@ -193,9 +193,7 @@ def test_a_warm_up_leaves_the_run_as_it_was(tmp_path: Path) -> None:
         )
         with RunFolder(config.out) as run:
             trainer = Trainer(config, run)
-            if warmed:
-                trainer.warm_up()
-            results[warmed] = trainer.fit(), trainer.model.state_dict()
+            results[warmed] = trainer.fit(warm_up=warmed), trainer.model.state_dict()
     (cold, cold_state), (warm, warm_state) = results[False], results[True]
     losses = [[r["loss"] for r in result.records if r["kind"] == "step"] for result in (cold, warm)]
     assert len(losses[0]) == 3 and losses[0] == losses[1]

@@ -12,13 +12,11 @@ from spngd.train.trainer import RunResult, Trainer, run_title
 
 def compare(configs: dict[str, TrainConfig], out: Path) -> dict[str, RunResult]:
     """Train each labelled config into its run folder, each warmed up first
-    (:meth:`~spngd.train.trainer.Trainer.warm_up`); draw all into ``out/compare.png``."""
+    (:meth:`~spngd.train.trainer.Trainer.fit`); draw all into ``out/compare.png``."""
     results = {}
     for label, config in configs.items():
         with RunFolder(config.out, resumable=False) as run:
-            trainer = Trainer(config, run)
-            trainer.warm_up()
-            results[label] = trainer.fit()
+            results[label] = Trainer(config, run).fit(warm_up=True)
     first = next(iter(configs.values()))
     plot_runs(
         {label: result.records for label, result in results.items()},

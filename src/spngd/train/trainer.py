@@ -197,7 +197,7 @@ class Trainer:
         self.val_loss, self.val_accuracy = evaluate(self.model, self.val_loader, self.device)
         return {"val_loss": self.val_loss, "val_accuracy": self.val_accuracy}
 
-    def warm_up(self) -> None:
+    def _warm_up(self) -> None:
         """One untimed forward and backward pass of a new model of this run's kind on a
         micro-batch of zeros, leaving the run as it was (its model, optimizer and RNG):
         the process's one-time costs for these shapes (the convolution kernels' set-up,
@@ -214,15 +214,12 @@ class Trainer:
                 self.data.in_channels,
             ).to(self.device)
             inputs = torch.zeros(self.train_loader.batch_size, *example.shape, device=self.device)
-            try:
-                model(inputs).sum().backward()
-            except ValueError as error:
-                if not str(error).startswith(ONE_VALUE_PER_CHANNEL):
-                    raise
-                # The batch is too small for BatchNorm: fit() says so in one line.
+            model(inputs).sum().backward()
 
-    def fit(self) -> RunResult:
+    def fit(self, warm_up: bool = False) -> RunResult:
         """Run the remaining steps; write config, metrics, checkpoints and the plot.
+        With ``warm_up``, first one untimed pass that leaves the run as it was
+        (:meth:`_warm_up`).
 
         Too many non-finite steps in a row, or a model holding NaN or inf at a checkpoint,
         raise :class:`TrainingStoppedError`; the last good checkpoint stays as it was.
@@ -230,9 +227,11 @@ class Trainer:
         if self.step >= self.total_steps:  # a finished run resumed: nothing to write
             return RunResult(self.records, self.step, self.val_accuracy, self.train_time)
         self.run.write_config(self.config.to_dict())
-        start = time.perf_counter() - self.wall_time
         progress = self.config.progress and self.rank == 0
         try:
+            if warm_up:
+                self._warm_up()
+            start = time.perf_counter() - self.wall_time
             with (
                 tqdm(
                     total=self.total_steps, initial=self.step, unit="step", disable=not progress
