@@ -175,13 +175,17 @@ def test_a_trainer_under_torchrun_without_the_process_group_is_refused(
         Trainer(config, SilentRunFolder(config.out))
 
 
-def test_a_warm_up_leaves_the_run_as_it_was(tmp_path: Path) -> None:
-    """``spngd compare`` warms up each run before it trains; the run then takes the same
-    steps to the bit, random augmentation and SP-NGD's statistics included."""
+@pytest.mark.parametrize("optimizer", ["spngd", "sgd"])
+def test_a_warm_up_leaves_the_run_as_it_was(tmp_path: Path, optimizer: str) -> None:
+    """``spngd compare`` warms up each run with a step of a throwaway model and optimizer
+    before it trains; the run then takes the same steps to the bit, random augmentation,
+    mixup and SP-NGD's statistics included."""
     results = {}
     for warmed in (False, True):
         config = resolve_config(
             {
+                "optimizer": optimizer,
+                "mixup_alpha": 0.2,
                 "data": "synthetic",
                 "image_size": 8,
                 "batch_size": 16,

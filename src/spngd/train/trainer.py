@@ -198,12 +198,14 @@ class Trainer:
         return {"val_loss": self.val_loss, "val_accuracy": self.val_accuracy}
 
     def _warm_up(self) -> None:
-        """One untimed forward and backward pass of a new model of this run's kind on a
-        micro-batch of zeros, leaving the run as it was (its model, optimizer and RNG):
-        the process's one-time costs for these shapes (the convolution kernels' set-up,
-        the first allocations) are then paid outside ``time``. ``spngd compare`` warms up
-        every run it trains in one process, so that the first does not pay them for the
-        others; what only one optimizer computes stays its own."""
+        """One untimed training step of a new model of this run's kind, with a new optimizer
+        of this run's kind, on a micro-batch of random images, leaving the run as it was
+        (its model, optimizer, mixup and RNG): the process's one-time costs for these shapes
+        (the convolution kernels' set-up, SP-NGD's first factorisations, the first
+        allocations) are then paid outside ``time``, as a benchmark's warm-up iterations
+        are. ``spngd compare`` warms up every run it trains in one process, so that each
+        optimizer's time counts its steps alone and the first run does not pay the others'
+        set-up."""
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             example, _ = self.data.train_as_val[0]
@@ -213,8 +215,20 @@ class Trainer:
                 self.config.zero_init_residual,
                 self.data.in_channels,
             ).to(self.device)
-            inputs = torch.zeros(self.train_loader.batch_size, *example.shape, device=self.device)
-            model(inputs).sum().backward()
+            net = DistributedDataParallel(model) if self.world_size > 1 else model
+            size = self.train_loader.batch_size
+            images = torch.randn(size, *example.shape)
+            labels = torch.randint(self.data.num_classes, (size,))
+            train_step(
+                net,
+                make_optimizer(net, self.config),
+                [(images, labels)],
+                self.config.rescale_weights,
+                lambda x, y: (
+                    x.to(self.device),
+                    soft_targets(y.to(self.device), self.data.num_classes),
+                ),
+            )
 
     def fit(self, warm_up: bool = False) -> RunResult:
         """Run the remaining steps; write config, metrics, checkpoints and the plot.
