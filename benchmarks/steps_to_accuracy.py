@@ -46,8 +46,6 @@ from pinned_malloc import pin_malloc
 from spngd.refresh import AdaptiveRefresh, computed_shares
 from spngd.train.cli import _or_none, add_nested_options, nest
 from spngd.train.config import (
-    COMPARE_DEFAULTS,
-    COMPARE_OPTIMIZER_DEFAULTS,
     DEFAULTS,
     OPTIMIZER_DEFAULTS,
     resolve_config,
@@ -65,11 +63,11 @@ SHARED = {
 SGD = {"optimizer": "sgd", "momentum": 0.9}
 SPNGD = {
     "optimizer": "spngd",
-    "lr": COMPARE_OPTIMIZER_DEFAULTS["spngd"]["lr"],
-    "damping": COMPARE_DEFAULTS["damping"],
+    "lr": OPTIMIZER_DEFAULTS["spngd"]["lr"],
+    "damping": DEFAULTS["damping"],
     "momentum": OPTIMIZER_DEFAULTS["spngd"]["momentum"],
 }
-"""SP-NGD at ``spngd compare``'s settings, the best of this script's screens."""
+"""SP-NGD at the training defaults, the best of this script's screens."""
 ADAPTIVE = "sp-ngd"
 EVERY_STEP = "sp-ngd every step"
 

@@ -30,6 +30,8 @@ def test_spngd_train_runs_on_two_ranks(tmp_path: Path) -> None:
         "train",
         "--epochs",
         "0.5",
+        "--batch-size",
+        "32",
         "--threads",
         "1",
         "--no-progress",

@@ -21,7 +21,9 @@ from spngd.train.data import DataBundle
 
 CliRun = Callable[..., tuple[int, str, str]]
 
-TINY = ("--epochs", "0.05", "--no-progress", "--device", "cpu")
+QUIET = ("--no-progress", "--device", "cpu")
+"""CLI options of every test run: no progress bar, on the CPU."""
+TINY = ("--epochs", "0.05", "--batch-size", "32", *QUIET)
 """CLI options for two steps of 32 on the digits."""
 
 
@@ -50,7 +52,7 @@ def run_cli(capsys: pytest.CaptureFixture[str]) -> CliRun:
     return run
 
 
-SMALL = ("--no-progress", "--device", "cpu", "--threads", "1")
+SMALL = ("--batch-size", "32", *QUIET, "--threads", "1")
 """Options of the small digits runs: one thread (2 cores are shared), no progress bar."""
 
 

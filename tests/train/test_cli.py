@@ -35,6 +35,7 @@ from spngd.train.errors import Terminated, UserError
 from spngd.train.models import build_model
 from spngd.train.runfolder import CHECKPOINT, RunFolder
 from tests.train.conftest import (
+    QUIET,
     SMALL,
     TINY,
     CliRun,
@@ -191,7 +192,7 @@ def test_a_truncated_jpeg_stops_training_naming_the_file(run_cli: CliRun, tmp_pa
     Image.fromarray(pixels).save(buffer, format="JPEG")
     bad = root / "train" / "c1" / "n02.JPEG"
     bad.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
-    argv = ("--batch-size", "9", "--image-size", "8", "--workers", "0", *TINY[2:])
+    argv = ("--batch-size", "9", "--image-size", "8", "--workers", "0", *QUIET)
     result = run_cli("train", "--data", str(root), "--out", str(tmp_path / "run"), *argv)
     assert_one_line_error(result, f"cannot decode image {bad}", "remove or replace it")
 
@@ -203,7 +204,7 @@ def test_a_corrupt_validation_image_is_found_before_training(
     bad = root / "val" / "c0" / "3.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     out = tmp_path / "run"
-    argv = ("--batch-size", "4", "--image-size", "8", "--workers", "1", *TINY[2:])
+    argv = ("--batch-size", "4", "--image-size", "8", "--workers", "1", *QUIET)
     result = run_cli("train", "--data", str(root), "--out", str(out), *argv, "--epochs", "1")
     assert_one_line_error(result, f"cannot decode image {bad}", "remove or replace it")
     assert not (out / "metrics.jsonl").exists() or "step" not in (out / "metrics.jsonl").read_text()
@@ -248,7 +249,7 @@ def test_image_folders_as_people_have_them(run_cli: CliRun, tmp_path: Path) -> N
     bomb = root / "val" / "c0" / "bomb.png"
     bomb.write_bytes(_png_claiming(20000, 20000))  # 400 megapixels: past Pillow's bomb limit
     out = tmp_path / "r2"
-    argv = ("--batch-size", "4", "--image-size", "8", "--workers", "0", *TINY[2:])
+    argv = ("--batch-size", "4", "--image-size", "8", "--workers", "0", *QUIET)
     assert_one_line_error(
         run_cli("train", "--data", str(root), "--out", str(out), *argv),
         f"cannot decode image {bomb}",
@@ -275,7 +276,7 @@ def test_corrupt_image_stops_training_naming_the_file(
         "8",
         "--workers",
         workers,
-        *TINY[2:],
+        *QUIET,
         "--epochs",
         "1",
     )
@@ -367,7 +368,7 @@ def test_a_run_refused_before_its_first_record_leaves_nothing_behind(
     metrics.jsonl and the folders it made, so a rerun is not told of a stopped run; a folder
     that was there stays, with its files."""
     out = tmp_path / "new" / "run"
-    refused = run_cli("train", "--out", str(out), "--batch-size", "4096", *TINY)
+    refused = run_cli("train", "--out", str(out), *TINY, "--batch-size", "4096")
     assert_one_line_error(refused, "fewer than one batch of 4096")
     assert not (tmp_path / "new").exists()
     status, _, stderr = run_cli("train", "--out", str(out), *TINY)
@@ -375,7 +376,7 @@ def test_a_run_refused_before_its_first_record_leaves_nothing_behind(
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("kept")
-    assert_one_line_error(run_cli("train", "--out", str(mine), "--batch-size", "4096", *TINY))
+    assert_one_line_error(run_cli("train", "--out", str(mine), *TINY, "--batch-size", "4096"))
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]
 
 
@@ -387,7 +388,7 @@ def test_a_batch_too_small_for_batchnorm_is_one_line_and_leaves_nothing(
     BatchNorm layers one value per channel, which torch refuses in training (compare warms
     its runs up first, with a forward pass that meets it sooner)."""
     out = tmp_path / "run"
-    result = run_cli(command, "--model", "resnet18", "--batch-size", "1", "--out", str(out), *TINY)
+    result = run_cli(command, "--model", "resnet18", "--out", str(out), *TINY, "--batch-size", "1")
     assert_one_line_error(
         result,
         "a BatchNorm layer of resnet18 gets one value per channel (an input of shape (1, 128, 1,",
@@ -696,7 +697,7 @@ def test_a_run_folder_removed_mid_run_is_one_line_that_says_so(
         save(self, payload)  # type: ignore[arg-type]
 
     monkeypatch.setattr(RunFolder, "save_checkpoint", save_once_then_lose_the_folder)
-    result = run_cli("train", "--out", str(out), "--epochs", "2", *TINY[2:], "--batch-size", "512")
+    result = run_cli("train", "--out", str(out), "--epochs", "2", *QUIET, "--batch-size", "512")
     assert_one_line_error(
         result, f"cannot write checkpoint {out / CHECKPOINT}", "the run folder is gone"
     )

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from spngd.train.cli import PER_OPTIMIZER
-from spngd.train.config import COMPARE_DEFAULTS, COMPARE_OPTIMIZER_DEFAULTS, SPNGD_DEFAULTS
+from spngd.train.config import COMPARE_DEFAULTS, DEFAULTS, OPTIMIZER_DEFAULTS, SPNGD_DEFAULTS
 from tests.train.conftest import TINY, CliRun
 
 
@@ -21,14 +21,14 @@ def test_compare_trains_both_optimizers_into_one_plot(run_cli: CliRun, tmp_path:
     assert (out / "compare.png").stat().st_size > 10_000
     sgd = json.loads((out / "sgd" / "config.json").read_text())
     spngd = json.loads((out / "spngd" / "config.json").read_text())
-    own_defaults = COMPARE_OPTIMIZER_DEFAULTS
+    own_defaults = OPTIMIZER_DEFAULTS
     assert (sgd["lr"], sgd["warmup_epochs"]) == (0.3, own_defaults["sgd"]["warmup_epochs"])
     assert (spngd["lr"], spngd["warmup_epochs"]) == (own_defaults["spngd"]["lr"], 0.02)
     assert spngd["weight_decay"] == own_defaults["spngd"]["weight_decay"]
-    # compare's own defaults: the large-batch regime, validated after every step
     assert (spngd["batch_size"], spngd["epochs"]) == (32, 0.05)  # given
+    # compare's own default: validated after every step; the damping is training's default
     assert spngd["eval_every_steps"] == COMPARE_DEFAULTS["eval_every_steps"]
-    assert spngd["damping"] == COMPARE_DEFAULTS["damping"] != SPNGD_DEFAULTS["damping"]
+    assert spngd["damping"] == DEFAULTS["damping"] != SPNGD_DEFAULTS["damping"]
     own = {"optimizer", "out", *PER_OPTIMIZER}
     assert {k: v for k, v in sgd.items() if k not in own} == {
         k: v for k, v in spngd.items() if k not in own

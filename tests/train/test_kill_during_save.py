@@ -34,7 +34,9 @@ TRIALS = 40
 @pytest.fixture
 def payload(tmp_path: Path, small_digits: None) -> dict[str, Any]:
     """A real checkpoint: CIFAR ResNet-20 with SP-NGD's curvature after one step (~21 MB)."""
-    config = resolve_config({"device": "cpu", "threads": 1, "out": str(tmp_path / "unused")})
+    config = resolve_config(
+        {"batch_size": 32, "device": "cpu", "threads": 1, "out": str(tmp_path / "unused")}
+    )
     trainer = Trainer(config, SilentRunFolder(config.out))
     start = time.perf_counter()
     trainer.fit_step([next(iter(trainer.train_loader))], start, start, ends_pass=False)

@@ -112,13 +112,13 @@ def test_train_on_mnist1d(run_cli: CliRun, cache: Path, tmp_path: Path) -> None:
         "train",
         "--data",
         f"mnist1d:{SIZE}",
+        *SMALL,
         "--batch-size",
         "70",
         "--epochs",
         "2",
         "--out",
         str(out),
-        *SMALL,
     )
     assert code == 0, stderr
     assert "20 steps in" in stdout

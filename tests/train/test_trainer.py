@@ -101,6 +101,7 @@ def test_records_follow_the_schedule_and_carry_refresh_counts(
 ) -> None:
     config = resolve_config(
         {
+            "batch_size": 32,
             "epochs": 0.05,
             "warmup_epochs": 0.05,
             "lr_decay_end": 1.0,
@@ -143,6 +144,7 @@ def test_a_cpu_run_flushes_subnormal_numbers(tmp_path: Path) -> None:
 def test_mixup_runs_until_its_switch_off_epoch(tmp_path: Path) -> None:
     config = resolve_config(
         {
+            "batch_size": 32,
             "mixup_alpha": 0.4,
             "mixup_off_epoch": 1.0,
             "label_smoothing": 0.1,
@@ -218,7 +220,7 @@ def test_training_leaves_the_objects_it_starts_with_out_of_gc_and_gives_them_bac
 
     monkeypatch.setattr(Trainer, "fit_step", recording)
     config = resolve_config(
-        {"epochs": 0.05, "device": "cpu", "progress": False, "out": str(tmp_path)}
+        {"batch_size": 32, "epochs": 0.05, "device": "cpu", "progress": False, "out": str(tmp_path)}
     )
     assert gc.get_freeze_count() == 0
     with RunFolder(tmp_path) as run:

@@ -27,7 +27,6 @@ from spngd.train import stopping
 from spngd.train.compare import compare
 from spngd.train.config import (
     COMPARE_DEFAULTS,
-    COMPARE_OPTIMIZER_DEFAULTS,
     DEFAULTS,
     NESTED,
     OPTIMIZER_DEFAULTS,
@@ -181,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
         defaults={**DEFAULTS, **COMPARE_DEFAULTS},
     )
     for optimizer in OPTIMIZERS:
-        own = {**OPTIMIZER_DEFAULTS[optimizer], **COMPARE_OPTIMIZER_DEFAULTS[optimizer]}
+        own = OPTIMIZER_DEFAULTS[optimizer]
         for name in PER_OPTIMIZER:
             compare.add_argument(
                 f"--{optimizer}-{name.replace('_', '-')}",
@@ -295,10 +294,7 @@ def _run_compare(options: dict[str, Any]) -> None:
     out = Path(resolve_config(options).out)
     configs = {}
     for optimizer in OPTIMIZERS:
-        mine = {
-            **COMPARE_OPTIMIZER_DEFAULTS[optimizer],
-            **{key.split(".")[1]: v for key, v in own.items() if key.startswith(f"{optimizer}.")},
-        }
+        mine = {key.split(".")[1]: v for key, v in own.items() if key.startswith(f"{optimizer}.")}
         try:
             configs[optimizer] = resolve_config(
                 {**options, **mine, "optimizer": optimizer, "out": str(out / optimizer)}
