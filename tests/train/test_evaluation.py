@@ -16,7 +16,7 @@ from spngd.train.evaluation import (
     batchnorm_sample,
     recompute_batchnorm_statistics,
 )
-from tests.train.conftest import SMALL, CliRun
+from tests.train.conftest import SMALL, TINY, CliRun
 
 
 def _net() -> nn.Sequential:
@@ -98,3 +98,18 @@ def test_recomputed_statistics_change_validation_and_nothing_else(
         assert running["loss"] == recomputed["loss"]
         assert running["accuracy"] == recomputed["accuracy"]
     assert [r["val_loss"] for r in steps["running"]] != [r["val_loss"] for r in steps["recomputed"]]
+
+
+def test_validation_leaves_an_augmented_run_as_it_was(run_cli: CliRun, tmp_path: Path) -> None:
+    """Random crops and flips draw from the global generator: validating after every step,
+    with BatchNorm statistics recomputed, must not move them, so the training records are
+    those of a run validated once per pass."""
+    losses = {}
+    for every in ("0", "1"):
+        out = tmp_path / every
+        argv = ["train", "--out", str(out), *TINY, "--data", "synthetic", "--image-size", "8"]
+        code, _, stderr = run_cli(*argv, "--batch-size", "16", "--eval-every-steps", every)
+        assert code == 0, stderr
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+        losses[every] = [json.loads(line)["loss"] for line in lines if '"kind": "step"' in line]
+    assert len(losses["0"]) >= 3 and losses["0"] == losses["1"]

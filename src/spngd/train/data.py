@@ -477,4 +477,7 @@ def make_loaders(
     else:
         generator = torch.Generator().manual_seed(config.seed)
         train = DataLoader(data.train, shuffle=True, drop_last=True, generator=generator, **common)
-    return train, DataLoader(data.val, shuffle=False, **common)
+    # Its own generator: an iterator draws a seed from its loader's, which without one is the
+    # global generator that the training augmentation reads, so validating would move it.
+    val = DataLoader(data.val, shuffle=False, generator=torch.Generator(), **common)
+    return train, val

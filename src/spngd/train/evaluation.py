@@ -38,7 +38,9 @@ def batchnorm_sample(train_as_val: Dataset, seed: int) -> Subset:
 def batchnorm_loader(train_as_val: Dataset, seed: int, like: DataLoader) -> DataLoader:
     """:func:`batchnorm_sample` in batches, read as ``like`` (the validation loader) reads;
     a last batch of one example is left out (BatchNorm cannot take the statistics of one
-    value per channel, and one example would weigh as much as a full batch)."""
+    value per channel, and one example would weigh as much as a full batch). Like the
+    validation loader it has its own generator, so that reading it leaves the global one,
+    which the training augmentation draws from, alone."""
     sample = batchnorm_sample(train_as_val, seed)
     batch_size = like.batch_size or 1
     return DataLoader(
@@ -47,6 +49,7 @@ def batchnorm_loader(train_as_val: Dataset, seed: int, like: DataLoader) -> Data
         num_workers=like.num_workers,
         pin_memory=like.pin_memory,
         drop_last=len(sample) > 1 and len(sample) % batch_size == 1,
+        generator=torch.Generator(),
     )
 
 
