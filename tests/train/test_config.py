@@ -14,6 +14,7 @@ from spngd.distributed import DistributedConfig
 from spngd.refresh import AdaptiveRefresh
 from spngd.train.config import (
     CPUS,
+    DATA_DEFAULTS,
     DEFAULTS,
     MAX_PER_CPU,
     OPTIMIZER_DEFAULTS,
@@ -37,6 +38,17 @@ def test_defaults_resolve_to_concrete_values() -> None:
     assert config.lr_decay_end == config.epochs
     assert (config.crop, config.flip, config.image_size, config.workers) == ("none", False, 8, 0)
     assert config.out.startswith("runs/")
+
+
+def test_image_folders_keep_a_batch_whose_activations_fit(tmp_path: Path) -> None:
+    """The large default batch is the digits'; at 224 pixels it would not fit in memory."""
+    root = write_image_folder(tmp_path / "images")
+    folder = resolve_config({"data": str(root), "device": "cpu"})
+    assert folder.batch_size == DATA_DEFAULTS["imagefolder"]["batch_size"] == 32
+    assert resolve_config({"data": str(root), "batch_size": 8, "device": "cpu"}).batch_size == 8
+    assert (
+        resolve_config({"data": "synthetic", "device": "cpu"}).batch_size == DEFAULTS["batch_size"]
+    )
 
 
 def test_precedence_recipe_over_defaults_and_options_over_recipe() -> None:
