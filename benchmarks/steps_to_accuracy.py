@@ -1,7 +1,7 @@
 """Large-batch evidence: optimizer steps SGD and SP-NGD need to reach a validation accuracy.
 
-ResNet-20 on the embedded 8x8 digits (1,497 training / 300 validation images) at batch 1,024,
-32x ``spngd train``'s default of 32 (each pass over the data is one step on a random 1,024 of
+ResNet-20 on the embedded 8x8 digits (1,497 training / 300 validation images) at ``spngd
+train``'s default batch, 1,024 (each pass over the data is one step on a random 1,024 of
 the 1,497 images). Both optimizers use the same data, model, epochs, weight rescaling,
 polynomial decay, weight decay and validation (BatchNorm statistics recomputed under
 the current weights, ``--eval-batchnorm``); SGD gets its learning rate and warm-up from a
@@ -56,11 +56,11 @@ from spngd.train.trainer import train
 SHARED = {
     "data": "digits",
     "model": "resnet20",
-    "batch_size": 1024,
-    "weight_decay": 5e-4,
+    "batch_size": DEFAULTS["batch_size"],
+    "weight_decay": OPTIMIZER_DEFAULTS["sgd"]["weight_decay"],
     "device": "cpu",
 }
-SGD = {"optimizer": "sgd", "momentum": 0.9}
+SGD = {"optimizer": "sgd", "momentum": OPTIMIZER_DEFAULTS["sgd"]["momentum"]}
 SPNGD = {
     "optimizer": "spngd",
     "lr": OPTIMIZER_DEFAULTS["spngd"]["lr"],
@@ -123,7 +123,7 @@ def main() -> None:
         "--sgd-warmups",
         type=float,
         nargs="+",
-        default=[2.0],
+        default=[OPTIMIZER_DEFAULTS["sgd"]["warmup_epochs"]],
         help="SGD's warm-up grid, in epochs (each paired with every learning rate)",
     )
     parser.add_argument("--threads", type=int, default=1)

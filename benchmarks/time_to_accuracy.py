@@ -1,9 +1,9 @@
 """Time to accuracy: ``spngd compare`` over several seeds, SGD against SP-NGD on the clock.
 
 For each seed the script runs ``spngd compare --seed S`` with any further options given
-after ``--`` (in a fresh process for each seed, as a user runs the command, so that every
-seed pays the process's one-time costs: SP-NGD, then SGD, at compare's defaults unless
-overridden), reads both runs' ``metrics.jsonl`` and prints the steps and the
+after ``--`` (in a fresh process for each seed, as a user runs the command: SP-NGD, then
+SGD, at compare's defaults unless overridden, each run after compare's untimed warm-up
+step), reads both runs' ``metrics.jsonl`` and prints the steps and the
 training time (the records' ``time``, which leaves out validation) to the target validation
 accuracy, the accuracy at the end, and which optimizer got there first. Then the summary:
 the seeds SP-NGD won on the clock, the mean steps over the seeds where both reached the

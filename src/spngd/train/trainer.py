@@ -205,7 +205,7 @@ class Trainer:
         allocations) are then paid outside ``time``, as a benchmark's warm-up iterations
         are. ``spngd compare`` warms up every run it trains in one process, so that each
         optimizer's time counts its steps alone and the first run does not pay the others'
-        set-up."""
+        set-up. One process only: the throwaway model is not wrapped for several ranks."""
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             example, _ = self.data.train_as_val[0]
@@ -215,13 +215,12 @@ class Trainer:
                 self.config.zero_init_residual,
                 self.data.in_channels,
             ).to(self.device)
-            net = DistributedDataParallel(model) if self.world_size > 1 else model
             size = self.train_loader.batch_size
             images = torch.randn(size, *example.shape)
             labels = torch.randint(self.data.num_classes, (size,))
             train_step(
-                net,
-                make_optimizer(net, self.config),
+                model,
+                make_optimizer(model, self.config),
                 [(images, labels)],
                 self.config.rescale_weights,
                 lambda x, y: (
@@ -232,8 +231,8 @@ class Trainer:
 
     def fit(self, warm_up: bool = False) -> RunResult:
         """Run the remaining steps; write config, metrics, checkpoints and the plot.
-        With ``warm_up``, first one untimed pass that leaves the run as it was
-        (:meth:`_warm_up`).
+        With ``warm_up``, first one untimed training step of a throwaway model that leaves
+        the run as it was (:meth:`_warm_up`).
 
         Too many non-finite steps in a row, or a model holding NaN or inf at a checkpoint,
         raise :class:`TrainingStoppedError`; the last good checkpoint stays as it was.
