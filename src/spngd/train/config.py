@@ -73,7 +73,9 @@ class TrainConfig:
     optimizer: str = _help("spngd or sgd")
     recipe: str | None = _help(f"the paper's ImageNet preset: {', '.join(RECIPES)}")
     epochs: float = _help("training length in epochs (may be fractional)")
-    batch_size: int = _help("examples per optimizer step (all micro-batches together)")
+    batch_size: int = _help(
+        "examples per optimizer step (all micro-batches together; image folders: 32)"
+    )
     accumulate: int = _help("micro-batches per step (gradient and statistics accumulation)")
     lr: float = _help("peak learning rate")
     warmup_epochs: float = _help("linear learning-rate warm-up length (0: none)")
