@@ -294,11 +294,11 @@ DEFAULTS: dict[str, Any] = {
     "dist_timeout": 600.0,
     "progress": True,
 }
-"""Values that do not depend on the data or the optimizer: the regime SP-NGD is for, a
-large batch (on the digits, 1,024 of the 1,497 training images per step, 58 steps in 40
-epochs). SP-NGD's damping 3e-3, three times the optimizer's own default, is the best of
-``benchmarks/steps_to_accuracy.py``'s screens at this batch (docs/benchmarks.md): 0.82x the
-steps of 1e-3 over ten seeds."""
+"""Values that hold unless the data's or the optimizer's defaults below set them: the regime
+SP-NGD is for, a large batch (on the digits, 1,024 of the 1,497 training images per step,
+58 steps in 40 epochs). SP-NGD's damping 3e-3, three times the optimizer's own default, is
+the best of ``benchmarks/steps_to_accuracy.py``'s screens at this batch (docs/benchmarks.md):
+0.82x the steps of 1e-3 over ten seeds."""
 
 SGD_WEIGHT_DECAY = 5e-4
 """SGD's weight decay, which SP-NGD takes too (below)."""
