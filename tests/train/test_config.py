@@ -46,6 +46,8 @@ def test_image_folders_keep_a_batch_whose_activations_fit(tmp_path: Path) -> Non
     folder = resolve_config({"data": str(root), "device": "cpu"})
     assert folder.batch_size == DATA_DEFAULTS["imagefolder"]["batch_size"] == 32
     assert resolve_config({"data": str(root), "batch_size": 8, "device": "cpu"}).batch_size == 8
+    recipe = resolve_config({"data": str(root), "recipe": "imagenet-4k", "device": "cpu"})
+    assert recipe.batch_size == 4096
     assert (
         resolve_config({"data": "synthetic", "device": "cpu"}).batch_size == DEFAULTS["batch_size"]
     )
