@@ -103,9 +103,7 @@ class Trainer:
             self.batchnorm_loader = batchnorm_loader(
                 self.data.train_as_val, config.seed, self.val_loader
             )
-        self.model = build_model(
-            config.model, self.data.num_classes, config.zero_init_residual, self.data.in_channels
-        ).to(self.device)
+        self.model = self._new_model()
         # under torchrun: DDP averages gradients; SPNGD spreads the curvature over the ranks
         self.net: nn.Module = (
             DistributedDataParallel(self.model) if self.world_size > 1 else self.model
@@ -122,6 +120,14 @@ class Trainer:
         """Step of the last checkpoint written or resumed from (None: none yet)."""
         if checkpoint is not None:
             self.restore(checkpoint)
+
+    def _new_model(self) -> nn.Module:
+        """A freshly initialised model of this run's kind on its device (initialised from the
+        global RNG)."""
+        config = self.config
+        return build_model(
+            config.model, self.data.num_classes, config.zero_init_residual, self.data.in_channels
+        ).to(self.device)
 
     def restore(self, checkpoint: Checkpoint) -> None:
         """Continue from ``checkpoint``: model, optimizer state (SP-NGD's curvature included),
@@ -209,12 +215,7 @@ class Trainer:
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             example, _ = self.data.train_as_val[0]
-            model = build_model(
-                self.config.model,
-                self.data.num_classes,
-                self.config.zero_init_residual,
-                self.data.in_channels,
-            ).to(self.device)
+            model = self._new_model()
             size = self.train_loader.batch_size
             images = torch.randn(size, *example.shape)
             labels = torch.randint(self.data.num_classes, (size,))
