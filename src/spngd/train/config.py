@@ -71,7 +71,7 @@ class TrainConfig:
     model: str = _help(f"one of {', '.join(MODEL_NAMES)}")
     zero_init_residual: bool = _help("start each residual block's last BatchNorm gamma at 0")
     optimizer: str = _help("spngd or sgd")
-    recipe: str | None = _help(f"the paper's ImageNet preset: {', '.join(RECIPES)}")
+    recipe: str | None = _help(f"the paper's ImageNet preset: {', '.join(RECIPES)} (default: none)")
     epochs: float = _help("training length in epochs (may be fractional)")
     batch_size: int = _help(
         "examples per optimizer step (all micro-batches together; image folders: 32)"
@@ -84,7 +84,9 @@ class TrainConfig:
     lr_decay_power: float = _help("power of the polynomial decay")
     momentum: float = _help("momentum (PyTorch form)")
     damping: float = _help("SP-NGD damping (the final value with --damping-start)")
-    damping_start: float | None = _help("initial damping, moving log-linearly to --damping")
+    damping_start: float | None = _help(
+        "initial damping, moving log-linearly to --damping (default: none, constant damping)"
+    )
     damping_decay_epochs: float = _help("epochs over which damping moves from its start")
     weight_decay: float = _help("L2 weight decay added to the gradient")
     stat_decay: float = _help("SP-NGD running-average weight of old statistics")
