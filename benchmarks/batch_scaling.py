@@ -69,6 +69,8 @@ MAX_EPOCHS = 12.0
 EVAL_GROWTH = 1.05
 """Validation runs at every step up to 20, then when the step count has grown by 5%."""
 SEEDS = (0, 1, 2)
+SGD_MOMENTUM = 0.9
+"""Momentum of SGD and SP-NGD's update, unless a setting gives SGD's."""
 
 
 @dataclass(frozen=True)
@@ -142,11 +144,14 @@ TUNED = (SGD, ADAMW, SPNGD_DEFAULT)
 
 def make_optimizer(name: str, model: nn.Module, setting: dict[str, float]) -> torch.optim.Optimizer:
     if name == "SGD":
-        return torch.optim.SGD(model.parameters(), lr=setting["lr"], momentum=0.9)
+        momentum = setting.get("momentum", SGD_MOMENTUM)
+        return torch.optim.SGD(model.parameters(), lr=setting["lr"], momentum=momentum)
     if name == "AdamW":
         return torch.optim.AdamW(model.parameters(), lr=setting["lr"], weight_decay=0.01)
     every_step = {"stat_interval": 1} if name == SPNGD_EVERY_STEP else {}
-    return SPNGD(model, lr=setting["lr"], damping=setting["damping"], momentum=0.9, **every_step)
+    return SPNGD(
+        model, lr=setting["lr"], damping=setting["damping"], momentum=SGD_MOMENTUM, **every_step
+    )
 
 
 # -- one run ---------------------------------------------------------------------------------

@@ -1,0 +1,147 @@
+"""Perfect scaling from batch 128 to 512 on mnist1d, over ten seeds: whether momentum SGD
+and SP-NGD stay within 1.5x of perfect scaling, ``steps(512) <= 1.5 steps(128) / 4``.
+
+``batch_scaling.py`` tunes each optimizer on one seed and takes medians of three; at these
+batches single seeds move by 30-50% from one setting to the next (docs/benchmarks.md), too
+much to tell a ratio of 0.375 from 0.45. Here every point of a grid of the same size for
+each optimizer and batch (three learning rates by three values of a second knob: SP-NGD's
+damping, SGD's momentum) runs on every seed, and each point's median counts; the best
+medians at the two batches give the ratio. A best point on its grid's edge is flagged
+(then widen the grid there). Runs are ``batch_scaling.py``'s (``train_run``: the same
+model, data order per seed, validation schedule and budget), without a warm-up, which
+both optimizers preferred at these batches when the study tuned it. A run still short of
+the target at twice the best median so far stops and counts as not reaching it.
+
+Writes ``perfect_scaling.json`` (every run) into ``--out`` and prints each point's steps
+per seed and median, the best per optimizer and batch, and the ratios.
+
+    python benchmarks/perfect_scaling.py [--optimizers SGD SP-NGD] [--seeds 0 1 ... 9]
+        [--threads 1] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import statistics
+import sys
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from batch_scaling import FULL, Run, commit, format_setting, load_study_data, train_run
+from pinned_malloc import pin_malloc
+
+BATCHES = (128, 512)
+MODEL = "resnet8-1d"
+PERFECT_SCALING_SLACK = 1.5
+SEEDS = tuple(range(10))
+STUDY = replace(FULL, warmups=(0,))
+"""The data, target and budget of ``batch_scaling.py``'s full study, without a warm-up."""
+
+GRIDS: dict[str, dict[int, tuple[tuple[str, tuple[float, ...]], ...]]] = {
+    "SGD": {
+        128: (("lr", (0.2, 0.283, 0.4)), ("momentum", (0.8, 0.9, 0.95))),
+        512: (("lr", (0.4, 0.566, 0.8)), ("momentum", (0.8, 0.9, 0.95))),
+    },
+    "SP-NGD": {
+        128: (("lr", (0.00442, 0.00625, 0.00884)), ("damping", (0.001, 0.003, 0.01))),
+        512: (("lr", (0.025, 0.0354, 0.05)), ("damping", (0.001, 0.003, 0.01))),
+    },
+}
+"""Per optimizer and batch, each knob's values, the grid being every combination: SGD's
+learning rates centred on those ``batch_scaling.py --warmups 0 10`` tuned (without a
+warm-up), momentum around the study's 0.9; SP-NGD's around the best of ten-seed screens
+(docs/benchmarks.md has both)."""
+
+
+def grid(optimizer: str, batch: int) -> list[dict[str, float]]:
+    """Every setting of the optimizer's grid at ``batch``, the centre first (it sets the
+    bound that stops hopeless runs early)."""
+    axes = GRIDS[optimizer][batch]
+    names = [name for name, _ in axes]
+    points = [
+        dict(zip(names, values, strict=True))
+        for values in itertools.product(*(values for _, values in axes))
+    ]
+    centre = {name: values[len(values) // 2] for name, values in axes}
+    return sorted(points, key=lambda point: point != centre)
+
+
+def on_edge(optimizer: str, batch: int, setting: dict[str, float]) -> bool:
+    """Whether ``setting`` takes the first or last value of any of its grid's knobs."""
+    return any(setting[name] in (values[0], values[-1]) for name, values in GRIDS[optimizer][batch])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
+    parser.add_argument("--optimizers", nargs="+", choices=list(GRIDS), default=list(GRIDS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=Path("."), help="folder for the JSON")
+    args = parser.parse_args()
+    pin_malloc()
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)  # as spngd train and batch_scaling.py do
+    study = replace(STUDY, seeds=tuple(args.seeds))
+    data = load_study_data(study.data_size)
+    print(
+        f"{MODEL} on mnist1d ({len(data.train_y)} training examples), steps to "
+        f"{100 * study.target:g}% validation accuracy, seeds {args.seeds}, {args.threads} "
+        f"threads, commit {commit()}",
+        flush=True,
+    )
+    runs: list[Run] = []
+    best: dict[tuple[str, int], tuple[float, dict[str, float]]] = {}
+    for optimizer, batch in itertools.product(args.optimizers, BATCHES):
+        for setting in grid(optimizer, batch):
+            bound = 2 * best.get((optimizer, batch), (math.inf, {}))[0]
+            mine = [
+                train_run(optimizer, setting, batch, seed, study, data, MODEL, bound)
+                for seed in args.seeds
+            ]
+            runs.extend(mine)
+            median = statistics.median(run.steps for run in mine)
+            steps = ", ".join(
+                f"{run.steps:.0f}" if math.isfinite(run.steps) else "-" for run in mine
+            )
+            print(
+                f"{optimizer:<7} batch {batch:>4} {format_setting(setting):>14}: {steps}; "
+                f"median {median:g}",
+                flush=True,
+            )
+            if median < best.get((optimizer, batch), (math.inf, {}))[0]:
+                best[(optimizer, batch)] = (median, setting)
+    summary = []
+    for optimizer in args.optimizers:
+        (small, small_setting), (large, large_setting) = (best[(optimizer, b)] for b in BATCHES)
+        ratio = large / small
+        limit = PERFECT_SCALING_SLACK * BATCHES[0] / BATCHES[1]
+        edges = [f"batch {b}" for b in BATCHES if on_edge(optimizer, b, best[(optimizer, b)][1])]
+        summary.append(
+            f"{optimizer}: median {small:g} steps at {BATCHES[0]} "
+            f"({format_setting(small_setting)}), {large:g} at {BATCHES[1]} "
+            f"({format_setting(large_setting)}); steps({BATCHES[1]}) / steps({BATCHES[0]}) "
+            f"{ratio:.3f}, within {PERFECT_SCALING_SLACK}x of perfect scaling: "
+            f"{'yes' if ratio <= limit else 'no'} (<= {limit:.3f})"
+            + (f"; best on the grid's edge at {', '.join(edges)}" if edges else "")
+        )
+    print("\n".join(summary))
+    args.out.mkdir(parents=True, exist_ok=True)
+    record = {
+        "commit": commit(),
+        "command": " ".join(["python", *sys.argv]),
+        "grids": {o: {str(b): dict(axes) for b, axes in GRIDS[o].items()} for o in args.optimizers},
+        "seeds": args.seeds,
+        "threads": args.threads,
+        "summary": summary,
+        "runs": [asdict(run) for run in runs],
+    }
+    (args.out / "perfect_scaling.json").write_text(json.dumps(record, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

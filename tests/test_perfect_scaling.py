@@ -1,0 +1,109 @@
+"""``benchmarks/perfect_scaling.py``: its grid, the bound on hopeless runs, the best medians
+and their ratio, and a tiny run end to end into a JSON."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+SCRIPT = Path(__file__).parents[1] / "benchmarks" / "perfect_scaling.py"
+
+
+@pytest.fixture(scope="module")
+def bench():  # the script, imported as a module
+    sys.path.insert(0, str(SCRIPT.parent))  # as when run: its sibling modules import
+    spec = importlib.util.spec_from_file_location("perfect_scaling", SCRIPT)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+TINY_GRIDS = {
+    "SGD": {64: (("lr", (0.1, 0.2, 0.4)), ("momentum", (0.9,))), 256: (("lr", (0.4,)),)},
+    "SP-NGD": {
+        64: (("lr", (0.01, 0.02)), ("damping", (0.01,))),
+        256: (("lr", (0.02,)), ("damping", (0.003, 0.01, 0.03))),
+    },
+}
+
+
+def test_the_grid_is_every_combination_centre_first(bench) -> None:
+    points = bench.grid("SP-NGD", 512)
+    assert len(points) == 9 and len({tuple(p.items()) for p in points}) == 9
+    assert points[0] == {"lr": 0.0354, "damping": 0.003}
+    assert not bench.on_edge("SP-NGD", 512, points[0])
+    assert bench.on_edge("SP-NGD", 512, {"lr": 0.0354, "damping": 0.01})
+    assert all(len(bench.grid(o, b)) == 9 for o in bench.GRIDS for b in bench.BATCHES)
+
+
+def test_the_best_medians_give_the_ratio_and_hopeless_runs_stop_early(
+    bench, monkeypatch, capsys, tmp_path: Path
+) -> None:
+    """Steps fall with the learning rate, grow with the seed and with SP-NGD's damping; a
+    run past its bound reports that it was pruned, as ``train_run`` does."""
+    bounds = []
+
+    def fake_run(name, setting, batch, seed, study, data, model, prune_after=math.inf):
+        bounds.append(prune_after)
+        steps = (10 if batch == 64 else 1) * (1 + seed) / setting["lr"]
+        steps *= 1 + 10 * setting.get("damping", 0.0)
+        if steps > prune_after:
+            return bench.Run(name, setting, batch, seed, math.inf, 1.0, 0.5, "pruned")
+        return bench.Run(name, setting, batch, seed, steps, 1.0, 0.9, "target")
+
+    monkeypatch.setattr(bench, "GRIDS", TINY_GRIDS)
+    monkeypatch.setattr(bench, "BATCHES", (64, 256))
+    monkeypatch.setattr(bench, "train_run", fake_run)
+    monkeypatch.setattr(bench, "load_study_data", lambda size: SimpleNamespace(train_y=[0] * 5))
+    monkeypatch.setattr(bench, "pin_malloc", lambda: None)
+    argv = ["perfect_scaling.py", "--seeds", "0", "1", "2", "--out", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", argv)
+    bench.main()
+    lines = capsys.readouterr().out.strip().splitlines()
+    # SGD at 64: the centre (lr 0.2) first, unbounded: 50, 100, 150 steps; then 0.1, bounded
+    # by twice that median: its seeds take 100, 200 and (past 200) are pruned
+    assert bounds[:6] == [math.inf] * 3 + [200.0] * 3
+    assert lines[1].split() == "SGD batch 64 0.2/0.9: 50, 100, 150; median 100".split()
+    assert lines[2].split() == "SGD batch 64 0.1/0.9: 100, 200, -; median 200".split()
+    # SP-NGD at 256: damping 0.01 (the centre) 55, 110, 165; 0.003 51.5, 103, 154.5
+    assert lines[7].split() == "SP-NGD batch 256 0.02/0.01: 55, 110, 165; median 110".split()
+    assert lines[8].endswith("median 103")
+    assert lines[-2] == (
+        "SGD: median 50 steps at 64 (0.4/0.9), 5 at 256 (0.4); steps(256) / steps(64) 0.100, "
+        "within 1.5x of perfect scaling: yes (<= 0.375); best on the grid's edge at batch 64, "
+        "batch 256"
+    )
+    assert lines[-1].startswith(
+        "SP-NGD: median 1100 steps at 64 (0.02/0.01), 103 at 256 (0.02/0.003); "
+        "steps(256) / steps(64) 0.094"
+    )
+    record = json.loads((tmp_path / "perfect_scaling.json").read_text())
+    assert len(record["runs"]) == 3 * (3 + 1 + 2 + 3)
+    assert record["summary"] == lines[-2:]
+    assert record["grids"]["SP-NGD"]["256"] == {"lr": [0.02], "damping": [0.003, 0.01, 0.03]}
+
+
+def test_a_tiny_run_trains_for_real(bench, monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("SPNGD_CACHE", str(tmp_path / "cache"))
+    tiny = bench.replace(bench.STUDY, data_size=1600, target=0.3, max_epochs=2.0)
+    grids = {"SP-NGD": {64: (("lr", (0.02,)), ("damping", (0.01,))), 256: (("lr", (0.02,)),
+             ("damping", (0.01,)))}}  # fmt: skip
+    monkeypatch.setattr(bench, "STUDY", tiny)
+    monkeypatch.setattr(bench, "GRIDS", grids)
+    monkeypatch.setattr(bench, "BATCHES", (64, 256))
+    monkeypatch.setattr(bench, "pin_malloc", lambda: None)
+    argv = ["perfect_scaling.py", "--optimizers", "SP-NGD", "--seeds", "0", "--out", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", argv)
+    bench.main()
+    record = json.loads((tmp_path / "perfect_scaling.json").read_text())
+    assert [(r["batch"], r["optimizer"]) for r in record["runs"]] == [
+        (64, "SP-NGD"),
+        (256, "SP-NGD"),
+    ]
+    assert all(r["stopped"] in ("target", "cap") for r in record["runs"])
