@@ -545,6 +545,29 @@ def test_a_stop_signal_after_the_run_is_over_leaves_its_status(tmp_path: Path) -
     assert (process.returncode, stderr.read()) == (0, "")
 
 
+@pytest.mark.parametrize("command", ["train", "compare"])
+def test_a_stop_signal_as_the_summary_is_printed_leaves_the_status(
+    command: str, run_cli: CliRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SIGTERM between the summary's print and the command's return (where the test
+    above, reading stdout, first signals; there it lands by chance): status 0, nothing on
+    stderr. Sent by the process itself, so that it lands there every time."""
+    import spngd.train.cli as cli
+
+    report = cli._report
+
+    def report_then_stop(*lines: str) -> None:
+        report(*lines)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(cli, "_report", report_then_stop)
+    previous = signal.getsignal(signal.SIGTERM)
+    status, stdout, stderr = run_cli(command, "--out", str(tmp_path / "run"), *TINY)
+    assert (status, stderr) == (0, "")
+    assert " steps in " in stdout
+    assert signal.getsignal(signal.SIGTERM) == previous  # put back
+
+
 def test_a_stop_a_library_swallows_stops_the_run_at_the_next_step(
     run_cli: CliRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -205,6 +205,7 @@ def _run_train(options: dict[str, Any]) -> None:
                     warning.message, warning.category, warning.filename, warning.lineno
                 )
             result = train(config, run, checkpoint)
+    stopping.ignore_further()  # the run is over: a late stop signal leaves its status as it is
     if rank == 0:
         ranks = f" on {world_size} ranks" if world_size > 1 else ""
         _report(
@@ -305,6 +306,7 @@ def _run_compare(options: dict[str, Any]) -> None:
                 message = re.sub(rf"^{flag(name)}\b", f"--{optimizer}-{flag(name)[2:]}", message)
             raise UserError(message) from None
     results = compare(configs, out)
+    stopping.ignore_further()  # as in _run_train
     _report(
         *(
             f"{name}: {result.steps} steps in {result.train_time:.1f} s, "
