@@ -6,8 +6,10 @@ batches single seeds move by 30-50% from one setting to the next (docs/benchmark
 much to tell a ratio of 0.375 from 0.45. Here every point of a grid of the same size for
 each optimizer and batch (three learning rates by three values of a second knob: SP-NGD's
 damping, SGD's momentum) runs on every seed, and each point's median counts; the best
-medians at the two batches give the ratio. A best point on its grid's edge is flagged
-(then widen the grid there). Runs are ``batch_scaling.py``'s (``train_run``: the same
+medians at the two batches give the ratio. When the best point lies on its grid's edge,
+the grid is widened by one value of that knob beyond it, up to :data:`MAX_WIDENINGS`
+times (as ``batch_scaling.py`` widens its learning rates); a best point still there is
+flagged. Runs are ``batch_scaling.py``'s (``train_run``: the same
 model, data order per seed, validation schedule and budget), without a warm-up, which
 both optimizers preferred at these batches when the study tuned it. A run still short of
 the target at twice the best median so far stops and counts as not reaching it.
@@ -27,12 +29,22 @@ import json
 import math
 import statistics
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
-from batch_scaling import FULL, Run, commit, format_setting, load_study_data, train_run
+from batch_scaling import (
+    FULL,
+    MAX_WIDENINGS,
+    Run,
+    commit,
+    format_setting,
+    load_study_data,
+    round_lr,
+    train_run,
+)
 from pinned_malloc import pin_malloc
 
 BATCHES = (128, 512)
@@ -42,14 +54,14 @@ SEEDS = tuple(range(10))
 STUDY = replace(FULL, warmups=(0,))
 """The data, target and budget of ``batch_scaling.py``'s full study, without a warm-up."""
 
-GRIDS: dict[str, dict[int, tuple[tuple[str, tuple[float, ...]], ...]]] = {
+GRIDS: dict[str, dict[int, dict[str, tuple[float, ...]]]] = {
     "SGD": {
-        128: (("lr", (0.2, 0.283, 0.4)), ("momentum", (0.8, 0.9, 0.95))),
-        512: (("lr", (0.4, 0.566, 0.8)), ("momentum", (0.8, 0.9, 0.95))),
+        128: {"lr": (0.2, 0.283, 0.4), "momentum": (0.8, 0.9, 0.95)},
+        512: {"lr": (0.4, 0.566, 0.8), "momentum": (0.8, 0.9, 0.95)},
     },
     "SP-NGD": {
-        128: (("lr", (0.00442, 0.00625, 0.00884)), ("damping", (0.001, 0.003, 0.01))),
-        512: (("lr", (0.025, 0.0354, 0.05)), ("damping", (0.001, 0.003, 0.01))),
+        128: {"lr": (0.00442, 0.00625, 0.00884), "damping": (0.001, 0.003, 0.01)},
+        512: {"lr": (0.025, 0.0354, 0.05), "damping": (0.001, 0.003, 0.01)},
     },
 }
 """Per optimizer and batch, each knob's values, the grid being every combination: SGD's
@@ -58,22 +70,73 @@ warm-up), momentum around the study's 0.9; SP-NGD's around the best of ten-seed 
 (docs/benchmarks.md has both)."""
 
 
-def grid(optimizer: str, batch: int) -> list[dict[str, float]]:
-    """Every setting of the optimizer's grid at ``batch``, the centre first (it sets the
-    bound that stops hopeless runs early)."""
-    axes = GRIDS[optimizer][batch]
-    names = [name for name, _ in axes]
-    points = [
-        dict(zip(names, values, strict=True))
-        for values in itertools.product(*(values for _, values in axes))
+Axes = dict[str, list[float]]
+"""A grid: each knob's values in ascending order, the grid being every combination."""
+
+
+def points(axes: Axes) -> list[dict[str, float]]:
+    """Every setting of the grid, the centre first (it sets the bound that stops hopeless
+    runs early)."""
+    settings = [
+        dict(zip(axes, values, strict=True)) for values in itertools.product(*axes.values())
     ]
-    centre = {name: values[len(values) // 2] for name, values in axes}
-    return sorted(points, key=lambda point: point != centre)
+    centre = {name: values[len(values) // 2] for name, values in axes.items()}
+    return sorted(settings, key=lambda setting: setting != centre)
 
 
-def on_edge(optimizer: str, batch: int, setting: dict[str, float]) -> bool:
-    """Whether ``setting`` takes the first or last value of any of its grid's knobs."""
-    return any(setting[name] in (values[0], values[-1]) for name, values in GRIDS[optimizer][batch])
+def edges(axes: Axes, setting: dict[str, float]) -> list[tuple[str, int]]:
+    """The knobs (and ends: 0 low, -1 high) where ``setting`` takes an end value of a knob
+    with several values."""
+    return [
+        (name, end)
+        for name, values in axes.items()
+        if len(values) > 1
+        for end in (0, -1)
+        if setting[name] == values[end]
+    ]
+
+
+def beyond(name: str, edge: float, inner: float) -> float:
+    """The value one grid step beyond ``edge`` from its neighbour ``inner``: geometric, in
+    ``1 - momentum`` for SGD's momentum."""
+    if name == "momentum":
+        return round(1 - (1 - edge) ** 2 / (1 - inner), 4)
+    return round_lr(edge**2 / inner)
+
+
+def tune(
+    axes: dict[str, tuple[float, ...]], median_of: Callable[[dict[str, float], float], float]
+) -> tuple[float, dict[str, float], Axes]:
+    """The best median over the grid ``axes``, widened by one value beyond the best's edge
+    up to :data:`MAX_WIDENINGS` times; ``median_of(setting, bound)`` runs a setting, its
+    runs stopping past ``bound`` steps. Returns the best median, its setting and the grid
+    as widened."""
+    grid = {name: list(values) for name, values in axes.items()}
+    medians: dict[tuple[float, ...], tuple[float, dict[str, float]]] = {}
+
+    def best() -> tuple[float, dict[str, float]]:
+        return min(medians.values(), key=lambda entry: entry[0])
+
+    def run_new() -> None:
+        for setting in points(grid):
+            key = tuple(setting.values())
+            if key not in medians:
+                bound = 2 * best()[0] if medians else math.inf
+                medians[key] = (median_of(setting, bound), setting)
+
+    run_new()
+    for _ in range(MAX_WIDENINGS):
+        edge = edges(grid, best()[1])
+        if not edge:
+            break
+        name, end = edge[0]
+        values = grid[name]
+        if end == 0:
+            values.insert(0, beyond(name, values[0], values[1]))
+        else:
+            values.append(beyond(name, values[-1], values[-2]))
+        run_new()
+    return *best(), grid
 
 
 def main() -> None:
@@ -95,10 +158,12 @@ def main() -> None:
         flush=True,
     )
     runs: list[Run] = []
-    best: dict[tuple[str, int], tuple[float, dict[str, float]]] = {}
+    best: dict[tuple[str, int], tuple[float, dict[str, float], Axes]] = {}
     for optimizer, batch in itertools.product(args.optimizers, BATCHES):
-        for setting in grid(optimizer, batch):
-            bound = 2 * best.get((optimizer, batch), (math.inf, {}))[0]
+
+        def median_of(
+            setting: dict[str, float], bound: float, optimizer: str = optimizer, batch: int = batch
+        ) -> float:
             mine = [
                 train_run(optimizer, setting, batch, seed, study, data, MODEL, bound)
                 for seed in args.seeds
@@ -113,28 +178,33 @@ def main() -> None:
                 f"median {median:g}",
                 flush=True,
             )
-            if median < best.get((optimizer, batch), (math.inf, {}))[0]:
-                best[(optimizer, batch)] = (median, setting)
+            return median
+
+        best[(optimizer, batch)] = tune(GRIDS[optimizer][batch], median_of)
     summary = []
     for optimizer in args.optimizers:
-        (small, small_setting), (large, large_setting) = (best[(optimizer, b)] for b in BATCHES)
+        (small, small_setting, _), (large, large_setting, _) = (
+            best[(optimizer, b)] for b in BATCHES
+        )
         ratio = large / small
         limit = PERFECT_SCALING_SLACK * BATCHES[0] / BATCHES[1]
-        edges = [f"batch {b}" for b in BATCHES if on_edge(optimizer, b, best[(optimizer, b)][1])]
+        on_edge = [
+            f"batch {b}" for b in BATCHES if edges(best[(optimizer, b)][2], best[(optimizer, b)][1])
+        ]
         summary.append(
             f"{optimizer}: median {small:g} steps at {BATCHES[0]} "
             f"({format_setting(small_setting)}), {large:g} at {BATCHES[1]} "
             f"({format_setting(large_setting)}); steps({BATCHES[1]}) / steps({BATCHES[0]}) "
             f"{ratio:.3f}, within {PERFECT_SCALING_SLACK}x of perfect scaling: "
             f"{'yes' if ratio <= limit else 'no'} (<= {limit:.3f})"
-            + (f"; best on the grid's edge at {', '.join(edges)}" if edges else "")
+            + (f"; best on the grid's edge at {', '.join(on_edge)}" if on_edge else "")
         )
     print("\n".join(summary))
     args.out.mkdir(parents=True, exist_ok=True)
     record = {
         "commit": commit(),
         "command": " ".join(["python", *sys.argv]),
-        "grids": {o: {str(b): dict(axes) for b, axes in GRIDS[o].items()} for o in args.optimizers},
+        "grids": {f"{o} {b}": best[(o, b)][2] for o, b in best},
         "seeds": args.seeds,
         "threads": args.threads,
         "summary": summary,

@@ -25,21 +25,44 @@ def bench():  # the script, imported as a module
 
 
 TINY_GRIDS = {
-    "SGD": {64: (("lr", (0.1, 0.2, 0.4)), ("momentum", (0.9,))), 256: (("lr", (0.4,)),)},
+    "SGD": {64: {"lr": (0.1, 0.2, 0.4), "momentum": (0.9,)}, 256: {"lr": (0.4,)}},
     "SP-NGD": {
-        64: (("lr", (0.01, 0.02)), ("damping", (0.01,))),
-        256: (("lr", (0.02,)), ("damping", (0.003, 0.01, 0.03))),
+        64: {"lr": (0.01, 0.02), "damping": (0.01,)},
+        256: {"lr": (0.02,), "damping": (0.003, 0.01, 0.03)},
     },
 }
 
 
 def test_the_grid_is_every_combination_centre_first(bench) -> None:
-    points = bench.grid("SP-NGD", 512)
+    grid = {name: list(values) for name, values in bench.GRIDS["SP-NGD"][512].items()}
+    points = bench.points(grid)
     assert len(points) == 9 and len({tuple(p.items()) for p in points}) == 9
     assert points[0] == {"lr": 0.0354, "damping": 0.003}
-    assert not bench.on_edge("SP-NGD", 512, points[0])
-    assert bench.on_edge("SP-NGD", 512, {"lr": 0.0354, "damping": 0.01})
-    assert all(len(bench.grid(o, b)) == 9 for o in bench.GRIDS for b in bench.BATCHES)
+    assert bench.edges(grid, points[0]) == []
+    assert bench.edges(grid, {"lr": 0.025, "damping": 0.01}) == [("lr", 0), ("damping", -1)]
+    assert all(len(bench.points(g)) == 9 for o in bench.GRIDS.values() for g in o.values())
+
+
+def test_the_grid_widens_past_an_edge_best_twice_at_most(bench) -> None:
+    """Steps fall with the learning rate and with the momentum's distance from 0.9: the
+    best runs off the top of the learning rates, each new one bounded by twice the best."""
+    tried = []
+
+    def median_of(setting: dict[str, float], bound: float) -> float:
+        tried.append((setting, bound))
+        return 100 / setting["lr"] + 1000 * abs(setting["momentum"] - 0.9)
+
+    axes = {"lr": (0.1, 0.2, 0.4), "momentum": (0.8, 0.9, 0.95)}
+    median, setting, grid = bench.tune(axes, median_of)
+    assert tried[0] == ({"lr": 0.2, "momentum": 0.9}, math.inf)
+    assert tried[1][1] == 1000.0  # twice the centre's 500
+    assert grid == {"lr": [0.1, 0.2, 0.4, 0.8, 1.6], "momentum": [0.8, 0.9, 0.95]}
+    assert len(tried) == 9 + 3 + 3
+    assert (median, setting) == (62.5, {"lr": 1.6, "momentum": 0.9})
+    assert bench.edges(grid, setting) == [("lr", -1)]
+    assert bench.beyond("momentum", 0.95, 0.9) == 0.975
+    assert bench.beyond("momentum", 0.8, 0.9) == 0.6
+    assert bench.beyond("damping", 0.001, 0.003) == 0.000333
 
 
 def test_the_best_medians_give_the_ratio_and_hopeless_runs_stop_early(
@@ -67,33 +90,39 @@ def test_the_best_medians_give_the_ratio_and_hopeless_runs_stop_early(
     bench.main()
     lines = capsys.readouterr().out.strip().splitlines()
     # SGD at 64: the centre (lr 0.2) first, unbounded: 50, 100, 150 steps; then 0.1, bounded
-    # by twice that median: its seeds take 100, 200 and (past 200) are pruned
+    # by twice that median: its seeds take 100, 200 and (past 200) are pruned; the best runs
+    # off the top, 0.8 and 1.6 are added
     assert bounds[:6] == [math.inf] * 3 + [200.0] * 3
     assert lines[1].split() == "SGD batch 64 0.2/0.9: 50, 100, 150; median 100".split()
     assert lines[2].split() == "SGD batch 64 0.1/0.9: 100, 200, -; median 200".split()
-    # SP-NGD at 256: damping 0.01 (the centre) 55, 110, 165; 0.003 51.5, 103, 154.5
-    assert lines[7].split() == "SP-NGD batch 256 0.02/0.01: 55, 110, 165; median 110".split()
-    assert lines[8].endswith("median 103")
+    assert lines[5].split() == "SGD batch 64 1.6/0.9: 6, 12, 19; median 12.5".split()
+    # SP-NGD at 256: damping 0.01 (the centre) 55, 110, 165; 0.003 51.5, 103, 154.5; the
+    # best runs off the bottom
+    assert lines[11].split() == "SP-NGD batch 256 0.02/0.01: 55, 110, 165; median 110".split()
+    assert lines[12].endswith("median 103")
     assert lines[-2] == (
-        "SGD: median 50 steps at 64 (0.4/0.9), 5 at 256 (0.4); steps(256) / steps(64) 0.100, "
-        "within 1.5x of perfect scaling: yes (<= 0.375); best on the grid's edge at batch 64, "
-        "batch 256"
+        "SGD: median 12.5 steps at 64 (1.6/0.9), 5 at 256 (0.4); steps(256) / steps(64) 0.400, "
+        "within 1.5x of perfect scaling: no (<= 0.375); best on the grid's edge at batch 64"
     )
-    assert lines[-1].startswith(
-        "SP-NGD: median 1100 steps at 64 (0.02/0.01), 103 at 256 (0.02/0.003); "
-        "steps(256) / steps(64) 0.094"
+    assert lines[-1] == (
+        "SP-NGD: median 275 steps at 64 (0.08/0.01), 100.27 at 256 (0.02/0.00027); steps(256) "
+        "/ steps(64) 0.365, within 1.5x of perfect scaling: yes (<= 0.375); best on the grid's "
+        "edge at batch 64, batch 256"
     )
     record = json.loads((tmp_path / "perfect_scaling.json").read_text())
-    assert len(record["runs"]) == 3 * (3 + 1 + 2 + 3)
+    assert len(record["runs"]) == 3 * (5 + 1 + 4 + 5)
     assert record["summary"] == lines[-2:]
-    assert record["grids"]["SP-NGD"]["256"] == {"lr": [0.02], "damping": [0.003, 0.01, 0.03]}
+    assert record["grids"]["SP-NGD 256"] == {
+        "lr": [0.02],
+        "damping": [0.00027, 0.0009, 0.003, 0.01, 0.03],
+    }
+    assert record["grids"]["SGD 64"] == {"lr": [0.1, 0.2, 0.4, 0.8, 1.6], "momentum": [0.9]}
 
 
 def test_a_tiny_run_trains_for_real(bench, monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setenv("SPNGD_CACHE", str(tmp_path / "cache"))
     tiny = bench.replace(bench.STUDY, data_size=1600, target=0.3, max_epochs=2.0)
-    grids = {"SP-NGD": {64: (("lr", (0.02,)), ("damping", (0.01,))), 256: (("lr", (0.02,)),
-             ("damping", (0.01,)))}}  # fmt: skip
+    grids = {"SP-NGD": {b: {"lr": (0.02,), "damping": (0.01,)} for b in (64, 256)}}
     monkeypatch.setattr(bench, "STUDY", tiny)
     monkeypatch.setattr(bench, "GRIDS", grids)
     monkeypatch.setattr(bench, "BATCHES", (64, 256))
