@@ -60,8 +60,8 @@ GRIDS: dict[str, dict[int, dict[str, tuple[float, ...]]]] = {
         512: {"lr": (0.4, 0.566, 0.8), "momentum": (0.8, 0.9, 0.95)},
     },
     "SP-NGD": {
-        128: {"lr": (0.00442, 0.00625, 0.00884), "damping": (0.001, 0.003, 0.01)},
-        512: {"lr": (0.025, 0.0354, 0.05), "damping": (0.001, 0.003, 0.01)},
+        128: {"lr": (0.00221, 0.003125, 0.00442), "damping": (0.0003, 0.001, 0.003)},
+        512: {"lr": (0.0125, 0.0177, 0.025), "damping": (0.0001, 0.0003, 0.001)},
     },
 }
 """Per optimizer and batch, each knob's values, the grid being every combination: SGD's
