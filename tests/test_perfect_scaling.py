@@ -85,7 +85,8 @@ def test_the_best_medians_give_the_ratio_and_hopeless_runs_stop_early(
     monkeypatch.setattr(bench, "train_run", fake_run)
     monkeypatch.setattr(bench, "load_study_data", lambda size: SimpleNamespace(train_y=[0] * 5))
     monkeypatch.setattr(bench, "pin_malloc", lambda: None)
-    argv = ["perfect_scaling.py", "--seeds", "0", "1", "2", "--out", str(tmp_path)]
+    argv = ["perfect_scaling.py", "--seeds", "0", "1", "2", "--held-out-seeds", "4", "5"]
+    argv += ["--out", str(tmp_path)]
     monkeypatch.setattr(sys, "argv", argv)
     bench.main()
     lines = capsys.readouterr().out.strip().splitlines()
@@ -100,18 +101,29 @@ def test_the_best_medians_give_the_ratio_and_hopeless_runs_stop_early(
     # best runs off the bottom
     assert lines[11].split() == "SP-NGD batch 256 0.02/0.01: 55, 110, 165; median 110".split()
     assert lines[12].endswith("median 103")
-    assert lines[-2] == (
+    # the best settings on the held-out seeds, unbounded: SGD's 1.6 at 64 takes 31.25 and
+    # 37.5 steps, its 0.4 at 256 12.5 and 15
+    assert lines[-8].split() == (
+        "SGD batch 64 1.6/0.9: 31, 38; median 34.375 (held-out seeds)".split()
+    )
+    assert bounds[-4:] == [math.inf] * 4
+    assert lines[-3] == (
+        "SGD, the same settings on held-out seeds [4, 5]: median 34.375 steps at 64, 13.75 at "
+        "256; steps(256) / steps(64) 0.400, within 1.5x of perfect scaling: no (<= 0.375)"
+    )
+    assert lines[-4] == (
         "SGD: median 12.5 steps at 64 (1.6/0.9), 5 at 256 (0.4); steps(256) / steps(64) 0.400, "
         "within 1.5x of perfect scaling: no (<= 0.375); best on the grid's edge at batch 64"
     )
-    assert lines[-1] == (
+    assert lines[-2] == (
         "SP-NGD: median 275 steps at 64 (0.08/0.01), 100.27 at 256 (0.02/0.00027); steps(256) "
         "/ steps(64) 0.365, within 1.5x of perfect scaling: yes (<= 0.375); best on the grid's "
         "edge at batch 64, batch 256"
     )
     record = json.loads((tmp_path / "perfect_scaling.json").read_text())
-    assert len(record["runs"]) == 3 * (5 + 1 + 4 + 5)
-    assert record["summary"] == lines[-2:]
+    assert len(record["runs"]) == 3 * (5 + 1 + 4 + 5) + 2 * 4
+    assert record["summary"] == lines[-4:]
+    assert record["held_out_seeds"] == [4, 5]
     assert record["grids"]["SP-NGD 256"] == {
         "lr": [0.02],
         "damping": [0.00027, 0.0009, 0.003, 0.01, 0.03],
@@ -127,7 +139,8 @@ def test_a_tiny_run_trains_for_real(bench, monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setattr(bench, "GRIDS", grids)
     monkeypatch.setattr(bench, "BATCHES", (64, 256))
     monkeypatch.setattr(bench, "pin_malloc", lambda: None)
-    argv = ["perfect_scaling.py", "--optimizers", "SP-NGD", "--seeds", "0", "--out", str(tmp_path)]
+    argv = ["perfect_scaling.py", "--optimizers", "SP-NGD", "--seeds", "0", "--held-out-seeds"]
+    argv += ["--out", str(tmp_path)]
     monkeypatch.setattr(sys, "argv", argv)
     bench.main()
     record = json.loads((tmp_path / "perfect_scaling.json").read_text())
