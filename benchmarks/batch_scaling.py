@@ -69,8 +69,8 @@ MAX_EPOCHS = 12.0
 EVAL_GROWTH = 1.05
 """Validation runs at every step up to 20, then when the step count has grown by 5%."""
 SEEDS = (0, 1, 2)
-SGD_MOMENTUM = 0.9
-"""Momentum of SGD and SP-NGD's update, unless a setting gives SGD's."""
+MOMENTUM = 0.9
+"""Momentum of SGD and of SP-NGD's update, unless a setting gives SGD's."""
 
 
 @dataclass(frozen=True)
@@ -144,13 +144,13 @@ TUNED = (SGD, ADAMW, SPNGD_DEFAULT)
 
 def make_optimizer(name: str, model: nn.Module, setting: dict[str, float]) -> torch.optim.Optimizer:
     if name == "SGD":
-        momentum = setting.get("momentum", SGD_MOMENTUM)
+        momentum = setting.get("momentum", MOMENTUM)
         return torch.optim.SGD(model.parameters(), lr=setting["lr"], momentum=momentum)
     if name == "AdamW":
         return torch.optim.AdamW(model.parameters(), lr=setting["lr"], weight_decay=0.01)
     every_step = {"stat_interval": 1} if name == SPNGD_EVERY_STEP else {}
     return SPNGD(
-        model, lr=setting["lr"], damping=setting["damping"], momentum=SGD_MOMENTUM, **every_step
+        model, lr=setting["lr"], damping=setting["damping"], momentum=MOMENTUM, **every_step
     )
 
 
@@ -458,7 +458,8 @@ def report(results: list[Result], finals: dict[str, float], study: Study) -> lis
 
 
 def format_setting(setting: dict[str, float]) -> str:
-    """``lr[/damping][/wN]``: the learning rate, SP-NGD's damping, a tuned warm-up."""
+    """``lr[/damping or /momentum][/wN]``: the learning rate, SP-NGD's damping or SGD's
+    momentum, a tuned warm-up."""
     return "/".join(
         f"w{v:g}" if name == "warmup_steps" else f"{v:g}" for name, v in setting.items()
     )

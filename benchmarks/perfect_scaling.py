@@ -105,9 +105,9 @@ def edges(axes: Axes, setting: dict[str, float]) -> list[tuple[str, int]]:
 
 def beyond(name: str, edge: float, inner: float) -> float:
     """The value one grid step beyond ``edge`` from its neighbour ``inner``: geometric, in
-    ``1 - momentum`` for SGD's momentum."""
+    ``1 - momentum`` for SGD's momentum (not below 0: then ``edge`` itself when it is 0)."""
     if name == "momentum":
-        return round(1 - (1 - edge) ** 2 / (1 - inner), 4)
+        return max(0.0, round(1 - (1 - edge) ** 2 / (1 - inner), 4))
     return round_lr(edge**2 / inner)
 
 
@@ -138,10 +138,14 @@ def tune(
             break
         name, end = edge[0]
         values = grid[name]
+        inner = values[1] if end == 0 else values[-2]
+        value = beyond(name, values[end], inner)
+        if value == values[end]:  # no room beyond (momentum 0)
+            break
         if end == 0:
-            values.insert(0, beyond(name, values[0], values[1]))
+            values.insert(0, value)
         else:
-            values.append(beyond(name, values[-1], values[-2]))
+            values.append(value)
         run_new()
     return *best(), grid
 
@@ -160,7 +164,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("."), help="folder for the JSON")
     args = parser.parse_args()
+    if set(args.seeds) & set(args.held_out_seeds):
+        parser.error("--held-out-seeds must not repeat --seeds")
     pin_malloc()
+    measured_at = commit()
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # as spngd train and batch_scaling.py do
     study = replace(STUDY, seeds=tuple(args.seeds))
@@ -168,7 +175,7 @@ def main() -> None:
     print(
         f"{MODEL} on mnist1d ({len(data.train_y)} training examples), steps to "
         f"{100 * study.target:g}% validation accuracy, seeds {args.seeds}, {args.threads} "
-        f"threads, commit {commit()}",
+        f"threads, commit {measured_at}",
         flush=True,
     )
     runs: list[Run] = []
@@ -236,9 +243,17 @@ def main() -> None:
     print("\n".join(summary))
     args.out.mkdir(parents=True, exist_ok=True)
     record = {
-        "commit": commit(),
+        "commit": measured_at,
         "command": " ".join(["python", *sys.argv]),
         "grids": {f"{o} {b}": best[(o, b)][2] for o, b in best},
+        "best": {
+            f"{o} {b}": {
+                "setting": best[(o, b)][1],
+                "median": best[(o, b)][0],
+                "held_out_median": held_out.get((o, b)),
+            }
+            for o, b in best
+        },
         "seeds": args.seeds,
         "held_out_seeds": args.held_out_seeds,
         "threads": args.threads,

@@ -93,3 +93,12 @@ def test_a_tiny_study_writes_every_run_and_the_plot(bench, monkeypatch, tmp_path
     assert all(r["stopped"] in ("target", "cap", "pruned", "diverged") for r in record["runs"])
     assert set(record["final_accuracies"]) == {"SGD", "AdamW", "SP-NGD"}
     assert any(line.startswith("at batch 256: ") and "AdamW" in line for line in record["report"])
+
+
+def test_sgd_takes_its_momentum_from_the_setting(bench) -> None:
+    model = bench.build_model("resnet8-1d", 10, in_channels=1)
+    momenta = [
+        bench.make_optimizer("SGD", model, setting).param_groups[0]["momentum"]
+        for setting in ({"lr": 0.1, "momentum": 0.8}, {"lr": 0.1})
+    ]
+    assert momenta == [0.8, bench.MOMENTUM]

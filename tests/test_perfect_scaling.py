@@ -63,6 +63,28 @@ def test_the_grid_widens_past_an_edge_best_twice_at_most(bench) -> None:
     assert bench.beyond("momentum", 0.95, 0.9) == 0.975
     assert bench.beyond("momentum", 0.8, 0.9) == 0.6
     assert bench.beyond("damping", 0.001, 0.003) == 0.000333
+    assert bench.beyond("momentum", 0.2, 0.6) == 0.0  # not below 0
+
+
+def test_momentum_widening_stops_at_zero(bench) -> None:
+    """Fewer steps the lower the momentum: the grid widens down to 0, then stops."""
+    tried = []
+
+    def median_of(setting: dict[str, float], bound: float) -> float:
+        tried.append(setting["momentum"])
+        return 100 + 100 * setting["momentum"]
+
+    median, setting, grid = bench.tune({"momentum": (0.2, 0.6, 0.8)}, median_of)
+    assert grid == {"momentum": [0.0, 0.2, 0.6, 0.8]}  # beyond 0.2: -0.6, so 0; then none
+    assert (median, setting) == (100.0, {"momentum": 0.0}) and len(tried) == 4
+
+
+def test_held_out_seeds_must_not_repeat_the_tuning_seeds(bench, monkeypatch, capsys) -> None:
+    argv = ["perfect_scaling.py", "--seeds", "0", "1", "--held-out-seeds", "1", "2"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit):
+        bench.main()
+    assert "--held-out-seeds must not repeat --seeds" in capsys.readouterr().err
 
 
 def test_the_best_medians_give_the_ratio_and_hopeless_runs_stop_early(
@@ -124,6 +146,11 @@ def test_the_best_medians_give_the_ratio_and_hopeless_runs_stop_early(
     assert len(record["runs"]) == 3 * (5 + 1 + 4 + 5) + 2 * 4
     assert record["summary"] == lines[-4:]
     assert record["held_out_seeds"] == [4, 5]
+    assert record["best"]["SP-NGD 256"] == {
+        "setting": {"lr": 0.02, "damping": 0.00027},
+        "median": pytest.approx(100.27),
+        "held_out_median": pytest.approx(100.27 * 5.5 / 2),
+    }
     assert record["grids"]["SP-NGD 256"] == {
         "lr": [0.02],
         "damping": [0.00027, 0.0009, 0.003, 0.01, 0.03],

@@ -148,7 +148,7 @@ class AdaptiveRefresh:
     pool: bool = setting(
         True,
         "while a statistic's changes count as small, use the mean of its estimates since "
-        "the last larger change (off: the latest estimate)",
+        "the last larger change (without it: the latest estimate)",
     )
 
     def __post_init__(self) -> None:
