@@ -3,7 +3,6 @@ study run end to end into a JSON and a PNG."""
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import math
@@ -12,17 +11,12 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).parents[1] / "benchmarks" / "batch_scaling.py"
+from tests.benchmark_scripts import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():  # the script, imported as a module
-    sys.path.insert(0, str(SCRIPT.parent))  # as when run: its sibling modules import
-    spec = importlib.util.spec_from_file_location("batch_scaling", SCRIPT)
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    sys.modules["batch_scaling"] = module
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
+    return load_benchmark("batch_scaling")
 
 
 def test_validation_runs_every_step_to_20_then_every_5_percent(bench) -> None:

@@ -3,7 +3,6 @@ and their ratio, and a tiny run end to end into a JSON."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
@@ -12,16 +11,12 @@ from types import SimpleNamespace
 
 import pytest
 
-SCRIPT = Path(__file__).parents[1] / "benchmarks" / "perfect_scaling.py"
+from tests.benchmark_scripts import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():  # the script, imported as a module
-    sys.path.insert(0, str(SCRIPT.parent))  # as when run: its sibling modules import
-    spec = importlib.util.spec_from_file_location("perfect_scaling", SCRIPT)
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
+    return load_benchmark("perfect_scaling")
 
 
 TINY_GRIDS = {
