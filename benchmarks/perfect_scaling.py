@@ -42,6 +42,7 @@ import torch
 from batch_scaling import (
     FULL,
     MAX_WIDENINGS,
+    PERFECT_SCALING_SLACK,
     Run,
     commit,
     format_setting,
@@ -53,7 +54,6 @@ from pinned_malloc import pin_malloc
 
 BATCHES = (128, 512)
 MODEL = "resnet8-1d"
-PERFECT_SCALING_SLACK = 1.5
 SEEDS = tuple(range(10))
 HELD_OUT_SEEDS = tuple(range(10, 20))
 """Seeds the best settings run on after tuning: the tuning seeds' best medians are the
