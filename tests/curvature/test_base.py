@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from spngd import SPNGD, AdaptiveRefresh
-from spngd.curvature import BatchNormBlock, Conv2dBlock, LinearBlock
+from spngd.curvature import BatchNormBlock, Conv1dBlock, Conv2dBlock, LinearBlock
 from spngd.refresh import NOISE_LEAD_STEPS
 from spngd.timing import StageTimes
 from tests.curvature._bruteforce import (
@@ -121,20 +121,25 @@ def test_accumulated_micro_batches_have_a_kth_of_the_noise() -> None:
         assert not torch.isclose(alone[0][i], alone[1][i])
 
 
-@pytest.mark.parametrize("kind", ["conv", "linear"])
-def test_kronecker_noise_is_the_difference_of_the_halves_estimates(kind: str) -> None:
+@pytest.mark.parametrize("n", [N, N + 1])
+@pytest.mark.parametrize("kind", ["conv", "conv1d", "linear"])
+def test_kronecker_noise_is_the_difference_of_the_halves_estimates(kind: str, n: int) -> None:
     """Each half's A and G equal the statistic of that half with every output gradient
     scaled to the whole batch's (n / half): A does not depend on it, G twice; the whole
-    batch's statistic is their mean and the noise half their squared distance."""
+    batch's statistic is their mean and the noise half their squared distance. (A
+    convolution's G of an even batch takes both halves from one call.)"""
     torch.manual_seed(0)
     if kind == "conv":
         block: Conv2dBlock | LinearBlock = Conv2dBlock("c", nn.Conv2d(3, 4, 3).double())
-        x, g = torch.randn(N + 1, 3, 5, 5), torch.randn(N + 1, 4, 3, 3)
+        x, g = torch.randn(n, 3, 5, 5), torch.randn(n, 4, 3, 3)
+    elif kind == "conv1d":
+        block = Conv1dBlock("c", nn.Conv1d(3, 4, 3).double())
+        x, g = torch.randn(n, 3, 7), torch.randn(n, 4, 5)
     else:
         block = LinearBlock("l", nn.Linear(5, 4).double())
-        x, g = torch.randn(N + 1, 5), torch.randn(N + 1, 4)
-    x, g = x.double(), g.double() / (N + 1)
-    n, half = N + 1, (N + 1) // 2
+        x, g = torch.randn(n, 5), torch.randn(n, 4)
+    x, g = x.double(), g.double() / n
+    half = n // 2
     for index in (0, 1):
         first = block.compute_statistic(index, x[:half], g[:half] * (n / half))
         second = block.compute_statistic(index, x[half:], g[half:] * (n / (n - half)))

@@ -58,7 +58,8 @@ def _channel_reference(t: Tensor, groups: int) -> Tensor:
 CHANNEL_ARGS = ("n", "channels", "height", "width", "groups", "last", "form")
 CHANNEL_CASES = [
     (3, 72, 4, 4, 1, False, "oneDNN conv"),  # more than 64 channels
-    (3, 8, 5, 5, 1, False, "oneDNN conv"),  # small map
+    (3, 8, 5, 5, 1, False, "copy + batched GEMM"),  # small map
+    (4, 8, 8, 8, 1, False, "per-example bmm"),  # few channels, 64 locations
     (2, 8, 16, 17, 1, True, "oneDNN conv"),  # channels-last grad, large map
     (2, 8, 16, 16, 1, False, "per-example bmm"),  # few channels, large map
     (2, 12, 16, 17, 3, False, "per-example bmm"),  # groups, large map
@@ -78,8 +79,29 @@ def test_channel_second_moment_forms(
         t = t.contiguous(memory_format=torch.channels_last)
     assert channel_moment_form(t, groups) == form
     torch.testing.assert_close(
-        channel_second_moment(t, groups), _channel_reference(t, groups), rtol=1e-12, atol=1e-12
+        channel_second_moment(t, groups)[0],
+        _channel_reference(t, groups),
+        rtol=1e-12,
+        atol=1e-12,
     )
+
+
+@pytest.mark.parametrize(CHANNEL_ARGS, [case for case in CHANNEL_CASES if case[0] % 2 == 0])
+def test_channel_second_moment_of_two_parts_is_each_halfs(
+    n: int, channels: int, height: int, width: int, groups: int, last: bool, form: str
+) -> None:
+    t = _randn(n, channels, height, width)
+    if last:
+        t = t.contiguous(memory_format=torch.channels_last)
+    parts = channel_second_moment(t, groups, parts=2)
+    assert parts.shape == (2, groups, channels // groups, channels // groups)
+    for part, half in zip(parts, t.split(n // 2), strict=True):
+        torch.testing.assert_close(part, _channel_reference(half, groups), rtol=1e-12, atol=1e-12)
+
+
+def test_channel_second_moment_rejects_unequal_parts() -> None:
+    with pytest.raises(ValueError, match="3 examples do not split into 2 equal parts"):
+        channel_second_moment(_randn(3, 4, 2, 2), 1, parts=2)
 
 
 @pytest.mark.parametrize(CHANNEL_ARGS, CHANNEL_CASES)
@@ -102,8 +124,8 @@ def test_channel_forms_in_float32_stay_accurate() -> None:
     """The oneDNN and BLAS kernels (float32 only) agree with float64 to ~1e-6."""
     for n, channels, size, groups in ((8, 96, 8, 1), (4, 16, 32, 1), (16, 32, 4, 8)):
         t = _randn(n, channels, size, size, seed=3, dtype=torch.float32)
-        expected = channel_second_moment(t.double(), groups)
-        got = channel_second_moment(t, groups).double()
+        expected = channel_second_moment(t.double(), groups)[0]
+        got = channel_second_moment(t, groups)[0].double()
         assert ((got - expected).norm() / expected.norm()).item() < 1e-5
 
 

@@ -259,8 +259,7 @@ class CurvatureBlock(ABC):
         n = self.batch_size(inputs)
         half = n // 2
         power = self.gradient_powers[index]
-        first = self.compute_statistic(index, inputs[:half], grad_output[:half])
-        second = self.compute_statistic(index, inputs[half:], grad_output[half:])
+        first, second = self.statistic_halves(index, inputs, grad_output)
         if power:
             first.mul_((n / half) ** power)
             second.mul_((n / (n - half)) ** power)
@@ -270,6 +269,16 @@ class CurvatureBlock(ABC):
             stat = self.compute_statistic(index, inputs, grad_output, context)
         noise = (first - second).square().sum() / (2.0 * stat.square().sum().clamp(min=1e-30))
         return stat, noise
+
+    def statistic_halves(
+        self, index: int, inputs: torch.Tensor, grad_output: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`compute_statistic` of the first ``n // 2`` examples and of the rest; a kind
+        with a form that computes both at once overrides it."""
+        half = self.batch_size(inputs) // 2
+        first = self.compute_statistic(index, inputs[:half], grad_output[:half])
+        second = self.compute_statistic(index, inputs[half:], grad_output[half:])
+        return first, second
 
     def clear_pending(self) -> None:
         """Forget statistics accumulated since the last step."""

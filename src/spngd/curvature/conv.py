@@ -100,10 +100,26 @@ class Conv2dBlock(KroneckerBlock):
         return second.div_(n)
 
     def g_factor(self, grad_output: torch.Tensor, batch_size: int) -> torch.Tensor:
+        return self.g_factors(grad_output, batch_size, parts=1)[0]
+
+    def g_factors(self, grad_output: torch.Tensor, batch_size: int, parts: int) -> torch.Tensor:
+        """:meth:`g_factor` of each of ``parts`` equal runs of the ``batch_size`` examples,
+        by one call of :func:`channel_second_moment`: shape ``(parts, groups, d_G, d_G)``."""
         go = grad_output.to(statistics_dtype(grad_output))
         locations = go.shape[2] * go.shape[3]
-        # (1/(n|T|)) sum (n go)(n go)^T = (n/|T|) sum go go^T
-        return channel_second_moment(go, self.groups).mul_(batch_size / locations)
+        # (1/(n|T|)) sum (n go)(n go)^T = (n/|T|) sum go go^T, n the examples of a part
+        moments = channel_second_moment(go, self.groups, parts)
+        return moments.mul_(batch_size / parts / locations)
+
+    def statistic_halves(
+        self, index: int, inputs: torch.Tensor, grad_output: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``G`` of both halves of an even batch from one call (:meth:`g_factors`)."""
+        n = self.batch_size(inputs)
+        if index == 0 or n % 2:
+            return super().statistic_halves(index, inputs, grad_output)
+        first, second = self.g_factors(grad_output, n, parts=2)
+        return first, second
 
     def gradient_matrix(self, grads: list[torch.Tensor]) -> torch.Tensor:
         weight = grads[0].reshape(self.groups, self.out_per_group, -1)
@@ -183,7 +199,7 @@ def patch_second_moment(
     """
     form = patch_moment_form(x.shape[1:], kernel, stride, padding, dilation, groups)
     if form == "channel moment":
-        return channel_second_moment(x[:, :, :: stride[0], :: stride[1]], groups)
+        return channel_second_moment(x[:, :, :: stride[0], :: stride[1]], groups)[0]
     if form == "image Gram":
         return second_moment_by_image_gram(x, kernel, stride, padding, dilation)
     if form == "shifts, channels-last":
@@ -307,69 +323,87 @@ def _products_form(
     return "patches, one oneDNN product"
 
 
-PER_EXAMPLE_MIN_LOCATIONS = 256
-"""Locations from which :func:`channel_second_moment` may multiply example by example."""
+PER_EXAMPLE_MIN_LOCATIONS = 64
+"""Locations from which :func:`channel_second_moment` multiplies example by example without
+groups (more than :data:`GROUPED_PER_EXAMPLE_MIN_LOCATIONS` with groups)."""
+GROUPED_PER_EXAMPLE_MIN_LOCATIONS = 256
+"""Locations beyond which :func:`channel_second_moment` multiplies example by example with
+groups."""
 PER_EXAMPLE_MAX_CHANNELS = 64
-"""Channels up to which :func:`channel_second_moment` may do so without groups."""
+"""Channels up to which :func:`channel_second_moment` avoids oneDNN without groups."""
 
 
-def channel_second_moment(t: torch.Tensor, groups: int) -> torch.Tensor:
-    """``sum_{i,s} t[i,:,s] t[i,:,s]^T`` per group over examples and locations ``s``.
+def channel_second_moment(t: torch.Tensor, groups: int, parts: int = 1) -> torch.Tensor:
+    """``sum_{i,s} t[i,:,s] t[i,:,s]^T`` per group over examples and locations ``s``, for each
+    of ``parts`` equal runs of examples.
 
-    Shape ``(groups, C/g, C/g)``: ``G`` up to scale, and the ``A`` of a 1x1 convolution. The
-    form is :func:`channel_moment_form`'s.
+    Shape ``(parts, groups, C/g, C/g)``: ``G`` up to scale, and the ``A`` of a 1x1
+    convolution; two parts are the halves that measure a statistic's noise, computed by one
+    call where the form allows. The form is :func:`channel_moment_form`'s.
     """
     n, channels, height, width = t.shape
+    if n % parts:
+        raise ValueError(f"{n} examples do not split into {parts} equal parts")
+    per_part = n // parts
     per_group = channels // groups
     locations = height * width
     form = channel_moment_form(t, groups)
     if form == "oneDNN conv":
         if not t.is_contiguous(memory_format=torch.channels_last):
             t = t.contiguous()
-        return conv2d_weight(t, (channels, channels, 1, 1), t).view(1, channels, channels)
+        moments = [conv2d_weight(u, (channels, channels, 1, 1), u) for u in t.split(per_part)]
+        return torch.stack(moments).view(parts, 1, channels, channels)
     t = t.contiguous()
     if form == "per-example bmm":
         per_example = t.view(n * groups, per_group, locations)
         second = torch.bmm(per_example, per_example.transpose(1, 2))
-        return second.view(n, groups, per_group, per_group).sum(0)
-    rows = t.view(n, groups, per_group, locations).permute(1, 2, 0, 3)
-    rows = rows.reshape(groups, per_group, n * locations)
-    return torch.bmm(rows, rows.transpose(1, 2))
+        return second.view(parts, per_part, groups, per_group, per_group).sum(1)
+    rows = t.view(parts, per_part, groups, per_group, locations).permute(0, 2, 3, 1, 4)
+    rows = rows.reshape(parts * groups, per_group, per_part * locations)
+    second = torch.bmm(rows, rows.transpose(1, 2))
+    return second.view(parts, groups, per_group, per_group)
 
 
 def channel_moment_form(t: torch.Tensor, groups: int) -> str:
-    """Which exact form :func:`channel_second_moment` uses for ``t`` (figures: ms on 2 threads).
+    """Which exact form :func:`channel_second_moment` uses for ``t``.
 
-    * ``"oneDNN conv"``: one 1x1 convolution weight gradient over the whole batch, for
-      ``groups = 1`` unless few channels (up to ``PER_EXAMPLE_MAX_CHANNELS``) meet large
-      maps. It runs about twice as fast as per-example BLAS products from 128 channels on
-      (ResNet-50, ``(32, 2048, 7, 7)``: 32 against 93; ``(32, 512, 28, 28)``: 34 against
-      61) and on small maps (``(1024, 64, 2, 2)``: 0.23 against 1.67). A channels-last
-      ``t`` is already its row matrix: no copy, and the fastest form at every shape
+    Figures: ms on 2 threads of an Intel Xeon with AVX-512 and AMX (``python
+    benchmarks/statistics_forms.py --statistics conv-G``), and where said of an AMD EPYC
+    (Zen 5), on which oneDNN's kernels run relatively faster.
+
+    * ``"oneDNN conv"``: one 1x1 convolution weight gradient per part, for ``groups = 1``
+      and more than ``PER_EXAMPLE_MAX_CHANNELS`` channels. On the EPYC it ran about twice
+      as fast as per-example BLAS products from 128 channels on (ResNet-50, ``(32, 2048, 7,
+      7)``: 32 against 93; ``(32, 512, 28, 28)``: 34 against 61); on the Xeon it was at
+      most 1.3x slower than the best form at 7x7 and 14x14 maps. A channels-last ``t`` is
+      already its row matrix: no copy, and the fastest form at every shape on the EPYC
       (``(128, 16, 32, 32)``: 0.19).
     * ``"per-example bmm"``: one BLAS product per example over the NCHW layout (no copy),
-      from ``PER_EXAMPLE_MIN_LOCATIONS`` locations (more than that with groups). The
-      products are long enough to run at full speed, and oneDNN is slower with few
-      channels (``(32, 64, 56, 56)``: 4.2 against 5.0) and with groups (4 channels per
-      group there: 0.82 against 0.98, 1.8 for a copy and one product).
-    * ``"copy + batched GEMM"``: with groups on smaller maps, one transposing copy to
-      ``(groups, C/g, n|T|)`` (the size of ``t``) and one batched product. Per-example
-      products there have 4 to 256 terms and are up to 8 times slower
-      (``(1024, 64, 2, 2)``, 8 channels per group: 0.11 against 0.97; depthwise at
-      ``(128, 32, 16, 16)``: 0.10 against 0.21). Depthwise, per-pair sums of squares are
-      no faster over runs (0.08 to 0.13 ms there and below).
+      from ``PER_EXAMPLE_MIN_LOCATIONS`` locations without groups (more than
+      ``GROUPED_PER_EXAMPLE_MIN_LOCATIONS`` with groups). The products are long enough to
+      run at full speed, and oneDNN is slower with few channels (Xeon: ``(1024, 16, 8,
+      8)``: 0.41 against 0.83; ``(128, 64, 8, 8)``: 0.47 against 0.73; ``(128, 16, 32,
+      32)``: 0.68 against 1.67) and with groups (4 channels per group at ``(32, 64, 56,
+      56)``: 0.82 against 0.98 on the EPYC).
+    * ``"copy + batched GEMM"``: smaller maps, one transposing copy to
+      ``(parts * groups, C/g, n|T| / parts)`` (the size of ``t``) and one batched product.
+      Per-example products there have 4 to 16 terms and are slower (Xeon: ``(1024, 64, 2,
+      2)``: 0.33 against 1.29 per example and 0.56 by oneDNN; ``(1024, 32, 4, 4)``: 0.43
+      against 0.51 and 0.61; with groups on the EPYC, 8 channels per group at ``(1024,
+      64, 2, 2)``: 0.11 against 0.97; depthwise at ``(128, 32, 16, 16)``: 0.10 against
+      0.21). Depthwise, per-pair sums of squares are no faster over runs (0.08 to 0.13 ms
+      there and below).
     """
     channels, height, width = t.shape[1:]
     locations = height * width
     if groups == 1:
-        if (
-            t.is_contiguous(memory_format=torch.channels_last)
-            or channels > PER_EXAMPLE_MAX_CHANNELS
-            or locations < PER_EXAMPLE_MIN_LOCATIONS
-        ):
+        channels_last = t.is_contiguous(memory_format=torch.channels_last)
+        if channels_last or channels > PER_EXAMPLE_MAX_CHANNELS:
             return "oneDNN conv"
-        return "per-example bmm"
-    if locations > PER_EXAMPLE_MIN_LOCATIONS:
+        if locations >= PER_EXAMPLE_MIN_LOCATIONS:
+            return "per-example bmm"
+        return "copy + batched GEMM"
+    if locations > GROUPED_PER_EXAMPLE_MIN_LOCATIONS:
         return "per-example bmm"
     return "copy + batched GEMM"
 

@@ -40,5 +40,5 @@ class Conv1dBlock(Conv2dBlock):
             x = F.pad(x, self.explicit_pad, mode=self.pad_mode)
         return x.unsqueeze(2)
 
-    def g_factor(self, grad_output: torch.Tensor, batch_size: int) -> torch.Tensor:
-        return super().g_factor(grad_output.unsqueeze(2), batch_size)
+    def g_factors(self, grad_output: torch.Tensor, batch_size: int, parts: int) -> torch.Tensor:
+        return super().g_factors(grad_output.unsqueeze(2), batch_size, parts)
