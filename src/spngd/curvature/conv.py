@@ -22,8 +22,10 @@ channels-last patches, multiplied block by block (kernel rows) in oneDNN
 
 The forms and the rules that choose between them were measured on 2 threads of an AMD
 EPYC (Zen 5) CPU, where oneDNN's convolution kernels run about twice as fast as the BLAS
-(MKL) matrix product; ``benchmarks/statistics_forms.py`` times every form at the layer
-shapes of ResNet-20 and ResNet-50.
+(MKL) matrix product, and the channel second moment's also on an Intel Xeon with AVX-512
+and AMX, where oneDNN's 1x1 weight gradient is the slower one on few channels;
+``benchmarks/statistics_forms.py`` times every form at the layer shapes of ResNet-20 and
+ResNet-50.
 """
 
 from __future__ import annotations
