@@ -616,20 +616,25 @@ def second_moment_by_shifts(
     mask_w = x.new_tensor([[float(c in cols) for c in border_w] for cols in excluded_w])
 
     # corrected[a, b] = full - rows excluded by offset a - columns excluded by offset b
-    #                   + their corners (subtracted twice)
-    corrected = full.expand(kh, kw, *full.shape)
+    #                   + their corners (subtracted twice); each correction only at the
+    #                   shifts where it can be nonzero (with "same" padding, one row of them)
+    corrected = full.expand(kh, kw, *full.shape).contiguous()
+    rows, cols = _shift_span(shifts_h, kh), _shift_span(shifts_w, kw)
     if border_h:
         strips = _strip_correlations(x, border_h, shifts_h, 2, kernel, dilation, groups)
-        corrected = corrected - torch.einsum("ar,r...->a...", mask_h, strips)[:, None]
+        corrected[..., rows, :] -= torch.einsum("ar,r...->a...", mask_h, strips[..., rows, :])[
+            :, None
+        ]
     if border_w:
         strips = _strip_correlations(x, border_w, shifts_w, 3, kernel, dilation, groups)
-        corrected = corrected - torch.einsum("bw,w...->b...", mask_w, strips)[None]
+        corrected[..., cols] -= torch.einsum("bw,w...->b...", mask_w, strips[..., cols])[None]
     if border_h and border_w:
         corners = _corner_correlations(
             x, (border_h, border_w), (shifts_h, shifts_w), kernel, dilation, groups
         )
-        corrected = corrected + torch.einsum("ar,bw,rw...->ab...", mask_h, mask_w, corners)
-    corrected = corrected.contiguous()
+        corrected[..., rows, cols] += torch.einsum(
+            "ar,bw,rw...->ab...", mask_h, mask_w, corners[..., rows, cols]
+        )
 
     # A[g, (c, a, b), (c', a', b')] = corrected[a, b, g, c, c', a' - a + kh - 1, b' - b + kw - 1]:
     # a strided view of ``corrected`` (the shift index moves against the offsets).
@@ -641,6 +646,14 @@ def second_moment_by_shifts(
     )
     dim = per_group * kh * kw
     return blocks.reshape(groups, dim, dim)
+
+
+def _shift_span(shifts: list[range], kernel: int) -> slice:
+    """The indices ``Δ + k - 1`` of a correction's shift axis that :func:`_needed_shifts`
+    gives for some border row (column): the correction is zero outside them."""
+    if not shifts:
+        return slice(0, 0)
+    return slice(min(r[0] for r in shifts) + kernel - 1, max(r[-1] for r in shifts) + kernel)
 
 
 def _needed_shifts(position: int, excluded: list[list[int]], size: int, dilation: int) -> range:
