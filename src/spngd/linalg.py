@@ -40,8 +40,8 @@ def pi_correction(A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
 
 def add_to_diagonal(matrix: torch.Tensor, value: torch.Tensor | float) -> torch.Tensor:
     """Return ``matrix + value * I`` (``value`` broadcast over the batch dimensions), as a
-    copy whose diagonal is added to in place: one pass over the matrix where building
-    ``value * I`` and adding it took three (0.05 against 0.18 ms at ``d = 577``)."""
+    copy whose diagonal is added to in place: one pass over the matrix, against three for
+    building ``value * I`` and adding it (0.05 against 0.18 ms at ``d = 577``)."""
     out = matrix.clone()
     if isinstance(value, torch.Tensor):
         value = value[..., None]

@@ -58,6 +58,7 @@ def _channel_reference(t: Tensor, groups: int) -> Tensor:
 CHANNEL_ARGS = ("n", "channels", "height", "width", "groups", "last", "form")
 CHANNEL_CASES = [
     (3, 72, 4, 4, 1, False, "oneDNN conv"),  # more than 64 channels
+    (4, 72, 3, 3, 1, False, "oneDNN conv"),  # the same, an even batch (two parts)
     (3, 8, 5, 5, 1, False, "copy + batched GEMM"),  # small map
     (4, 8, 8, 8, 1, False, "per-example bmm"),  # few channels, 64 locations
     (2, 8, 16, 17, 1, True, "oneDNN conv"),  # channels-last grad, large map

@@ -273,8 +273,9 @@ class CurvatureBlock(ABC):
     def statistic_halves(
         self, index: int, inputs: torch.Tensor, grad_output: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`compute_statistic` of the first ``n // 2`` examples and of the rest; a kind
-        with a form that computes both at once overrides it."""
+        """:meth:`compute_statistic` of the first ``n // 2`` examples and of the rest, as two
+        tensors that do not overlap (the caller scales them in place); a kind with a form
+        that computes both at once overrides it."""
         half = self.batch_size(inputs) // 2
         first = self.compute_statistic(index, inputs[:half], grad_output[:half])
         second = self.compute_statistic(index, inputs[half:], grad_output[half:])

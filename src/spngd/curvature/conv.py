@@ -23,7 +23,8 @@ channels-last patches, multiplied block by block (kernel rows) in oneDNN
 The forms and the rules that choose between them were measured on 2 threads of an AMD
 EPYC (Zen 5) CPU, where oneDNN's convolution kernels run about twice as fast as the BLAS
 (MKL) matrix product, and the channel second moment's also on an Intel Xeon with AVX-512
-and AMX, where oneDNN's 1x1 weight gradient is the slower one on few channels;
+and AMX, where oneDNN's 1x1 weight gradient is the slower one on few channels (as are
+the shift method's border strips, :func:`_line_correlations`);
 ``benchmarks/statistics_forms.py`` times every form at the layer shapes of ResNet-20 and
 ResNet-50.
 """
@@ -353,7 +354,10 @@ def channel_second_moment(t: torch.Tensor, groups: int, parts: int = 1) -> torch
     if form == "oneDNN conv":
         if not t.is_contiguous(memory_format=torch.channels_last):
             t = t.contiguous()
-        moments = [conv2d_weight(u, (channels, channels, 1, 1), u) for u in t.split(per_part)]
+        shape = (channels, channels, 1, 1)
+        if parts == 1:
+            return conv2d_weight(t, shape, t).view(1, 1, channels, channels)
+        moments = [conv2d_weight(u, shape, u) for u in t.split(per_part)]
         return torch.stack(moments).view(parts, 1, channels, channels)
     t = t.contiguous()
     if form == "per-example bmm":
@@ -389,7 +393,8 @@ def channel_moment_form(t: torch.Tensor, groups: int) -> str:
       56)``: 0.82 against 0.98 on the EPYC).
     * ``"copy + batched GEMM"``: smaller maps, one transposing copy to
       ``(parts * groups, C/g, n|T| / parts)`` (the size of ``t``) and one batched product.
-      Per-example products there have 4 to 16 terms and are slower (Xeon: ``(1024, 64, 2,
+      Per-example products there have fewer than 64 terms (at most 256 with groups) and
+      are slower (Xeon: ``(1024, 64, 2,
       2)``: 0.33 against 1.29 per example and 0.56 by oneDNN; ``(1024, 32, 4, 4)``: 0.43
       against 0.51 and 0.61; with groups on the EPYC, 8 channels per group at ``(1024,
       64, 2, 2)``: 0.11 against 0.97; depthwise at ``(128, 32, 16, 16)``: 0.10 against
@@ -617,23 +622,26 @@ def second_moment_by_shifts(
 
     # corrected[a, b] = full - rows excluded by offset a - columns excluded by offset b
     #                   + their corners (subtracted twice); each correction only at the
-    #                   shifts where it can be nonzero (with "same" padding, one row of them)
+    #                   shifts where it can be nonzero (one row of them for a 3-wide "same"
+    #                   kernel)
     corrected = full.expand(kh, kw, *full.shape).contiguous()
-    rows, cols = _shift_span(shifts_h, kh), _shift_span(shifts_w, kw)
+    row_span, col_span = _shift_span(shifts_h, kh), _shift_span(shifts_w, kw)
     if border_h:
         strips = _strip_correlations(x, border_h, shifts_h, 2, kernel, dilation, groups)
-        corrected[..., rows, :] -= torch.einsum("ar,r...->a...", mask_h, strips[..., rows, :])[
-            :, None
-        ]
+        corrected[..., row_span, :] -= torch.einsum(
+            "ar,r...->a...", mask_h, strips[..., row_span, :]
+        )[:, None]
     if border_w:
         strips = _strip_correlations(x, border_w, shifts_w, 3, kernel, dilation, groups)
-        corrected[..., cols] -= torch.einsum("bw,w...->b...", mask_w, strips[..., cols])[None]
+        corrected[..., col_span] -= torch.einsum("bw,w...->b...", mask_w, strips[..., col_span])[
+            None
+        ]
     if border_h and border_w:
         corners = _corner_correlations(
             x, (border_h, border_w), (shifts_h, shifts_w), kernel, dilation, groups
         )
-        corrected[..., rows, cols] += torch.einsum(
-            "ar,bw,rw...->ab...", mask_h, mask_w, corners[..., rows, cols]
+        corrected[..., row_span, col_span] += torch.einsum(
+            "ar,bw,rw...->ab...", mask_h, mask_w, corners[..., row_span, col_span]
         )
 
     # A[g, (c, a, b), (c', a', b')] = corrected[a, b, g, c, c', a' - a + kh - 1, b' - b + kw - 1]:
@@ -662,7 +670,8 @@ def _needed_shifts(position: int, excluded: list[list[int]], size: int, dilation
     Block ``(δ, δ')`` reads shift ``δ' - δ``, so a row excluded by the offsets ``δ`` needs
     ``Δ`` in ``[-max δ, k - 1 - min δ]``; of those only the ones whose partner row
     ``position + dilation * Δ`` lies inside the image are not zero. ``Δ = 0`` is always
-    among them; with "same" padding it is alone, one row of shifts instead of ``2k - 1``.
+    among them; with "same" padding of a 3-wide kernel it is alone, one row of shifts instead
+    of ``2k - 1``.
     """
     offsets = [offset for offset, rows in enumerate(excluded) if position in rows]
     first = max(-max(offsets), -(position // dilation))
@@ -706,7 +715,8 @@ def _strip_correlations(
 
     Returns ``(len(positions), g, c, c', 2kh-1, 2kw-1)``, computed only at the shifts
     across the strip that :func:`_needed_shifts` gives (zero elsewhere). Where that is the
-    strip itself alone (``Δ = 0`` across: "same" padding), all strips at once by
+    strip itself alone (``Δ = 0`` across: "same" padding of a 3-wide kernel), without
+    groups, all strips at once by
     :func:`_line_correlations`; else one weight-gradient call per strip, column strips
     transposed into rows first, which that call handles much faster.
     """
@@ -746,8 +756,8 @@ def _line_correlations(lines: list[torch.Tensor], kernel: int, dilation: int) ->
     by ``D (k-1)`` zeros, so that a shift is an offset of rows and every product reads two
     row ranges of that matrix without a copy: one batched product per ``Δ >= 0``, and
     ``Δ < 0`` is the transpose (``out[c, c', -Δ] = out[c', c, Δ]``). The border strips of a
-    3x3 "same" kernel at ``(128, 64, 8, 8)`` take 1.0-1.1 ms so, 2.1 ms by a weight-gradient
-    call per strip.
+    3x3 "same" kernel at ``(128, 64, 8, 8)`` take 1.0-1.1 ms so on the Xeon, 2.1 ms by a
+    weight-gradient call per strip.
     """
     n, channels, length = lines[0].shape
     reach = dilation * (kernel - 1)
