@@ -7,6 +7,7 @@ import copy
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from spngd import SPNGD
 
@@ -156,3 +157,25 @@ def test_accumulated_micro_batches_equal_one_large_batch() -> None:
         opt_micro.step()
     for a, b in zip(whole.parameters(), micro.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+
+
+def test_a_layer_input_is_let_go_once_its_statistics_are_taken() -> None:
+    """The hooks hold a layer's input only until its output's gradient arrives: by the time
+    the backward reaches the layers below, its memory can be reused."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    SPNGD(model, lr=0.1)
+    watched: list[StorageWeakRef] = []
+    let_go: list[bool] = []
+
+    def watch(module: nn.Module, inputs: tuple[torch.Tensor], output: torch.Tensor) -> None:
+        watched.append(StorageWeakRef(inputs[0].untyped_storage()))
+
+    def look_below(module: nn.Module, inputs: tuple[torch.Tensor], output: torch.Tensor) -> None:
+        output.register_hook(lambda grad: let_go.append(watched[0].expired()))
+
+    model[2].register_forward_hook(watch)
+    model[0].register_forward_hook(look_below)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 8, generator=gen), torch.randint(0, 4, (16,), generator=gen)
+    F.cross_entropy(model(x), y).backward()
+    assert let_go == [True]

@@ -1,7 +1,8 @@
 """Hooks that hand each preconditioned module's input and output gradient to its block.
 
 A forward hook keeps a detached reference to the layer input (autograd saves it anyway,
-so this costs no memory) and what the block reads from the forward besides
+so this costs no memory; it is let go once the statistics are taken) and what the block
+reads from the forward besides
 (:meth:`~spngd.curvature.base.CurvatureBlock.forward_context`: BatchNorm's batch mean and
 1/std), and registers a hook on the layer's *output tensor*. When that
 tensor's gradient arrives, the block computes its statistics. Tensor hooks rather than
@@ -75,15 +76,16 @@ class StatisticsCapture:
                 return
             if not (isinstance(output, torch.Tensor) and output.requires_grad):
                 return
-            saved_input = inputs[0].detach()
-            context = block.forward_context(output)
-            recorded = False
+            # Held until the output's gradient arrives, then let go: the graph (and this
+            # hook) lives to the end of backward, and holding the input that long keeps its
+            # memory from being reused by the rest of the backward (ResNet-20 on the
+            # digits: forward and backward 10 ms slower with unpinned malloc).
+            held = [(inputs[0].detach(), block.forward_context(output))]
 
             def on_output_grad(grad: torch.Tensor) -> None:
-                nonlocal recorded
-                if recorded or (self.sampled_only and not self._sampling):
+                if not held or (self.sampled_only and not self._sampling):
                     return
-                recorded = True
+                saved_input, context = held.pop()
                 block.accumulate(
                     saved_input, grad.detach(), self.times, self._grad_factor(grad), context
                 )
