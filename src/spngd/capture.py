@@ -77,9 +77,9 @@ class StatisticsCapture:
             if not (isinstance(output, torch.Tensor) and output.requires_grad):
                 return
             # Held until the output's gradient arrives, then let go: the graph (and this
-            # hook) lives to the end of backward, and holding the input that long keeps its
-            # memory from being reused by the rest of the backward (ResNet-20 on the
-            # digits: forward and backward 10 ms slower with unpinned malloc).
+            # hook) lives to the end of backward, and holding the input that long would keep
+            # its memory from being reused by the rest of the backward, where autograd frees
+            # it once the layer's backward has used it (docs/performance.md).
             held = [(inputs[0].detach(), block.forward_context(output))]
 
             def on_output_grad(grad: torch.Tensor) -> None:

@@ -22,9 +22,9 @@ channels-last patches, multiplied block by block (kernel rows) in oneDNN
 
 The forms and the rules that choose between them were measured on 2 threads of an AMD
 EPYC (Zen 5) CPU, where oneDNN's convolution kernels run about twice as fast as the BLAS
-(MKL) matrix product, and the channel second moment's also on an Intel Xeon with AVX-512
-and AMX, where oneDNN's 1x1 weight gradient is the slower one on few channels (as are
-the shift method's border strips, :func:`_line_correlations`);
+(MKL) matrix product. The channel second moment's forms and the shift method's border
+strips (:func:`_line_correlations`) were measured on an Intel Xeon with AVX-512 and AMX as
+well, where oneDNN's 1x1 weight gradient is the slower one on few channels.
 ``benchmarks/statistics_forms.py`` times every form at the layer shapes of ResNet-20 and
 ResNet-50.
 """
@@ -394,12 +394,11 @@ def channel_moment_form(t: torch.Tensor, groups: int) -> str:
     * ``"copy + batched GEMM"``: smaller maps, one transposing copy to
       ``(parts * groups, C/g, n|T| / parts)`` (the size of ``t``) and one batched product.
       Per-example products there have fewer than 64 terms (at most 256 with groups) and
-      are slower (Xeon: ``(1024, 64, 2,
-      2)``: 0.33 against 1.29 per example and 0.56 by oneDNN; ``(1024, 32, 4, 4)``: 0.43
-      against 0.51 and 0.61; with groups on the EPYC, 8 channels per group at ``(1024,
-      64, 2, 2)``: 0.11 against 0.97; depthwise at ``(128, 32, 16, 16)``: 0.10 against
-      0.21). Depthwise, per-pair sums of squares are no faster over runs (0.08 to 0.13 ms
-      there and below).
+      are slower (Xeon: ``(1024, 64, 2, 2)``: 0.33 against 1.29 per example and 0.56 by
+      oneDNN; ``(1024, 32, 4, 4)``: 0.43 against 0.51 and 0.61; with groups on the EPYC,
+      8 channels per group at ``(1024, 64, 2, 2)``: 0.11 against 0.97; depthwise at
+      ``(128, 32, 16, 16)``: 0.10 against 0.21). Depthwise, per-pair sums of squares are
+      no faster over runs (0.08 to 0.13 ms there and below).
     """
     channels, height, width = t.shape[1:]
     locations = height * width
@@ -714,11 +713,11 @@ def _strip_correlations(
     strip with its neighbourhood: ``sum_{i, s in strip p} x[i,c,s] x[i,c',s + D Δ]``.
 
     Returns ``(len(positions), g, c, c', 2kh-1, 2kw-1)``, computed only at the shifts
-    across the strip that :func:`_needed_shifts` gives (zero elsewhere). Where that is the
-    strip itself alone (``Δ = 0`` across: "same" padding of a 3-wide kernel), without
-    groups, all strips at once by
-    :func:`_line_correlations`; else one weight-gradient call per strip, column strips
-    transposed into rows first, which that call handles much faster.
+    across the strip that :func:`_needed_shifts` gives (zero elsewhere). Without groups,
+    where that is the strip itself alone (``Δ = 0`` across: "same" padding of a 3-wide
+    kernel), all strips at once by :func:`_line_correlations`; else one weight-gradient
+    call per strip, column strips transposed into rows first, which that call handles
+    much faster.
     """
     channels = x.shape[1]
     per_group = channels // groups
@@ -756,8 +755,8 @@ def _line_correlations(lines: list[torch.Tensor], kernel: int, dilation: int) ->
     by ``D (k-1)`` zeros, so that a shift is an offset of rows and every product reads two
     row ranges of that matrix without a copy: one batched product per ``Δ >= 0``, and
     ``Δ < 0`` is the transpose (``out[c, c', -Δ] = out[c', c, Δ]``). The border strips of a
-    3x3 "same" kernel at ``(128, 64, 8, 8)`` take 1.0-1.1 ms so on the Xeon, 2.1 ms by a
-    weight-gradient call per strip.
+    3x3 "same" kernel at ``(128, 64, 8, 8)`` take 1.0-1.1 ms this way on the Xeon, against
+    2.1 ms by a weight-gradient call per strip.
     """
     n, channels, length = lines[0].shape
     reach = dilation * (kernel - 1)
