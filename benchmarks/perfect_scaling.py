@@ -202,13 +202,16 @@ def main() -> None:
             GRIDS[optimizer][batch],
             functools.partial(median_over, optimizer, batch, seeds=args.seeds),
         )
-    held_out = {
-        (optimizer, batch): median_over(
-            optimizer, batch, best[(optimizer, batch)][1], math.inf, args.held_out_seeds
-        )
-        for optimizer, batch in best
+    held_out = (
+        {
+            (optimizer, batch): median_over(
+                optimizer, batch, best[(optimizer, batch)][1], math.inf, args.held_out_seeds
+            )
+            for optimizer, batch in best
+        }
         if args.held_out_seeds
-    }
+        else {}
+    )
     limit = PERFECT_SCALING_SLACK * BATCHES[0] / BATCHES[1]
 
     def verdict(small: float, large: float) -> str:
