@@ -71,6 +71,7 @@ def _train(model: Mixed, opt: torch.optim.Optimizer, steps: int, seed: int = 0) 
         ({"statistics_examples": 1}, "statistics_examples must be an int >= 2 or None, got 1"),
         ({"statistics_examples": True}, "statistics_examples must be an int >= 2 or None"),
         ({"a_examples": 0}, "a_examples must be an int >= 2 or None, got 0"),
+        ({"a_patches": 0}, "a_patches must be an int >= 1 or None, got 0"),
     ],
 )
 def test_bad_hyperparameters_name_the_problem(kwargs: dict[str, object], message: str) -> None:

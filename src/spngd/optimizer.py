@@ -39,6 +39,7 @@ SETTING_RULES: dict[str, Rule] = {
     "accumulation_steps": int_rule(1),
     "statistics_examples": optional_int_rule(2),
     "a_examples": optional_int_rule(2),
+    "a_patches": optional_int_rule(1),
     **INTERVAL_RULES,
     **GUARD_RULES,
 }
@@ -120,6 +121,15 @@ class SPNGD(GuardedSteps, Optimizer):
             (``(C_in k^2)^2`` per location and example). The default 256 leaves the
             paper's per-GPU batches untouched and took no more steps to the target at
             batch 1,024 (docs/performance.md).
+        a_patches: take a convolution's ``A`` from at most this many patches (examples
+            times output locations), that is from the first ``max(2, ceil(a_patches /
+            locations))`` of the examples ``a_examples`` allows (``None``: all of them). On
+            large maps each example holds hundreds of patches, so a few examples estimate
+            ``A`` closely (at 32x32 and batch 128 its measured batch-to-batch noise was
+            1e-4 of its square) where its cost grows with every one. The default 16,384 is
+            what ``a_examples=256`` gives on 8x8 maps, leaves maps of up to 64 locations
+            untouched, and took no more steps to the target on the digits at 32x32, batch
+            128 (docs/performance.md).
         refresh: knobs of the adaptive rule (threshold, growth, cap, warm-up).
         grad_scaler: the ``torch.amp.GradScaler`` that scales the loss (mixed precision):
             output gradients are divided by its current scale before statistics are
@@ -172,6 +182,7 @@ class SPNGD(GuardedSteps, Optimizer):
         inverse_interval: int | None = None,
         statistics_examples: int | None = 1024,
         a_examples: int | None = 256,
+        a_patches: int | None = 16_384,
         refresh: AdaptiveRefresh | None = None,
         accumulation_steps: int = 1,
         grad_scaler: torch.amp.GradScaler | None = None,
@@ -189,6 +200,7 @@ class SPNGD(GuardedSteps, Optimizer):
             accumulation_steps=accumulation_steps,
             statistics_examples=statistics_examples,
             a_examples=a_examples,
+            a_patches=a_patches,
         )
         if refresh is not None and not isinstance(refresh, AdaptiveRefresh):
             raise TypeError(f"refresh must be an AdaptiveRefresh, got {type(refresh).__name__}")
@@ -206,7 +218,9 @@ class SPNGD(GuardedSteps, Optimizer):
         super().__init__(params, defaults)
         group_of = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
         blocks, self._plain = find_blocks(
-            model, set(group_of), BlockSettings(bn_damping_scale, damping_form, a_examples)
+            model,
+            set(group_of),
+            BlockSettings(bn_damping_scale, damping_form, a_examples, a_patches),
         )
         self._block_group = {
             name: self._group_of_block(block, group_of) for name, block in blocks.items()

@@ -116,6 +116,28 @@ def test_conv_factors_match_bruteforce(cin: int, cout: int, groups: int, bias: b
     assert_rel_close(opt.curvature["3"].G, G_fc.unsqueeze(0), FACTOR_TOL, "fc.G")
 
 
+@pytest.mark.parametrize(
+    ("patches", "examples"),
+    [(1, 2), (10, 2), (19, 3), (27, 3), (28, 4), (45, N), (None, N)],
+)
+def test_a_comes_from_the_first_examples_that_hold_a_patches(
+    patches: int | None, examples: int
+) -> None:
+    """With 9 output locations per example, ``A`` is the brute-force ``A`` of the first
+    ``max(2, ceil(patches / 9))`` examples (all ``N`` from 45 patches, and with None);
+    ``G`` still comes from every example."""
+    model = _convnet(3, 4, 1, True)
+    x, y = _batch(3)
+    ref = copy.deepcopy(model)
+    A, _ = conv_factors(ref[0], per_example_layer_data(ref, ref[0], x[:examples], y[:examples]))
+    _, G = conv_factors(ref[0], per_example_layer_data(ref, ref[0], x, y))
+    opt = make_opt(model, damping=LAM, a_patches=patches)
+    cross_entropy(model(x), y).backward()
+    opt.step()
+    assert_rel_close(opt.curvature["0"].A, A, FACTOR_TOL, "conv.A")
+    assert_rel_close(opt.curvature["0"].G, G, FACTOR_TOL, "conv.G")
+
+
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize(("cin", "cout", "groups"), CONFIGS, ids=CONFIG_IDS)
 def test_conv_update_equals_kron_solve(cin: int, cout: int, groups: int, bias: bool) -> None:

@@ -53,6 +53,9 @@ class BlockSettings:
     a_examples: int | None = None
     """Kronecker-factored blocks take ``A`` from at most this many examples (None: as many
     as the other statistics)."""
+    a_patches: int | None = None
+    """Convolution blocks take ``A`` from at most this many patches (examples times output
+    locations; None: from every example ``a_examples`` allows)."""
 
 
 def make_block(name: str, module: nn.Module, settings: BlockSettings) -> CurvatureBlock | None:

@@ -32,7 +32,8 @@ ResNet-50.
 from __future__ import annotations
 
 import functools
-from typing import Literal
+import math
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,9 @@ from spngd.curvature.base import statistics_dtype
 from spngd.curvature.kronecker import KroneckerBlock, append_bias_moments
 from spngd.curvature.linear import onednn_product
 
+if TYPE_CHECKING:
+    from spngd.curvature import BlockSettings
+
 Pair = tuple[int, int]
 
 
@@ -50,6 +54,15 @@ class Conv2dBlock(KroneckerBlock):
     method = "K-FAC Conv2d"
     module_types = (nn.Conv2d,)
     unbatched_dims = 3
+    a_patches: int | None = None
+    """At most this many patches (examples times output locations) feed ``A`` (None: every
+    example ``a_examples`` allows); see :meth:`statistic_sample`."""
+
+    @classmethod
+    def for_module(cls, name: str, module: nn.Module, settings: BlockSettings) -> Conv2dBlock:
+        block = super().for_module(name, module, settings)
+        block.a_patches = settings.a_patches
+        return block  # type: ignore[return-value]
 
     def __init__(self, name: str, module: nn.Conv2d) -> None:
         super().__init__(name, module)
@@ -101,6 +114,21 @@ class Conv2dBlock(KroneckerBlock):
             first, locations = patch_first_moment(x, *geometry)
             second = append_bias_moments(second, first, n * locations)
         return second.div_(n)
+
+    def statistic_sample(
+        self, index: int, inputs: torch.Tensor, grad_output: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As for any Kronecker block, and ``A`` from at most :attr:`a_patches` patches: the
+        first ``max(2, ceil(a_patches / locations))`` examples, ``locations`` the output's
+        (at least two, so that its noise can be measured from two halves). ``A`` does not
+        depend on the output gradients' scale, so they are not rescaled."""
+        inputs, grad_output = super().statistic_sample(index, inputs, grad_output)
+        if index == 0 and self.a_patches is not None:
+            locations = math.prod(grad_output.shape[2:])
+            limit = max(2, math.ceil(self.a_patches / locations))
+            if self.batch_size(inputs) > limit:
+                return inputs[:limit], grad_output[:limit]
+        return inputs, grad_output
 
     def g_factor(self, grad_output: torch.Tensor, batch_size: int) -> torch.Tensor:
         return self.g_factors(grad_output, batch_size, parts=1)[0]

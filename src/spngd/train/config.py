@@ -46,6 +46,7 @@ OPTIMIZER_SETTINGS = {
             "inverse_interval",
             "statistics_examples",
             "a_examples",
+            "a_patches",
             "max_bad_steps",
         )
     },
@@ -101,6 +102,10 @@ class TrainConfig:
     a_examples: int | None = _help(
         "SP-NGD's A (Linear and Conv inputs' second moment) from at most this many of the "
         "statistics' examples (none: as many as the other statistics)"
+    )
+    a_patches: int | None = _help(
+        "SP-NGD's A of a Conv layer from at most this many patches (examples x output "
+        "locations) of those examples (none: from all of them)"
     )
     refresh: AdaptiveRefresh = field(
         metadata={"help": "SP-NGD's adaptive refresh, one --refresh-* option per knob"}
@@ -282,6 +287,7 @@ DEFAULTS: dict[str, Any] = {
     "inverse_interval": SPNGD_DEFAULTS["inverse_interval"],
     "statistics_examples": SPNGD_DEFAULTS["statistics_examples"],
     "a_examples": SPNGD_DEFAULTS["a_examples"],
+    "a_patches": SPNGD_DEFAULTS["a_patches"],
     "fisher": SPNGD_DEFAULTS["fisher"],
     "damping_form": SPNGD_DEFAULTS["damping_form"],
     "rescale_weights": True,
@@ -501,6 +507,7 @@ def resume_config(saved: Mapping[str, Any], options: Mapping[str, Any]) -> Train
     saved = {
         "statistics_examples": None,  # a saved config without it took every example
         "a_examples": None,  # ... and A from as many as the other statistics
+        "a_patches": None,  # ... and a convolution's A from every one of those
         **_nest_flat_refresh(saved),
         "data": absolute_data(saved.get("data", DEFAULTS["data"])),
     }

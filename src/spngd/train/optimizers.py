@@ -97,6 +97,7 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> SPNGD | GuardedSGD:
         inverse_interval=config.inverse_interval,
         statistics_examples=config.statistics_examples,
         a_examples=config.a_examples,
+        a_patches=config.a_patches,
         refresh=config.refresh,
         distributed=config.distributed,
         accumulation_steps=config.accumulate,
