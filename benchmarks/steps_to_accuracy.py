@@ -26,7 +26,8 @@ is 291 of the 300 validation images).
         [--sgd-lrs [X ...]] [--sgd-warmups E [E ...]] [--spngd-lr X] [--spngd-momentum X]
         [--spngd-warmup-epochs E] [--spngd-weight-decay X] [--damping X]
         [--damping-start X --damping-decay-epochs E]
-        [--a-examples K|none] [--eval-batchnorm running]
+        [--a-examples K|none] [--a-patches P|none] [--eval-batchnorm running]
+        [--batch-size N] [--image-size S]
         [--refresh-alpha X] [--refresh-rule noise|threshold] ...
 """
 
@@ -127,6 +128,15 @@ def main() -> None:
         help="SGD's warm-up grid, in epochs (each paired with every learning rate)",
     )
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--batch-size", type=int, default=SHARED["batch_size"], help="examples per step"
+    )
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        help="side the 8x8 digits are resized to (8; 32 puts 1,024 output locations in "
+        "ResNet-20's first stage)",
+    )
     add_nested_options(parser, "refresh", AdaptiveRefresh)  # adaptive SP-NGD's knobs
     parser.add_argument(
         "--no-every-step", action="store_true", help="skip the every-step SP-NGD contender"
@@ -168,12 +178,21 @@ def main() -> None:
         help="SP-NGD's examples for A (256; none: as many as the other statistics)",
     )
     parser.add_argument(
+        "--a-patches",
+        type=_or_none(int),
+        default=argparse.SUPPRESS,
+        help="SP-NGD's patches for a Conv layer's A (16384; none: all its examples')",
+    )
+    parser.add_argument(
         "--eval-batchnorm", help="validation's BatchNorm statistics: recomputed or running"
     )
     args = parser.parse_args()
     pin_malloc()
     torch.set_num_threads(args.threads)
     shared = {**SHARED, "epochs": args.epochs, "threads": args.threads}
+    shared["batch_size"] = args.batch_size
+    if args.image_size is not None:
+        shared["image_size"] = args.image_size
     if args.eval_batchnorm is not None:
         shared["eval_batchnorm"] = args.eval_batchnorm
     contenders = {
@@ -194,13 +213,15 @@ def main() -> None:
         "statistics_examples": args.statistics_examples,
     }
     chosen = {k: v for k, v in knobs.items() if v is not None} | {"refresh": refresh}
-    if "a_examples" in vars(args):
-        chosen["a_examples"] = args.a_examples
+    for name in ("a_examples", "a_patches"):
+        if name in vars(args):
+            chosen[name] = vars(args)[name]
     contenders[ADAPTIVE] = {**shared, **SPNGD, **chosen}
     if not args.no_every_step:
         contenders[EVERY_STEP] = {**shared, **SPNGD, **chosen, "stat_interval": 1}
     print(
-        f"ResNet-20 on digits, batch {SHARED['batch_size']}, {args.epochs:g} epochs, "
+        f"ResNet-20 on digits at {shared.get('image_size', 8)}x{shared.get('image_size', 8)}, "
+        f"batch {args.batch_size}, {args.epochs:g} epochs, "
         f"target {100 * args.target:g}% validation accuracy, seeds {args.seeds}"
     )
     print(f"{'':<20} {'steps to target':<{5 * len(args.seeds)}} {'mean':>6}   final accuracy (%)")
