@@ -181,7 +181,7 @@ def main() -> None:
         "--a-patches",
         type=_or_none(int),
         default=argparse.SUPPRESS,
-        help="SP-NGD's patches for a Conv layer's A (16384; none: all its examples')",
+        help="SP-NGD's patches for a Conv layer's A (none: all its examples')",
     )
     parser.add_argument(
         "--eval-batchnorm", help="validation's BatchNorm statistics: recomputed or running"

@@ -123,13 +123,15 @@ class SPNGD(GuardedSteps, Optimizer):
             batch 1,024 (docs/performance.md).
         a_patches: take a convolution's ``A`` from at most this many patches (examples
             times output locations), that is from the first ``max(2, ceil(a_patches /
-            locations))`` of the examples ``a_examples`` allows (``None``: all of them). On
-            large maps each example holds hundreds of patches, so a few examples estimate
-            ``A`` closely (at 32x32 and batch 128 its measured batch-to-batch noise was
-            1e-4 of its square) where its cost grows with every one. The default 16,384 is
-            what ``a_examples=256`` gives on 8x8 maps, leaves maps of up to 64 locations
-            untouched, and took no more steps to the target on the digits at 32x32, batch
-            128 (docs/performance.md).
+            locations))`` of the examples ``a_examples`` allows (``None``, the default: all
+            of them). On large maps each example holds hundreds of patches, so a few
+            examples estimate ``A`` closely (at 32x32 and batch 128 its measured
+            batch-to-batch noise was 1e-4 to 1e-3 of its square) where its cost grows with
+            every one. 16,384 (what ``a_examples=256`` gives on 8x8 maps) made a ResNet-20
+            step at 32x32, batch 128 0.9x as long with statistics every step; on the digits
+            resized to 32x32 its steps to the target were within the seeds' noise of every
+            example's, one study 10% above and one 20% below, so it is not the default
+            (docs/performance.md).
         refresh: knobs of the adaptive rule (threshold, growth, cap, warm-up).
         grad_scaler: the ``torch.amp.GradScaler`` that scales the loss (mixed precision):
             output gradients are divided by its current scale before statistics are
@@ -182,7 +184,7 @@ class SPNGD(GuardedSteps, Optimizer):
         inverse_interval: int | None = None,
         statistics_examples: int | None = 1024,
         a_examples: int | None = 256,
-        a_patches: int | None = 16_384,
+        a_patches: int | None = None,
         refresh: AdaptiveRefresh | None = None,
         accumulation_steps: int = 1,
         grad_scaler: torch.amp.GradScaler | None = None,

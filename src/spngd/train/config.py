@@ -507,7 +507,6 @@ def resume_config(saved: Mapping[str, Any], options: Mapping[str, Any]) -> Train
     saved = {
         "statistics_examples": None,  # a saved config without it took every example
         "a_examples": None,  # ... and A from as many as the other statistics
-        "a_patches": None,  # ... and a convolution's A from every one of those
         **_nest_flat_refresh(saved),
         "data": absolute_data(saved.get("data", DEFAULTS["data"])),
     }
