@@ -2,7 +2,8 @@
 
 ResNet-20 on the embedded 8x8 digits (1,497 training / 300 validation images) at ``spngd
 train``'s default batch, 1,024 (each pass over the data is one step on a random 1,024 of
-the 1,497 images). Both optimizers use the same data, model, epochs, weight rescaling,
+the 1,497 images), by default; ``--batch-size`` and ``--image-size`` (the digits resized)
+change both. Both optimizers use the same data, model, epochs, weight rescaling,
 polynomial decay, weight decay and validation (BatchNorm statistics recomputed under
 the current weights, ``--eval-batchnorm``); SGD gets its learning rate and warm-up from a
 grid (the grid point with the fewest mean steps to the target wins). SP-NGD uses one fixed
@@ -47,6 +48,7 @@ from pinned_malloc import pin_malloc
 from spngd.refresh import AdaptiveRefresh, computed_shares
 from spngd.train.cli import _or_none, add_nested_options, nest
 from spngd.train.config import (
+    DATA_DEFAULTS,
     DEFAULTS,
     OPTIMIZER_DEFAULTS,
     resolve_config,
@@ -134,7 +136,8 @@ def main() -> None:
     parser.add_argument(
         "--image-size",
         type=int,
-        help="side the 8x8 digits are resized to (8; 32 puts 1,024 output locations in "
+        default=DATA_DEFAULTS["digits"]["image_size"],
+        help="side the 8x8 digits are resized to (32 puts 1,024 output locations in "
         "ResNet-20's first stage)",
     )
     add_nested_options(parser, "refresh", AdaptiveRefresh)  # adaptive SP-NGD's knobs
@@ -181,7 +184,7 @@ def main() -> None:
         "--a-patches",
         type=_or_none(int),
         default=argparse.SUPPRESS,
-        help="SP-NGD's patches for a Conv layer's A (none: all its examples')",
+        help="SP-NGD's patches for a Conv layer's A (none, the default: all its examples')",
     )
     parser.add_argument(
         "--eval-batchnorm", help="validation's BatchNorm statistics: recomputed or running"
@@ -191,8 +194,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     shared = {**SHARED, "epochs": args.epochs, "threads": args.threads}
     shared["batch_size"] = args.batch_size
-    if args.image_size is not None:
-        shared["image_size"] = args.image_size
+    shared["image_size"] = args.image_size
     if args.eval_batchnorm is not None:
         shared["eval_batchnorm"] = args.eval_batchnorm
     contenders = {
@@ -220,7 +222,7 @@ def main() -> None:
     if not args.no_every_step:
         contenders[EVERY_STEP] = {**shared, **SPNGD, **chosen, "stat_interval": 1}
     print(
-        f"ResNet-20 on digits at {shared.get('image_size', 8)}x{shared.get('image_size', 8)}, "
+        f"ResNet-20 on digits at {args.image_size}x{args.image_size}, "
         f"batch {args.batch_size}, {args.epochs:g} epochs, "
         f"target {100 * args.target:g}% validation accuracy, seeds {args.seeds}"
     )

@@ -121,17 +121,13 @@ class SPNGD(GuardedSteps, Optimizer):
             (``(C_in k^2)^2`` per location and example). The default 256 leaves the
             paper's per-GPU batches untouched and took no more steps to the target at
             batch 1,024 (docs/performance.md).
-        a_patches: take a convolution's ``A`` from at most this many patches (examples
-            times output locations), that is from the first ``max(2, ceil(a_patches /
+        a_patches: take a convolution's ``A`` from the fewest first examples that hold
+            this many patches (examples times output locations), ``max(2, ceil(a_patches /
             locations))`` of the examples ``a_examples`` allows (``None``, the default: all
             of them). On large maps each example holds hundreds of patches, so a few
-            examples estimate ``A`` closely (at 32x32 and batch 128 its measured
-            batch-to-batch noise was 1e-4 to 1e-3 of its square) where its cost grows with
-            every one. 16,384 (what ``a_examples=256`` gives on 8x8 maps) made a ResNet-20
-            step at 32x32, batch 128 0.9x as long with statistics every step; on the digits
-            resized to 32x32 its steps to the target were within the seeds' noise of every
-            example's, one study 10% above and one 20% below, so it is not the default
-            (docs/performance.md).
+            examples estimate ``A`` closely where its cost grows with every one. Off by
+            default: on the digits resized to 32x32 the cheaper steps did not add up to
+            less time to the target (docs/performance.md).
         refresh: knobs of the adaptive rule (threshold, growth, cap, warm-up).
         grad_scaler: the ``torch.amp.GradScaler`` that scales the loss (mixed precision):
             output gradients are divided by its current scale before statistics are
@@ -152,7 +148,8 @@ class SPNGD(GuardedSteps, Optimizer):
             micro-batch's loss is taken to be divided by it, so that the accumulated
             gradient is the mean over the whole batch; statistics are rescaled to match
             and averaged over the micro-batches, so K steps of batch B equal one of
-            B*K (with ``statistics_examples`` and ``a_examples`` at least B, or None).
+            B*K (with ``statistics_examples`` and ``a_examples`` at least B, ``a_patches`` at
+            least B times a convolution's output locations, or None).
         params: parameters or param groups to optimize (default: every parameter of
             ``model`` that requires grad). Groups may set ``lr``, ``momentum``,
             ``damping`` and ``weight_decay``; the parameters of one layer must share

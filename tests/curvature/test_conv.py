@@ -117,21 +117,31 @@ def test_conv_factors_match_bruteforce(cin: int, cout: int, groups: int, bias: b
 
 
 @pytest.mark.parametrize(
-    ("patches", "examples"),
-    [(1, 2), (10, 2), (19, 3), (27, 3), (28, 4), (45, N), (None, N)],
+    ("patches", "a_examples", "examples"),
+    [
+        (1, None, 2),
+        (10, None, 2),
+        (19, None, 3),
+        (27, None, 3),
+        (28, None, 4),
+        (45, None, N),
+        (None, None, N),
+        (45, 3, 3),
+        (10, 3, 2),
+    ],
 )
 def test_a_comes_from_the_first_examples_that_hold_a_patches(
-    patches: int | None, examples: int
+    patches: int | None, a_examples: int | None, examples: int
 ) -> None:
     """With 9 output locations per example, ``A`` is the brute-force ``A`` of the first
-    ``max(2, ceil(patches / 9))`` examples (all ``N`` from 45 patches, and with None);
-    ``G`` still comes from every example."""
+    ``max(2, ceil(patches / 9))`` examples (all ``N`` from 45 patches, and with None), or
+    of fewer where ``a_examples`` says so; ``G`` still comes from every example."""
     model = _convnet(3, 4, 1, True)
     x, y = _batch(3)
     ref = copy.deepcopy(model)
     A, _ = conv_factors(ref[0], per_example_layer_data(ref, ref[0], x[:examples], y[:examples]))
     _, G = conv_factors(ref[0], per_example_layer_data(ref, ref[0], x, y))
-    opt = make_opt(model, damping=LAM, a_patches=patches)
+    opt = make_opt(model, damping=LAM, a_patches=patches, a_examples=a_examples)
     cross_entropy(model(x), y).backward()
     opt.step()
     assert_rel_close(opt.curvature["0"].A, A, FACTOR_TOL, "conv.A")

@@ -54,8 +54,9 @@ class BlockSettings:
     """Kronecker-factored blocks take ``A`` from at most this many examples (None: as many
     as the other statistics)."""
     a_patches: int | None = None
-    """Convolution blocks take ``A`` from at most this many patches (examples times output
-    locations; None: from every example ``a_examples`` allows)."""
+    """Convolution blocks take ``A`` from the fewest first examples that hold this many
+    patches (examples times output locations), two at least; None: from every example
+    ``a_examples`` allows."""
 
 
 def make_block(name: str, module: nn.Module, settings: BlockSettings) -> CurvatureBlock | None:

@@ -217,10 +217,10 @@ class CurvatureBlock(ABC):
             grad_output = grad_output * (n / limit)
         return inputs, grad_output
 
-    def statistic_examples(self, index: int) -> int | None:
-        """At most this many examples of a pair feed statistic ``index`` (None: all):
-        ``statistics_examples`` here; a kind whose statistic tolerates a smaller sample
-        lowers it for that statistic."""
+    def statistic_examples(self, index: int, grad_output: torch.Tensor) -> int | None:
+        """At most this many examples of a pair (``grad_output``, its output gradient) feed
+        statistic ``index`` (None: all): ``statistics_examples`` here; a kind whose
+        statistic tolerates a smaller sample lowers it for that statistic."""
         return self.statistics_examples
 
     def statistic_sample(
@@ -229,7 +229,7 @@ class CurvatureBlock(ABC):
         """The first :meth:`statistic_examples` of a pair :meth:`subsample` prepared, output
         gradients rescaled again so that each example's is still the whole batch's (only
         where statistic ``index`` depends on their scale, :attr:`gradient_powers`)."""
-        limit = self.statistic_examples(index)
+        limit = self.statistic_examples(index, grad_output)
         n = self.batch_size(inputs)
         if limit is None or n <= limit:
             return inputs, grad_output

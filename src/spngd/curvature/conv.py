@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -55,14 +55,15 @@ class Conv2dBlock(KroneckerBlock):
     module_types = (nn.Conv2d,)
     unbatched_dims = 3
     a_patches: int | None = None
-    """At most this many patches (examples times output locations) feed ``A`` (None: every
-    example ``a_examples`` allows); see :meth:`statistic_sample`."""
+    """``A`` takes the fewest first examples that hold this many patches (examples times
+    output locations), two at least (None: every example ``a_examples`` allows); see
+    :meth:`statistic_examples`."""
 
     @classmethod
     def for_module(cls, name: str, module: nn.Module, settings: BlockSettings) -> Conv2dBlock:
-        block = super().for_module(name, module, settings)
+        block = cast("Conv2dBlock", super().for_module(name, module, settings))
         block.a_patches = settings.a_patches
-        return block  # type: ignore[return-value]
+        return block
 
     def __init__(self, name: str, module: nn.Conv2d) -> None:
         super().__init__(name, module)
@@ -115,20 +116,17 @@ class Conv2dBlock(KroneckerBlock):
             second = append_bias_moments(second, first, n * locations)
         return second.div_(n)
 
-    def statistic_sample(
-        self, index: int, inputs: torch.Tensor, grad_output: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """As for any Kronecker block, and ``A`` from at most :attr:`a_patches` patches: the
-        first ``max(2, ceil(a_patches / locations))`` examples, ``locations`` the output's
-        (at least two, so that its noise can be measured from two halves). ``A`` does not
-        depend on the output gradients' scale, so they are not rescaled."""
-        inputs, grad_output = super().statistic_sample(index, inputs, grad_output)
-        if index == 0 and self.a_patches is not None:
-            locations = math.prod(grad_output.shape[2:])
-            limit = max(2, math.ceil(self.a_patches / locations))
-            if self.batch_size(inputs) > limit:
-                return inputs[:limit], grad_output[:limit]
-        return inputs, grad_output
+    def statistic_examples(self, index: int, grad_output: torch.Tensor) -> int | None:
+        """As for any Kronecker block, and for ``A`` at most ``max(2, ceil(a_patches /
+        locations))`` examples, ``locations`` the output's: the fewest that hold
+        :attr:`a_patches` patches, and two at least, so that its noise can be measured from
+        two halves."""
+        limit = super().statistic_examples(index, grad_output)
+        if index != 0 or self.a_patches is None:
+            return limit
+        locations = math.prod(grad_output.shape[2:])
+        patches_limit = max(2, math.ceil(self.a_patches / locations))
+        return patches_limit if limit is None else min(limit, patches_limit)
 
     def g_factor(self, grad_output: torch.Tensor, batch_size: int) -> torch.Tensor:
         return self.g_factors(grad_output, batch_size, parts=1)[0]

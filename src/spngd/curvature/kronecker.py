@@ -130,7 +130,7 @@ class KroneckerBlock(CurvatureBlock):
     def split_matrix(self, matrix: torch.Tensor) -> list[torch.Tensor]:
         """Inverse of :meth:`gradient_matrix`: one tensor per parameter."""
 
-    def statistic_examples(self, index: int) -> int | None:
+    def statistic_examples(self, index: int, grad_output: torch.Tensor) -> int | None:
         limits = [self.statistics_examples, self.a_examples if index == 0 else None]
         given = [limit for limit in limits if limit is not None]
         return min(given) if given else None

@@ -104,8 +104,8 @@ class TrainConfig:
         "statistics' examples (none: as many as the other statistics)"
     )
     a_patches: int | None = _help(
-        "SP-NGD's A of a Conv layer from at most this many patches (examples x output "
-        "locations) of those examples (none: from all of them)"
+        "SP-NGD's A of a Conv layer from the fewest of those examples that hold this many "
+        "patches (examples x output locations), two at least (none: from all of them)"
     )
     refresh: AdaptiveRefresh = field(
         metadata={"help": "SP-NGD's adaptive refresh, one --refresh-* option per knob"}

@@ -46,7 +46,8 @@ def train_step(
     Each micro-batch is passed through ``prepare`` (to the device, targets) just before
     its forward, so one at a time is on the device. Its mean loss is divided by K before
     its backward, so gradients (and SPNGD's statistics, with ``accumulation_steps=K``, each
-    micro-batch's from its own sample of ``statistics_examples``, ``A`` of ``a_examples``)
+    micro-batch's from its own sample of ``statistics_examples``, ``A`` of ``a_examples`` and
+    ``a_patches``)
     accumulate to those of the whole batch; a DistributedDataParallel model averages them
     across ranks once, in the last micro-batch's backward (``no_sync`` before). Accuracy
     counts the argmax of the target, the current label under mixup. The
