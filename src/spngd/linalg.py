@@ -38,14 +38,12 @@ def pi_correction(A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
     return torch.where(bad, torch.ones_like(pi), pi)
 
 
-def add_to_diagonal(matrix: torch.Tensor, value: torch.Tensor | float) -> torch.Tensor:
+def add_to_diagonal(matrix: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """Return ``matrix + value * I`` (``value`` broadcast over the batch dimensions), as a
     copy whose diagonal is added to in place: one pass over the matrix, against three for
     building ``value * I`` and adding it (0.05 against 0.18 ms at ``d = 577``)."""
     out = matrix.clone()
-    if isinstance(value, torch.Tensor):
-        value = value[..., None]
-    out.diagonal(dim1=-2, dim2=-1).add_(value)
+    out.diagonal(dim1=-2, dim2=-1).add_(value[..., None])
     return out
 
 
