@@ -67,7 +67,8 @@ GRID_POINTS = 4
 MAX_WIDENINGS = 2
 MAX_EPOCHS = 12.0
 EVAL_GROWTH = 1.05
-"""Validation runs at every step up to 20, then when the step count has grown by 5%."""
+"""Validation runs at every step up to 20, then when the step count has grown by 5% (a
+:class:`Study` may validate more often)."""
 SEEDS = (0, 1, 2)
 PERFECT_SCALING_SLACK = 1.5
 """The targets' "within 1.5x of perfect scaling": ``steps(B) <= 1.5 steps(B0) B0 / B``."""
@@ -84,6 +85,9 @@ class Study:
     target: float
     max_epochs: float = MAX_EPOCHS
     seeds: tuple[int, ...] = SEEDS
+    eval_growth: float = EVAL_GROWTH
+    """Past step 20 validation waits until the step count has grown by this factor (1: it
+    runs at every step)."""
     warmups: tuple[int, ...] = (WARMUP_STEPS,)
     """Warm-up lengths in steps; more than one: each grid point runs with each, for every
     optimizer alike, and the setting names its warm-up."""
@@ -186,12 +190,12 @@ class Data:
     """Training examples validation's BatchNorm statistics come from (None: running ones)."""
 
 
-def eval_steps() -> Iterator[int]:
-    """1, 2, ..., 20, then each step at least :data:`EVAL_GROWTH` times the previous."""
+def eval_steps(growth: float = EVAL_GROWTH) -> Iterator[int]:
+    """1, 2, ..., 20, then each step the next at least ``growth`` times the previous."""
     step = 1
     while True:
         yield step
-        step = step + 1 if step < 20 else math.ceil(step * EVAL_GROWTH)
+        step = step + 1 if step < 20 else max(step + 1, math.ceil(step * growth))
 
 
 def batches(data: Data, batch: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -237,7 +241,7 @@ def train_run(
     optimizer = make_optimizer(name, model, setting)
     cap = math.ceil(study.max_epochs * len(data.train_y) / batch)
     warmup = setting.get("warmup_steps", study.warmups[0])
-    schedule = eval_steps()
+    schedule = eval_steps(study.eval_growth)
     next_eval = next(schedule)
     seconds, reached, reached_seconds, last = 0.0, math.inf, math.inf, 0.0
 

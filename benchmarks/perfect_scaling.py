@@ -16,12 +16,17 @@ the target at twice the best median so far stops and counts as not reaching it.
 
 The best settings then run on ten held-out seeds: the best of many medians on the tuning
 seeds is biased low (by chance some setting's seeds ran fast), so the held-out medians are
-the ones to judge the ratio by. Writes ``perfect_scaling.json`` (every run) into ``--out``
+the ones to judge the ratio by. ``--settings-from`` skips the tuning and takes each best
+setting from an earlier run's JSON, to run it on more held-out seeds. Past step 20 the
+validation runs when the step count has grown by 5%, one validation point being about 8%
+of the steps at 512; ``--eval-every-step`` validates at every step, so the counts are not
+rounded up to the next point. Writes ``perfect_scaling.json`` (every run) into ``--out``
 and prints each point's steps per seed and median, the best per optimizer and batch, and
 the ratios on the tuning and on the held-out seeds.
 
     python benchmarks/perfect_scaling.py [--optimizers SGD SP-NGD] [--seeds 0 1 ... 9]
-        [--held-out-seeds 10 11 ... 19] [--threads 1] [--out DIR]
+        [--held-out-seeds 10 11 ... 19] [--settings-from JSON] [--eval-every-step]
+        [--threads 1] [--out DIR]
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -150,10 +156,33 @@ def tune(
     return *best(), grid
 
 
+def recorded_best(
+    record: dict[str, Any], optimizer: str, batch: int
+) -> tuple[float, dict[str, float], Axes]:
+    """What :func:`tune` returned in the run ``record`` (a ``perfect_scaling.json``) for
+    ``optimizer`` at ``batch``: the lowest median over its tuning seeds, the first in run
+    order among equals, its setting, and the grid."""
+    steps: dict[str, list[float]] = {}
+    settings: dict[str, dict[str, float]] = {}
+    for run in record["runs"]:
+        if (run["optimizer"], run["batch"]) == (optimizer, batch) and run["seed"] in record[
+            "seeds"
+        ]:
+            key = json.dumps(run["setting"], sort_keys=True)
+            steps.setdefault(key, []).append(run["steps"])
+            settings[key] = run["setting"]
+    if not steps:
+        raise SystemExit(f"--settings-from: no {optimizer} runs at batch {batch} in the file")
+    key = min(steps, key=lambda k: statistics.median(steps[k]))
+    return statistics.median(steps[key]), settings[key], record["grids"][f"{optimizer} {batch}"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--optimizers", nargs="+", choices=list(GRIDS), default=list(GRIDS))
-    parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), help="tuning seeds")
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", help=f"tuning seeds (default {' '.join(map(str, SEEDS))})"
+    )
     parser.add_argument(
         "--held-out-seeds",
         type=int,
@@ -161,16 +190,39 @@ def main() -> None:
         default=list(HELD_OUT_SEEDS),
         help="seeds the best settings run on afterwards (none: skip)",
     )
+    parser.add_argument(
+        "--settings-from",
+        type=Path,
+        help="skip the tuning: the best settings and tuning seeds of this perfect_scaling.json",
+    )
+    parser.add_argument(
+        "--eval-every-step", action="store_true", help="validate at every step (not every 5%%)"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("."), help="folder for the JSON")
     args = parser.parse_args()
+    recorded = None
+    if args.settings_from is not None:
+        if args.seeds is not None:
+            parser.error("--settings-from takes the tuning seeds from the file: drop --seeds")
+        if not args.held_out_seeds:
+            parser.error("--settings-from needs --held-out-seeds to run the settings on")
+        try:
+            recorded = json.loads(args.settings_from.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            parser.error(f"--settings-from {args.settings_from}: {error}")
+        args.seeds = recorded["seeds"]
+    elif args.seeds is None:
+        args.seeds = list(SEEDS)
     if set(args.seeds) & set(args.held_out_seeds):
-        parser.error("--held-out-seeds must not repeat --seeds")
+        parser.error("--held-out-seeds must not repeat the tuning seeds")
     pin_malloc()
     measured_at = commit()
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # as spngd train and batch_scaling.py do
     study = replace(STUDY, seeds=tuple(args.seeds))
+    if args.eval_every_step:
+        study = replace(study, eval_growth=1.0)
     data = load_study_data(study.data_size)
     print(
         f"{MODEL} on mnist1d ({len(data.train_y)} training examples), steps to "
@@ -198,9 +250,13 @@ def main() -> None:
 
     best: dict[tuple[str, int], tuple[float, dict[str, float], Axes]] = {}
     for optimizer, batch in itertools.product(args.optimizers, BATCHES):
-        best[(optimizer, batch)] = tune(
-            GRIDS[optimizer][batch],
-            functools.partial(median_over, optimizer, batch, seeds=args.seeds),
+        best[(optimizer, batch)] = (
+            recorded_best(recorded, optimizer, batch)
+            if recorded is not None
+            else tune(
+                GRIDS[optimizer][batch],
+                functools.partial(median_over, optimizer, batch, seeds=args.seeds),
+            )
         )
     held_out = (
         {
@@ -258,6 +314,8 @@ def main() -> None:
             for o, b in best
         },
         "seeds": args.seeds,
+        "settings_from": None if recorded is None else str(args.settings_from),
+        "eval_every_step": args.eval_every_step,
         "held_out_seeds": args.held_out_seeds,
         "threads": args.threads,
         "summary": summary,

@@ -24,6 +24,7 @@ def test_validation_runs_every_step_to_20_then_every_5_percent(bench) -> None:
     assert steps[:20] == list(range(1, 21))
     assert steps[20:24] == [21, 23, 25, 27]
     assert all(b == math.ceil(a * 1.05) for a, b in itertools.pairwise(steps[19:]))
+    assert list(itertools.islice(bench.eval_steps(1.0), 30)) == list(range(1, 31))
 
 
 def test_the_grid_widens_past_an_edge_best_and_flags_a_best_still_there(bench, monkeypatch) -> None:

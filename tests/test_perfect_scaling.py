@@ -79,7 +79,7 @@ def test_held_out_seeds_must_not_repeat_the_tuning_seeds(bench, monkeypatch, cap
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit):
         bench.main()
-    assert "--held-out-seeds must not repeat --seeds" in capsys.readouterr().err
+    assert "--held-out-seeds must not repeat the tuning seeds" in capsys.readouterr().err
 
 
 def test_the_best_medians_give_the_ratio_and_hopeless_runs_stop_early(
@@ -171,3 +171,86 @@ def test_a_tiny_run_trains_for_real(bench, monkeypatch, tmp_path: Path) -> None:
         (256, "SP-NGD"),
     ]
     assert all(r["stopped"] in ("target", "cap") for r in record["runs"])
+
+
+def test_settings_from_an_earlier_run_skip_the_tuning(
+    bench, monkeypatch, capsys, tmp_path: Path
+) -> None:
+    """The best median per optimizer and batch over the file's tuning seeds (the first of
+    equals; held-out runs in it do not count) runs on the new held-out seeds alone, each
+    validated at every step when asked."""
+    grid = {"lr": [0.1, 0.2], "damping": [0.01]}
+
+    def run(lr: float, batch: int, seed: int, steps: float) -> dict:
+        return {
+            "optimizer": "SP-NGD",
+            "setting": {"lr": lr, "damping": 0.01},
+            "batch": batch,
+            "seed": seed,
+            "steps": steps,
+            "seconds": 1.0,
+            "accuracy": 0.9,
+            "stopped": "target",
+        }
+
+    earlier = {
+        "seeds": [0, 1],
+        "grids": {"SP-NGD 64": grid, "SP-NGD 256": grid},
+        "runs": [run(0.1, 64, 0, 40), run(0.1, 64, 1, 60), run(0.2, 64, 0, 50),
+                 run(0.2, 64, 1, 50), run(0.2, 64, 5, 1), run(0.1, 256, 0, 30),
+                 run(0.1, 256, 1, math.inf), run(0.2, 256, 0, 20), run(0.2, 256, 1, 24)],
+    }  # fmt: skip
+    (tmp_path / "earlier.json").write_text(json.dumps(earlier))
+    calls = []
+
+    def fake_run(name, setting, batch, seed, study, data, model, prune_after=math.inf):
+        calls.append((setting["lr"], batch, seed, study.eval_growth, prune_after))
+        return bench.Run(name, setting, batch, seed, 100 / batch + seed, 1.0, 0.9, "target")
+
+    monkeypatch.setattr(bench, "BATCHES", (64, 256))
+    monkeypatch.setattr(bench, "train_run", fake_run)
+    monkeypatch.setattr(bench, "load_study_data", lambda size: SimpleNamespace(train_y=[0] * 5))
+    monkeypatch.setattr(bench, "pin_malloc", lambda: None)
+    argv = ["perfect_scaling.py", "--optimizers", "SP-NGD", "--held-out-seeds", "7", "8", "9"]
+    argv += ["--settings-from", str(tmp_path / "earlier.json"), "--eval-every-step"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--out", str(tmp_path)])
+    bench.main()
+    assert calls == [(0.1, 64, seed, 1.0, math.inf) for seed in (7, 8, 9)] + [
+        (0.2, 256, seed, 1.0, math.inf) for seed in (7, 8, 9)
+    ]
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-2].startswith("SP-NGD: median 50 steps at 64 (0.1/0.01), 22 at 256 (0.2/0.01)")
+    record = json.loads((tmp_path / "perfect_scaling.json").read_text())
+    assert record["seeds"] == [0, 1] and record["eval_every_step"] is True
+    assert record["best"]["SP-NGD 256"]["held_out_median"] == pytest.approx(8 + 100 / 256)
+    assert len(record["runs"]) == 6
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--seeds", "0"], "drop --seeds"),
+        (["--held-out-seeds"], "needs --held-out-seeds"),
+        (["--held-out-seeds", "1"], "must not repeat the tuning seeds"),
+    ],
+)
+def test_settings_from_rejects_what_it_cannot_use(
+    bench, monkeypatch, capsys, tmp_path: Path, extra: list[str], message: str
+) -> None:
+    (tmp_path / "earlier.json").write_text(json.dumps({"seeds": [0, 1], "grids": {}, "runs": []}))
+    argv = ["perfect_scaling.py", "--settings-from", str(tmp_path / "earlier.json"), *extra]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit):
+        bench.main()
+    assert message in capsys.readouterr().err
+
+
+def test_settings_from_a_file_that_is_not_json_is_one_clear_error(
+    bench, monkeypatch, capsys, tmp_path: Path
+) -> None:
+    (tmp_path / "earlier.json").write_text("not json")
+    argv = ["perfect_scaling.py", "--settings-from", str(tmp_path / "earlier.json")]
+    monkeypatch.setattr(sys, "argv", [*argv, "--held-out-seeds", "3"])
+    with pytest.raises(SystemExit):
+        bench.main()
+    assert "--settings-from" in capsys.readouterr().err
