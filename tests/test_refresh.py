@@ -304,6 +304,30 @@ def test_noise_rule_catches_a_real_shift_within_the_cap() -> None:
     assert policy.interval[("layer", 0)] == 16
 
 
+@pytest.mark.parametrize(("shrink", "after"), [("halve", [1]), ("reset", [1, 3, 7, 15, 31])])
+def test_a_chance_excursion_at_the_cap_costs_what_the_shrink_says(
+    shrink: str, after: list[int]
+) -> None:
+    """A noisy stationary statistic at the cap (noise 0.5, changes d^2 = 0.25) once lands
+    past the bound (d^2 = 1): the next step's estimate replaces the statistic, then
+    ``halve`` is back at the cap, ``reset`` climbs from 1 (the default halves)."""
+    assert AdaptiveRefresh().shrink == "halve"
+    policy = RefreshPolicy(None, None, AdaptiveRefresh(shrink=shrink, warmup_steps=0))  # type: ignore[arg-type]
+    key, noise = ("layer", 0), 0.5
+    policy.observe(key, 0, None, noise)
+    while policy.interval[key] < 32:
+        policy.observe(key, policy.next_step[key], 0.5, noise)
+    start = policy.next_step[key]
+    policy.observe(key, start, 1.0, noise)
+    computed = []
+    while policy.next_step[key] < start + 32:
+        step = policy.next_step[key]
+        computed.append(step - start)
+        policy.observe(key, step, 0.5, noise)
+    assert computed == after
+    assert policy.interval[key] == 32
+
+
 def test_pooling_averages_the_estimates_while_their_changes_stay_small() -> None:
     knobs = AdaptiveRefresh(alpha=0.1, rule="threshold", warmup_steps=2)
     policy = RefreshPolicy(None, None, knobs)

@@ -292,7 +292,7 @@ def test_corrupt_image_stops_training_naming_the_file(
         (("--batch-size", "-8"), "--batch-size must be a positive integer, got -8"),
         (("--batch-size", "eight"), "argument --batch-size: invalid int value: 'eight'"),
         (("--no-such-flag",), "unrecognized arguments: --no-such-flag"),
-        (("--refresh-shrink", "drop"), "--refresh-shrink must be reset or halve, got 'drop'"),
+        (("--refresh-shrink", "drop"), "--refresh-shrink must be halve or reset, got 'drop'"),
         (("--refresh-rule", "fast"), "--refresh-rule must be noise or threshold, got 'fast'"),
         (("--refresh-noise-margin", "-1"), "--refresh-noise-margin must be >= 0, got -1.0"),
         (

@@ -96,7 +96,7 @@ def test_precedence_recipe_over_defaults_and_options_over_recipe() -> None:
             {"refresh": {"noise_margin": float("nan")}},
             "--refresh-noise-margin must be >= 0, got nan",
         ),
-        ({"refresh": {"shrink": "drop"}}, "--refresh-shrink must be reset or halve, got 'drop'"),
+        ({"refresh": {"shrink": "drop"}}, "--refresh-shrink must be halve or reset, got 'drop'"),
         ({"refresh": {"grow": "triple"}}, "--refresh-grow must be double or plus1, got 'triple'"),
         ({"refresh": {"max_interval": 0}}, "--refresh-max-interval must be a positive integer"),
         ({"refresh": {"warmup_steps": -1}}, "--refresh-warmup-steps must be >= 0, got -1"),
