@@ -190,8 +190,9 @@ class Data:
     """Training examples validation's BatchNorm statistics come from (None: running ones)."""
 
 
-def eval_steps(growth: float = EVAL_GROWTH) -> Iterator[int]:
-    """1, 2, ..., 20, then each step the next at least ``growth`` times the previous."""
+def eval_steps(growth: float) -> Iterator[int]:
+    """1, 2, ..., 20, then each time the first step after the last one that is at least
+    ``growth`` times it."""
     step = 1
     while True:
         yield step

@@ -18,8 +18,9 @@ The best settings then run on ten held-out seeds: the best of many medians on th
 seeds is biased low (by chance some setting's seeds ran fast), so the held-out medians are
 the ones to judge the ratio by. ``--settings-from`` skips the tuning and takes each best
 setting from an earlier run's JSON, to run it on more held-out seeds. Past step 20 the
-validation runs when the step count has grown by 5%, one validation point being about 8%
-of the steps at 512; ``--eval-every-step`` validates at every step, so the counts are not
+validation runs on ``batch_scaling.py``'s schedule (each time the step count has grown
+by ``EVAL_GROWTH``), one validation point being about 8% of the steps at 512;
+``--eval-every-step`` validates at every step, so the counts are not
 rounded up to the next point. Writes ``perfect_scaling.json`` (every run) into ``--out``
 and prints each point's steps per seed and median, the best per optimizer and batch, and
 the ratios on the tuning and on the held-out seeds.
@@ -160,8 +161,15 @@ def recorded_best(
     record: dict[str, Any], optimizer: str, batch: int
 ) -> tuple[float, dict[str, float], Axes]:
     """What :func:`tune` returned in the run ``record`` (a ``perfect_scaling.json``) for
-    ``optimizer`` at ``batch``: the lowest median over its tuning seeds, the first in run
-    order among equals, its setting, and the grid."""
+    ``optimizer`` at ``batch``: the best median over its tuning seeds, its setting, and the
+    grid; from its ``best`` entry, or, in a file without one, from its runs (the lowest
+    median, the first in run order among equals)."""
+    if f"{optimizer} {batch}" not in record["grids"]:
+        raise SystemExit(f"--settings-from: no {optimizer} runs at batch {batch} in the file")
+    grid = record["grids"][f"{optimizer} {batch}"]
+    if "best" in record:
+        best = record["best"][f"{optimizer} {batch}"]
+        return best["median"], best["setting"], grid
     steps: dict[str, list[float]] = {}
     settings: dict[str, dict[str, float]] = {}
     for run in record["runs"]:
@@ -174,7 +182,7 @@ def recorded_best(
     if not steps:
         raise SystemExit(f"--settings-from: no {optimizer} runs at batch {batch} in the file")
     key = min(steps, key=lambda k: statistics.median(steps[k]))
-    return statistics.median(steps[key]), settings[key], record["grids"][f"{optimizer} {batch}"]
+    return statistics.median(steps[key]), settings[key], grid
 
 
 def main() -> None:
@@ -196,7 +204,9 @@ def main() -> None:
         help="skip the tuning: the best settings and tuning seeds of this perfect_scaling.json",
     )
     parser.add_argument(
-        "--eval-every-step", action="store_true", help="validate at every step (not every 5%%)"
+        "--eval-every-step",
+        action="store_true",
+        help="validate at every step (not on batch_scaling.py's schedule)",
     )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("."), help="folder for the JSON")
@@ -211,6 +221,18 @@ def main() -> None:
             recorded = json.loads(args.settings_from.read_text())
         except (OSError, json.JSONDecodeError) as error:
             parser.error(f"--settings-from {args.settings_from}: {error}")
+        missing = [
+            key
+            for key in ("seeds", "grids", "runs")
+            if not isinstance(recorded, dict) or key not in recorded
+        ]
+        if missing:
+            parser.error(
+                f"--settings-from {args.settings_from}: not a perfect_scaling.json "
+                f"(no {', '.join(missing)})"
+            )
+        if set(args.held_out_seeds) & set(recorded.get("held_out_seeds") or []):
+            parser.error("--held-out-seeds must not repeat the file's held-out seeds")
         args.seeds = recorded["seeds"]
     elif args.seeds is None:
         args.seeds = list(SEEDS)

@@ -224,6 +224,13 @@ def test_settings_from_an_earlier_run_skip_the_tuning(
     assert record["seeds"] == [0, 1] and record["eval_every_step"] is True
     assert record["best"]["SP-NGD 256"]["held_out_median"] == pytest.approx(8 + 100 / 256)
     assert len(record["runs"]) == 6
+    # A file written this way has no runs on its tuning seeds: its best entries are read.
+    calls.clear()
+    again = ["perfect_scaling.py", "--optimizers", "SP-NGD", "--held-out-seeds", "10"]
+    again += ["--settings-from", str(tmp_path / "perfect_scaling.json"), "--out", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", again)
+    bench.main()
+    assert [call[:2] for call in calls] == [(0.1, 64), (0.2, 256)]
 
 
 @pytest.mark.parametrize(
@@ -232,12 +239,14 @@ def test_settings_from_an_earlier_run_skip_the_tuning(
         (["--seeds", "0"], "drop --seeds"),
         (["--held-out-seeds"], "needs --held-out-seeds"),
         (["--held-out-seeds", "1"], "must not repeat the tuning seeds"),
+        (["--held-out-seeds", "4"], "must not repeat the file's held-out seeds"),
     ],
 )
 def test_settings_from_rejects_what_it_cannot_use(
     bench, monkeypatch, capsys, tmp_path: Path, extra: list[str], message: str
 ) -> None:
-    (tmp_path / "earlier.json").write_text(json.dumps({"seeds": [0, 1], "grids": {}, "runs": []}))
+    earlier = {"seeds": [0, 1], "held_out_seeds": [4], "grids": {}, "runs": []}
+    (tmp_path / "earlier.json").write_text(json.dumps(earlier))
     argv = ["perfect_scaling.py", "--settings-from", str(tmp_path / "earlier.json"), *extra]
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit):
@@ -245,10 +254,11 @@ def test_settings_from_rejects_what_it_cannot_use(
     assert message in capsys.readouterr().err
 
 
-def test_settings_from_a_file_that_is_not_json_is_one_clear_error(
-    bench, monkeypatch, capsys, tmp_path: Path
+@pytest.mark.parametrize("text", ["not json", "[1, 2]", '{"seeds": [0]}'])
+def test_settings_from_a_file_that_is_not_a_record_is_one_clear_error(
+    bench, monkeypatch, capsys, tmp_path: Path, text: str
 ) -> None:
-    (tmp_path / "earlier.json").write_text("not json")
+    (tmp_path / "earlier.json").write_text(text)
     argv = ["perfect_scaling.py", "--settings-from", str(tmp_path / "earlier.json")]
     monkeypatch.setattr(sys, "argv", [*argv, "--held-out-seeds", "3"])
     with pytest.raises(SystemExit):

@@ -5,18 +5,20 @@ BatchNorm ``F``) has an interval. At a refresh step the fresh estimate ``X_new``
 with the statistic in use ``X`` by ``d = ||X_new - X||_F / max(||X||_F, 1e-12)``; a
 *similar* estimate grows the interval (``double`` or ``plus1``, capped at ``max_interval``),
 any other shrinks it (``halve`` or ``reset`` to 1). The next refresh is ``interval`` steps
-later. The first ``warmup_steps`` steps always refresh. ``alpha < 0`` refreshes every step;
-``alpha = inf`` grows every interval to the cap.
+later (after a pooled statistic's change, the next step: see ``pool``). The first
+``warmup_steps`` steps always refresh. ``alpha < 0`` refreshes every step; ``alpha = inf``
+grows every interval to the cap.
 
 ``halve`` is the default: where a statistic's noise dominates its changes (``G`` and
 BatchNorm ``F`` at the batches one machine runs), one estimate in several lands past the
 rule's bound by chance; from an interval of 32, ``reset`` then computes it five times
-in the next 32 steps (after 1, 3, 7, 15 and 31) and ``halve`` once (the next step's
-estimate replaces the statistic either way, see ``pool``); a drift that persists still
+in the next 32 steps (after 1, 3, 7, 15 and 31) and ``halve`` once (with ``pool``, the
+next step's estimate replaces the statistic either way); a drift that persists still
 brings the interval down to 1 within ``log2(max_interval)`` refreshes. On ResNet-20 past
-the warm-up ``halve`` computed about a third fewer statistics and inverses, and took the
-steps to 97% of ``reset`` over 20 seeds on mnist1d (batches 128 and 512) and over ten on
-the digits (docs/performance.md has the tables).
+the warm-up ``halve`` computed a third to two thirds fewer statistics and half the
+inversion time, and it took the steps to 97% of ``reset`` over ten seeds of ResNet-20 on
+the digits and 20 of ``resnet8-1d`` on mnist1d at batches 128 and 512
+(docs/performance.md has the tables).
 
 What counts as similar is the ``rule``:
 

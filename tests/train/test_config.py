@@ -141,7 +141,7 @@ def test_refresh_options_reach_the_optimizer_and_old_configs_take_the_defaults()
         "rule": "threshold",
         "noise_margin": 2.0,
         "grow": "plus1",
-        "shrink": "halve",
+        "shrink": "reset",
         "max_interval": 8,
         "warmup_steps": 3,
         "pool": False,
