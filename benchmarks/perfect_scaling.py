@@ -164,11 +164,12 @@ def recorded_best(
     ``optimizer`` at ``batch``: the best median over its tuning seeds, its setting, and the
     grid; from its ``best`` entry, or, in a file without one, from its runs (the lowest
     median, the first in run order among equals)."""
-    if f"{optimizer} {batch}" not in record["grids"]:
+    name = f"{optimizer} {batch}"
+    if name not in record["grids"]:
         raise SystemExit(f"--settings-from: no {optimizer} runs at batch {batch} in the file")
-    grid = record["grids"][f"{optimizer} {batch}"]
+    grid = record["grids"][name]
     if "best" in record:
-        best = record["best"][f"{optimizer} {batch}"]
+        best = record["best"][name]
         return best["median"], best["setting"], grid
     steps: dict[str, list[float]] = {}
     settings: dict[str, dict[str, float]] = {}
