@@ -192,9 +192,13 @@ def main() -> None:
     args = parser.parse_args()
     pin_malloc()
     torch.set_num_threads(args.threads)
-    shared = {**SHARED, "epochs": args.epochs, "threads": args.threads}
-    shared["batch_size"] = args.batch_size
-    shared["image_size"] = args.image_size
+    shared = {
+        **SHARED,
+        "epochs": args.epochs,
+        "threads": args.threads,
+        "batch_size": args.batch_size,
+        "image_size": args.image_size,
+    }
     if args.eval_batchnorm is not None:
         shared["eval_batchnorm"] = args.eval_batchnorm
     contenders = {
