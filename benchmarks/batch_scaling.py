@@ -27,7 +27,9 @@ refresh. Each run is capped at :data:`MAX_EPOCHS` passes over the data ("never")
 Writes ``batch_scaling.json`` (every run: optimizer, setting, batch, seed, steps, seconds,
 accuracy reached, why it stopped) and ``batch_scaling.png`` (log-log steps against batch
 with the perfect-scaling line, and time to target against batch) into ``--out``, and prints
-the table and the targets' ratios.
+the table and the targets' ratios. Each run is also appended to
+``batch_scaling.runs.jsonl`` as it ends, so a study stopped part-way keeps the runs it
+finished.
 
     python benchmarks/batch_scaling.py [--quick] [--out DIR] [--threads 2]
         [--batches 8192 16384] [--warmups 0 10]
@@ -178,6 +180,22 @@ class Run:
     stopped: str
     """``target``, ``cap`` (:data:`MAX_EPOCHS`), ``pruned`` (past the best so far) or
     ``diverged`` (non-finite loss)."""
+
+
+class RunLog:
+    """A JSON-lines file that gets each run as it ends (``asdict(run)``, one per line), so
+    that a study stopped part-way (interrupted, its machine lost) keeps every run it
+    finished; the study's JSON, written at the end, holds them all again. Opening it
+    empties it."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("")
+        self.path = path
+
+    def append(self, run: Run) -> None:
+        with self.path.open("a") as file:
+            file.write(json.dumps(asdict(run)) + "\n")
 
 
 @dataclass(frozen=True)
@@ -599,10 +617,12 @@ def main() -> None:
         flush=True,
     )
     runs: list[Run] = []
+    runs_log = RunLog(args.out / "batch_scaling.runs.jsonl")
     started = time.perf_counter()
 
     def log(run: Run) -> None:
         runs.append(run)
+        runs_log.append(run)
         steps = f"{run.steps:.0f}" if math.isfinite(run.steps) else "-"
         print(
             f"  [{time.perf_counter() - started:6.0f}s] {run.optimizer:<18} batch {run.batch:>5} "

@@ -23,7 +23,9 @@ by ``EVAL_GROWTH``), one validation point being about 8% of the steps at 512;
 ``--eval-every-step`` validates at every step, so the counts are not
 rounded up to the next point. Writes ``perfect_scaling.json`` (every run) into ``--out``
 and prints each point's steps per seed and median, the best per optimizer and batch, and
-the ratios on the tuning and on the held-out seeds.
+the ratios on the tuning and on the held-out seeds. Each run is also appended to
+``perfect_scaling.runs.jsonl`` as it ends, so a study stopped part-way (it runs for hours)
+keeps the runs it finished.
 
     python benchmarks/perfect_scaling.py [--optimizers SGD SP-NGD] [--seeds 0 1 ... 9]
         [--held-out-seeds 10 11 ... 19] [--settings-from JSON] [--eval-every-step]
@@ -51,6 +53,7 @@ from batch_scaling import (
     MAX_WIDENINGS,
     PERFECT_SCALING_SLACK,
     Run,
+    RunLog,
     commit,
     format_setting,
     load_study_data,
@@ -254,13 +257,15 @@ def main() -> None:
         flush=True,
     )
     runs: list[Run] = []
+    runs_log = RunLog(args.out / "perfect_scaling.runs.jsonl")
 
     def median_over(
         optimizer: str, batch: int, setting: dict[str, float], bound: float, seeds: list[int]
     ) -> float:
-        mine = [
-            train_run(optimizer, setting, batch, seed, study, data, MODEL, bound) for seed in seeds
-        ]
+        mine = []
+        for seed in seeds:
+            mine.append(train_run(optimizer, setting, batch, seed, study, data, MODEL, bound))
+            runs_log.append(mine[-1])
         runs.extend(mine)
         median = statistics.median(run.steps for run in mine)
         steps = ", ".join(f"{run.steps:.0f}" if math.isfinite(run.steps) else "-" for run in mine)

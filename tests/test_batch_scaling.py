@@ -85,6 +85,8 @@ def test_a_tiny_study_writes_every_run_and_the_plot(bench, monkeypatch, tmp_path
         (name, batch) for name in names for batch in (64, 256)
     }
     assert {r["optimizer"] for r in record["runs"]} == names
+    logged = (tmp_path / "batch_scaling.runs.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in logged] == record["runs"]
     assert all(r["stopped"] in ("target", "cap", "pruned", "diverged") for r in record["runs"])
     assert set(record["final_accuracies"]) == {"SGD", "AdamW", "SP-NGD"}
     assert any(line.startswith("at batch 256: ") and "AdamW" in line for line in record["report"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -151,6 +152,31 @@ def test_the_best_medians_give_the_ratio_and_hopeless_runs_stop_early(
         "damping": [0.00027, 0.0009, 0.003, 0.01, 0.03],
     }
     assert record["grids"]["SGD 64"] == {"lr": [0.1, 0.2, 0.4, 0.8, 1.6], "momentum": [0.9]}
+
+
+def test_an_interrupted_study_keeps_the_runs_it_finished(
+    bench, monkeypatch, tmp_path: Path
+) -> None:
+    finished = []
+
+    def fake_run(name, setting, batch, seed, study, data, model, prune_after=math.inf):
+        if len(finished) == 4:
+            raise KeyboardInterrupt
+        finished.append(bench.Run(name, setting, batch, seed, 10.0 + seed, 1.0, 0.9, "target"))
+        return finished[-1]
+
+    monkeypatch.setattr(bench, "GRIDS", TINY_GRIDS)
+    monkeypatch.setattr(bench, "BATCHES", (64, 256))
+    monkeypatch.setattr(bench, "train_run", fake_run)
+    monkeypatch.setattr(bench, "load_study_data", lambda size: SimpleNamespace(train_y=[0] * 5))
+    monkeypatch.setattr(bench, "pin_malloc", lambda: None)
+    argv = ["perfect_scaling.py", "--seeds", "0", "1", "2", "--out", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main()
+    logged = (tmp_path / "perfect_scaling.runs.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in logged] == [asdict(run) for run in finished]
+    assert not (tmp_path / "perfect_scaling.json").exists()
 
 
 def test_a_tiny_run_trains_for_real(bench, monkeypatch, tmp_path: Path) -> None:
