@@ -184,18 +184,20 @@ class Run:
 
 class RunLog:
     """A JSON-lines file that gets each run as it ends (``asdict(run)``, one per line), so
-    that a study stopped part-way (interrupted, its machine lost) keeps every run it
-    finished; the study's JSON, written at the end, holds them all again. Opening it
-    empties it."""
+    that a study stopped part-way (interrupted or killed) keeps every run it finished; the
+    study's JSON, written at the end, holds them all again. The first run replaces an
+    earlier study's file, so a study that stops before its first run (a bad setting) leaves
+    that file as it was."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("")
         self.path = path
+        self.written = False
 
     def append(self, run: Run) -> None:
-        with self.path.open("a") as file:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a" if self.written else "w") as file:
             file.write(json.dumps(asdict(run)) + "\n")
+        self.written = True
 
 
 @dataclass(frozen=True)

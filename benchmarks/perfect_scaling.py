@@ -262,7 +262,7 @@ def main() -> None:
     def median_over(
         optimizer: str, batch: int, setting: dict[str, float], bound: float, seeds: list[int]
     ) -> float:
-        mine = []
+        mine: list[Run] = []
         for seed in seeds:
             mine.append(train_run(optimizer, setting, batch, seed, study, data, MODEL, bound))
             runs_log.append(mine[-1])

@@ -77,6 +77,7 @@ def test_a_tiny_study_writes_every_run_and_the_plot(bench, monkeypatch, tmp_path
     monkeypatch.setattr(
         sys, "argv", ["batch_scaling.py", "--quick", "--out", str(tmp_path), "--threads", "1"]
     )
+    (tmp_path / "batch_scaling.runs.jsonl").write_text('{"an earlier study": 1}\n')
     bench.main()
     record = json.loads((tmp_path / "batch_scaling.json").read_text())
     assert (tmp_path / "batch_scaling.png").read_bytes()[:4] == b"\x89PNG"

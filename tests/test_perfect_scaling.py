@@ -172,6 +172,7 @@ def test_an_interrupted_study_keeps_the_runs_it_finished(
     monkeypatch.setattr(bench, "pin_malloc", lambda: None)
     argv = ["perfect_scaling.py", "--seeds", "0", "1", "2", "--out", str(tmp_path)]
     monkeypatch.setattr(sys, "argv", argv)
+    (tmp_path / "perfect_scaling.runs.jsonl").write_text('{"an earlier study": 1}\n')
     with pytest.raises(KeyboardInterrupt):
         bench.main()
     logged = (tmp_path / "perfect_scaling.runs.jsonl").read_text().splitlines()
@@ -278,6 +279,23 @@ def test_settings_from_rejects_what_it_cannot_use(
     with pytest.raises(SystemExit):
         bench.main()
     assert message in capsys.readouterr().err
+
+
+def test_a_study_that_stops_before_its_first_run_leaves_the_earlier_runs_log(
+    bench, monkeypatch, tmp_path: Path
+) -> None:
+    earlier = {"seeds": [0], "held_out_seeds": [], "grids": {}, "runs": []}
+    (tmp_path / "earlier.json").write_text(json.dumps(earlier))
+    (tmp_path / "perfect_scaling.runs.jsonl").write_text('{"an earlier study": 1}\n')
+    monkeypatch.setattr(bench, "load_study_data", lambda size: SimpleNamespace(train_y=[0] * 5))
+    monkeypatch.setattr(bench, "pin_malloc", lambda: None)
+    argv = ["perfect_scaling.py", "--settings-from", str(tmp_path / "earlier.json")]
+    argv += ["--held-out-seeds", "7", "--out", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit, match="no SGD runs at batch"):
+        bench.main()
+    logged = (tmp_path / "perfect_scaling.runs.jsonl").read_text()
+    assert logged == '{"an earlier study": 1}\n'
 
 
 @pytest.mark.parametrize("text", ["not json", "[1, 2]", '{"seeds": [0]}'])
