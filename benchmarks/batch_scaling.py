@@ -183,21 +183,22 @@ class Run:
 
 
 class RunLog:
-    """A JSON-lines file that gets each run as it ends (``asdict(run)``, one per line), so
-    that a study stopped part-way (interrupted or killed) keeps every run it finished; the
-    study's JSON, written at the end, holds them all again. The first run replaces an
-    earlier study's file, so a study that stops before its first run (a bad setting) leaves
-    that file as it was."""
+    """A study's runs so far (:attr:`runs`), each also appended as it ends to a JSON-lines
+    file (``asdict(run)``, one per line), so that a study stopped part-way (interrupted or
+    killed) keeps every run it finished; the study's JSON, written at the end, holds them
+    all again. The first run replaces an earlier study's file, so a study that stops before
+    its first run (a bad setting) leaves that file as it was."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.written = False
+        self.runs: list[Run] = []
 
     def append(self, run: Run) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a" if self.written else "w") as file:
+        if not self.runs:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a" if self.runs else "w") as file:
             file.write(json.dumps(asdict(run)) + "\n")
-        self.written = True
+        self.runs.append(run)
 
 
 @dataclass(frozen=True)
@@ -618,12 +619,10 @@ def main() -> None:
         f"statistics {args.eval_batchnorm} at validation, commit {commit()}",
         flush=True,
     )
-    runs: list[Run] = []
     runs_log = RunLog(args.out / "batch_scaling.runs.jsonl")
     started = time.perf_counter()
 
     def log(run: Run) -> None:
-        runs.append(run)
         runs_log.append(run)
         steps = f"{run.steps:.0f}" if math.isfinite(run.steps) else "-"
         print(
@@ -654,7 +653,7 @@ def main() -> None:
             for r in results
         ],
         "final_accuracies": finals,
-        "runs": [asdict(r) for r in runs],
+        "runs": [asdict(r) for r in runs_log.runs],
         "report": lines,
     }
     (args.out / "batch_scaling.json").write_text(json.dumps(record, indent=1, default=str) + "\n")

@@ -256,7 +256,6 @@ def main() -> None:
         f"threads, commit {measured_at}",
         flush=True,
     )
-    runs: list[Run] = []
     runs_log = RunLog(args.out / "perfect_scaling.runs.jsonl")
 
     def median_over(
@@ -266,7 +265,6 @@ def main() -> None:
         for seed in seeds:
             mine.append(train_run(optimizer, setting, batch, seed, study, data, MODEL, bound))
             runs_log.append(mine[-1])
-        runs.extend(mine)
         median = statistics.median(run.steps for run in mine)
         steps = ", ".join(f"{run.steps:.0f}" if math.isfinite(run.steps) else "-" for run in mine)
         print(
@@ -347,7 +345,7 @@ def main() -> None:
         "held_out_seeds": args.held_out_seeds,
         "threads": args.threads,
         "summary": summary,
-        "runs": [asdict(run) for run in runs],
+        "runs": [asdict(run) for run in runs_log.runs],
     }
     (args.out / "perfect_scaling.json").write_text(json.dumps(record, indent=1) + "\n")
 
