@@ -75,7 +75,7 @@ SEEDS = (0, 1, 2)
 PERFECT_SCALING_SLACK = 1.5
 """The targets' "within 1.5x of perfect scaling": ``steps(B) <= 1.5 steps(B0) B0 / B``."""
 MOMENTUM = 0.9
-"""Momentum of SGD and of SP-NGD's update, unless a setting gives SGD's."""
+"""Momentum of SGD and of SP-NGD's update, unless a setting gives its own."""
 
 
 @dataclass(frozen=True)
@@ -151,14 +151,14 @@ TUNED = (SGD, ADAMW, SPNGD_DEFAULT)
 
 
 def make_optimizer(name: str, model: nn.Module, setting: dict[str, float]) -> torch.optim.Optimizer:
+    momentum = setting.get("momentum", MOMENTUM)
     if name == "SGD":
-        momentum = setting.get("momentum", MOMENTUM)
         return torch.optim.SGD(model.parameters(), lr=setting["lr"], momentum=momentum)
     if name == "AdamW":
         return torch.optim.AdamW(model.parameters(), lr=setting["lr"], weight_decay=0.01)
     every_step = {"stat_interval": 1} if name == SPNGD_EVERY_STEP else {}
     return SPNGD(
-        model, lr=setting["lr"], damping=setting["damping"], momentum=MOMENTUM, **every_step
+        model, lr=setting["lr"], damping=setting["damping"], momentum=momentum, **every_step
     )
 
 
@@ -486,8 +486,8 @@ def report(results: list[Result], finals: dict[str, float], study: Study) -> lis
 
 
 def format_setting(setting: dict[str, float]) -> str:
-    """``lr[/damping or /momentum][/wN]``: the learning rate, SP-NGD's damping or SGD's
-    momentum, a tuned warm-up."""
+    """``lr[/momentum][/damping][/wN]``: the setting's values in its order (the learning
+    rate, then whichever of momentum, SP-NGD's damping and a tuned warm-up it gives)."""
     return "/".join(
         f"w{v:g}" if name == "warmup_steps" else f"{v:g}" for name, v in setting.items()
     )

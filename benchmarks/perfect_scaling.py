@@ -4,8 +4,8 @@ and SP-NGD stay within 1.5x of perfect scaling, ``steps(512) <= 1.5 steps(128) /
 ``batch_scaling.py`` tunes each optimizer on one seed and takes medians of three; at these
 batches single seeds move by 30-50% from one setting to the next (docs/benchmarks.md), too
 much to tell a ratio of 0.375 from 0.45. Here every point of a grid of the same size for
-each optimizer and batch (three learning rates by three values of a second knob: SP-NGD's
-damping, SGD's momentum) runs on every seed, and each point's median counts; the best
+each optimizer and batch (three learning rates by three momenta; SP-NGD's damping fixed
+per batch) runs on every seed, and each point's median counts; the best
 medians at the two batches give the ratio. When the best point lies on its grid's edge,
 the grid is widened by one value of that knob beyond it, up to :data:`MAX_WIDENINGS`
 times (as ``batch_scaling.py`` widens its learning rates); a best point still there is
@@ -77,14 +77,15 @@ GRIDS: dict[str, dict[int, dict[str, tuple[float, ...]]]] = {
         512: {"lr": (0.4, 0.566, 0.8), "momentum": (0.8, 0.9, 0.95)},
     },
     "SP-NGD": {
-        128: {"lr": (0.00221, 0.003125, 0.00442), "damping": (0.0003, 0.001, 0.003)},
-        512: {"lr": (0.0125, 0.0177, 0.025), "damping": (0.0001, 0.0003, 0.001)},
+        128: {"lr": (0.00663, 0.00938, 0.0133), "momentum": (0.6, 0.7, 0.8), "damping": (0.001,)},
+        512: {"lr": (0.0375, 0.0531, 0.0751), "momentum": (0.6, 0.7, 0.8), "damping": (0.0003,)},
     },
 }
-"""Per optimizer and batch, each knob's values, the grid being every combination: SGD's
-learning rates centred on those ``batch_scaling.py --warmups 0 10`` tuned (without a
-warm-up), momentum around the study's 0.9; SP-NGD's around the best of ten-seed screens
-(docs/benchmarks.md has both)."""
+"""Per optimizer and batch, each knob's values, the grid being every combination of three
+learning rates by three momenta for both: SGD's learning rates centred on those
+``batch_scaling.py --warmups 0 10`` tuned (without a warm-up), momentum around the study's
+0.9; SP-NGD's around the best of twenty-seed screens, at each batch's best damping from
+ten-seed screens (docs/benchmarks.md has them all)."""
 
 
 Axes = dict[str, list[float]]
@@ -115,7 +116,7 @@ def edges(axes: Axes, setting: dict[str, float]) -> list[tuple[str, int]]:
 
 def beyond(name: str, edge: float, inner: float) -> float:
     """The value one grid step beyond ``edge`` from its neighbour ``inner``: geometric, in
-    ``1 - momentum`` for SGD's momentum (not below 0: then ``edge`` itself when it is 0)."""
+    ``1 - momentum`` for a momentum (not below 0: then ``edge`` itself when it is 0)."""
     if name == "momentum":
         return max(0.0, round(1 - (1 - edge) ** 2 / (1 - inner), 4))
     return round_lr(edge**2 / inner)

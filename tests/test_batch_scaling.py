@@ -93,10 +93,11 @@ def test_a_tiny_study_writes_every_run_and_the_plot(bench, monkeypatch, tmp_path
     assert any(line.startswith("at batch 256: ") and "AdamW" in line for line in record["report"])
 
 
-def test_sgd_takes_its_momentum_from_the_setting(bench) -> None:
-    model = bench.build_model("resnet8-1d", 10, in_channels=1)
-    momenta = [
-        bench.make_optimizer("SGD", model, setting).param_groups[0]["momentum"]
-        for setting in ({"lr": 0.1, "momentum": 0.8}, {"lr": 0.1})
-    ]
-    assert momenta == [0.8, bench.MOMENTUM]
+@pytest.mark.parametrize("name", ["SGD", "SP-NGD", "SP-NGD every step"])
+def test_momentum_comes_from_the_setting(bench, name: str) -> None:
+    momenta = []
+    for setting in ({"lr": 0.1, "momentum": 0.7}, {"lr": 0.1}):
+        model = bench.build_model("resnet8-1d", 10, in_channels=1)
+        optimizer = bench.make_optimizer(name, model, {**setting, "damping": 0.001})
+        momenta.append(optimizer.param_groups[0]["momentum"])
+    assert momenta == [0.7, bench.MOMENTUM]

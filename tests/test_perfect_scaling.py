@@ -33,9 +33,10 @@ def test_the_grid_is_every_combination_centre_first(bench) -> None:
     grid = {name: list(values) for name, values in bench.GRIDS["SP-NGD"][512].items()}
     points = bench.points(grid)
     assert len(points) == 9 and len({tuple(p.items()) for p in points}) == 9
-    assert points[0] == {"lr": 0.0177, "damping": 0.0003}
+    assert points[0] == {"lr": 0.0531, "momentum": 0.7, "damping": 0.0003}
     assert bench.edges(grid, points[0]) == []
-    assert bench.edges(grid, {"lr": 0.0125, "damping": 0.001}) == [("lr", 0), ("damping", -1)]
+    corner = {"lr": 0.0375, "momentum": 0.8, "damping": 0.0003}
+    assert bench.edges(grid, corner) == [("lr", 0), ("momentum", -1)]  # one damping: no edge
     assert all(len(bench.points(g)) == 9 for o in bench.GRIDS.values() for g in o.values())
 
 
