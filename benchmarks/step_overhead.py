@@ -15,15 +15,15 @@ that sees spngd's packages:
 Models (``--models``): ``resnet20``, CIFAR ResNet-20 at batch 128 and 512 (32x32);
 ``resnet20-digits``, the same network on 8x8 images, the size of ``spngd train``'s digits,
 at batch 1024 (3 channels, 10 classes); ``resnet50``, ImageNet ResNet-50 at 224x224,
-batch 32, few steps. Random data, 2 threads.
+batch 32 (about 20 minutes for SGD and the adaptive refresh alone). Random data, 2 threads.
 
 All contenders of one model run in the same process, interleaved round by round, so
 machine noise hits them alike; glibc's malloc thresholds are pinned at 1 GiB (the script
-re-executes itself with them set). Times after warm-up steps (on ResNet-20 10, and 100 for
-the adaptive refresh, then 64 timed steps; 20 on ResNet-50; 2 with ``--quick``, the
-adaptive refresh always past its own warm-up of full refreshes), so for the adaptive
-refresh they are the amortized cost in a steady state (not with ``--quick``), and
-the printed shares of statistics (all; conv/Linear ``A`` and ``G``; BatchNorm ``F``)
+re-executes itself with them set). Times after warm-up steps (10 on ResNet-20 and 20 on
+ResNet-50, 100 for the adaptive refresh on both, then 64 and 32 timed steps; 2 with
+``--quick``, the adaptive refresh always past its own warm-up of full refreshes), so for
+the adaptive refresh they are the amortized cost in a steady state (not with ``--quick``),
+and the printed shares of statistics (all; conv/Linear ``A`` and ``G``; BatchNorm ``F``)
 and inverses computed in the timed steps say how much it skipped. A second table splits
 each SPNGD contender's timed steps into SP-NGD's stages (``SPNGD.stage_seconds``) and the
 rest: forward, backward without the statistics, and what an SGD step also does.
@@ -167,7 +167,9 @@ SMALL = {"quick": Timing(2, 2, 4), "full": Timing(10, 8, 8, adaptive_warmup=100)
 CASES: dict[str, tuple[Case, ...]] = {
     "resnet20": (Case("resnet20", 128, 32, 10, **SMALL), Case("resnet20", 512, 32, 10, **SMALL)),
     "resnet20-digits": (Case("resnet20", 1024, 8, 10, **SMALL),),
-    "resnet50": (Case("resnet50", 32, 224, 1000, Timing(2, 2, 2), Timing(20, 2, 5)),),
+    "resnet50": (
+        Case("resnet50", 32, 224, 1000, Timing(2, 2, 2), Timing(20, 4, 8, adaptive_warmup=100)),
+    ),
 }
 
 
