@@ -15,7 +15,7 @@ that sees spngd's packages:
 Models (``--models``): ``resnet20``, CIFAR ResNet-20 at batch 128 and 512 (32x32);
 ``resnet20-digits``, the same network on 8x8 images, the size of ``spngd train``'s digits,
 at batch 1024 (3 channels, 10 classes); ``resnet50``, ImageNet ResNet-50 at 224x224,
-batch 32 (about 20 minutes for SGD and the adaptive refresh alone). Random data, 2 threads.
+batch 32 (about 20 minutes with ``--only SGD "SPNGD adaptive"``). Random data, 2 threads.
 
 All contenders of one model run in the same process, interleaved round by round, so
 machine noise hits them alike; glibc's malloc thresholds are pinned at 1 GiB (the script

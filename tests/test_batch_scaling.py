@@ -67,6 +67,9 @@ def test_a_tuned_warm_up_doubles_every_optimizers_grid_alike(bench, monkeypatch)
     assert bench.format_setting({"lr": 0.0354, "damping": 0.001, "warmup_steps": 0}) == (
         "0.0354/0.001/w0"
     )
+    assert bench.format_setting({"lr": 0.0189, "momentum": 0.4667, "damping": 0.001}) == (
+        "0.0189/0.4667/0.001"
+    )
 
 
 def test_a_tiny_study_writes_every_run_and_the_plot(bench, monkeypatch, tmp_path: Path) -> None:

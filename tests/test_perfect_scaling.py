@@ -184,7 +184,9 @@ def test_an_interrupted_study_keeps_the_runs_it_finished(
 def test_a_tiny_run_trains_for_real(bench, monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setenv("SPNGD_CACHE", str(tmp_path / "cache"))
     tiny = bench.replace(bench.STUDY, data_size=1600, target=0.3, max_epochs=2.0)
-    grids = {"SP-NGD": {b: {"lr": (0.02,), "damping": (0.01,)} for b in (64, 256)}}
+    grids = {
+        "SP-NGD": {b: {"lr": (0.02,), "momentum": (0.7,), "damping": (0.01,)} for b in (64, 256)}
+    }
     monkeypatch.setattr(bench, "STUDY", tiny)
     monkeypatch.setattr(bench, "GRIDS", grids)
     monkeypatch.setattr(bench, "BATCHES", (64, 256))
@@ -198,6 +200,7 @@ def test_a_tiny_run_trains_for_real(bench, monkeypatch, tmp_path: Path) -> None:
         (64, "SP-NGD"),
         (256, "SP-NGD"),
     ]
+    assert all(r["setting"]["momentum"] == 0.7 for r in record["runs"])
     assert all(r["stopped"] in ("target", "cap") for r in record["runs"])
 
 
