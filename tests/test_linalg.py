@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from spngd.linalg import (
+    CHOLESKY_PAD_MULTIPLE,
     FactorizationError,
     add_to_diagonal,
     batched_cholesky,
+    cholesky_ex,
     kronecker_dampings,
     pi_correction,
     robust_cholesky,
@@ -67,6 +69,31 @@ def test_zero_factor_falls_back_to_pi_one() -> None:
     assert damping_a.item() == pytest.approx(1e-2) and damping_g.item() == pytest.approx(1e-2)
     lower_a = robust_cholesky(add_to_diagonal(A, damping_a))
     torch.testing.assert_close(lower_a[0], torch.eye(4) * 0.1)  # (1e-2 I)^(1/2)
+
+
+@pytest.mark.parametrize("size", [CHOLESKY_PAD_MULTIPLE, 2 * CHOLESKY_PAD_MULTIPLE, 100])
+def test_cholesky_ex_gives_torchs_factor_and_layout_at_padded_and_other_sizes(size: int) -> None:
+    """Padded or not, the factor is LAPACK's, in its column-major layout, for a batch."""
+    matrices = torch.cat([_spd(size, 0), _spd(size, 1)])
+    lower, info = cholesky_ex(matrices)
+    expected, expected_info = torch.linalg.cholesky_ex(matrices)
+    torch.testing.assert_close(lower, expected, rtol=1e-12, atol=1e-12)
+    assert info.tolist() == expected_info.tolist() == [0, 0]
+    assert lower.stride() == expected.stride()
+    single = cholesky_ex(matrices.float())[0]
+    torch.testing.assert_close(single, expected.float(), rtol=1e-4, atol=1e-5)
+
+
+def test_cholesky_ex_reports_a_factor_that_is_not_positive_definite_at_a_padded_size() -> None:
+    """The padding's identity rows factorise; the failure reported is the matrix's own."""
+    size = CHOLESKY_PAD_MULTIPLE
+    indefinite = _spd(size, 2).clone()
+    indefinite[0, 5, 5] = -1.0
+    _, info = cholesky_ex(torch.cat([_spd(size, 3), indefinite]))
+    _, expected = torch.linalg.cholesky_ex(indefinite)
+    assert info.tolist() == [0, int(expected)]
+    _, good = batched_cholesky([_spd(size, 3).float(), indefinite.float()])
+    assert good.tolist() == [True, False]
 
 
 def test_cholesky_failure_is_retried_in_float64_then_with_jitter() -> None:
