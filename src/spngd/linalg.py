@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
+from torch.nn.functional import pad
 
 MIN_DAMPING = 1e-7
 """Floor for each factor's damping term (ASDL does the same)."""
@@ -172,7 +172,7 @@ def cholesky_ex(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     size = matrix.shape[-1]
     if matrix.device.type != "cpu" or size % CHOLESKY_PAD_MULTIPLE:
         return torch.linalg.cholesky_ex(matrix)
-    padded = F.pad(matrix, (0, CHOLESKY_PAD, 0, CHOLESKY_PAD))
+    padded = pad(matrix, (0, CHOLESKY_PAD, 0, CHOLESKY_PAD))
     padded.diagonal(dim1=-2, dim2=-1)[..., size:] = 1.0
     lower, info = torch.linalg.cholesky_ex(padded)
     return lower[..., :size, :size].mT.contiguous().mT, info
