@@ -163,11 +163,13 @@ def cholesky_ex(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     On CPU, a size ``d`` that is a multiple of :data:`CHOLESKY_PAD_MULTIPLE` is factorised
     as the block-diagonal ``[[M, 0], [0, I]]`` with :data:`CHOLESKY_PAD` rows of identity,
     whose factor is ``[[L, 0], [0, I]]``: the same ``L``, computed on a matrix whose
-    leading dimension is not such a multiple. MKL's factorisation, which torch's CPU build
-    calls, runs several times slower at those sizes, the ones ResNets' channel counts give
-    (2 threads, ms per factorisation, plain against padded: ``d = 1024`` 10.3 against 2.6,
-    2048 45 against 22, 4096 249 against 142, 128 0.09 against 0.04; at sizes that are not
-    multiples it is no faster, e.g. 1000: 2.2 against 2.8, 2049: 17.8 against 25.0).
+    leading dimension is not such a multiple. On an AVX-512 Xeon, MKL's factorisation,
+    which torch's CPU build calls, runs several times slower at those sizes, the ones
+    ResNets' channel counts give (2 threads, ms per factorisation, plain against padded:
+    ``d = 1024`` 10.3 against 2.6, 2048 45 against 22, 4096 249 against 142, 128 0.09
+    against 0.04; at sizes that are not multiples it is no faster, e.g. 1000: 2.2 against
+    2.8, 2049: 17.8 against 25.0). On an AVX2 AMD EPYC the padded form ran 0.6x to 1.4x
+    as fast, by size, with no clear gain or loss (docs/performance.md).
     """
     size = matrix.shape[-1]
     if matrix.device.type != "cpu" or size % CHOLESKY_PAD_MULTIPLE:
